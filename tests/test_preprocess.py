@@ -1,0 +1,160 @@
+"End-to-end: a synthesised corpus plus pydicom's own test files through the real `dicom_prep_preprocess`."
+import os, re, shutil, sqlite3, subprocess, sys, warnings
+from pathlib import Path
+import numpy as np, pydicom, pytest
+from PIL import Image
+from pydicom.uid import RLELossless
+from dicom_prep.io import sample_data_dirs, find_dicoms
+from dicom_prep.preprocess import synth_dicom
+
+IMAGE_SIZE = 64
+
+def _rgb(path, frames=2, rows=40, cols=30):
+    "A multi-frame RGB file."
+    ds = pydicom.dcmread(synth_dicom(path, rows=rows, cols=cols))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, 'RGB', 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 8, 8, 7, frames
+    ds.PixelData = np.random.default_rng(1).integers(0, 255, (frames, rows, cols, 3), dtype='uint8').tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+def _rle(path):
+    "An RLE Lossless compressed multi-frame file."
+    ds = pydicom.dcmread(synth_dicom(path, frames=3, rows=50, cols=70))
+    ds.compress(RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    "Nested studies, extension-less files, multi-frame mono/RGB, RLE, MONOCHROME1, junk, empty and pydicom's test files."
+    root = tmp_path_factory.mktemp('corpus')/'export'
+    synth_dicom(root/'study_001/series_1/IM000001', rows=300, cols=200, patient='P1')
+    synth_dicom(root/'study_001/series_1/IM000002', rows=300, cols=200, patient='P1')
+    synth_dicom(root/'study_001/cine.dcm', frames=5, patient='P1')
+    synth_dicom(root/'study_002/mono1.dcm', photometric='MONOCHROME1', patient='P2')
+    synth_dicom(root/'study_002/mono2_twin.dcm', photometric='MONOCHROME2', patient='P2')
+    synth_dicom(root/'study_002/small.dcm', rows=20, cols=10, patient='P2')
+    _rgb(root/'study_003/rgb_multi.dcm'); _rle(root/'study_003/rle.dcm')
+    (root/'study_004').mkdir(parents=True)
+    (root/'study_004/junk.dcm').write_bytes(np.random.default_rng(7).bytes(2000))
+    (root/'study_004/empty.dcm').write_bytes(b'')
+    (root/'study_004/notes.txt').write_text('not a DICOM')
+    synth_dicom(root/'top_level.dcm', patient='P3')
+    shutil.copytree(sample_data_dirs()[0], root/'pydicom')
+    return root
+
+def _decodable_frames(path) -> int | None:
+    "Frames pydicom itself decodes from `path` (None if it cannot decode them all)."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            return sum(1 for _ in pydicom.pixels.iter_pixels(ds)) if 'PixelData' in ds else 0
+        except Exception: return None
+
+def _run(*args):
+    "Run the console script; return the completed process."
+    return subprocess.run(['dicom_prep_preprocess', *map(str, args)], capture_output=True, text=True, timeout=600)
+
+@pytest.fixture(scope='module')
+def first_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp('out')
+    r = _run('--dicom-dir', corpus, '--output-dir', out, '--workers', 2, '--image-size', IMAGE_SIZE)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+def _db(out): 
+    conn = sqlite3.connect(out/'dicom_prep.db'); conn.row_factory = sqlite3.Row
+    return conn
+
+def test_every_decodable_frame_has_one_image_and_row(corpus, first_run):
+    out, _ = first_run
+    conn = _db(out)
+    per_src = {}
+    for r in conn.execute('select source_path, count(*) n from images group by source_path'): per_src[r['source_path']] = r['n']
+    checked = 0
+    for path, _ in find_dicoms(corpus):
+        n = _decodable_frames(path)
+        if n: assert per_src.get(str(path)) == n, f"{path}: pydicom decodes {n} frames, we wrote {per_src.get(str(path))}"; checked += 1
+    assert checked > 60
+    dup = conn.execute('select count(*) from (select thumbnail_path from images group by thumbnail_path having count(*) > 1)').fetchone()[0]
+    assert dup == 0
+
+def test_names_follow_the_rule(first_run):
+    out, _ = first_run
+    names = {r['filename']: r for r in _db(out).execute('select * from images')}
+    assert 'study_001/series_1/IM000001' in names and 'study_002/mono1' in names and 'export/top_level' in names
+    assert [f'study_001/cine_frame{i:04d}' for i in range(5)] == sorted(n for n in names if n.startswith('study_001/cine'))
+    for n, r in names.items():
+        assert r['thumbnail_path'] == f'images/{n}.png'
+        m = re.search(r'_frame(\d{4})$', n)
+        assert (m is not None) == (r['num_frames'] > 1) and (not m or int(m[1]) == r['frame_number'])
+
+def test_every_png_opens_within_size(first_run):
+    out, _ = first_run
+    rows = list(_db(out).execute('select thumbnail_path, photometric from images'))
+    assert rows
+    for r in rows:
+        with Image.open(out/r['thumbnail_path']) as im:
+            im.load()
+            assert max(im.size) <= IMAGE_SIZE and im.mode in ('L', 'RGB')
+    pngs = {p.relative_to(out).as_posix() for p in (out/'images').rglob('*.png')}
+    assert pngs == {r['thumbnail_path'] for r in rows}          # nothing stray, nothing missing
+
+def test_colour_and_monochrome1(first_run):
+    out, _ = first_run
+    with Image.open(out/'images/study_003/rgb_multi_frame0001.png') as im: assert im.mode == 'RGB'
+    # MONOCHROME1: high stored values are dark, so the image is the inverse of its MONOCHROME2 twin
+    a1 = np.asarray(Image.open(out/'images/study_002/mono1.png'), dtype=float)
+    a2 = np.asarray(Image.open(out/'images/study_002/mono2_twin.png'), dtype=float)
+    assert a1.std() > 10 and np.abs(a1 + a2 - 255).mean() < 2
+
+def test_failures_are_rows_with_reasons(corpus, first_run):
+    out, _ = first_run
+    rows = list(_db(out).execute('select * from files'))
+    assert sorted(r['path'] for r in rows) == sorted(str(p) for p, _ in find_dicoms(corpus))
+    assert all(r['status'] for r in rows)
+    files = {Path(r['path']).name: r for r in rows}
+    for name in ('junk.dcm', 'empty.dcm'):
+        assert files[name]['status'] == 'unreadable' and files[name]['error'], files[name]
+    assert files['MR_truncated.dcm']['status'] == 'decode_error' and 'less than expected' in files['MR_truncated.dcm']['error']
+    assert files['rtplan.dcm']['status'] == 'no_pixels'
+    assert 'notes.txt' not in files
+
+def test_splits_are_by_patient(first_run):
+    out, _ = first_run
+    rows = list(_db(out).execute('select patient_id, count(distinct split) k from images where patient_id is not null group by patient_id'))
+    assert rows and all(r['k'] == 1 for r in rows)
+
+def test_second_run_adds_nothing_and_reencodes_nothing(corpus, first_run):
+    out, _ = first_run
+    conn = _db(out)
+    before = conn.execute('select count(*) from images').fetchone()[0]
+    mtimes = {p: p.stat().st_mtime_ns for p in (out/'images').rglob('*.png')}
+    r = _run('--dicom-dir', corpus, '--output-dir', out, '--workers', 2, '--image-size', IMAGE_SIZE)
+    assert r.returncode == 0, r.stderr
+    assert _db(out).execute('select count(*) from images').fetchone()[0] == before
+    assert {p: p.stat().st_mtime_ns for p in (out/'images').rglob('*.png')} == mtimes
+    assert 'Resuming:' in r.stdout and 'Processing: 0 items' in r.stdout and 'Traceback' not in r.stderr
+
+def test_summary_block(first_run):
+    _, r = first_run
+    s = r.stdout
+    assert 'SUMMARY' in s and re.search(r'Discover: [\d,]+ items in', s) and re.search(r'Processing: [\d,]+ items in', s)
+    assert re.search(r'Total in database: [\d,]+ images', s) and 'Images: ' in s
+
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path):
+    r = _run('--dicom-dir', tmp_path/'missing', '--output-dir', tmp_path/'o')
+    assert r.returncode == 2 and 'DICOM folder not found' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path/'file').write_text('x')
+    r = _run('--dicom-dir', tmp_path, '--output-dir', tmp_path/'file'/'sub')
+    assert r.returncode == 2 and 'not writable' in r.stderr
+    r = _run('--dicom-dir', tmp_path, '--output-dir', tmp_path/'o2', '--splits', 'eighty/twenty')
+    assert r.returncode == 2 and 'cannot parse splits' in r.stderr
+    r = _run('--dicom-dir', tmp_path, '--output-dir', tmp_path/'o3', '--window', 'brian')
+    assert r.returncode == 2 and 'brian' in r.stderr
+
+def test_demo_runs_on_bundled_data(tmp_path):
+    r = subprocess.run(['dicom_prep_preprocess', '--test', '--workers', '2'], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    n = sqlite3.connect(tmp_path/'dicom_prep_sample/dicom_prep.db').execute("select count(*) from images").fetchone()[0]
+    assert n > 100 and 'Traceback' not in r.stderr
