@@ -3,10 +3,9 @@
 Runs the notebook with execnb, drops `#| hide` cells, and writes markdown cells, code cells and their
 outputs (markdown as is, plain text fenced). `--check` fails if README.md is not what the notebook gives.
 """
-import sys, re
+import os, re, sys
 from pathlib import Path
-from execnb.nbio import read_nb
-from execnb.shell import CaptureShell
+from execnb.shell import CaptureShell, read_nb
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +24,7 @@ def _outputs(cell):
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     "Execute the index notebook and return README markdown."
     nb = read_nb(nb_path)
+    os.chdir(nb_path.parent)                     # run where nbdev-test runs notebooks
     CaptureShell(path=nb_path.parent).run_all(nb, exc_stop=True)
     out = []
     for c in nb.cells:
