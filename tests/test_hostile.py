@@ -148,12 +148,17 @@ def _killed_mid_write(img, path, compress_level=6):
             tmp.write_bytes(b'\x89PNG\r\n\x1a\n half a PNG'); os.kill(os.getpid(), signal.SIGKILL)
     return _real_save_png(img, path, compress_level=compress_level)
 
+def _faulty_run(tmp_path, monkeypatch, n, marked, name, fault):
+    "A corpus of `n` good files plus one `marked` file, `name` in dicom_prep.preprocess replaced by `fault`; returns (src, out)."
+    src, out = tmp_path/'src', tmp_path/'out'
+    for i in range(n): synth_dicom(src/'s'/f"f{i}.dcm", seed=i)
+    synth_dicom(src/'s'/marked, seed=99)
+    monkeypatch.setattr(dicom_prep.preprocess, name, fault)
+    return src, out
+
 def test_worker_killed_mid_write_leaves_no_temp_files(tmp_path, monkeypatch, forked_workers):
     "A worker killed while writing a PNG leaves no half-written temp file (`.name.png.XXXX.png`) in the output."
-    src, out = tmp_path/'src', tmp_path/'out'
-    for i in range(6): synth_dicom(src/'s'/f"f{i}.dcm", seed=i)
-    synth_dicom(src/'s'/'f2_MIDWRITE.dcm', seed=9)
-    monkeypatch.setattr(dicom_prep.preprocess, 'save_png', _killed_mid_write)
+    src, out = _faulty_run(tmp_path, monkeypatch, 6, 'f2_MIDWRITE.dcm', 'save_png', _killed_mid_write)
     r = preprocess(src, out, n_workers=2, quiet=True)
     files = {Path(p).name: v['status'] for p, v in _files(out).items()}
     assert r.status == 'completed' and files.pop('f2_MIDWRITE.dcm') == 'crashed' and set(files.values()) == {'ok'}
@@ -181,10 +186,7 @@ def _unpicklable_panic(ds, index=0, **kw):
 
 def test_unpicklable_worker_exception_costs_only_its_file(tmp_path, monkeypatch, forked_workers):
     "Whatever a worker raises (even a BaseException that cannot be pickled), the run records it and goes on."
-    src, out = tmp_path/'src', tmp_path/'out'
-    for i in range(6): synth_dicom(src/'s'/f"f{i}.dcm", seed=i)
-    synth_dicom(src/'s'/'f3_PANIC.dcm', seed=9)
-    monkeypatch.setattr(dicom_prep.preprocess, 'frame_image', _unpicklable_panic)
+    src, out = _faulty_run(tmp_path, monkeypatch, 6, 'f3_PANIC.dcm', 'frame_image', _unpicklable_panic)
     r = preprocess(src, out, n_workers=2, quiet=True)
     files = {Path(p).name: v for p, v in _files(out).items()}
     assert r.status == 'completed' and len(files) == 7
@@ -208,10 +210,7 @@ def _hanging_frame_image(ds, index=0, **kw):
 
 def test_hung_worker_times_out(tmp_path, monkeypatch, forked_workers):
     "A file whose worker hangs is `timeout` after --file-timeout; its worker is replaced and the run completes."
-    src, out = tmp_path/'src', tmp_path/'out'
-    for i in range(8): synth_dicom(src/'s'/f"f{i}.dcm", seed=i)
-    synth_dicom(src/'s'/'f3_HANG.dcm', seed=99)
-    monkeypatch.setattr(dicom_prep.preprocess, 'frame_image', _hanging_frame_image)
+    src, out = _faulty_run(tmp_path, monkeypatch, 8, 'f3_HANG.dcm', 'frame_image', _hanging_frame_image)
     t0 = time.perf_counter()
     r = preprocess(src, out, n_workers=2, file_timeout=2, quiet=True)
     wall = time.perf_counter() - t0
