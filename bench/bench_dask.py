@@ -11,23 +11,12 @@ from pathlib import Path
 import numpy as np, pydicom
 
 from dicom_prep.parallel import run_tasks
-from dicom_prep.preprocess import preprocess, synth_dicom
-
-def ct_slice(size, seed) -> np.ndarray:
-    "A CT-like slice in stored values (intercept -1024): air, a soft-tissue body, two lungs, a spine, noise."
-    rng, (y, x) = np.random.default_rng(seed), np.mgrid[-1:1:size*1j, -1:1:size*1j]
-    hu = np.full((size, size), -1000.)
-    hu[(x/0.85)**2 + (y/0.65)**2 < 1] = 40
-    for cx in (-0.4, 0.4): hu[((x - cx)/0.3)**2 + ((y + 0.05)/0.4)**2 < 1] = -850
-    hu[(x**2 + (y - 0.45)**2) < 0.01] = 700
-    return np.clip(hu + 1024 + rng.normal(0, 15, hu.shape), 0, 4095).astype(np.uint16)
+from dicom_prep.preprocess import preprocess
+from dicom_prep.synth import synth_ct
 
 def make_corpus(root:Path, n:int, size:int) -> Path:
     "`n` CT-like `size`² slices, 10 studies of a few series each."
     for i in range(n):
-        p = synth_dicom(root/f"study_{i % 10:02d}/series{i % 3}/IM{i:05d}.dcm", rows=size, cols=size, seed=i, patient=f"P{i % 10}",
-                        RescaleIntercept='-1024', RescaleSlope='1')
-        ds = pydicom.dcmread(p); ds.PixelData = ct_slice(size, i).tobytes(); ds.save_as(p)
     return root
 
 def timed_run(src, out, scheduler=None) -> float:

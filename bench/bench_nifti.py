@@ -15,18 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_prep.nifti import dicom_to_nifti, oblique_orientation, synth_series
+from dicom_prep.nifti import dicom_to_nifti
+from dicom_prep.synth import ct_phantom, oblique_orientation, synth_series
 
 WORK = Path(__file__).resolve().parent/'_work'
 
-
-def phantom(size, k, seed):
-    "A smooth head-like slice (ellipses at CT-like levels) plus noise: compresses like real images, not like noise."
-    yy, xx = np.mgrid[:size, :size] / size - 0.5
-    r = np.hypot(xx / 0.42, yy / 0.36)
-    img = np.where(r < 1, 40, -1000) + np.where((r > 0.9) & (r < 1), 900, 0)
-    img = img + np.where(np.hypot(xx - 0.1 * np.sin(k / 9), yy) < 0.08, 60, 0)
-    return (img + np.random.default_rng(seed * 10_000 + k).normal(0, 12, (size, size))).astype(np.int16)
 
 
 def make_corpus(dest, n_series, n_slices, size) -> int:
@@ -40,7 +33,7 @@ def make_corpus(dest, n_series, n_slices, size) -> int:
     for s in range(n_series):
         synth_series(dest/f'patient{s // 3:02d}'/f'series{s:02d}', n=n_slices, rows=size, cols=size, iop=orientations[s % 3],
                      step=1.25, spacing=(0.7, 0.7), series_number=s + 1, description=f'series {s}', slope=1, intercept=-1024,
-                     seed=s, pixels=lambda k, s=s: phantom(size, k, s) + 1024, PatientID=f'P{s // 3:02d}')
+                     seed=s, pixels=lambda k, s=s: ct_phantom(size, s, k) + 1024, PatientID=f'P{s // 3:02d}')
     marker.write_text(json.dumps(spec))
     print(f"corpus: {n_series * n_slices:,} slices in {n_series} series written in {time.perf_counter() - t0:.1f}s")
     return n_series * n_slices

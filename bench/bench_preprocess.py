@@ -17,38 +17,16 @@ from pathlib import Path
 import numpy as np, pydicom
 from PIL import Image
 from pydicom.uid import RLELossless, JPEG2000Lossless
-from dicom_prep.preprocess import synth_dicom
+from dicom_prep.synth import synth_cine, synth_ct, synth_dicom
 from dicom_prep.io import find_dicoms, frame_count
 from dicom_prep.pixels import frame_image
 
-def ct_slice(path, seed):
-    "A 512² CT-like slice: a body disc in air with noise, HU via rescale."
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:512, :512]
-    body = ((x - 256)**2 + (y - 256)**2) < 200**2
-    hu = np.where(body, 40 + rng.normal(0, 20, (512, 512)), -1000).astype('int16')
-    ds = pydicom.dcmread(synth_dicom(path, rows=512, cols=512, patient=f'P{seed % 17}'))
-    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 40, 400
-    ds.PixelData = (hu + 1024).astype('int16').tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-def cine(path, frames, seed):
-    "An RLE-compressed multi-frame 256² cine: a smooth moving blob with mild noise."
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[:256, :256]
-    px = np.stack([(2000 * np.exp(-((x - 128 - 60*np.sin(t/9))**2 + (y - 128)**2) / 3000) + rng.normal(0, 20, (256, 256))).clip(0, 4095)
-                   for t in range(frames)]).astype('uint16')
-    ds = pydicom.dcmread(synth_dicom(path, rows=256, cols=256, frames=frames, modality='US', patient=f'U{seed}'))
-    ds.PixelData = px.tobytes()
-    ds.compress(RLELossless); ds.save_as(path, enforce_file_format=True)
-
 def build(root, n_ct, n_multi, frames, n_comp):
     "Write the corpus under `root`; return (files, frames)."
-    for i in range(n_ct): ct_slice(root/f'study_{i % 10:03d}/ct_{i:05d}.dcm', i)
+    for i in range(n_ct): synth_ct(root/f'study_{i % 10:03d}/ct_{i:05d}.dcm', 512, seed=i)
     for i in range(n_multi): synth_dicom(root/f'cine/cine_{i}.dcm', rows=256, cols=256, frames=frames, modality='US', patient=f'C{i}', seed=i)
     for i in range(n_comp):
-        p = root/f'comp/c_{i:03d}.dcm'; ct_slice(p, 1000 + i)
+        p = synth_ct(root/f'comp/c_{i:03d}.dcm', 512, seed=1000 + i)
         ds = pydicom.dcmread(p); ds.compress(RLELossless if i % 2 else JPEG2000Lossless); ds.save_as(p, enforce_file_format=True)
     return n_ct + n_multi + n_comp, n_ct + n_multi*frames + n_comp
 
@@ -120,7 +98,7 @@ def main():
     print(f"  1 worker / 2 workers, no start-up  {(t1 - t_start)/(t2 - t_start):7.2f}x")
     print(f"  2 workers / (decode limit / 2)     {(t2 - t_start)/(t_dec/2):7.2f}    (target <= 1.3; PNG encoding is not in the decode limit)")
     csrc = src.parent/'cine'
-    for i in range(a.cine): cine(csrc/f'us_{i}.dcm', a.cine_frames, i)
+    for i in range(a.cine): synth_cine(csrc/f'us_{i}.dcm', a.cine_frames, 256, seed=i)
     n_cf = a.cine * a.cine_frames
     print(f"\nmulti-frame-heavy corpus: {a.cine} RLE cine files × {a.cine_frames} frames 256²")
     c_dec, c2, c_naive = decode_limit(csrc), run_cli(csrc, 2, a.png_level), naive(csrc, a.png_level)

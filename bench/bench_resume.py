@@ -11,21 +11,7 @@ reported apart).
 import argparse, json, os, resource, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
-TEMPLATE_UID = '1.2.826.0.1.3680043.10.999.9' + '0' * 11    # fixed length: per-file UIDs are patched in place
-
-def make_corpus(root:Path, n:int, studies=100) -> Path:
-    "`n` tiny DICOM files (16x16, 1 frame) with distinct SOP UIDs and patients, in `studies` folders; fast."
-    from dicom_prep.preprocess import synth_dicom
-    tmpl = synth_dicom(root.parent/f'{root.name}.template.dcm', 16, 16, patient='PAT000000', SOPInstanceUID=TEMPLATE_UID)
-    data = tmpl.read_bytes()
-    uid, pat = TEMPLATE_UID.encode(), b'PAT000000'
-    assert data.count(uid) in (1, 2) and data.count(pat) == 1   # SOPInstanceUID (and its file-meta copy), PatientID
-    for s in range(studies): (root/f'study_{s:03d}').mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        b = data.replace(uid, uid[:-11] + f'{i:011d}'.encode()).replace(pat, f'PAT{i % 997:06d}'.encode())
-        (root/f'study_{i % studies:03d}'/f'im{i:06d}.dcm').write_bytes(b)
-    tmpl.unlink()
-    return root
+from dicom_prep.synth import synth_clones as make_corpus
 
 DRIVER = '''
 import json, resource, sys, time

@@ -11,9 +11,11 @@ import nibabel as nib
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from dicom_prep.nifti import dicom_to_nifti, synth_series
+from dicom_prep.nifti import dicom_to_nifti
+from dicom_prep.synth import synth_series
 from dicom_prep.parallel import TaskFailure, run_tasks
-from dicom_prep.preprocess import preprocess, synth_dicom
+from dicom_prep.preprocess import preprocess
+from dicom_prep.synth import synth_dicom
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker plugins defined here reach the workers by value
 DASK_EXTRA = "pip install 'dicom_prep[dask]'"

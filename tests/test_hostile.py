@@ -26,7 +26,8 @@ import dicom_prep.pixels, dicom_prep.preprocess
 from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
 from dicom_prep.io import find_dicoms
 from dicom_prep.parallel import TaskFailure, run_tasks
-from dicom_prep.preprocess import preprocess, process_dicom, synth_dicom
+from dicom_prep.preprocess import preprocess, process_dicom
+from dicom_prep.synth import synth_dicom
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')   # pydicom warns about the broken files on purpose
 

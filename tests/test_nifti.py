@@ -11,7 +11,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
-from dicom_prep.nifti import dicom_to_nifti, oblique_orientation, synth_enhanced, synth_series
+from dicom_prep.nifti import dicom_to_nifti
+from dicom_prep.synth import oblique_orientation, synth_enhanced, synth_series
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 DCM2NIIX = shutil.which('dcm2niix')

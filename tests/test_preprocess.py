@@ -5,7 +5,7 @@ import numpy as np, pydicom, pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 from dicom_prep.io import sample_data_dirs, find_dicoms
-from dicom_prep.preprocess import synth_dicom
+from dicom_prep.synth import synth_dicom
 
 IMAGE_SIZE = 64
 

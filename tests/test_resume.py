@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from dicom_prep.db import FAILED, FINAL_OK, SCHEMA_VERSION
-from dicom_prep.preprocess import preprocess, synth_dicom
+from dicom_prep.preprocess import preprocess
+from dicom_prep.synth import synth_dicom
 import dicom_prep.io, dicom_prep.preprocess
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')

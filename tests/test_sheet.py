@@ -208,7 +208,8 @@ def test_write_sheets_one_per_modality_plus_failures(index, tmp_path):
 # --- with the real pipeline ---------------------------------------------------------------------------------------
 
 def test_sheets_of_a_real_preprocess_run(tmp_path):
-    from dicom_prep.preprocess import preprocess, synth_dicom
+    from dicom_prep.preprocess import preprocess
+from dicom_prep.synth import synth_dicom
     raw = tmp_path/'raw'
     for i in range(5): synth_dicom(raw/f"study_{i % 2}/im{i}.dcm", modality=('CT', 'MR')[i % 2], seed=i, frames=3 if i == 4 else 1)
     (raw/'study_0/bad.dcm').write_bytes(b'not a dicom' * 20)
