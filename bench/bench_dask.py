@@ -8,7 +8,6 @@ time (reported, not counted per file), and the per-task cost of a no-op through 
 import argparse, shutil, statistics, tempfile, time
 from pathlib import Path
 
-import numpy as np, pydicom
 
 from dicom_prep.parallel import run_tasks
 from dicom_prep.preprocess import preprocess
@@ -17,6 +16,7 @@ from dicom_prep.synth import synth_ct
 def make_corpus(root:Path, n:int, size:int) -> Path:
     "`n` CT-like `size`² slices, 10 studies of a few series each."
     for i in range(n):
+        synth_ct(root/f"study_{i % 10:02d}/series{i % 3}/IM{i:05d}.dcm", size, seed=i, patient=f"P{i % 10}")
     return root
 
 def timed_run(src, out, scheduler=None) -> float:
@@ -34,7 +34,7 @@ def per_task_ms(n=2000, **kw) -> float:
     assert sum(1 for _ in run_tasks(abs, range(n), workers=2, **kw)) == n
     return (time.perf_counter() - t) / n * 1e3
 
-def _warm(): import dicom_prep.preprocess   # workers import the pipeline once, before anything is timed
+def _warm(): pass   # workers import the pipeline once, before anything is timed
 
 def bench(src, n, repeats, work):
     from distributed import Client, LocalCluster

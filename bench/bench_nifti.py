@@ -13,7 +13,6 @@ Usage: python bench/bench_nifti.py [--series 24] [--slices 100] [--size 256] [--
 import argparse, json, os, platform, resource, shutil, subprocess, time
 from pathlib import Path
 
-import numpy as np
 
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.synth import ct_phantom, oblique_orientation, synth_series

@@ -12,14 +12,13 @@ Prints ratios against baselines measured in this same run (the machines are shar
 A second, multi-frame-heavy corpus (RLE-compressed cine, like ultrasound) shows the cost the naive design
 pays for re-reading and re-decoding the whole file for every frame.
 """
-import argparse, os, shutil, sqlite3, subprocess, sys, tempfile, time
+import argparse, os, shutil, sqlite3, subprocess, tempfile, time
 from pathlib import Path
 import numpy as np, pydicom
 from PIL import Image
 from pydicom.uid import RLELossless, JPEG2000Lossless
 from dicom_prep.synth import synth_cine, synth_ct, synth_dicom
 from dicom_prep.io import find_dicoms, frame_count
-from dicom_prep.pixels import frame_image
 
 def build(root, n_ct, n_multi, frames, n_comp):
     "Write the corpus under `root`; return (files, frames)."

@@ -8,7 +8,7 @@ driver process, and for the big one an unchanged rerun, twice: in a fresh driver
 Peak RSS is the driver's own (`RUSAGE_SELF` in the driver process; the pool workers are separate processes and
 reported apart).
 """
-import argparse, json, os, resource, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
 
 from dicom_prep.synth import synth_clones as make_corpus

@@ -1,7 +1,7 @@
 """The Dask executor end to end, on a real LocalCluster (2 worker processes, 1 thread each): same DB and images as
 the fastcore path, lost workers retried, a worker-killing file recorded `crashed`, hung files, back-pressure,
 interrupt + resume through the CLI, and a library that imports without Dask."""
-import hashlib, itertools, os, shutil, signal, sqlite3, subprocess, sys, time
+import hashlib, itertools, os, signal, sqlite3, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -12,6 +12,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from dicom_prep.nifti import dicom_to_nifti
+from conftest import console_script, query
 from dicom_prep.synth import synth_series
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.preprocess import preprocess
@@ -53,9 +54,6 @@ def snapshot(out) -> dict:
             for p in (Path(out)/'images').rglob('*.png') if not p.name.startswith('.')}
     return dict(files=rows(db, 'files'), images=rows(db, 'images'), pngs=pngs)
 
-def query(db_path, sql):
-    "Rows of `sql` on the database at `db_path`."
-    with closing(sqlite3.connect(db_path)) as db: return db.execute(sql).fetchall()
 
 def n_files_recorded(db_path) -> int:
     "Rows in `files` so far (0 before the DB exists); safe to call while a run writes (WAL)."
@@ -227,9 +225,7 @@ def test_in_flight_is_bounded(cluster):
 # ---------------------------------------------------------------- interrupt and resume through the CLI
 
 def cli_command(src, out):
-    exe = shutil.which('dicom_prep_preprocess')
-    base = [exe] if exe else [sys.executable, '-m', 'dicom_prep.preprocess']
-    return base + ['--dicom-dir', str(src), '--output-dir', str(out), '--scheduler', 'local', '--batch-size', '5']
+    return console_script('dicom_prep_preprocess') + ['--dicom-dir', str(src), '--output-dir', str(out), '--scheduler', 'local', '--batch-size', '5']
 
 @pytest.fixture(scope='module')
 def big_corpus(tmp_path_factory):

@@ -5,7 +5,7 @@ Faults are injected *inside the worker processes*: the pool forks, so a `monkeyp
 `process_dicom` resolves at call time is inherited by every child, which then really segfaults, exits, is SIGKILLed
 or hangs mid-file. Run with `pytest -s tests/test_hostile.py` to see the fuzz figures (files tried, statuses by kind,
 worker crashes survived, wall time)."""
-import faulthandler, json, multiprocessing, os, random, re, shutil, signal, sqlite3, struct, subprocess, sys, time
+import faulthandler, json, multiprocessing, os, random, re, shutil, signal, struct, subprocess, time
 import unicodedata
 from collections import Counter
 from io import BytesIO
@@ -23,6 +23,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPE
                          JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, RLELossless)
 
 import dicom_prep.pixels, dicom_prep.preprocess
+from conftest import console_script, ro
 from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
 from dicom_prep.io import find_dicoms
 from dicom_prep.parallel import TaskFailure, run_tasks
@@ -36,11 +37,7 @@ PNG_CHUNKS_ALLOWED = {b'IHDR', b'PLTE', b'IDAT', b'IEND'}   # no tEXt/iTXt/zTXt/
 
 
 # ---------------------------------------------------------------------------------------------------------------- helpers
-def _db(out) -> sqlite3.Connection:
-    "Read-only-ish connection to the run's database, rows as dicts."
-    conn = sqlite3.connect(Path(out)/'dicom_prep.db')
-    conn.row_factory = sqlite3.Row
-    return conn
+_db = ro
 
 def _files(out) -> dict:
     "`files` rows by source path."
@@ -71,10 +68,7 @@ def _snapshot(root, skip) -> dict:
             st = os.lstat(p); snap[p] = (st.st_size, st.st_mtime_ns)
     return snap
 
-def _cli() -> list[str]:
-    "The installed console script (or the same entry point through this interpreter)."
-    exe = shutil.which('dicom_prep_preprocess')
-    return [exe] if exe else [sys.executable, '-c', 'from dicom_prep.preprocess import main; main()']
+def _cli() -> list[str]: return console_script('dicom_prep_preprocess')
 
 def _marked(ds, *markers) -> str|None:
     "The fault marker in the name of the file `ds` was read from, if any."

@@ -1,10 +1,11 @@
 "End-to-end: a synthesised corpus plus pydicom's own test files through the real `dicom_prep_preprocess`."
-import os, re, shutil, sqlite3, subprocess, sys, warnings
+import re, shutil, sqlite3, subprocess, warnings
 from pathlib import Path
 import numpy as np, pydicom, pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 from dicom_prep.io import sample_data_dirs, find_dicoms
+from conftest import ro
 from dicom_prep.synth import synth_dicom
 
 IMAGE_SIZE = 64
@@ -62,9 +63,7 @@ def first_run(corpus, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     return out, r
 
-def _db(out): 
-    conn = sqlite3.connect(out/'dicom_prep.db'); conn.row_factory = sqlite3.Row
-    return conn
+_db = ro
 
 def test_every_decodable_frame_has_one_image_and_row(corpus, first_run):
     out, _ = first_run

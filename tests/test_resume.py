@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dicom_prep.db import FAILED, FINAL_OK, SCHEMA_VERSION
+from conftest import query
 from dicom_prep.preprocess import preprocess
 from dicom_prep.synth import synth_dicom
 import dicom_prep.io, dicom_prep.preprocess
@@ -56,12 +57,6 @@ def cli_args(src, out, *extra, exe=None):
 def run_cli(src, out, *extra, exe=None, timeout=120) -> subprocess.CompletedProcess:
     "Run the preprocess CLI to completion."
     return subprocess.run(cli_args(src, out, *extra, exe=exe), capture_output=True, text=True, timeout=timeout)
-
-def ro(out) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{Path(out)/'dicom_prep.db'}?mode=ro", uri=True, timeout=5)
-
-def query(out, sql, args=()):
-    with closing(ro(out)) as c: return c.execute(sql, args).fetchall()
 
 def count(out, sql) -> int:
     "Result of a count query on a possibly still-being-created DB (-1 when not readable yet)."
@@ -204,7 +199,7 @@ def slow_src(tmp_path_factory):
 def reference(slow_src, tmp_path_factory):
     "Snapshot of one clean, uninterrupted run over the slow corpus."
     out = tmp_path_factory.mktemp('ref')/'out'
-    r = ok(run_cli(slow_src, out, *SLOW_ARGS))
+    ok(run_cli(slow_src, out, *SLOW_ARGS))
     snap = check_consistent(out)
     assert len(snap['files']) == n_sources(slow_src) == SLOW_N + 2
     assert {f[4] for f in snap['files']} == {'ok', 'no_pixels', 'unreadable'}

@@ -1,11 +1,12 @@
 "End-to-end checks of `dicom_prep.sheet`: the `dicom_prep_sheet` CLI in a subprocess, read back from the DB."
-import itertools, shutil, subprocess, sys
+import subprocess
 from pathlib import Path
 
 import numpy as np, pytest
 from PIL import Image
 
 from dicom_prep.db import open_db, set_meta
+from conftest import console_script
 from dicom_prep.sheet import (GAP, _WARN, caption, cell_height, contact_sheet, failures_sheet, header_height,
                               sample_images, tile_origin, write_sheets)
 
@@ -57,9 +58,7 @@ def index(tmp_path_factory):
 
 def cli(*args, cwd=None):
     "Run the dicom_prep_sheet console script (or the module) and capture its output."
-    exe = shutil.which('dicom_prep_sheet')
-    cmd = [exe] if exe else [sys.executable, '-m', 'dicom_prep.sheet']
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(console_script('dicom_prep_sheet') + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 def matches(i, **filters):
     "Whether synthetic image i matches `filters`, decided in Python without SQL."
@@ -209,7 +208,7 @@ def test_write_sheets_one_per_modality_plus_failures(index, tmp_path):
 
 def test_sheets_of_a_real_preprocess_run(tmp_path):
     from dicom_prep.preprocess import preprocess
-from dicom_prep.synth import synth_dicom
+    from dicom_prep.synth import synth_dicom
     raw = tmp_path/'raw'
     for i in range(5): synth_dicom(raw/f"study_{i % 2}/im{i}.dcm", modality=('CT', 'MR')[i % 2], seed=i, frames=3 if i == 4 else 1)
     (raw/'study_0/bad.dcm').write_bytes(b'not a dicom' * 20)
