@@ -8,7 +8,8 @@ Cells run in the notebook's folder, as nbdev-test runs them; a failing cell stop
 """
 import os, sys
 from pathlib import Path
-from execnb.nbio import read_nb, write_nb
+from fastcore.nbio import read_nb, write_nb
+from nbdev.test import _skip_cell      # the cells nbdev-test skips (`#| eval: false`) are skipped here too
 from execnb.shell import CaptureShell
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,7 +18,7 @@ def execute(path:Path):
     "Run every cell of notebook `path` and write it back with its outputs."
     nb = read_nb(path)
     cwd = os.getcwd(); os.chdir(path.parent)
-    try: CaptureShell(path=path.parent).run_all(nb, exc_stop=True)
+    try: CaptureShell(path=path.parent).run_all(nb, exc_stop=True, preproc=_skip_cell(nb))
     finally: os.chdir(cwd)
     write_nb(nb, path)
 
