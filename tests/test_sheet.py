@@ -173,16 +173,18 @@ def test_cli_filters(index, tmp_path):
 def test_empty_selection_is_a_clear_message(index, tmp_path):
     r = cli('--db', index, '--out', tmp_path/'e.png', '--split', 'x', '--modality', 'MR')
     assert r.returncode == 1 and r.stdout == ''
-    assert r.stderr.strip() == f"No images match modality=MR · split=x in {index.resolve()} ({N_IMAGES} images in total)"
+    assert r.stderr.strip() == f"dicom_prep_sheet: error: No images match modality=MR · split=x in {index.resolve()} ({N_IMAGES} images in total)"
     assert not (tmp_path/'e.png').exists()
 
-@pytest.mark.parametrize('args,msg', [(['--db', 'nope.db'], 'No dicom_prep database at nope.db'),
-                                      (['--failures', '--modality', 'CT'], 'do not apply to --failures'),
-                                      (['--failures', '--status', 'too_large'], 'No failed files match status=too_large')])
-def test_cli_errors_are_one_line(index, tmp_path, args, msg):
+@pytest.mark.parametrize('args,msg,code', [(['--db', 'nope.db'], 'No dicom_prep database at nope.db', 2),          # unusable arguments
+                                           (['--failures', '--modality', 'CT'], 'do not apply to --failures', 2),
+                                           (['--failures', '--status', 'too_large'], 'No failed files match status=too_large', 1)])  # nothing matched
+def test_cli_errors_are_one_line(index, tmp_path, args, msg, code):
+    "One style for every console script: `PROGRAM: error: reason` on one line; 2 for unusable arguments, 1 for nothing to draw."
     args = args if args[:1] == ['--db'] else ['--db', index, *args]
     r = cli(*args, '--out', tmp_path/'x.png', cwd=tmp_path)
-    assert r.returncode == 1 and msg in r.stderr and 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == code and r.stderr.startswith('dicom_prep_sheet: error: ') and msg in r.stderr
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 # --- failures sheet and write_sheets ------------------------------------------------------------------------------
 
