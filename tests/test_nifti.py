@@ -256,6 +256,37 @@ def test_sigint_then_resume(tmp_path):
         assert redone == {r[0] for r in c.execute('select volume_id from volume_files where path=?', [str(touched)])}
 
 
+def test_second_ctrl_c_records_interrupted(tmp_path):
+    "A second Ctrl+C quits at once (exit 130) and the run is recorded `interrupted`, as preprocess records it, never `failed`."
+    src, out = tmp_path/'src', tmp_path/'out'
+    for s in range(12): synth_series(src/f'p{s:02d}', n=60, rows=256, cols=256, series_number=s, seed=s)
+    cmd = [shutil.which('dicom_prep_nifti'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '1', '--batch-size', '1']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    db_path, t0 = out/'dicom_prep.db', time.time()
+    while time.time() - t0 < 60 and not any((out/'nifti').rglob('*.nii.gz')): time.sleep(0.01)
+    proc.send_signal(signal.SIGINT); time.sleep(0.05); proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and 'Quit at once' in text and 'Traceback' not in text, text
+    with sqlite3.connect(db_path) as c: assert c.execute("select status from runs order by id desc").fetchone()[0] == 'interrupted'
+    assert dicom_to_nifti(src, out, workers=2, quiet=True).status == 'completed'
+
+
+def test_changed_name_template_is_refused_then_rebuilt_on_force(tmp_path):
+    "A changed --name-template is refused on the CLI with both ways out; --force-reprocess renames every volume, leaving no old file."
+    src, out = tmp_path/'src', tmp_path/'out'
+    for s in range(3): synth_series(src/f'p{s}', n=4, series_number=s + 1, description='T1', seed=s)
+    cli = [shutil.which('dicom_prep_nifti'), '--dicom-dir', str(src), '--output-dir', str(out), '--sidecar']
+    assert subprocess.run(cli, capture_output=True).returncode == 0
+    before = sorted(p.name for p in (out/'nifti').rglob('*') if p.is_file())
+    r = subprocess.run(cli + ['--name-template', '{series_uid}'], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'name_template' in r.stderr and '--force-reprocess' in r.stderr
+    assert sorted(p.name for p in (out/'nifti').rglob('*') if p.is_file()) == before          # refused: nothing touched
+    r = subprocess.run(cli + ['--name-template', 'renamed/{series_number:02d}', '--force-reprocess'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(str(p.relative_to(out/'nifti')) for p in (out/'nifti').rglob('*') if p.is_file()) == \
+        [f'renamed/{k:02d}.{ext}' for k in (1, 2, 3) for ext in ('json', 'nii.gz')]
+
+
 def test_twenty_patients_twenty_files(tmp_path):
     """20 patients whose volumes share series number and description, all in one folder: dicom2nifti-style fixed names
     would overwrite each other; here each gets its own file, and the names survive reruns."""

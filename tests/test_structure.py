@@ -43,8 +43,10 @@ def test_no_private_names_imported_across_modules(path):
 
 
 def test_every_module_has_a_summary():
-    "Each notebook's `>` line becomes its module's docstring, which llms.txt and the package docs list."
+    "Each notebook's `>` line and exported prose become its module's docstring; llms.txt and the package docstring list every module."
     for p in MODULES: assert (ast.get_docstring(ast.parse(p.read_text())) or '').strip(), p.name
+    llms = (PKG.parent/'nbs'/'llms.txt').read_text()
+    for p in MODULES: assert f"`dicom_prep.{p.stem}`" in dicom_prep.__doc__ and f"[dicom_prep.{p.stem}]" in llms, p.stem
 
 
 SCRIPTS = {  # console script -> arguments that cannot work
