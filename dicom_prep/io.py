@@ -8,8 +8,8 @@ Docs: https://dicom-prep.github.io/dicom_prep/io.html.md"""
 
 # %% ../nbs/02_io.ipynb #11ad2b02
 from __future__ import annotations
-import os, stat, warnings
-from dataclasses import dataclass, field
+import os, warnings
+from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
 import pydicom

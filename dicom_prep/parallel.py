@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
 # %% ../nbs/05_parallel.ipynb #396b7af2
 from __future__ import annotations
-import os, signal, sys, time, warnings
+import importlib.util, os, signal, sys, time, warnings
 from collections import deque
 from concurrent.futures import wait, FIRST_COMPLETED
 from concurrent.futures.process import BrokenProcessPool
@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import Array
 from fastcore.parallel import ProcessPoolExecutor
-from .core import log
 from .db import batched
 
 # %% auto #0
@@ -159,8 +158,7 @@ def graceful_interrupts():
 # %% ../nbs/05_parallel.ipynb #013870e0
 def require_dask():
     "Raise a clear ImportError unless `dask.distributed` is installed."
-    try: import distributed
-    except ImportError: raise ImportError("--scheduler needs Dask: pip install 'dicom_prep[dask]'") from None
+    if importlib.util.find_spec('distributed') is None: raise ImportError("--scheduler needs Dask: pip install 'dicom_prep[dask]'")
 
 @contextmanager
 def dask_client(scheduler:str, # 'local', or the address of a running scheduler

@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
 # %% ../nbs/13_status.ipynb #025e8653
 from __future__ import annotations
-import csv, sqlite3
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
