@@ -118,13 +118,15 @@ def _run_local(fn, items, workers, timeout, should_stop, grace=5., poll=0.2, max
     try:
         while True:
             if stop_at is None and should_stop(): stop_at = time.time() + grace
+            broken, hung = False, {}
             while stop_at is None and free:
                 item = retry.popleft() if retry else next(items, StopIteration)
                 if item is StopIteration: break
-                slot = free.pop(); inflight[pool.submit(fn, item, slot)] = (item, slot)
-            if not inflight or (stop_at and time.time() > stop_at): return
+                slot = free.pop()
+                try: inflight[pool.submit(fn, item, slot)] = (item, slot)
+                except BrokenProcessPool: retry.appendleft(item); free.append(slot); broken = True; break   # it broke since the last wait
+            if not (inflight or broken) or (stop_at and time.time() > stop_at): return
             done, _ = wait(list(inflight), timeout=poll, return_when=FIRST_COMPLETED)
-            broken, hung = False, {}
             for f in done:
                 if isinstance(f.exception(), BrokenProcessPool): broken = True; continue
                 item, slot = inflight.pop(f); free.append(slot)
