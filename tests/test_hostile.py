@@ -5,7 +5,7 @@ Faults are injected *inside the worker processes*: the pool forks, so a `monkeyp
 `process_dicom` resolves at call time is inherited by every child, which then really segfaults, exits, is SIGKILLed
 or hangs mid-file. Run with `pytest -s tests/test_hostile.py` to see the fuzz figures (files tried, statuses by kind,
 worker crashes survived, wall time)."""
-import faulthandler, json, multiprocessing, os, random, re, shutil, signal, struct, subprocess, time
+import faulthandler, json, multiprocessing, os, random, re, shutil, signal, struct, subprocess, threading, time
 import unicodedata
 from collections import Counter
 from io import BytesIO
@@ -763,3 +763,30 @@ def test_a_crash_between_submissions_loses_nothing(monkeypatch):
     assert sorted(res) == sorted(items) and len(calls) > 5
     assert isinstance(res[13], TaskFailure) and res[13].status == 'crashed' and 'code 3' in res[13].message
     assert all(res[i] == i * i for i in items if i != 13)
+
+
+def _exit0(x):
+    "Task 2 ends its worker with exit code 0, as a library calling sys.exit(0) would."
+    if x == 2: os._exit(0)
+    return x
+
+
+def test_worker_exiting_with_code_0_is_a_crash_not_a_hang():
+    "A worker that exits cleanly mid-task is noticed at once (pebble, tried as a replacement pool, hangs here forever)."
+    res = dict(run_tasks(_exit0, range(5), workers=2, timeout=None))
+    assert res[2] == TaskFailure('crashed', 'worker process exited with code 0') and all(res[i] == i for i in (0, 1, 3, 4))
+
+
+def _killed_while_sending(x):
+    "Task 1 is SIGKILLed (as by the OOM killer) while its large result streams back to the driver."
+    if x == 1:
+        threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGKILL)), daemon=True).start()
+        return b'x' * 400_000_000
+    time.sleep(0.5); return x
+
+
+def test_worker_killed_while_sending_its_result_costs_only_its_file():
+    "Only the killed task fails, quickly (pebble stalls two minutes here and loses an innocent file)."
+    t0 = time.time(); res = dict(run_tasks(_killed_while_sending, range(8), workers=2))
+    assert res.pop(1).status == 'crashed' and res == {i: i for i in range(8) if i != 1}
+    assert time.time() - t0 < 30
