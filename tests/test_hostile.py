@@ -15,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from hypothesis import given, settings, strategies as st
+import numpy as np
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
@@ -27,6 +28,7 @@ import dicom_prep.parallel, dicom_prep.pixels, dicom_prep.preprocess
 from conftest import console_script, ro
 from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
 from dicom_prep.io import find_dicoms
+from dicom_prep.pixels import frame_image
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.preprocess import preprocess, process_dicom, source_id
 from dicom_prep.synth import synth_dicom
@@ -823,3 +825,19 @@ def test_pseudonymized_output_folder_is_safe_to_hand_over(tmp_path):
         assert c.execute("select count(*) from files where path like '%DOE_JOHN%'").fetchone()[0] == 4
         key = c.execute("select value from meta where key='key'").fetchone()[0]
     assert len(key) * 4 >= 128 and not any(key.encode() in b for b in blobs)
+
+
+def test_names_cannot_meet(tmp_path):
+    "Root name reused by a subfolder, a file beside a folder named like its image, names differing only in case: every file its own image."
+    src = tmp_path/'R'
+    cases = {src/'IM.dcm': 1, src/'R/IM.dcm': 2,                                  # top-level file vs the study named like the root
+             src/'S2/clash.dcm': 3, src/'S2/clash.png/y.dcm': 4,                  # a file and a folder claiming clash.png
+             src/'c/IM.dcm': 5, src/'c/im.dcm': 6, src/'C/im.dcm': 7}             # one on a case-insensitive disk
+    for p, seed in cases.items(): synth_dicom(p, 16, 16, seed=seed)
+    r = preprocess(src, tmp_path/'out', n_workers=2, quiet=True)
+    assert r.status == 'completed' and r.counts == {'ok': 7}, r.counts
+    rows = _images(tmp_path/'out')
+    assert len(rows) == 7 and len({r['thumbnail_path'].lower() for r in rows}) == 7
+    for row in rows:                                                              # each row shows its own file's pixels
+        want = np.asarray(frame_image(pydicom.dcmread(row['source_path']))[0])
+        assert np.array_equal(np.asarray(Image.open(tmp_path/'out'/row['thumbnail_path'])), want), row['source_path']
