@@ -1,6 +1,6 @@
 """Discovery of DICOM files in a tree, and reading them with clear errors.
 
-Discovery finds DICOM files by their magic bytes (or `.dcm`), safely under symlinks and loops, and reruns only stat files they already know; reading gives one clear error naming the file and the reason, and the size guard refuses oversized images before any decoding.
+Discovery finds DICOM files by their magic bytes (or `.dcm`), safely under symlinks and loops, and reruns only stat files they already know; reading gives one clear error naming the file and the reason, inflates deflated datasets under a size cap, and the size guards refuse oversized images (by the header and by each compressed frame's own codestream) before any decoding.
 
 Docs: https://dicom-prep.github.io/dicom_prep/io.html.md"""
 
@@ -8,19 +8,26 @@ Docs: https://dicom-prep.github.io/dicom_prep/io.html.md"""
 
 # %% ../nbs/02_io.ipynb #11ad2b02
 from __future__ import annotations
-import os, warnings
+import os, struct, warnings, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
 import pydicom
 from pydicom.datadict import dictionary_has_tag
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.encaps import generate_fragmented_frames, get_frame
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.pixels.utils import get_nr_frames
+from pydicom.uid import ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian
 from .core import study_of, log
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'is_dicom', 'Found', 'scan_dicoms', 'find_dicoms', 'DicomReadError', 'read_dicom', 'TooLargeError',
-           'frame_count', 'check_size', 'sample_data_dirs']
+__all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'is_dicom', 'Found', 'scan_dicoms', 'find_dicoms', 'TooLargeError', 'DicomReadError',
+           'read_dicom', 'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch',
+           'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame', 'InflatingReader',
+           'read_deflated', 'sample_data_dirs']
 
 # %% ../nbs/02_io.ipynb #6077332b
 def is_dicom(path, # file to check
@@ -95,6 +102,10 @@ def find_dicoms(root, # folder to walk
     return [(f.path, f.study_id) for f in scan_dicoms(root, follow_symlinks=follow_symlinks)]
 
 # %% ../nbs/02_io.ipynb #cd013035
+MAX_PIXELS = 2**31 # default limit on rows × columns × frames × samples
+
+class TooLargeError(Exception): "A file whose pixel data, once read or decoded, would exceed the size limit."
+
 class DicomReadError(Exception):
     "A file that cannot be read as DICOM; carries the path and the reason."
     def __init__(self,
@@ -104,16 +115,30 @@ class DicomReadError(Exception):
 
 def read_dicom(path, # file to read
                headers_only=False, # stop before the pixel data
+               max_pixels:int=MAX_PIXELS, # deflated files: refuse one whose header declares more (see `read_deflated`)
               ) -> pydicom.Dataset:
-    "Read `path` with pydicom, raising `DicomReadError` with the reason for unusable files."
+    "Read `path` with pydicom: `DicomReadError` with the reason for unusable files, `TooLargeError` for deflate bombs."
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        try: ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
+        try: ds = _dcmread(path, headers_only, max_pixels)
+        except (TooLargeError, MemoryError): raise
         except Exception as e: raise DicomReadError(path, f"{type(e).__name__}: {e}") from None
     if not any(tag.group > 2 and dictionary_has_tag(tag) for tag in ds.keys()):
         why = '; '.join(str(w.message) for w in caught) or 'no standard DICOM elements'
         raise DicomReadError(path, f"empty dataset (not DICOM or truncated): {why}")
     return _fill_transfer_syntax(ds)
+
+# %% ../nbs/02_io.ipynb #2d44e71e
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
+HEADER_BYTES = 64 << 20 # what a dataset may hold besides its pixel data (64 MiB), as far as the deflate guard is concerned
+
+def _dcmread(path, headers_only:bool, max_pixels:int):
+    "`pydicom.dcmread(path)`, except that a deflated dataset is inflated under a size cap by `read_deflated`."
+    with open(path, 'rb') as f:
+        deflated = f.read(8192).find(_DEFLATED) >= 0
+        f.seek(0)
+        if deflated: return read_deflated(f, headers_only, max_pixels)
+        return pydicom.dcmread(f, stop_before_pixels=headers_only, force=True)
 
 # %% ../nbs/02_io.ipynb #f321ef22
 def _fill_transfer_syntax(ds):
@@ -126,10 +151,6 @@ def _fill_transfer_syntax(ds):
     return ds
 
 # %% ../nbs/02_io.ipynb #7402264b
-MAX_PIXELS = 2**31 # default limit on rows × columns × frames × samples
-
-class TooLargeError(Exception): "A file whose declared pixel count exceeds the limit."
-
 def frame_count(ds, # a dataset
                ) -> int:
     "Number of frames declared by `ds` (1 when absent or empty)."
@@ -139,17 +160,199 @@ def frame_count(ds, # a dataset
     if n < 1: raise ValueError(f"invalid NumberOfFrames {n}")
     return n
 
+# %% ../nbs/02_io.ipynb #b012ed30
+@dataclass(frozen=True)
+class FrameSize:
+    "The size of one frame as a header declares it: a compressed frame's own (what its decoder allocates) or the DICOM one."
+    source: str # 'JPEG', 'JPEG-LS', 'JPEG 2000' codestream, or 'DICOM' header
+    rows: int # image height
+    columns: int # image width
+    components: int # samples per pixel
+    precision: int # bits per sample (the largest, for JPEG 2000); bits allocated for DICOM
+    def __str__(self): return f"{self.columns}x{self.rows}, {self.components} x {self.precision}-bit"
+
+def header_size(ds, # a dataset with pixel data
+               ) -> FrameSize:
+    "The size of one frame as the DICOM header of `ds` declares it (`ValueError` if it lacks one)."
+    rows, cols, spp, bits = (ds.get(k) for k in ('Rows', 'Columns', 'SamplesPerPixel', 'BitsAllocated'))
+    missing = [k for k, v in (('Rows', rows), ('Columns', cols), ('BitsAllocated', bits)) if v in (None, '')]
+    if missing: raise ValueError(f"pixel data without {'/'.join(missing)}")
+    return FrameSize('DICOM', int(rows), int(cols), int(spp or 1), int(bits))
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}   # SOF0-15 (not DHT, JPG, DAC) and JPEG-LS SOF55
+
+def _jpeg_size(b) -> FrameSize|None:
+    "The first JPEG or JPEG-LS frame header in `b` (after SOI), found as libjpeg finds markers; None if a scan comes first."
+    i, n = 2, len(b)
+    while (i := b.find(b'\xff', i)) >= 0 and i + 4 <= n:   # libjpeg skips any bytes before a marker
+        m = b[i + 1]
+        if m in (0xFF, 0x00): i += 1 if m == 0xFF else 2; continue    # fill byte; stuffed zero
+        if m in _SOF:
+            if i + 10 > n: return None
+            p, rows, cols, comps = struct.unpack_from('>BHHB', b, i + 4)
+            return FrameSize('JPEG-LS' if m == 0xF7 else 'JPEG', rows, cols, comps, p)
+        if m in (0xDA, 0xD9): return None                               # a scan, or the end, before any frame header
+        i += 2 if m == 0x01 or 0xD0 <= m <= 0xD8 else 2 + struct.unpack_from('>H', b, i + 2)[0]
+    return None
+
+# %% ../nbs/02_io.ipynb #926b508d
+_JP2 = b'\x00\x00\x00\x0cjP  \r\n\x87\n'   # the JP2 signature box
+
+def _j2k_size(b, i:int=0) -> FrameSize|None:
+    "The SIZ segment of the JPEG 2000 codestream at `b[i:]`."
+    if b[i:i + 4] != b'\xff\x4f\xff\x51' or len(b) < i + 45: return None
+    xsiz, ysiz, xo, yo = struct.unpack_from('>4I', b, i + 8)
+    comps = struct.unpack_from('>H', b, i + 40)[0]
+    bits = [(s & 0x7F) + 1 for s in b[i + 42:i + 42 + 3 * comps:3]]
+    return FrameSize('JPEG 2000', ysiz - yo, xsiz - xo, comps, max(bits, default=0))
+
+def _jp2_size(b) -> FrameSize|None:
+    "The codestream of a JP2 file: the SIZ in its `jp2c` box."
+    i = 0
+    while i + 8 <= len(b):
+        size, kind = struct.unpack_from('>I4s', b, i)
+        head = 16 if size == 1 else 8
+        if size == 1: size = struct.unpack_from('>Q', b, i + 8)[0] if i + 16 <= len(b) else 0
+        if kind == b'jp2c': return _j2k_size(b, i + head)
+        if size < head: return None
+        i += size
+    return None
+
+def codestream_size(frame:bytes, # one compressed frame (or its first fragment)
+                   ) -> FrameSize|None:
+    "The size declared by the JPEG, JPEG-LS or JPEG 2000 codestream in `frame`; None if it is none of those (or cut short)."
+    if frame[:2] == b'\xff\xd8': return _jpeg_size(frame)
+    if frame[:12] == _JP2: return _jp2_size(frame)
+    return _j2k_size(frame)
+
+# %% ../nbs/02_io.ipynb #701c8d47
+class CodestreamMismatch(ValueError): "A compressed frame whose codestream declares another size than the DICOM header."
+
+def check_codestream(header:FrameSize, # what the DICOM header declares, from `header_size`
+                     cs:FrameSize, # what the frame's codestream declares, from `codestream_size`
+                     index:int=0, # the frame's number, for the message
+                     max_pixels:int=MAX_PIXELS, # largest pixel count allowed
+                    ):
+    "Raise `TooLargeError` if `cs` exceeds `max_pixels`, `CodestreamMismatch` if it disagrees with `header`."
+    n = cs.rows * cs.columns * cs.components
+    if n > max_pixels:
+        raise TooLargeError(f"frame {index}: the {cs.source} codestream's {cs} = {n:,} pixels exceeds max_pixels={max_pixels:,}")
+    if (cs.rows, cs.columns) != (header.rows, header.columns) or cs.components > header.components or cs.precision > header.precision:
+        raise CodestreamMismatch(f"frame {index}: the {cs.source} codestream says {cs}, but the DICOM header says {header}")
+
+# %% ../nbs/02_io.ipynb #70d6b09c
+def transfer_syntax(ds, # a dataset
+                   ):
+    "The Transfer Syntax UID of `ds`, or None."
+    return getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
+
+def _encapsulated(ds) -> bool: return bool(getattr(transfer_syntax(ds), 'is_encapsulated', False)) and 'PixelData' in ds
+
+def _eot(ds): return (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if 'ExtendedOffsetTable' in ds else None
+
+def _check_frames(ds, header:FrameSize, frames:int, max_pixels:int):
+    "Check each compressed frame's codestream whose header can be read; mark `ds` as checked if every frame could be split out."
+    try:
+        for i, frags in enumerate(generate_fragmented_frames(ds.PixelData, number_of_frames=frames, extended_offsets=_eot(ds))):
+            cs = codestream_size(frags[0]) if frags else None
+            if cs is None and len(frags) > 1: cs = codestream_size(b''.join(frags))
+            if cs: check_codestream(header, cs, i, max_pixels)
+    except CodestreamMismatch: raise
+    except (ValueError, EOFError, struct.error): return     # broken fragments: the decoder will say why
+    ds._sizes_checked = ds.PixelData                        # `check_frame` need not look again
+
+# %% ../nbs/02_io.ipynb #ba0f1ff5
 def check_size(ds, # a dataset with pixel data
                max_pixels=MAX_PIXELS, # largest pixel count allowed
               ) -> int:
-    "Raise `TooLargeError` if rows×cols×frames×samples exceeds `max_pixels`; return that count."
-    missing = [k for k in ('Rows', 'Columns', 'BitsAllocated') if ds.get(k) in (None, '')]
-    if missing: raise ValueError(f"pixel data without {'/'.join(missing)}")
-    n = int(ds.Rows) * int(ds.Columns) * frame_count(ds) * int(ds.get('SamplesPerPixel', 1) or 1)
+    "Raise `TooLargeError` if rows×cols×frames×samples, or a compressed frame's own size, exceeds `max_pixels`; return the count."
+    header, frames = header_size(ds), frame_count(ds)
+    n = header.rows * header.columns * frames * header.components
     if n > max_pixels:
-        raise TooLargeError(f"{ds.Rows}x{ds.Columns}x{frame_count(ds)} frames x{ds.get('SamplesPerPixel', 1)} samples"
+        raise TooLargeError(f"{header.rows}x{header.columns}x{frames} frames x{header.components} samples"
                             f" = {n:,} pixels exceeds max_pixels={max_pixels:,}")
+    if _encapsulated(ds): _check_frames(ds, header, frames, max_pixels)
     return n
+
+# %% ../nbs/02_io.ipynb #da2f0bfb
+def frame_bytes(ds, # a dataset with compressed pixel data
+                index:int, # frame number, from 0
+               ) -> bytes:
+    "The compressed bytes of frame `index` of `ds`, as pydicom's decoders see them."
+    return get_frame(ds.PixelData, index, extended_offsets=_eot(ds), number_of_frames=get_nr_frames(ds, warn=False))
+
+def check_frame(ds, # a dataset with pixel data
+                index:int=0, # frame number, from 0
+                max_pixels:int=MAX_PIXELS, # largest pixel count allowed
+               ):
+    "Check the codestream of compressed frame `index` as `check_size` does, unless `check_size` passed this pixel data."
+    if not _encapsulated(ds) or getattr(ds, '_sizes_checked', None) is ds.PixelData: return
+    try: cs = codestream_size(frame_bytes(ds, index))
+    except (ValueError, EOFError, struct.error): return        # broken fragments: the decoder will say why
+    if cs: check_codestream(header_size(ds), cs, index, max_pixels)
+
+# %% ../nbs/02_io.ipynb #14e727bb
+class InflatingReader:
+    "A read-only file: `head`, then the raw-deflate stream in file `f` inflated on demand; `TooLargeError` past `limit` bytes."
+    def __init__(self,
+                 head:bytes, # bytes served before the inflated ones
+                 f, # binary file positioned at the deflated data
+                 limit:int, # the most bytes (head included) this stream may hold
+                 name:str='', # file name, for pydicom
+                ):
+        self.buf, self.f, self.limit, self.name, self.pos, self.why = bytearray(head), f, limit, name, 0, ''
+        self.z = zlib.decompressobj(-zlib.MAX_WBITS)
+    def _fill(self, end):
+        "Inflate until `end` bytes are held or the stream ends."
+        while len(self.buf) < end and not self.z.eof:
+            data = self.z.unconsumed_tail or self.f.read(1 << 16)
+            if not data: break
+            self.buf += self.z.decompress(data, 1 << 20)
+            if len(self.buf) > self.limit:
+                raise TooLargeError(f"deflated dataset inflates past {self.limit:,} bytes{self.why}")
+    def read(self, n:int=-1) -> bytes:
+        "Up to `n` bytes (all that remain if `n` < 0), inflating as needed."
+        self._fill(self.pos + n if n >= 0 else float('inf'))
+        with memoryview(self.buf) as view: out = bytes(view[self.pos:self.pos + n] if n >= 0 else view[self.pos:])
+        self.pos += len(out); return out
+    def seek(self, offset:int, whence:int=0) -> int:
+        "Move to `offset` from the start, the current position or the end (`whence` 0, 1, 2)."
+        if whence == 2: self._fill(float('inf'))
+        self.pos = max(0, offset + (0, self.pos, len(self.buf))[whence]); return self.pos
+    def tell(self) -> int: "The current position."; return self.pos
+
+# %% ../nbs/02_io.ipynb #57a85eda
+def _inflated_head(meta) -> bytes:
+    "Preamble, prefix and the file meta `meta`, re-encoded to announce Explicit VR Little Endian."
+    meta = FileMetaDataset(meta)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if 'FileMetaInformationGroupLength' in meta: del meta.FileMetaInformationGroupLength   # its value changed
+    fp = DicomBytesIO(); fp.is_little_endian, fp.is_implicit_VR = True, False
+    fp.write(bytes(128) + b'DICM'); write_file_meta_info(fp, meta, enforce_standard=False)
+    return fp.getvalue()
+
+def _pixel_bytes(ds, max_pixels:int) -> int:
+    "Bytes of pixel data the header of `ds` declares (`TooLargeError` past `max_pixels`); 8 × `max_pixels` if it cannot say."
+    try: return -(-check_size(ds, max_pixels) * int(ds.BitsAllocated) // 8)
+    except (ValueError, TypeError): return 8 * max_pixels
+
+def read_deflated(f, # binary file of a deflated dataset, at its start
+                  headers_only=False, # stop before the pixel data
+                  max_pixels:int=MAX_PIXELS, # the size limit, as for `check_size`
+                 ) -> pydicom.Dataset:
+    "Read a deflated dataset, inflating no more than its header declares (`TooLargeError` if it holds more)."
+    preamble, meta = read_preamble(f, True), _read_file_meta_info(f)
+    if meta.get('TransferSyntaxUID') != DeflatedExplicitVRLittleEndian:
+        f.seek(0); return pydicom.dcmread(f, stop_before_pixels=headers_only, force=True)
+    src = InflatingReader(_inflated_head(meta), f, 8 * max_pixels + HEADER_BYTES, f.name)
+    ds = pydicom.dcmread(src, stop_before_pixels=True, force=True)
+    if not headers_only:
+        n = _pixel_bytes(ds, max_pixels)
+        src.limit, src.why = src.tell() + n + HEADER_BYTES, f" (its header declares {n:,} bytes of pixel data)"
+        src.seek(0); ds = pydicom.dcmread(src, force=True)
+    ds.file_meta.TransferSyntaxUID, ds.preamble = DeflatedExplicitVRLittleEndian, preamble
+    ds.filename, ds.fileobj_type, ds.buffer = f.name, open, None     # forget the stream and its buffer
+    return ds
 
 # %% ../nbs/02_io.ipynb #857541be
 def sample_data_dirs() -> list[Path]:

@@ -1,7 +1,7 @@
 """Run a per-file function over many files, streaming results back as they complete; a worker that
 crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
 
-`run_tasks` runs a per-item function over a stream of items on a process pool (or Dask), yielding results as they complete; a worker that crashes or hangs is replaced and costs only its item, recorded as a `TaskFailure`.
+`run_tasks` runs a per-item function over a stream of items on a process pool (or Dask), yielding results as they complete; a worker that crashes, hangs or runs out of its memory cap is replaced and costs only its item, recorded as a `TaskFailure`; workers die with their driver.
 
 Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
 # %% ../nbs/05_parallel.ipynb #396b7af2
 from __future__ import annotations
-import importlib.util, os, signal, sys, time, warnings
+import ctypes, importlib.util, os, signal, sys, threading, time, warnings
 from collections import deque
 from concurrent.futures import wait, FIRST_COMPLETED
 from concurrent.futures.process import BrokenProcessPool
@@ -20,28 +20,38 @@ from fastcore.parallel import ProcessPoolExecutor
 from .db import batched
 
 # %% auto #0
-__all__ = ['TaskFailure', 'graceful_interrupts', 'require_dask', 'dask_client', 'run_tasks']
+__all__ = ['TaskFailure', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory', 'graceful_interrupts',
+           'require_dask', 'dask_client', 'run_tasks']
 
 # %% ../nbs/05_parallel.ipynb #72041828
 @dataclass
 class TaskFailure:
-    "Why a task produced no result: status (`error`, `crashed`, `timeout`) and a message."
-    status: str # `error`, `crashed` or `timeout`
+    "Why a task produced no result: status (`error`, `crashed`, `timeout`, `too_large`) and a message."
+    status: str # `error`, `crashed`, `timeout` or `too_large` (out of memory)
     message: str # what went wrong
+
+_MEMORY = None   # worker side: the memory cap applied to this process, in bytes
+
+def _memory_text() -> str:
+    "What a `MemoryError` means in this process."
+    return f"worker memory limit ({_MEMORY >> 20:,} MiB) exceeded" if _MEMORY else "out of memory"
 
 def _guarded(fn, item):
     "Call `fn(item)`, returning exceptions (even a C extension's panic) as a `TaskFailure`."
     try: return fn(item)
     except (KeyboardInterrupt, SystemExit): raise
+    except MemoryError as e: return TaskFailure('too_large', f"{_memory_text()}: MemoryError: {e}")
     except BaseException as e: return TaskFailure('error', f"{type(e).__name__}: {e}")
 
 # %% ../nbs/05_parallel.ipynb #09fc24cd
 _SLOTS = None
 
-def _init_worker(slots):
-    "Pool initializer: remember the slot array; leave interrupts to the driver."
-    global _SLOTS
-    _SLOTS = slots
+def _init_worker(slots, memory:int|None=None, driver:int|None=None, pdeathsig:bool=True):
+    "Pool initializer: remember the slot array; die with the driver; cap memory; leave interrupts to the driver."
+    global _SLOTS, _MEMORY
+    _SLOTS, _MEMORY = slots, memory
+    if driver: die_with_parent(driver, pdeathsig)
+    if memory: limit_memory(memory)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     warnings.simplefilter('ignore')
@@ -60,12 +70,66 @@ def _exit_text(code) -> str:
         except ValueError: return f"worker process killed by signal {-code}"
     return f"worker process exited with code {code}"
 
+# %% ../nbs/05_parallel.ipynb #363ae24d
+_PR_SET_PDEATHSIG = 1   # from <linux/prctl.h>
+
+def _watch_parent(parent:int, poll:float=0.5):
+    "Kill this process once its parent is no longer `parent` (it died and we were re-parented)."
+    while os.getppid() == parent: time.sleep(poll)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def die_with_parent(parent:int, # pid of the process whose death should kill this one (this one's parent)
+                    pdeathsig:bool=True, # may use Linux's parent-death signal (the parent's forking thread outlives it)
+                   ):
+    "Make this process die as soon as `parent` does: Linux's parent-death signal, else a watchdog thread."
+    if pdeathsig and sys.platform.startswith('linux'):
+        try: ok = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError): ok = False
+        if ok:
+            if os.getppid() != parent: os.kill(os.getpid(), signal.SIGKILL)   # the parent died before the prctl
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name='dicom_prep-watch-parent').start()
+
+# %% ../nbs/05_parallel.ipynb #dab07ec3
+def _mapped() -> tuple[int, int]:
+    "Bytes of address space and of data segment this process has mapped now ((0, 0) where /proc is missing)."
+    try:
+        with open('/proc/self/statm') as f: pages = f.read().split()
+    except OSError: return 0, 0
+    return int(pages[0]) * os.sysconf('SC_PAGE_SIZE'), int(pages[5]) * os.sysconf('SC_PAGE_SIZE')
+
+def limit_memory(nbytes:int, # how much more memory this process may map from now on
+                ):
+    "Cap this process's address space and data segment at what it maps now plus `nbytes`: allocations past it fail."
+    try: import resource
+    except ImportError: return                   # Windows: no rlimits (a Job Object would be needed)
+    for r, now in zip((resource.RLIMIT_AS, resource.RLIMIT_DATA), _mapped()):
+        hard = resource.getrlimit(r)[1]
+        resource.setrlimit(r, (now + nbytes if hard == resource.RLIM_INFINITY else min(now + nbytes, hard), hard))
+
+def total_memory() -> int:
+    "Bytes of memory this process may use: the machine's RAM, or its cgroup's limit (a container) if lower."
+    try: total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError): import psutil; total = psutil.virtual_memory().total
+    for f in ('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory/memory.limit_in_bytes'):
+        try:
+            with open(f) as fh: v = fh.read().strip()
+        except OSError: continue
+        if v.isdigit(): total = min(total, int(v))
+    return total
+
+def default_worker_memory(workers:int, # worker processes sharing the machine
+                         ) -> int:
+    "A safe memory cap for each of `workers` processes: 70% of `total_memory()` shared equally, at least 1 GiB."
+    return max(int(0.7 * total_memory()) // max(workers, 1), 1 << 30)
+
 # %% ../nbs/05_parallel.ipynb #21262090
 class _Pool:
     "A fastcore process pool plus the shared slots that tell which task each worker is on."
-    def __init__(self, workers, window):
-        self.slots = Array('d', 2*window, lock=False)
-        self.ex = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.slots,))
+    def __init__(self, workers, window, memory=None):
+        self.slots, self.memory = Array('d', 2*window, lock=False), memory
+        main = threading.current_thread() is threading.main_thread()    # workers fork from this thread (see `die_with_parent`)
+        self.ex = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.slots, memory, os.getpid(), main))
     def submit(self, fn, item, slot):
         self.slots[2*slot] = self.slots[2*slot+1] = 0
         return self.ex.submit(_run_in_slot, fn, item, slot)
@@ -100,7 +164,8 @@ def _triage(pool, inflight:dict, hung:dict, codes:dict, timeout, tries:dict, max
         pid = pool.running(slot)[0]
         if pid in hung: res = TaskFailure('timeout', f"no result after {timeout:g}s; worker killed")
         elif pid in codes and codes[pid] != -signal.SIGTERM or tries.get(id(item), 0) >= max_retries:
-            res = TaskFailure('crashed', _exit_text(codes.get(pid)))
+            cap = f" (its memory limit was {pool.memory >> 20:,} MiB)" if pool.memory else ''
+            res = TaskFailure('crashed', _exit_text(codes.get(pid)) + cap)
         else: res = None
         if res is None:
             if pid: tries[id(item)] = tries.get(id(item), 0) + 1
@@ -109,12 +174,12 @@ def _triage(pool, inflight:dict, hung:dict, codes:dict, timeout, tries:dict, max
     return out
 
 # %% ../nbs/05_parallel.ipynb #90a5f70f
-def _run_local(fn, items, workers, timeout, should_stop, grace=5., poll=0.2, max_retries=3):
+def _run_local(fn, items, workers, timeout, should_stop, memory=None, grace=5., poll=0.2, max_retries=3):
     "Run `fn` over `items` on an isolated process pool, yielding `(item, result)` as tasks complete."
     items, window = iter(items), 2*workers
     retry, tries = deque(), {}
     free, inflight = list(range(window)), {}          # future -> (item, slot)
-    pool, stop_at = _Pool(workers, window), None
+    pool, stop_at = _Pool(workers, window, memory), None
     try:
         while True:
             if stop_at is None and should_stop(): stop_at = time.time() + grace
@@ -138,7 +203,7 @@ def _run_local(fn, items, workers, timeout, should_stop, grace=5., poll=0.2, max
             if not (broken or hung): continue
             yield from _triage(pool, inflight, hung, pool.kill(broken), timeout, tries, max_retries, retry)
             inflight, free = {}, list(range(window))
-            pool = _Pool(workers, window)
+            pool = _Pool(workers, window, memory)
     finally: pool.kill()
 
 # %% ../nbs/05_parallel.ipynb #57905285
@@ -165,6 +230,7 @@ def require_dask():
 @contextmanager
 def dask_client(scheduler:str, # 'local', or the address of a running scheduler
                 workers:int=2, # worker processes of a local cluster
+                memory:int|None=None, # bytes each local worker may use (Dask's `memory_limit`); None: Dask's default share
                ):
     "A `distributed.Client` for `scheduler` ('local' starts a LocalCluster of `workers` processes)."
     require_dask()
@@ -173,7 +239,8 @@ def dask_client(scheduler:str, # 'local', or the address of a running scheduler
         "Leave Ctrl+C to the driver: a LocalCluster's workers share the terminal's process group."
         def setup(self, worker): signal.signal(signal.SIGINT, signal.SIG_IGN)
     if scheduler == 'local':
-        with LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True, dashboard_address=None) as cl, Client(cl) as c:
+        with LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True, dashboard_address=None,
+                          memory_limit=memory or 'auto') as cl, Client(cl) as c:
             c.register_plugin(IgnoreSigint(), name='dicom_prep-ignore-sigint')
             yield c
     else:
@@ -208,9 +275,9 @@ def _run_chunk(fn, chunk):
     return res
 
 # %% ../nbs/05_parallel.ipynb #97f95c15
-def _run_dask(fn, items, workers, timeout, should_stop, scheduler, poll=0.2, grace=5., chunk=8):
+def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, poll=0.2, grace=5., chunk=8):
     "Run `fn` over `items` on a Dask cluster, yielding `(item, result)` as tasks complete."
-    with dask_client(scheduler, workers) as client:
+    with dask_client(scheduler, workers, memory) as client:
         from distributed import as_completed
         window = 2 * max(sum(client.nthreads().values()), 1)
         chunks, singles, futs, retried = batched(items, chunk), deque(), {}, set()
@@ -251,9 +318,10 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
               timeout:float|None=None, # seconds one task may run before it is recorded `timeout`
               scheduler:str|None=None, # a Dask scheduler ('local' or an address); None: the local pool
               should_stop=None, # polled; once it returns True no more tasks are scheduled
+              memory:int|None=None, # bytes each worker process may allocate beyond its start (see `limit_memory`); None: no cap
              ):
     "Yield `(item, fn(item) or TaskFailure)` for each item as it completes."
     should_stop = should_stop or (lambda: False)
-    if scheduler: return _run_dask(fn, items, workers, timeout, should_stop, scheduler)
+    if scheduler: return _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory)
     if workers == 0: return ((i, _guarded(fn, i)) for i in items if not should_stop())
-    return _run_local(fn, items, workers, timeout, should_stop)
+    return _run_local(fn, items, workers, timeout, should_stop, memory)

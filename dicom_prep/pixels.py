@@ -12,36 +12,35 @@ import io
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import atomic_path
+from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, transfer_syntax
 
 # %% auto #0
-__all__ = ['WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'decode_frame', 'frame_group',
-           'modality_values', 'parse_window', 'window_uint8', 'robust_range', 'hist_uint8', 'to_uint8',
+__all__ = ['WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame',
+           'frame_group', 'modality_values', 'parse_window', 'window_uint8', 'robust_range', 'hist_uint8', 'to_uint8',
            'resize_longest', 'frame_image', 'to_uint16', 'frame_image16', 'save_png']
 
 # %% ../nbs/03_pixels.ipynb #fa466f9a
 class PixelDecodeError(ValueError):
     "A frame that cannot be decoded; the message says why."
 
-_PILLOW_JPEG = (JPEGBaseline8Bit, JPEGExtended12Bit)
+class FrameTooLargeError(PixelDecodeError, TooLargeError):
+    "A frame whose codestream claims more pixels than allowed: not decodable, and too large (catch either)."
 
-def _transfer_syntax(ds): return getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
+_PILLOW_JPEG = (JPEGBaseline8Bit, JPEGExtended12Bit)
 
 def _is_ybr_jpeg(ds) -> bool:
     "True for 8-bit YCbCr JPEG, whose colour transform libjpeg can do while decoding."
-    return (_transfer_syntax(ds) in _PILLOW_JPEG and ds.get('SamplesPerPixel') == 3 and ds.get('BitsAllocated') == 8
+    return (transfer_syntax(ds) in _PILLOW_JPEG and ds.get('SamplesPerPixel') == 3 and ds.get('BitsAllocated') == 8
             and ds.get('PhotometricInterpretation') in ('YBR_FULL', 'YBR_FULL_422'))
 
 def _jpeg_rgb_frame(ds, index:int) -> np.ndarray:
     "Frame `index` decoded by Pillow, with libjpeg doing YCbCr → RGB."
-    eot = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if 'ExtendedOffsetTable' in ds else None
-    frame = get_frame(ds.PixelData, index, extended_offsets=eot, number_of_frames=get_nr_frames(ds, warn=False))
-    with Image.open(io.BytesIO(frame), formats=['JPEG']) as im:
+    with Image.open(io.BytesIO(frame_bytes(ds, index)), formats=['JPEG']) as im:
         if im.mode != 'RGB' or im.size != (ds.Columns, ds.Rows):
             raise ValueError(f'JPEG is {im.mode} {im.size}, header says RGB {(ds.Columns, ds.Rows)}')
         return np.asarray(im)
@@ -55,13 +54,13 @@ def _pillow_frame(ds, index:int) -> np.ndarray: return _pydicom_frame(ds, index,
 
 def _decoders(ds) -> list:
     "Frame decoders to try in order, fastest first, ending with pydicom's search over all plugins."
-    ts, fns = _transfer_syntax(ds), []
+    ts, fns = transfer_syntax(ds), []
     if _is_ybr_jpeg(ds): fns.append(_jpeg_rgb_frame)
     if ts in _PILLOW_JPEG and ds.get('BitsStored', 0) <= 8 and 'pillow' in get_decoder(ts).available_plugins:
         fns.append(_pillow_frame)
     return fns + [_pydicom_frame]
 
-# %% ../nbs/03_pixels.ipynb #ca517679
+# %% ../nbs/03_pixels.ipynb #e88635e5
 def _frame_total(ds) -> int:
     "Number of frames in `ds`, or `PixelDecodeError` if it has no pixel data or a bad count."
     if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
@@ -80,10 +79,13 @@ def decode_frame(ds, # a dataset with pixel data
     "Decode frame `index` of `ds` alone: RGB for YBR and palette colour, stored values otherwise."
     n = _frame_total(ds)
     if not 0 <= index < n: raise PixelDecodeError(f'frame {index} out of range: the file has {n} frame(s)')
+    try: check_frame(ds, index)          # a codestream claiming another size than the header: a decompression bomb
+    except CodestreamMismatch as e: raise PixelDecodeError(str(e)) from None
+    except TooLargeError as e: raise FrameTooLargeError(str(e)) from None
     errors = []
     for decode in _decoders(ds):
         try: arr = decode(ds, index)
-        except (KeyboardInterrupt, SystemExit): raise
+        except (KeyboardInterrupt, SystemExit, MemoryError): raise    # out of memory: no other decoder will do better
         except BaseException as e: errors.append(e); continue   # Rust decoders panic with a BaseException
         return _palette_rgb(ds, arr) if ds.get('PhotometricInterpretation') == 'PALETTE COLOR' else arr
     e = errors[-1]

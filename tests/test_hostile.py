@@ -120,7 +120,7 @@ def test_worker_crashes_cost_only_their_file(tmp_path, monkeypatch, forked_worke
     assert r.status == 'completed'
     assert len(files) == len(find_dicoms(src)) == len(good) + 5
     expect = {'SEGV': ('crashed', 'SIGSEGV'), 'MIDSEGV': ('crashed', 'SIGSEGV'), 'EXIT3': ('crashed', 'exited with code 3'),
-              'OOMKILL': ('crashed', 'SIGKILL'), 'MEMERR': ('decode_error', 'MemoryError')}
+              'OOMKILL': ('crashed', 'SIGKILL'), 'MEMERR': ('too_large', 'MemoryError')}      # out of memory: too large for the worker
     for m, (status, why) in expect.items():
         rec = files[next(n for n in files if n.endswith(f"_{m}.dcm"))]
         assert rec['status'] == status and why in rec['error'], (m, rec)
@@ -572,7 +572,7 @@ def test_names_are_safe_unique_readable_and_stable(tmp_path):
     for evil, readable in CLEAN.items():                 # clean names are kept as they are (readable, no hash)
         if readable: assert name_of[str(src/'study 1'/evil)] == f"{s1}/{readable}"
     assert name_of[str(src/'study_1'/'a_b.dcm')] == 'study_1/a_b' and s1 != 'study_1'
-    assert name_of[str(src/'top.dcm')] == 'src/top'
+    assert name_of[str(src/'top.dcm')] == '~root/top'                    # files directly under the root: the reserved study
     assert {i['filename'] for i in imgs if Path(i['source_path']).name == 'img.dcm'} == {f"{s1}/img_frame{k:04d}" for k in range(5)}
     assert len(name_of[str(src/'study 1'/('x' * 200 + '.dcm'))].split('/')[-1]) <= MAX_COMPONENT
     # a rerun is a no-op, and a forced rebuild gives exactly the same names

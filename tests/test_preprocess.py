@@ -81,7 +81,7 @@ def test_every_decodable_frame_has_one_image_and_row(corpus, first_run):
 def test_names_follow_the_rule(first_run):
     out, _ = first_run
     names = {r['filename']: r for r in _db(out).execute('select * from images')}
-    assert 'study_001/series_1/IM000001' in names and 'study_002/mono1' in names and 'export/top_level' in names
+    assert 'study_001/series_1/IM000001' in names and 'study_002/mono1' in names and '~root/top_level' in names
     assert [f'study_001/cine_frame{i:04d}' for i in range(5)] == sorted(n for n in names if n.startswith('study_001/cine'))
     for n, r in names.items():
         assert r['thumbnail_path'] == f'images/{n}.png'

@@ -76,7 +76,7 @@ def test_every_preprocess_flag_reaches_its_parameter(monkeypatch, tmp_path):
         if name in ('test', 'sheet'): continue
         flag = '--' + name.replace('_', '-')
         if p.annotation in (bool, 'store_true') or p.default is False: args.append(flag); value = True
-        elif p.annotation in (int, 'int'): value = p.default + 3; args += [flag, str(value)]
+        elif p.annotation in (int, 'int'): value = (p.default or 0) + 3; args += [flag, str(value)]
         elif p.annotation in (float, 'float'): value = p.default + 0.5; args += [flag, str(value)]
         else: value = str(tmp_path/name) if 'Path' in str(p.annotation) else f"x{name}"; args += [flag, value]
         want[renamed.get(name, name)] = value
