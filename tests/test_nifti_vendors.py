@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicom_prep.db import open_db
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.series import mosaic_slices
 from dicom_prep.synth import oblique_orientation, synth_mosaic, synth_series
@@ -249,3 +250,64 @@ def test_suffixes_as_dcm2niix(case, tmp_path):
     for p in mine:                       # each of our volumes has dcm2niix's suffix for the same voxels
         q = next(q for q in theirs if np.array_equal(canonical(p)[0], canonical(q)[0]))
         assert ends([p]) == ends([q])
+
+
+# --- irregular geometry: --resample ------------------------------------------------------------------------------
+
+def ramp(k): return np.arange(24).reshape(6, 4) * 7 + 100 * k
+
+IRREGULAR = {  # name: slice heights of an axial stack (mm)
+    'missing_slice': [2.5 * k for k in range(8) if k != 4],
+    'variable_spacing': [0, 2, 4, 7, 10, 12],
+}
+
+
+def d2n_extra(src, dest, tag) -> nib.Nifti1Image:
+    "dcm2niix's resampled copy of `src` (its `_Eq_`, `_Tilt_` or `_Tilt_Eq_` file)."
+    dest.mkdir()
+    subprocess.run([DCM2NIIX, '-z', 'y', '-o', str(dest), str(src)], check=True, capture_output=True)
+    return nib.load(next(p for p in dest.glob('*.nii.gz') if f'_{tag}_' in p.name))
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('case', IRREGULAR)
+def test_resample_equidistant_as_dcm2niix(case, tmp_path):
+    """An irregular stack is refused, with a reason that names --resample; with it, the volume is dcm2niix's
+    equidistant `_Eq_` copy exactly: the smallest step, each slice interpolated linearly, integers rounded."""
+    synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in IRREGULAR[case]], pixels=ramp)
+    r, mine = ours(tmp_path/'src', tmp_path/'plain')
+    assert mine == [] and r.verdicts == {'missing_slice': {'missing slices': 1}, 'variable_spacing': {'inconsistent spacing': 1}}[case]
+    [reason] = [v['reason'] for v in open_db(tmp_path/'plain/dicom_prep.db')['volumes'].rows]
+    assert '--resample writes it on an equidistant grid' in reason
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', resample=True)
+    assert r.verdicts == {'ok': 1}
+    theirs = d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
+    a = nib.load(mine)
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj)) and a.get_data_dtype() == theirs.get_data_dtype()
+    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-4)
+
+
+def tilted(folder, zs):
+    "A CT stack with gantry tilt: 0.2 mm of y per mm of z (11.3°), at heights `zs`."
+    return synth_series(folder, rows=6, cols=4, positions=[np.array([-5., 4 + 0.2 * z, 20 + z]) for z in zs], GantryDetectorTilt='11.3',
+                        pixels=lambda k: np.arange(24).reshape(6, 4) * 10 + 1000 * k)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('zs,tag', [([2.5 * k for k in range(5)], 'Tilt'), ([0, 2.5, 5, 10, 12.5, 15], 'Tilt_Eq')])
+def test_resample_tilt_grid_as_dcm2niix(zs, tag, tmp_path):
+    """A tilted stack (and one also missing a slice) resampled: dcm2niix's `_Tilt_` (`_Tilt_Eq_`) grid exactly — shape,
+    the rows added for the shift, the unsheared affine. The voxels differ on purpose: dcm2niix's are half a pixel off
+    along the tilt (its first slice holds averages of neighbouring rows where the source slice lies unshifted), ours
+    are the source values at the positions the affine gives (the first slice is copied exactly)."""
+    paths = tilted(tmp_path/'src', zs)
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', resample=True)
+    theirs = d2n_extra(tmp_path/'src', tmp_path/'d2n', tag)
+    a = nib.load(mine)
+    assert a.shape == theirs.shape
+    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-4)
+    np.testing.assert_allclose(a.affine[:3, 2], [0, 0, 2.5], atol=1e-6)                   # no shear
+    first = pydicom.dcmread(paths[0]).pixel_array.T[:, ::-1]                                # rows bottom-up
+    rows = first.shape[1]
+    np.testing.assert_array_equal(np.asarray(a.dataobj)[:, -rows:, 0], first)              # the first slice is where it was
+    assert not np.array_equal(np.asarray(theirs.dataobj)[:, -rows:, 0], first)
