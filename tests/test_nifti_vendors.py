@@ -311,3 +311,24 @@ def test_resample_tilt_grid_as_dcm2niix(zs, tag, tmp_path):
     rows = first.shape[1]
     np.testing.assert_array_equal(np.asarray(a.dataobj)[:, -rows:, 0], first)              # the first slice is where it was
     assert not np.array_equal(np.asarray(theirs.dataobj)[:, -rows:, 0], first)
+
+
+# --- UIH grid files ------------------------------------------------------------------------------------------------
+
+@needs_dcm2niix
+@pytest.mark.parametrize('iop', [(1, 0, 0, 0, 1, 0), oblique_orientation(0.3, 0.2)], ids=['axial', 'oblique'])
+def test_uih_grid_as_dcm2niix(iop, tmp_path):
+    """UIH "VFRAME" grid files (no ImagePositionPatient; slice count, positions and diffusion in private tags): the same
+    4D volume on disk as dcm2niix's, and the same .bval/.bvec (UIH's gradients are in image axes)."""
+    from dicom_prep.synth import synth_uih
+    synth_uih(tmp_path/'src', n=5, volumes=3, iop=iop, origin=(-10, -20, 5), bvals=[0, 1000, 1000],
+              bvecs=[(0, 0, 0), (0.6, 0.8, 0), (0, 0.6, -0.8)])
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', sidecar=True)
+    assert r.verdicts == {'ok': 1}
+    [theirs] = dcm2niix(tmp_path/'src', tmp_path/'d2n')
+    a, b = nib.load(mine), nib.load(theirs)
+    assert a.shape == b.shape == (6, 6, 5, 3) and np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-3)
+    read = lambda p, ext: np.loadtxt(p.with_name(p.name[:-7] + ext))
+    np.testing.assert_array_equal(read(mine, '.bval'), read(theirs, '.bval'))
+    np.testing.assert_allclose(read(mine, '.bvec'), read(theirs, '.bvec'), atol=1e-5)
