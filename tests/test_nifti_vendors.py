@@ -245,8 +245,25 @@ def two_echoes(folder):
                                   EchoTime=str(10 * e))
 
 
+def philips_two_kinds(folder, image_types, codes):
+    "Two echoes of a Philips series, each with its ImageType and (2005,1011) code (a B0 field-map acquisition)."
+    uid = generate_uid()
+    for k, (it, code) in enumerate(zip(image_types, codes)):
+        for p in synth_series(folder, n=3, series_uid=uid, modality='MR', prefix=f'K{k}', first_instance=10 * k + 1, seed=k, ImageType=it,
+                              Manufacturer='Philips Medical Systems', EchoNumbers=k + 1, EchoTime=str(3 + k)):
+            ds = pydicom.dcmread(p)
+            ds.private_block(0x2005, 'Philips MR Imaging DD 001', create=True).add_new(0x11, 'CS', code)
+            ds.save_as(p)
+
+
 SUFFIX_CASES = {  # name: (builder, our suffixes)
     'echoes': (two_echoes, ['_e1', '_e2']),
+    # a magnitude first echo and a real second echo: one echo per component, so only echo numbers above 1 are named
+    'magnitude_e1_real_e2': (lambda d: philips_two_kinds(d, [['ORIGINAL', 'PRIMARY', 'M', 'FFE'], ['ORIGINAL', 'PRIMARY', 'R', 'B0']],
+                                                         ['M', 'R']), ['', '_e2_real']),
+    # a Philips B0 map whose (2005,1011) says R but whose ImageType does not: dcm2niix goes by ImageType, and so do we
+    'philips_b0': (lambda d: philips_two_kinds(d, [['ORIGINAL', 'PRIMARY', 'M_FFE', 'M', 'FFE'], ['ORIGINAL', 'PRIMARY', 'B0', 'B0']],
+                                               ['M', 'R']), ['_e1', '_e2']),
     'magnitude_phase': (lambda d: complex_series(d, 'MP'), ['', '_ph']),
     'real_imaginary': (lambda d: complex_series(d, 'RI'), ['_imaginary', '_real']),
 }
