@@ -4,6 +4,7 @@ Modules:
 
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
+- `dicom_prep.export`: From the index to a training loop: the images as a DataFrame with your labels joined, and exports every framework reads — CSV/Parquet manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json.
 - `dicom_prep.io`: Discovery of DICOM files in a tree, and reading them with clear errors.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.

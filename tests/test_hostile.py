@@ -5,7 +5,8 @@ Faults are injected *inside the worker processes*: the pool forks, so a `monkeyp
 `process_dicom` resolves at call time is inherited by every child, which then really segfaults, exits, is SIGKILLed
 or hangs mid-file. Run with `pytest -s tests/test_hostile.py` to see the fuzz figures (files tried, statuses by kind,
 worker crashes survived, wall time)."""
-import faulthandler, json, multiprocessing, os, random, re, shutil, signal, struct, subprocess, time
+import faulthandler, json, multiprocessing, os, random, re, shutil, signal, sqlite3, struct, subprocess, threading, time
+from contextlib import closing
 import unicodedata
 from collections import Counter
 from io import BytesIO
@@ -14,6 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from hypothesis import given, settings, strategies as st
+import numpy as np
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
@@ -26,8 +28,9 @@ import dicom_prep.parallel, dicom_prep.pixels, dicom_prep.preprocess
 from conftest import console_script, ro
 from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
 from dicom_prep.io import find_dicoms
+from dicom_prep.pixels import frame_image
 from dicom_prep.parallel import TaskFailure, run_tasks
-from dicom_prep.preprocess import preprocess, process_dicom
+from dicom_prep.preprocess import preprocess, process_dicom, source_id
 from dicom_prep.synth import synth_dicom
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')   # pydicom warns about the broken files on purpose
@@ -659,6 +662,10 @@ def test_pngs_carry_no_metadata_and_burned_in_is_recorded(tmp_path):
     burned = {Path(i['source_path']).name: i['burned_in'] for i in _images(out)}
     assert burned['im2.dcm'] == 'YES' and burned['im3.dcm'] == 'NO' and burned['im0.dcm'] is None
 
+def _private_key(path) -> str:
+    "The pseudonym key kept in a private state file."
+    with closing(sqlite3.connect(path)) as c: return c.execute("select value from meta where key='key'").fetchone()[0]
+
 def _run_pseudo(src, out, salt=None):
     "Run the CLI with --pseudonymize (and `salt`) into `out`; its image rows."
     args = ['--dicom-dir', str(src), '--output-dir', str(out), '--workers', '2', '--pseudonymize'] + (['--salt', salt] if salt else [])
@@ -683,7 +690,8 @@ def test_pseudonymize_hashes_identifiers_stably_and_keeps_patient_splits(tmp_pat
         assert all(re.fullmatch(r'[0-9a-f]{16}', i[k]) for k in ('study_uid', 'series_uid', 'sop_uid'))
     on_disk = [p.relative_to(tmp_path/'a').as_posix() for p in (tmp_path/'a'/'images').rglob('*')]
     assert not [p for p in on_disk if 'Smith' in p or 'Doe' in p]
-    pat = {Path(i['source_path']).name: i['patient_id'] for i in a}
+    key = 'pepper'                                                            # a user's salt is the key (never stored)
+    pat = {Path(p).name: next(i['patient_id'] for i in a if i['source_path'] == source_id(p, key)) for p in map(str, files)}
     assert pat['im0.dcm'] == pat['im1.dcm'] and pat['im2.dcm'] == pat['im3.dcm'] != pat['im0.dcm']
     assert len({i['sop_uid'] for i in a}) == 4                                # 4 files (one with two frames)
     splits = {}
@@ -692,11 +700,11 @@ def test_pseudonymize_hashes_identifiers_stably_and_keeps_patient_splits(tmp_pat
     b = _run_pseudo(src, tmp_path/'b', salt='pepper')
     assert [(i['filename'], i['patient_id'], i['sop_uid'], i['split']) for i in a] == \
            [(i['filename'], i['patient_id'], i['sop_uid'], i['split']) for i in b]
-    c = _run_pseudo(src, tmp_path/'c')                                        # random salt, kept in the DB
+    c = _run_pseudo(src, tmp_path/'c')                                        # a random key, kept in the private state
     assert not {i['patient_id'] for i in c} & {i['patient_id'] for i in a}
-    with _db(tmp_path/'c') as conn: salt = json.loads(conn.execute("select value from meta where key='salt'").fetchone()[0])
-    assert salt and len(salt) >= 16
-    shutil.rmtree(tmp_path/'c'/'images')                                    # rebuilt with the salt kept in the DB
+    with _db(tmp_path/'c') as conn: assert not conn.execute("select 1 from meta where key like '%salt%' or key like '%key%'").fetchall()
+    assert len(_private_key(tmp_path/'c.private.db')) * 4 >= 128           # the key: at least 128 bits, never in the shared index
+    shutil.rmtree(tmp_path/'c'/'images')                                    # rebuilt with the key kept in the private state
     p = subprocess.run(_cli() + ['--dicom-dir', str(src), '--output-dir', str(tmp_path/'c'), '--pseudonymize', '--verify'],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -763,3 +771,73 @@ def test_a_crash_between_submissions_loses_nothing(monkeypatch):
     assert sorted(res) == sorted(items) and len(calls) > 5
     assert isinstance(res[13], TaskFailure) and res[13].status == 'crashed' and 'code 3' in res[13].message
     assert all(res[i] == i * i for i in items if i != 13)
+
+
+def _exit0(x):
+    "Task 2 ends its worker with exit code 0, as a library calling sys.exit(0) would."
+    if x == 2: os._exit(0)
+    return x
+
+
+def test_worker_exiting_with_code_0_is_a_crash_not_a_hang():
+    "A worker that exits cleanly mid-task is noticed at once (pebble, tried as a replacement pool, hangs here forever)."
+    res = dict(run_tasks(_exit0, range(5), workers=2, timeout=None))
+    assert res[2] == TaskFailure('crashed', 'worker process exited with code 0') and all(res[i] == i for i in (0, 1, 3, 4))
+
+
+def _killed_while_sending(x):
+    "Task 1 is SIGKILLed (as by the OOM killer) while its large result streams back to the driver."
+    if x == 1:
+        threading.Thread(target=lambda: (time.sleep(0.3), os.kill(os.getpid(), signal.SIGKILL)), daemon=True).start()
+        return b'x' * 400_000_000
+    time.sleep(0.5); return x
+
+
+def test_worker_killed_while_sending_its_result_costs_only_its_file():
+    "Only the killed task fails, quickly (pebble stalls two minutes here and loses an innocent file)."
+    t0 = time.time(); res = dict(run_tasks(_killed_while_sending, range(8), workers=2))
+    assert res.pop(1).status == 'crashed' and res == {i: i for i in range(8) if i != 1}
+    assert time.time() - t0 < 30
+
+
+def test_pseudonymized_output_folder_is_safe_to_hand_over(tmp_path):
+    "A name and a PatientID planted in tags, folder and file names appear nowhere in the output folder: names, DB dump, PNGs, sheets."
+    from dicom_prep.sheet import caption, sample_images
+    src, out = tmp_path/'src', tmp_path/'out'
+    planted = ['DOE_JOHN', 'Doe^John', 'Doe John', 'PID7654321', 'Dr^Who', '19580704']
+    for i in range(4):
+        synth_dicom(src/'DOE_JOHN_CT'/f'DOE_JOHN_{i:03d}.dcm', patient='PID7654321', seed=i, frames=2 if i == 0 else 1,
+                    PatientName='Doe^John', ReferringPhysicianName='Dr^Who', StudyDescription='CT of Doe John', PatientBirthDate='19580704')
+    synth_dicom(src/'PID7654321.dcm', patient='PID7654321', PatientName='Doe^John')           # a top-level file named after him
+    p = subprocess.run(_cli() + ['--dicom-dir', str(src), '--output-dir', str(out), '--pseudonymize', '--all-tags', '--sheet',
+                                 '--workers', '2'], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    names = [str(q.relative_to(out)) for q in out.rglob('*')]
+    with closing(sqlite3.connect(out/'dicom_prep.db')) as c: dump = '\n'.join(c.iterdump())
+    blobs = [dump.encode()] + [q.read_bytes() for q in out.rglob('*') if q.is_file() and q.suffix != '.db']
+    captions = [line for r in sample_images(out/'dicom_prep.db', n=0)[0] for line in caption(r)]
+    for s in planted + [x.lower() for x in planted]:
+        assert not any(s in n for n in names) and not any(s.encode() in b for b in blobs) and not any(s in c for c in captions), s
+    assert len(names) > 10 and len(captions) == 2 * 6
+    private = tmp_path/'out.private.db'                                   # the private state: beside the folder, not in it
+    assert private.is_file() and not list(out.rglob('*.private.db'))
+    with closing(sqlite3.connect(private)) as c:
+        assert c.execute("select count(*) from files where path like '%DOE_JOHN%'").fetchone()[0] == 4
+        key = c.execute("select value from meta where key='key'").fetchone()[0]
+    assert len(key) * 4 >= 128 and not any(key.encode() in b for b in blobs)
+
+
+def test_names_cannot_meet(tmp_path):
+    "Root name reused by a subfolder, a file beside a folder named like its image, names differing only in case: every file its own image."
+    src = tmp_path/'R'
+    cases = {src/'IM.dcm': 1, src/'R/IM.dcm': 2,                                  # top-level file vs the study named like the root
+             src/'S2/clash.dcm': 3, src/'S2/clash.png/y.dcm': 4,                  # a file and a folder claiming clash.png
+             src/'c/IM.dcm': 5, src/'c/im.dcm': 6, src/'C/im.dcm': 7}             # one on a case-insensitive disk
+    for p, seed in cases.items(): synth_dicom(p, 16, 16, seed=seed)
+    r = preprocess(src, tmp_path/'out', n_workers=2, quiet=True)
+    assert r.status == 'completed' and r.counts == {'ok': 7}, r.counts
+    rows = _images(tmp_path/'out')
+    assert len(rows) == 7 and len({r['thumbnail_path'].lower() for r in rows}) == 7
+    for row in rows:                                                              # each row shows its own file's pixels
+        want = np.asarray(frame_image(pydicom.dcmread(row['source_path']))[0])
+        assert np.array_equal(np.asarray(Image.open(tmp_path/'out'/row['thumbnail_path'])), want), row['source_path']

@@ -546,7 +546,7 @@ def _foreign_sqlite(db):
 
 @pytest.mark.parametrize('damage', [_random_bytes, _truncated, _damaged_pages, _future_schema, _foreign_sqlite],
                          ids=lambda f: f.__name__.strip('_'))
-def test_corrupt_db_is_moved_aside_and_rebuilt_reusing_images(damage, small):
+def test_corrupt_db_is_moved_aside_and_rebuilt(damage, small):
     src, out = small
     ok(run_small(src, out))
     db = out/'dicom_prep.db'
@@ -559,8 +559,9 @@ def test_corrupt_db_is_moved_aside_and_rebuilt_reusing_images(damage, small):
     assert [p.name for p in aside if not p.name.endswith(('-wal', '-shm'))], f"nothing moved aside: {r.stderr}"
     assert any(p.read_bytes() == bad for p in aside)
     assert 'moved aside' in r.stderr and 'dicom_prep.db' in r.stderr
-    assert snapshot(out) == before
-    assert inodes(out) == ino, "existing complete images must be reused, not re-encoded"
+    assert snapshot(out) == before                                           # the same images, byte for byte ...
+    after = inodes(out)                                                      # ... written again: no row vouches for the old ones
+    assert after.keys() == ino.keys() and all(after[k] != ino[k] for k in ino), "an image without its row must not be trusted"
     assert query(out, 'PRAGMA quick_check') == [('ok',)]
     assert query(out, "select value from meta where key='schema_version'") == [(str(SCHEMA_VERSION),)]
 
@@ -589,3 +590,30 @@ def test_status_reports_counts_runs_errors_and_exports_csv(small, tmp_path):
     assert sorted(r['path'] for r in rows) == sorted(p for p, in query(out, 'select path from files'))
     assert {r['path']: r['status'] for r in rows}[path] == status
     assert db.stat().st_mtime_ns == mtime, "status must not write to the database"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every output written on purpose: a PNG without its row is never trusted (kill -9, then the sources change)
+
+def test_kill_then_edit_and_delete_sources_leaves_no_stale_or_orphan_image(tmp_path, runs):
+    "PNGs written before a kill -9 have no rows; after their sources are edited or deleted, the rerun's images are exactly a clean run's."
+    src = make_corpus(tmp_path/'src', 60, 256)
+    out = tmp_path/'out'
+    run = runs(src, out, '--workers', '2', '--batch-size', '1000')            # nothing is committed before the kill
+    assert run.wait_for(lambda o: len(list((o/'images').rglob('*.png'))) >= 20), run.stderr
+    run.kill(); run.wait()
+    written = {p.relative_to(out/'images').as_posix() for p in (out/'images').rglob('*.png')}
+    assert written and count(out, 'select count(*) from images') in (0, -1)  # PNGs on disk, no rows
+    changed = 0
+    for p in sorted(src.rglob('*')):
+        name = f"{p.relative_to(src).parent}/{p.name.removesuffix('.dcm')}.png"
+        if name in written and p.is_file():
+            if changed % 2: p.unlink()                                         # deleted source: its PNG is an orphan
+            else: synth_dicom(p, 256, 256, seed=10_000 + changed)              # edited source: its PNG is stale
+            changed += 1
+    assert changed >= 4
+    ok(run_cli(src, out, '--workers', '2'))
+    clean = tmp_path/'clean'
+    ok(run_cli(src, clean, '--workers', '2'))
+    assert pngs(out) == pngs(clean)
+    assert sorted(query(out, f'select {IMAGE_COLS} from images')) == sorted(query(clean, f'select {IMAGE_COLS} from images'))
