@@ -134,8 +134,9 @@ def test_enhanced_echoes_without_dimension_index(tmp_path):
     r, mine = ours(tmp_path/'src', tmp_path/'ours')
     assert r.verdicts == {'ok': 2}
     frames = pydicom.dcmread(src).pixel_array                  # frame 2k+e is slice k of echo e
-    for e, p in enumerate(mine):                                # names follow echo order: 007_enh, 007_enh_2
-        np.testing.assert_array_equal(np.asarray(nib.load(p).dataobj).transpose(2, 1, 0), frames[e::2])
+    assert [p.name for p in mine] == ['007_enh_e1.nii.gz', '007_enh_e2.nii.gz']     # dcm2niix's echo suffixes
+    for e, p in enumerate(mine):                                # rows are written bottom-up, as dcm2niix writes them
+        np.testing.assert_array_equal(np.asarray(nib.load(p).dataobj).transpose(2, 1, 0)[:, ::-1], frames[e::2])
     theirs = dcm2niix(tmp_path/'src', tmp_path/'d2n')
     first = np.asarray(nib.load(theirs[0]).dataobj)[..., 0]
     assert nib.load(theirs[0]).shape == (6, 8, 5, 2)
@@ -160,9 +161,9 @@ def test_gantry_tilt_keeps_shear(tmp_path):
     paths = synth_series(tmp_path/'src', positions=[np.array([-5., 4, 20]) + k * tilt for k in range(8)], GantryDetectorTilt='11.3')
     r, mine = ours(tmp_path/'src', tmp_path/'ours')
     img = nib.load(mine[0])
-    for k, p in enumerate(paths):   # every slice lands where the scanner put it
+    for k, p in enumerate(paths):   # every slice lands where the scanner put it (its first row is written last)
         ipp = np.array([float(v) for v in pydicom.dcmread(p).ImagePositionPatient]) * [-1, -1, 1]
-        np.testing.assert_allclose((img.affine @ [0, 0, k, 1])[:3], ipp, atol=1e-4)
+        np.testing.assert_allclose((img.affine @ [0, img.shape[1] - 1, k, 1])[:3], ipp, atol=1e-4)
     plain = [p for p in dcm2niix(tmp_path/'src', tmp_path/'d2n') if '_Tilt_' not in p.name]
     (a, aff_a), (b, aff_b) = canonical(mine[0]), canonical(plain[0])
     np.testing.assert_array_equal(a, b)                                       # same voxels
@@ -295,7 +296,7 @@ def test_twenty_patients_twenty_files(tmp_path):
     assert r.counts == {'converted': 20} and len(files) == 20
     assert len({canonical(f)[0].tobytes() for f in files}) == 20          # 20 different volumes, none overwritten
     names = {f.name for f in files}
-    assert '001_T1_MPRAGE~' in min(names) and any(n.endswith('_20.nii.gz') for n in names)
+    assert min(names) == '001_T1_MPRAGE.nii.gz' and any(n.endswith('_20.nii.gz') for n in names)   # readable: no hash, numbered
     db = open_db(tmp_path/'out/dicom_prep.db')
     before = {v['id']: v['output_name'] for v in db['volumes'].rows}
     dicom_to_nifti(tmp_path/'src', tmp_path/'out', workers=0, quiet=True, reanalyze=True, force_reprocess=True)
