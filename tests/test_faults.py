@@ -6,86 +6,33 @@ The bombs are real: pydicom's own JPEG, JPEG-LS, JPEG 2000 and JP2 test files wi
 65535x65535 (unguarded, the JPEG one drives pylibjpeg to the memory cap in seconds, see `test_the_bombs_are_real`), and
 a deflated dataset whose 64x64 header hides 1 GiB of zeros in a 1 MB file. Memory is measured as the peak RSS of the
 processes that handle them (`ru_maxrss`). Run with `pytest -s tests/test_faults.py` to see the figures."""
-import faulthandler, json, os, signal, struct, subprocess, sys, threading, time, zlib
+import faulthandler, json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate, generate_frames
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from conftest import console_script, query
 from dicom_prep.io import check_size, codestream_size, read_dicom
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.pixels import decode_frame
-from dicom_prep.synth import synth_clones, synth_dicom, synth_jpeg_cine, synth_series
+from dicom_prep.synth import BOMB_SIZE, BOMBS, cine_bomb, codestream_bomb, deflate_bomb, synth_clones, synth_dicom, synth_series
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
 MIB = 1 << 20
-N = 65535
-# name: (pydicom test file, [(marker, offset after it, struct format, values)]): each frame header claims N x N
-BOMBS = {'jpeg': ('SC_rgb_jpeg_dcmtk.dcm', [(b'\xff\xc0', 5, '>HH', (N, N))]),                      # SOF0: height, width
-         'jpeg_ls': ('MR_small_jpeg_ls_lossless.dcm', [(b'\xff\xf7', 5, '>HH', (N, N))]),              # SOF55
-         'j2k': ('MR_small_jp2klossless.dcm', [(b'\xff\x51', 6, '>6I', (N, N, 0, 0, N, N))]),          # SIZ: size, offset, 1 tile
-         'jp2': ('GDCMJ2K_TextGBR.dcm', [(b'\xff\x51', 6, '>6I', (N, N, 0, 0, N, N)), (b'ihdr', 4, '>II', (N, N))])}
+
+def _testfile(name): return dcmread(get_testdata_file(name, download=False))
+
 NORMAL = ['SC_rgb_jpeg_dcmtk.dcm', 'MR_small_jpeg_ls_lossless.dcm', 'MR_small_jp2klossless.dcm', 'GDCMJ2K_TextGBR.dcm',
           'JPEGLSNearLossless_08.dcm', 'examples_jpeg2k.dcm', 'SC_rgb_small_odd_jpeg.dcm', 'image_dfl.dcm']
 
 
 # ---------------------------------------------------------------------------------------------------------- bombs
-def _testfile(name): return dcmread(get_testdata_file(name, download=False))
-
-def _patch(frame:bytes, edits) -> bytes:
-    "`frame` with each (marker, offset, format, values) of `edits` packed in after the marker's first occurrence."
-    frame = bytearray(frame)
-    for marker, off, fmt, values in edits:
-        at = frame.find(marker); assert at >= 0, marker
-        struct.pack_into(fmt, frame, at + off, *values)
-    return bytes(frame)
-
-def codestream_bomb(path, name:str, edits=None) -> Path:
-    "Pydicom test file `BOMBS[name]` with its codestream's size patched (`edits`: other patches); the DICOM header is untouched."
-    src, default = BOMBS[name]
-    ds = _testfile(src)
-    frame = _patch(next(generate_frames(ds.PixelData, number_of_frames=1)), edits or default)
-    ds.PixelData = encapsulate([frame])
-    Path(path).parent.mkdir(parents=True, exist_ok=True); ds.save_as(path)
-    return Path(path)
-
-def cine_bomb(path) -> Path:
-    "A 3-frame YCbCr JPEG cine of 32x16 frames (encoded by Pillow) whose frame 2 claims N x N."
-    ds = synth_jpeg_cine([(200, 0, 0), (0, 200, 0), (0, 0, 200)])
-    frames = list(generate_frames(ds.PixelData, number_of_frames=3))
-    frames[2] = _patch(frames[2], [(b'\xff\xc0', 5, '>HH', (N, N))])
-    ds.PixelData = encapsulate(frames)
-    Path(path).parent.mkdir(parents=True, exist_ok=True); ds.save_as(path, enforce_file_format=False)
-    return Path(path)
-
-def _zeros_deflated(mib:int, c) -> bytes:
-    "Raw deflate of `mib` MiB of zeros, ending compressor `c`'s stream; built from one MiB's block, never holding the zeros."
-    one = c.compress(bytes(MIB)) + c.flush(zlib.Z_FULL_FLUSH)   # a full flush makes each block independent of the last
-    return one * mib + c.flush()
-
-def deflate_bomb(path, mib:int, rows:int=64, cols:int=64) -> Path:
-    "A deflated DICOM whose header says rows x cols (8-bit) and whose pixel data inflates to `mib` MiB of zeros."
-    ds = dcmread(synth_dicom(Path(path).with_suffix('.plain'), 8, 8)); del ds.PixelData
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 8, 8, 7
-    raw = DicomBytesIO(); raw.is_little_endian, raw.is_implicit_VR = True, False
-    write_dataset(raw, ds)
-    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = c.compress(raw.getvalue() + struct.pack('<HH2sHI', 0x7FE0, 0x10, b'OB', 0, mib * MIB)) + c.flush(zlib.Z_FULL_FLUSH)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    head = DicomBytesIO(); head.write(bytes(128) + b'DICM'); write_file_meta_info(head, ds.file_meta)
-    Path(path).write_bytes(head.getvalue() + body + _zeros_deflated(mib, c))
-    Path(path).with_suffix('.plain').unlink()
-    return Path(path)
-
 def bomb_folder(d) -> dict:
     "Every bomb, in folder `d`: name → path."
     bombs = {name: codestream_bomb(d/f'{name}.dcm', name) for name in BOMBS}
@@ -124,7 +71,7 @@ def _guarded(paths) -> dict:
 def test_bombs_are_refused_quickly_in_little_memory(tmp_path):
     "Each bomb is refused before decoding: too_large (or a mismatch for a size within the limit), in < 5 s, under 500 MB."
     bombs = bomb_folder(tmp_path/'bombs')
-    for name in BOMBS: assert codestream_size(next(generate_frames(dcmread(bombs[name]).PixelData, number_of_frames=1))).rows == N
+    for name in BOMBS: assert codestream_size(next(generate_frames(dcmread(bombs[name]).PixelData, number_of_frames=1))).rows == BOMB_SIZE
     got = _guarded(bombs.values())
     res = {name: got['results'][str(p)] for name, p in bombs.items()}
     expect = {name: 'too_large' for name in bombs} | {'jpeg_mismatch': 'mismatch'}
