@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
+import pydicom, pydicom.data
 import pytest
 from PIL import Image
 
@@ -13,7 +13,7 @@ from dicom_prep.export import KEYS, export, images_df
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess
 from dicom_prep.synth import synth_dicom, synth_series
-from conftest import console_script, ro
+from conftest import console_script, query, ro
 
 IMG_EXTS = ('.png',)
 
@@ -254,3 +254,49 @@ def test_status_xlsx(corpus, tmp_path):
     sheets = pd.read_excel(tmp_path/'t.xlsx', sheet_name=None)
     assert list(sheets)[:2] == ['Summary', 'preprocess'] and len(sheets['preprocess']) == 22
     assert {'path', 'status', 'reason', 'output', 'processed_at', 'run_id'} <= set(sheets['preprocess'].columns)
+
+
+# ---------------------------------------------------------------------------------------------------- refusals (hostile review)
+
+def test_pseudonymised_folder_refuses_what_would_leak(tmp_path):
+    "nifti into a pseudonymised folder, a rerun without --pseudonymize (even forced), a private state inside the folder: refused."
+    src, out = tmp_path/'src', tmp_path/'out'
+    synth_series(src/'SMITH_JOHN', n=3, PatientID='MRN777')
+    pre = console_script('dicom_prep_preprocess') + ['--dicom-dir', str(src), '--workers', '0']
+    assert subprocess.run(pre + ['--output-dir', str(out), '--pseudonymize'], capture_output=True).returncode == 0
+    before = (out/'dicom_prep.db').read_bytes()
+    for cmd in (console_script('dicom_prep_nifti') + ['--dicom-dir', str(src), '--output-dir', str(out), '--workers', '0'],
+                pre + ['--output-dir', str(out), '--force']):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 2 and 'pseudonymised index' in r.stderr and r.stderr.count('\n') == 1, r.stderr
+    assert (out/'dicom_prep.db').read_bytes() == before and not (out/'nifti').exists()
+    r = subprocess.run(pre + ['--output-dir', str(tmp_path/'o2'), '--pseudonymize', '--private-state', str(tmp_path/'o2'/'p.db')],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and 'outside the output folder' in r.stderr
+
+
+def test_16bit_refuses_values_that_do_not_fit(tmp_path):
+    "32-bit RT dose values at --bit-depth 16 are a decode_error with the reason, not PNGs saturated at 65535."
+    src = tmp_path/'src'; src.mkdir()
+    (src/'dose.dcm').write_bytes(Path(pydicom.data.get_testdata_file('rtdose_1frame.dcm')).read_bytes())
+    r = preprocess(src, tmp_path/'out', n_workers=0, quiet=True, bit_depth=16)
+    [(status, error)] = query(tmp_path/'out', 'select status, error from files')
+    assert r.counts == {'decode_error': 1} and status == 'decode_error' and 'do not fit a 16-bit PNG' in error
+
+
+def test_export_refusals_and_label_parsing(corpus, tmp_path):
+    db = corpus/'out/dicom_prep.db'
+    for bad in (corpus/'out/images'/'x', corpus/'out/images'):
+        with pytest.raises(Exception, match='dicom_prep manages'): export(db, bad, 'csv', label_col='modality')
+    export(db, tmp_path/'e', 'imagefolder', label_col='modality')
+    with pytest.raises(Exception, match='holds a imagefolder export'): export(db, tmp_path/'e', 'webdataset', label_col='modality')
+    (tmp_path/'trailing.csv').write_text('patient_id,y\nP0,cat,\nP1,dog,\n')          # trailing commas
+    assert export(db, tmp_path/'t', 'csv', labels=tmp_path/'trailing.csv', on='patient_id').report.unmatched == []
+    (tmp_path/'blank.csv').write_text('patient_id,y\nP0,\nP1,dog\n')                   # an empty label is no label
+    r = export(db, tmp_path/'b', 'csv', labels=tmp_path/'blank.csv', on='patient_id')
+    assert set(pd.read_csv(tmp_path/'b/manifest.csv', dtype=str, keep_default_na=False)['label']) == {'dog', ''}
+    (tmp_path/'empty.csv').write_text('')
+    for labels, on, col, msg in ((tmp_path/'empty.csv', 'patient_id', None, 'the file is empty'),
+                                 (tmp_path/'blank.csv', 'patient_id', 'patient_id', 'not a label')):
+        with pytest.raises(Exception, match=msg): export(db, tmp_path/'x', 'csv', labels=labels, on=on, label_col=col)
+    assert r.report.n_labelled < len(images_df(db))

@@ -123,10 +123,11 @@ if mode == 'commit':      # inside the transaction of batch number `arg`, after 
     import sqlite_utils.db as sdb
     upsert_all, seen = sdb.Table.upsert_all, []
     def patched(self, records, *a, **kw):
-        if self.name == 'files':
+        res = upsert_all(self, records, *a, **kw)
+        if self.name == 'images':             # the batch's image rows are written, its file rows and commit not yet
             seen.append(1)
             if len(seen) == int(arg): die()
-        return upsert_all(self, records, *a, **kw)
+        return res
     sdb.Table.upsert_all = patched
 import dicom_prep.preprocess as pp
 from dicom_prep.core import atomic_path
