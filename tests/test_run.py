@@ -157,3 +157,13 @@ def test_one_output_folder_one_database(tmp_path):
     assert query(out, 'select count(*) from runs') == [(1,)]
     r = _cli('--dicom-dir', src, '--output-dir', out, '--db', tmp_path/'other.db', '--window', 'lungs', '--workers', '0', '--force')
     assert r.returncode == 0 and query(tmp_path/'other.db', "select distinct window from images") == [('lungs:-600/1500',)]
+
+
+def test_status_reads_the_private_state_of_a_pseudonymised_index(tmp_path):
+    "dicom_prep_status (report and --csv) finds the files of a pseudonymised index in its private state beside the folder."
+    src, out = _corpus(tmp_path/'src', 3, 16), tmp_path/'out'
+    assert _cli('--dicom-dir', src, '--output-dir', out, '--pseudonymize', '--workers', '0').returncode == 0
+    r = subprocess.run(console_script('dicom_prep_status') + ['--db', str(out/'dicom_prep.db'), '--csv', str(tmp_path/'f.csv')],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and 'Files by status' in r.stdout and 'ok: 3' in r.stdout, r.stderr
+    assert len((tmp_path/'f.csv').read_text().splitlines()) == 4
