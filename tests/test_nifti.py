@@ -222,12 +222,17 @@ def _volume_states(db_path):
         return {r[0]: r[1:] for r in c.execute("select id, status, run_id, converted_at from volumes where verdict='ok'")}
 
 
+def _slow_nifti_run(src, out, n_series, n, size) -> subprocess.Popen:
+    "Write `n_series` series of `n` slices `size`² and start the NIfTI CLI on them, one volume per commit."
+    for s in range(n_series): synth_series(src/f'p{s:02d}', n=n, rows=size, cols=size, series_number=s, seed=s)
+    cmd = [shutil.which('dicom_prep_nifti'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '1', '--batch-size', '1']
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def test_sigint_then_resume(tmp_path):
     "Ctrl+C on the CLI commits finished volumes and prints the resume command; the rerun converts only the rest."
     src, out = tmp_path/'src', tmp_path/'out'
-    for s in range(40): synth_series(src/f'p{s:02d}', n=40, rows=128, cols=128, series_number=s, seed=s)
-    cmd = [shutil.which('dicom_prep_nifti'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '1', '--batch-size', '1']
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _slow_nifti_run(src, out, 40, 40, 128)
     db_path, t0 = out/'dicom_prep.db', time.time()
     while time.time() - t0 < 60:
         try:
@@ -260,9 +265,7 @@ def test_sigint_then_resume(tmp_path):
 def test_second_ctrl_c_records_interrupted(tmp_path):
     "A second Ctrl+C quits at once (exit 130) and the run is recorded `interrupted`, as preprocess records it, never `failed`."
     src, out = tmp_path/'src', tmp_path/'out'
-    for s in range(12): synth_series(src/f'p{s:02d}', n=60, rows=256, cols=256, series_number=s, seed=s)
-    cmd = [shutil.which('dicom_prep_nifti'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '1', '--batch-size', '1']
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _slow_nifti_run(src, out, 12, 60, 256)
     db_path, t0 = out/'dicom_prep.db', time.time()
     while time.time() - t0 < 60 and not any((out/'nifti').rglob('*.nii.gz')): time.sleep(0.01)
     proc.send_signal(signal.SIGINT); time.sleep(0.05); proc.send_signal(signal.SIGINT)

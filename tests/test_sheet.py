@@ -194,7 +194,7 @@ def test_failures_sheet_shows_every_kind_of_failure(index, tmp_path):
     assert s.header.startswith(f"failures · 5 sampled of {len(FAILURES) + N_CRASHED} failed files (seed 0) · decode_error 21 · crashed 5")
     assert 'no_pixels' not in s.header and 'ok' not in s.header
     errors = {f"/raw/bad/f{k:02d}.dcm": e for k, (_, e) in enumerate(FAILURES)} | {spec(i)['source_path']: None for i in range(N_CRASHED)}
-    assert all(r['error'] == errors[r['path']] and c[0] == r['path'] for r, c in zip(s.rows[0], s.captions[0]))
+    assert all(r['error'] == errors[r['path']] and c[0] == r['path'] for r, c in zip(s.rows[0], s.captions[0], strict=True))
 
 def test_failures_via_cli(index, tmp_path):
     r = cli('--db', index, '--failures', '--status', 'decode_error', '--n', 0, '--per-page', 8, '--out', tmp_path/'fail.png')
