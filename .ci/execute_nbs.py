@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def execute(path:Path):
     "Run every cell of notebook `path` and write it back with its outputs."
     nb = read_nb(path)
-    cwd = os.getcwd(); os.chdir(path.parent)
+    cwd, argv = os.getcwd(), sys.argv
+    os.chdir(path.parent); sys.argv = ['dicom_prep']      # console-script lines in the outputs name the program, not this runner
     try: CaptureShell(path=path.parent).run_all(nb, exc_stop=True, preproc=_skip_cell(nb))
-    finally: os.chdir(cwd)
+    finally: os.chdir(cwd); sys.argv = argv
     write_nb(nb, path)
 
 def missing_outputs(path:Path) -> bool:
