@@ -179,7 +179,6 @@ def image_items(df:pd.DataFrame, # images (with `label` when labelled)
 def _link(src:Path, dest:Path):
     "Hardlink `src` at `dest` (a copy across filesystems), replacing `dest` atomically."
     with atomic_path(dest) as tmp:
-        tmp.unlink()
         try: os.link(src, tmp)
         except OSError: shutil.copy2(src, tmp)
 

@@ -457,21 +457,33 @@ def deflate_bomb(path, # where to write it
 
 # %% ../nbs/01_synth.ipynb #27f112f9
 _TEMPLATE_UID = '1.2.826.0.1.3680043.10.999.9' + '0' * 11    # fixed length: per-file UIDs are patched in place
+_TEMPLATE_SERIES = '1.2.826.0.1.3680043.10.999.8' + '0' * 11
+_TEMPLATE_Z = '-0000.000'                                      # fixed-width z of ImagePositionPatient, patched per slice
+
+def _clone_template(root:Path, size:int, slices:int) -> bytes:
+    "The bytes of the file every clone copies: placeholders for its UIDs, PatientID and (with `slices`) slice position."
+    geometry = dict(SeriesInstanceUID=_TEMPLATE_SERIES, ImagePositionPatient=['0', '0', _TEMPLATE_Z], SliceThickness='1',
+                    ImageOrientationPatient=['1', '0', '0', '0', '1', '0'], PixelSpacing=['1', '1']) if slices else {}
+    tmpl = synth_dicom(root.parent/f'.{root.name}.template.dcm', size, size, patient='PAT000000', SOPInstanceUID=_TEMPLATE_UID, **geometry)
+    data = tmpl.read_bytes(); tmpl.unlink()
+    assert data.count(_TEMPLATE_UID.encode()) in (1, 2) and data.count(b'PAT000000') == 1   # SOPInstanceUID (and its file-meta copy)
+    return data
 
 def synth_clones(root, # folder to fill
                  n:int, # number of files
-                 studies:int=100, # study folders (files are spread round-robin)
+                 studies:int=100, # study folders (files are spread round-robin, a series at a time)
                  size:int=16, # rows and columns
                  patients:int=997, # distinct PatientIDs
+                 slices:int=0, # files per series, as 1 mm axial slices (0: every file its own image, no geometry)
                 ) -> Path:
-    "`n` tiny single-frame DICOM files with distinct SOP UIDs, in `studies` folders; fast."
+    "`n` tiny single-frame DICOM files with distinct SOP UIDs, in `studies` folders (and series of `slices`); fast."
     root = Path(root)
-    tmpl = synth_dicom(root.parent/f'.{root.name}.template.dcm', size, size, patient='PAT000000', SOPInstanceUID=_TEMPLATE_UID)
-    data, uid, pat = tmpl.read_bytes(), _TEMPLATE_UID.encode(), b'PAT000000'
-    tmpl.unlink()
-    assert data.count(uid) in (1, 2) and data.count(pat) == 1   # SOPInstanceUID (and its file-meta copy), PatientID
+    data, uid, pat = _clone_template(root, size, slices), _TEMPLATE_UID.encode(), b'PAT000000'
+    series, z = _TEMPLATE_SERIES.encode(), _TEMPLATE_Z.encode()
     for s in range(studies): (root/f'study_{s:03d}').mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        b = data.replace(uid, uid[:-11] + f'{i:011d}'.encode()).replace(pat, f'PAT{i % patients:06d}'.encode())
-        (root/f'study_{i % studies:03d}'/f'im{i:06d}.dcm').write_bytes(b)
+        k = i // slices if slices else i
+        b = data.replace(uid, uid[:-11] + f'{i:011d}'.encode()).replace(pat, f'PAT{k % patients:06d}'.encode())
+        if slices: b = b.replace(series, series[:-11] + f'{k:011d}'.encode()).replace(z, f'{i % slices:09.3f}'.encode())
+        (root/f'study_{k % studies:03d}'/f'im{i:06d}.dcm').write_bytes(b)
     return root

@@ -119,17 +119,14 @@ LEADER = os.getpid()
 assert os.getpgid(0) == LEADER, "must run as a process-group leader"
 def die(): os.killpg(LEADER, signal.SIGKILL); time.sleep(60)
 mode, arg = os.environ.get('DP_FAULT', 'none:').split(':', 1)
-if mode == 'commit':      # inside the transaction of batch number `arg`, after its image rows are written
-    import sqlite_utils.db as sdb
-    upsert_all, seen = sdb.Table.upsert_all, []
-    def patched(self, records, *a, **kw):
-        res = upsert_all(self, records, *a, **kw)
-        if self.name == 'images':             # the batch's image rows are written, its file rows and commit not yet
-            seen.append(1)
-            if len(seen) == int(arg): die()
-        return res
-    sdb.Table.upsert_all = patched
 import dicom_prep.preprocess as pp
+if mode == 'commit':      # inside the transaction of batch number `arg`, after its image rows are written
+    upsert_images, seen = pp._upsert_images, []
+    def patched(db, rows):
+        upsert_images(db, rows)               # the batch's image rows are written, its file rows and commit not yet
+        seen.append(1)
+        if len(seen) == int(arg): die()
+    pp._upsert_images = patched
 from dicom_prep.core import atomic_path
 save_png = pp.save_png
 def patched_save(img, path, compress_level=6):
@@ -137,6 +134,7 @@ def patched_save(img, path, compress_level=6):
         with atomic_path(path) as tmp:
             img.save(tmp, format='PNG'); tmp.write_bytes(tmp.read_bytes()[:60]); die()
     if mode == 'slow' and os.path.exists(arg): time.sleep(3)    # slow workers once the flag file exists
+    if mode == 'delay': time.sleep(float(arg))                  # every file takes this long more: the run lasts long enough to stop
     return save_png(img, path, compress_level)
 pp.save_png = patched_save
 sys.exit(pp.main())
@@ -284,9 +282,10 @@ def test_interrupted_forced_rebuild_is_completed_by_plain_rerun(slow_src, refere
 # SIGINT / SIGTERM: finish in-flight work, commit, mark the run interrupted, print how to resume, exit 130
 
 @pytest.mark.parametrize('sig,group', [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=['ctrl_c_to_group', 'sigterm_to_driver'])
-def test_graceful_interrupt_and_printed_resume_command(sig, group, slow_src, reference, tmp_path, runs):
+def test_graceful_interrupt_and_printed_resume_command(sig, group, slow_src, reference, tmp_path, runs, faulty):
+    "Files take 40 ms more each, so the run (128 files, 2 workers) lasts seconds and the signal lands in its middle."
     out = tmp_path/'out'
-    run = runs(slow_src, out, *SLOW_ARGS)
+    run = runs(slow_src, out, *SLOW_ARGS, exe=faulty, env={'DP_FAULT': 'delay:0.04'})
     assert run.wait_for(lambda o: n_files(o) >= 20), run.stdout
     run.kill(sig, group=group)
     assert run.wait(timeout=20) == 130, run.stderr
@@ -301,8 +300,8 @@ def test_graceful_interrupt_and_printed_resume_command(sig, group, slow_src, ref
     assert m, run.stdout
     assert int(m[1].replace(',', '')) == done and int(m[2].replace(',', '')) == len(reference['files'])
     cmd = shlex.split(m[3])
-    assert cmd == [Path(CLI).name, *cli_args(slow_src, out, *SLOW_ARGS)[1:]]
-    r = ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120))
+    assert cmd[1:] == cli_args(slow_src, out, *SLOW_ARGS)[1:]            # the run's own arguments (its program: the fault injector)
+    r = ok(subprocess.run([Path(CLI).name, *cmd[1:]], capture_output=True, text=True, timeout=120))
     # the resumed run counts the whole corpus and starts at what is already done
     n_ok, n_failed = (count(out, f"select count(*) from files where status in {tuple(s)} and run_id=1") for s in (FINAL_OK, FAILED))
     assert n_ok + n_failed == done
@@ -583,7 +582,7 @@ def test_status_reports_counts_runs_errors_and_exports_csv(small, tmp_path):
     for split, n in query(out, 'select split, count(*) from images group by split'): assert f'  {split}: {n:,}' in text
     for mod, n in query(out, 'select modality, count(*) from images group by modality'): assert f'  {mod}: {n:,}' in text
     for st, n in query(out, 'select study_id, count(*) from images group by study_id'): assert f'  {st}: {n:,}' in text
-    assert re.search(r'#2 preprocess .* completed, \d+s, 1 files', text) and re.search(r'#1 preprocess .* completed, \d+s, 14 files, [\d.]+ files/s', text), text
+    assert re.search(r'#2 preprocess .* completed, \d+s, 1 files read', text) and re.search(r'#1 preprocess .* completed, \d+s, 14 files read, [\d.]+ files/s', text), text
     [(path, status, error)] = query(out, f'select path, status, error from files where status in {FAILED}')
     assert f'1 × {status}: {error}' in text
     assert f'  {path}: {status}: {error}' in text.split('Failed files:')[1]
