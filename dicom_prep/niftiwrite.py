@@ -17,7 +17,8 @@ import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, safe_component
 from .io import read_dicom
-from .series import EpiFields, epi_fields, is_enhanced, maker, tag_value, text_value, untile
+from .pixels import maker, text_value, untile
+from .series import EpiFields, epi_fields, is_enhanced, tag_value
 
 # %% auto #0
 __all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar',

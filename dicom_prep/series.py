@@ -8,23 +8,19 @@ Docs: https://dicom-prep.github.io/dicom_prep/series.html.md"""
 
 # %% ../nbs/08_series.ipynb #e08a68ce
 from __future__ import annotations
-import gzip, json, math, os, re, warnings, zlib
+import gzip, json, math, os, re, zlib
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 import numpy as np
-with warnings.catch_warnings():
-    warnings.simplefilter('ignore'); from nibabel.nicom import csareader      # nibabel warns that its DICOM readers are young
 from pydicom.datadict import dictionary_VR
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from .io import DicomReadError, Found, frame_count, read_dicom
+from .pixels import UIH, csa_image, maker, mosaic_count, num_value, private_value, text_value, tile_size, uih_grid_count
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'num_value', 'text_value', 'FrameRecord', 'FileRecord',
-           'maker', 'csa_image', 'private_value', 'mosaic_count', 'untile', 'mosaic_slices', 'uih_grid_count',
-           'complex_component', 'ge_protocol', 'EpiFields', 'epi_fields', 'is_enhanced', 'header_record',
-           'read_headers']
+__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'FrameRecord', 'FileRecord', 'complex_component', 'ge_protocol',
+           'EpiFields', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #4c8eb565
 @lru_cache(maxsize=None)
@@ -62,22 +58,6 @@ def tag_value(ds, # a dataset
         if fast and numeric_text and isinstance(elem.value, bytes): return elem.value.decode('ascii', 'replace').strip(' \x00').split('\\')
         return place[tag].value
     return None
-
-# %% ../nbs/08_series.ipynb #163e3100
-def num_value(v, # a DICOM value: number, text, raw text parts or a multi-value
-              n:int=0, # 0: one number (the first of a multi-value); else the length of the vector wanted
-             ):
-    "A finite float (or with `n` a tuple of `n` finite floats) from a DICOM value; None when absent or malformed."
-    if not n and isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
-    try: t = tuple(float(x) for x in (v if n else [v]))
-    except (TypeError, ValueError): return None
-    if len(t) != max(n, 1) or not all(map(math.isfinite, t)): return None
-    return t if n else t[0]
-
-def text_value(v, # a DICOM value
-              ) -> str:
-    "A DICOM value as stripped text ('' when absent)."
-    return '' if v is None else str(v).strip()
 
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
@@ -144,79 +124,6 @@ class FileRecord:
         d = json.loads(s)
         return cls(**{**d, 'frames': [FrameRecord.from_dict(f) for f in d.get('frames', [])]})
 
-# %% ../nbs/08_series.ipynb #0192c293
-MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
-          'CANON': 'Canon', 'HITACHI': 'Hitachi', 'BRUKER': 'Bruker'}
-
-def maker(ds, # a dataset
-         ) -> str:
-    "The scanner's maker as dcm2niix names it ('GE MEDICAL SYSTEMS' is 'GE'), else the Manufacturer text."
-    m = text_value(ds.get('Manufacturer')).upper()
-    return next((name for key, name in MAKERS.items() if m == key or m.startswith(key + ' ') or (len(key) > 3 and key in m)),
-                text_value(ds.get('Manufacturer')))
-
-def csa_image(ds, # a dataset
-             ) -> dict:
-    "The Siemens CSA image header of `ds` as {tag name: values}; empty when it has none."
-    if (0x0029, 0x0010) not in ds: return {}
-    try: csa = csareader.get_csa_header(ds, 'image') or {}
-    except Exception: return {}
-    return {name: t['items'] for name, t in csa.get('tags', {}).items() if t['items']}
-
-@lru_cache(maxsize=None)
-def _creator_tags(group) -> tuple:
-    "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
-    return tuple(Tag(group, b) for b in range(0x10, 0x100))
-
-def private_value(ds, # a dataset (or a sequence item)
-                  group:int, # the private group, e.g. 0x0043
-                  creator:str, # its private creator, e.g. 'GEMS_PARM_01'
-                  offset:int, # the element within the creator's block, e.g. 0x39 for (0043,xx39)
-                 ):
-    "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
-    free = 0
-    for block, tag in enumerate(_creator_tags(group), 0x10):
-        if (c := ds.get_item(tag)) is None:
-            if (free := free + 1) >= 16: return None
-            continue
-        free = 0
-        c = c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)
-        if c.strip(' \x00') == creator: return ds[tag].value if (tag := Tag(group, block << 8 | offset)) in ds else None
-    return None
-
-# %% ../nbs/08_series.ipynb #8c1cbe45
-def mosaic_count(ds, # a dataset
-                 csa:dict|None=None, # its CSA image header, if already read
-                ) -> int:
-    "How many slices the mosaic `ds` tiles; 0 when it is not a Siemens mosaic."
-    csa = csa_image(ds) if csa is None else csa
-    flagged = 'MOSAIC' in {text_value(v).upper() for v in (ds.get('ImageType') or [])}
-    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(private_value(ds, 0x0019, 'SIEMENS MR HEADER', 0x0A)))
-    return int(n) if n and (flagged or 'NumberOfImagesInMosaic' in csa) else 0
-
-def untile(pixels:np.ndarray, # a mosaic image (rows, cols)
-           n:int, # slices it holds
-           tile:tuple|None=None, # (rows, cols) of a slice [default: a square grid of m = ⌈√n⌉ tiles a side, Siemens']
-          ) -> np.ndarray:
-    "The `n` slices (n, tile rows, tile cols) of a mosaic, tiles row by row, m = ⌈√n⌉ to a row; empty tiles dropped."
-    m = math.ceil(math.sqrt(n)); r, c = tile or (pixels.shape[-2] // m, pixels.shape[-1] // m)
-    gr = pixels.shape[-2] // r
-    return pixels[:gr * r, :m * c].reshape(gr, r, m, c).swapaxes(1, 2).reshape(gr * m, r, c)[:n]
-
-def _tile_size(rows, cols, n, vendor) -> tuple[int, int]:
-    "A slice's size in a grid of `n`: a Siemens mosaic is m × m tiles (m = ⌈√n⌉); a UIH grid has square tiles, m to a row."
-    m = math.ceil(math.sqrt(n))
-    return (max(rows, cols) // m,) * 2 if vendor == 'UIH' else (rows // m, cols // m)
-
-def mosaic_slices(ds, # a Siemens mosaic or UIH grid dataset, with its pixel data
-                 ) -> np.ndarray:
-    "The slices (n, rows, cols) of a mosaic or grid `ds`, in tile order; raises ValueError if `ds` is neither."
-    vendor = maker(ds)
-    if not (n := uih_grid_count(ds, vendor) if vendor == 'UIH' else mosaic_count(ds)):
-        raise ValueError('not a Siemens mosaic (no MOSAIC image type or CSA slice count) nor a UIH grid')
-    px = ds.pixel_array
-    return untile(px, n, _tile_size(*px.shape[-2:], n, vendor))
-
 # %% ../nbs/08_series.ipynb #abd99892
 def _mosaic_frames(ds, first:FrameRecord, n, csa) -> list[FrameRecord]:
     "One record per tile of mosaic `ds` (whose grid-level record is `first`): its slice's position and acquisition time."
@@ -232,16 +139,6 @@ def _mosaic_frames(ds, first:FrameRecord, n, csa) -> list[FrameRecord]:
                     slice_time=times and times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #8fc73bd1
-UIH = 'Image Private Header'   # the private creator of UIH's (0065,xx) elements
-
-def uih_grid_count(ds, # a dataset
-                   vendor:str|None=None, # its `maker`, if known
-                  ) -> int:
-    "How many slices a UIH grid (VFRAME) file tiles; 0 when it is not one."
-    if (maker(ds) if vendor is None else vendor) != 'UIH': return 0
-    n = num_value(private_value(ds, 0x0065, UIH, 0x50))
-    return int(n) if n and n > 1 else 0
-
 def _tm_ms(t) -> float|None:
     "A DICOM time (HHMMSS.ffffff) in ms since midnight, or None."
     t = text_value(t)
@@ -431,7 +328,7 @@ def header_record(ds, # a dataset, read without its pixel data
     mosaic = mosaic_count(ds, csa) if csa or vendor == 'Siemens' else uih_grid_count(ds, vendor)
     rows, cols = int(get('Rows') or 0), int(get('Columns') or 0)
     has_pixels = bool(rows and cols) and not _pixels_cut(ds, n, rows * cols)
-    if mosaic: rows, cols = _tile_size(rows, cols, mosaic, vendor)
+    if mosaic: rows, cols = tile_size(rows, cols, mosaic, vendor)
     return FileRecord(**ident, series_uid=text_value(get('SeriesInstanceUID')), study_uid=text_value(get('StudyInstanceUID')),
                       patient_id=text_value(get('PatientID')), modality=text_value(get('Modality')),
                       series_number=num_value(get('SeriesNumber')), series_description=text_value(get('SeriesDescription')),

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
 from dicom_prep.nifti import dicom_to_nifti
-from dicom_prep.series import mosaic_slices
+from dicom_prep.pixels import mosaic_slices
 from dicom_prep.synth import oblique_orientation, synth_mosaic, synth_series
 from test_nifti import DCM2NIIX, canonical, dcm2niix, needs_dcm2niix, ours, pair_up
 
