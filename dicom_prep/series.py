@@ -19,8 +19,8 @@ from .io import DicomReadError, Found, frame_count, read_dicom
 from .pixels import UIH, csa_image, maker, mosaic_count, num_value, private_value, text_value, tile_size, uih_grid_count
 
 # %% auto #0
-__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'FrameRecord', 'FileRecord', 'complex_component', 'ge_protocol',
-           'EpiFields', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
+__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
+           'ge_protocol', 'EpiFields', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #4c8eb565
 @lru_cache(maxsize=None)
@@ -78,7 +78,7 @@ class FrameRecord:
     slice_time: float|None = None # when the slice was acquired within its volume, ms (Siemens CSA MosaicRefAcqTimes)
     bval: float|None = None # diffusion b-value, s/mm²
     bvec: tuple|None = None # diffusion gradient direction: patient (LPS) axes; GE: its logical (frequency, phase, slice) axes
-    kind: str = '' # complex component other than magnitude: 'phase', 'real' or 'imaginary'
+    kind: str = '' # complex component other than magnitude: 'phase', 'real' or 'imaginary'; 'fieldmaphz': a real B0 map
     philips_ss: float|None = None # Philips MR Scale Slope (2005,100E), for dcm2niix's precise scaling
 
     @classmethod
@@ -196,9 +196,17 @@ def complex_component(ds, # a dataset
     words = [w for v in (tag_value(ds, 'ImageType') or [])[2:] for w in text_value(v).upper().split('_')]
     return next((COMPONENTS[w] for w in words if w in COMPONENTS), '')
 
+def is_b0_map(ds, # a dataset
+              frame:int=0, # the frame (enhanced files may say it per frame)
+             ) -> bool:
+    "True when the `ImageType` text of `ds` holds both 'B0' and 'MAP' (as dcm2niix looks): its real images are field maps in Hz."
+    text = '\\'.join(text_value(v) for v in (tag_value(ds, 'ImageType', frame) or []))
+    return 'B0' in text and 'MAP' in text
+
 def _kind(ds, i, vendor) -> str:
-    "The complex component of frame `i` when it is not magnitude: 'phase', 'real' or 'imaginary' (else '')."
-    return {'PHASE': 'phase', 'REAL': 'real', 'IMAGINARY': 'imaginary'}.get(complex_component(ds, i, vendor), '')
+    "Frame `i`'s complex component when not magnitude ('phase', 'real', 'imaginary'), 'fieldmaphz' for a real B0 map, else ''."
+    kind = {'PHASE': 'phase', 'REAL': 'real', 'IMAGINARY': 'imaginary'}.get(complex_component(ds, i, vendor), '')
+    return 'fieldmaphz' if kind == 'real' and is_b0_map(ds, i) else kind
 
 # %% ../nbs/08_series.ipynb #e4167d1b
 def ge_protocol(ds, # a GE dataset

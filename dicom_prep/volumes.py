@@ -103,7 +103,7 @@ class Candidate:
     n_t: int = 1 # time points
     members: list[Member] = field(default_factory=list) # its frames, in path order
     echo_index: int = 0 # its echo's rank in a multi-echo series (1, 2, ...); 0 when the series has one echo
-    kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'
+    kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'; 'fieldmaphz' (a real B0 map in Hz)
 
 # %% ../nbs/09_volumes.ipynb #4e055a63
 def _echo(f:FrameRecord) -> str:
@@ -294,11 +294,11 @@ def grid_offsets(grid:dict, # a grid from `resample_grid`
     return float(rel @ o[3:] / ps[0]), float(rel @ o[:3] / ps[1])
 
 # %% ../nbs/09_volumes.ipynb #a862c4f6
-KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary'}
+KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary', 'fieldmaphz': '_fieldmaphz'}
 
 def volume_suffix(v:Candidate, # a candidate volume
                  ) -> str:
-    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real` or `_imaginary`."
+    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`."
     return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '')
 
 # %% ../nbs/09_volumes.ipynb #8f700526
