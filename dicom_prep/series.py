@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/series.html.md"""
 # %% ../nbs/08_series.ipynb #e08a68ce
 from __future__ import annotations
 import gzip, json, math, os, re, zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 import numpy as np
 from pydicom.datadict import dictionary_VR
@@ -85,7 +85,17 @@ class FrameRecord:
     def from_dict(cls, d:dict # a frame as `to_json` wrote it
                  ) -> FrameRecord:
         "A frame from its JSON form (lists back to tuples)."
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        r = cls(**d)
+        for k in _TUPLE_FIELDS:
+            if isinstance(v := getattr(r, k), list): setattr(r, k, tuple(v))
+        return r
+
+    def moved(self, **changes) -> FrameRecord:
+        "A copy with `changes` (as `dataclasses.replace`, without running `__init__` again: a mosaic series has thousands of tiles)."
+        r = object.__new__(FrameRecord); r.__dict__ = {**self.__dict__, **changes}
+        return r
+
+_TUPLE_FIELDS = tuple(f.name for f in fields(FrameRecord) if f.type.startswith('tuple'))   # stored as JSON lists
 
 # %% ../nbs/08_series.ipynb #05b71b7f
 @dataclass
@@ -129,14 +139,14 @@ def _mosaic_frames(ds, first:FrameRecord, n, csa) -> list[FrameRecord]:
     "One record per tile of mosaic `ds` (whose grid-level record is `first`): its slice's position and acquisition time."
     times = num_value(csa.get('MosaicRefAcqTimes'), n)
     if first.ipp is None or first.iop is None or first.ps is None:
-        return [replace(first, frame=k, ipp=None, slice_time=times and times[k]) for k in range(n)]
+        return [first.moved(frame=k, ipp=None, slice_time=times and times[k]) for k in range(n)]
     m, (R, C) = math.ceil(math.sqrt(n)), (int(ds.Rows), int(ds.Columns))
     row, col = np.array(first.iop[:3]), np.array(first.iop[3:])
     corner = np.add(first.ipp, col * first.ps[0] * (R - R // m) / 2 + row * first.ps[1] * (C - C // m) / 2)
     normal = num_value(csa.get('SliceNormalVector'), 3) or tuple(np.cross(row, col))
     step = num_value(tag_value(ds, 'SpacingBetweenSlices')) or num_value(tag_value(ds, 'SliceThickness')) or 1.
-    return [replace(first, frame=k, ipp=tuple(float(x) for x in corner + k * step * np.asarray(normal)),
-                    slice_time=times and times[k]) for k in range(n)]
+    ipps = (corner + np.outer(np.arange(n) * step, normal)).tolist()
+    return [first.moved(frame=k, ipp=tuple(ipps[k]), slice_time=times and times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #8fc73bd1
 def _tm_ms(t) -> float|None:
@@ -150,7 +160,7 @@ def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
     pos = [num_value(it.get('ImagePositionPatient'), 3) for it in items] + [None] * (n - len(items))
     times = [_tm_ms(it.get('AcquisitionTime')) for it in items]
     times = [t - min(times) for t in times] if len(times) == n and None not in times else [None] * n
-    return [replace(first, frame=k, ipp=pos[k], slice_time=times[k]) for k in range(n)]
+    return [first.moved(frame=k, ipp=pos[k], slice_time=times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #d58d3dee
 def _philips_item(ds, i, enhanced):
@@ -213,7 +223,11 @@ def ge_protocol(ds, # a GE dataset
                ) -> dict:
     "GE's protocol data block (0025,101B) as {KEY: value text}; empty when absent or unreadable."
     b = private_value(ds, 0x0025, 'GEMS_SERS_01', 0x1B)
-    if not isinstance(b, bytes) or len(b) < 8: return {}
+    return dict(_protocol_fields(b)) if isinstance(b, bytes) and len(b) >= 8 else {}
+
+@lru_cache(maxsize=16)
+def _protocol_fields(b:bytes) -> dict:
+    "The fields of one protocol block, parsed once: every file of a series carries the same block."
     try: text = gzip.decompress(b[4:]).decode('latin-1')
     except (OSError, EOFError, zlib.error): return {}
     return dict(re.findall(r'^(\w+) "(.*)"', text, re.M))
@@ -309,7 +323,7 @@ def _frames(ds, n, enhanced, vendor, csa, mosaic) -> list[FrameRecord]:
     first = _frame_record(ds, 0, False, vendor, csa)
     if mosaic and vendor == 'UIH': return _uih_frames(ds, first, mosaic)
     if mosaic: return _mosaic_frames(ds, first, mosaic, csa)
-    return [replace(first, frame=k, ipp=p) for k, p in enumerate(_classic_positions(ds, first, n))]
+    return [first.moved(frame=k, ipp=p) for k, p in enumerate(_classic_positions(ds, first, n))]
 
 # %% ../nbs/08_series.ipynb #13d93bd9
 _NATIVE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2')

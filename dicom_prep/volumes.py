@@ -31,12 +31,13 @@ SPACING_TOL = 0.05        # a slice step may deviate from the mean step by this 
 
 def _orientation_labels(iops, tol=ORIENT_SPLIT_TOL) -> list[str]:
     "A label per orientation: orientations within `tol` of a cluster's first member share its label."
-    seeds, labels = [], []
+    seeds, labels, seen = [], [], {None: 'none'}      # `seen`: the label of each orientation met, most frames repeat one
     for v in iops:
-        if v is None: labels.append('none'); continue
-        seed = next((s for s in seeds if np.abs(np.subtract(v, s)).max() <= tol), None)
-        if seed is None: seeds.append(seed := v)
-        labels.append(','.join(f'{round(x, 3) + 0.:.3f}' for x in seed))
+        if (v := None if v is None else tuple(v)) not in seen:
+            seed = next((s for s in seeds if np.abs(np.subtract(v, s)).max() <= tol), None)
+            if seed is None: seeds.append(seed := v)
+            seen[v] = ','.join(f'{round(x, 3) + 0.:.3f}' for x in seed)
+        labels.append(seen[v])
     return labels
 
 # %% ../nbs/09_volumes.ipynb #c72466d2
