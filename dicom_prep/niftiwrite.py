@@ -17,7 +17,8 @@ import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, safe_component
 from .io import read_dicom
-from .series import EpiFields, epi_fields, is_enhanced, maker, tag_value, text_value, untile
+from .pixels import maker, text_value, untile
+from .series import EpiFields, epi_fields, is_enhanced, tag_value
 
 # %% auto #0
 __all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar',
@@ -27,8 +28,8 @@ __all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'NAME_FIELDS', 'res
 
 # %% ../nbs/10_niftiwrite.ipynb #34733090
 def _compact(raw) -> np.ndarray:
-    "uint16 data that fits in int16 becomes int16 (as dcm2niix writes it)."
-    return raw.astype(np.int16) if raw.dtype == np.uint16 and raw.max(initial=0) < 2**15 else raw
+    "uint16 data that fits in int16 becomes int16 (as dcm2niix writes it): the same bits, viewed, not copied."
+    return raw.view(np.int16) if raw.dtype == np.uint16 and raw.max(initial=0) < 2**15 else raw
 
 def rescaled(raw:np.ndarray, # stored values of the frames (n, rows, cols)
              slopes, # rescale slope of each frame
@@ -64,13 +65,14 @@ GZIP_CHUNK = 1 << 22   # bytes; smaller data are compressed in one piece
 def gzip_bytes(data, # the bytes to compress
                level:int=1, # zlib level (nibabel's default)
                threads:int|None=None, # parallel threads [default: up to 4, one per CPU]
+               strategy:int=zlib.Z_RLE, # zlib strategy: run-length matches only (zlib.Z_DEFAULT_STRATEGY: full LZ77 search)
               ) -> bytes:
     "`data` as one gzip member whose deflate blocks were compressed by parallel threads."
     view, n = memoryview(data), threads or min(4, os.cpu_count() or 1)
     step = max(GZIP_CHUNK, -(-len(view) // n))
     chunks = [view[i:i + step] for i in range(0, len(view), step)] or [view]
     def deflate(k):
-        c = zlib.compressobj(level, zlib.DEFLATED, -15)
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 8, strategy)
         return c.compress(chunks[k]) + c.flush(zlib.Z_FINISH if k == len(chunks) - 1 else zlib.Z_SYNC_FLUSH)
     with ThreadPoolExecutor(min(n, len(chunks))) as ex: body = b''.join(ex.map(deflate, range(len(chunks))))
     return b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff' + body + struct.pack('<II', zlib.crc32(view), len(view) & 0xffffffff)
@@ -202,7 +204,7 @@ def uncompressed_frames(buf:bytes, # the whole file
     endian, head = _UNCOMPRESSED[ts]
     if (start := _pixel_offset(buf, endian, head, n_frames * rows * cols * bits // 8)) is None: return None
     a = np.frombuffer(buf, f"{endian}{'i' if signed else 'u'}{bits // 8}", n_frames * rows * cols, start).reshape(n_frames, rows, cols)
-    a = a.astype(a.dtype.newbyteorder('='))
+    a = a.astype(a.dtype.newbyteorder('='), copy=False)          # a copy only when the bytes are big-endian
     if 0 < bits_stored < bits:
         shift = bits - bits_stored
         a = (a << shift) >> shift if signed else a & ((1 << bits_stored) - 1)
@@ -291,10 +293,12 @@ def _file_frames(s:SourceFrame, rows, cols) -> np.ndarray:
 
 def _read_frames(frames, rows, cols) -> np.ndarray:
     "Stored pixel values of source `frames` as one (n, rows, cols) array, reading each file once."
-    files = {}
+    files, runs = {}, []          # runs of consecutive frames of one file (a mosaic's slices) are copied at once
     for s in frames:
         if s.path not in files: files[s.path] = _file_frames(s, rows, cols)
-    return np.stack([files[s.path][s.frame] for s in frames])
+        if runs and runs[-1][0] == s.path and runs[-1][1] + runs[-1][2] == s.frame: runs[-1][2] += 1
+        else: runs.append([s.path, s.frame, 1])
+    return np.concatenate([files[p][k:k + n] for p, k, n in runs])
 
 def _beside(out:Path, ext:str) -> Path: return out.with_name(out.name.removesuffix('.nii.gz') + ext)
 

@@ -1,6 +1,6 @@
 """One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 
-`frame_image` turns frame *i* of a dataset into a PIL image: decode one frame, apply the modality LUT, a VOI window (the file's, a preset, `C,W`, percentiles or three windows as RGB), invert MONOCHROME1, convert colour, and resize; `save_png` writes it atomically without metadata.
+`frame_image` turns frame *i* of a dataset into a PIL image: decode one frame, apply the modality LUT, a VOI window (the file's, a preset, `C,W`, percentiles or three windows as RGB), invert MONOCHROME1, convert colour, and resize; `save_png` writes it atomically without metadata. The images of a Siemens mosaic or UIH grid are its slices: `image_count` says how many, `decode_image` gives one.
 
 Docs: https://dicom-prep.github.io/dicom_prep/pixels.html.md"""
 
@@ -8,19 +8,25 @@ Docs: https://dicom-prep.github.io/dicom_prep/pixels.html.md"""
 
 # %% ../nbs/03_pixels.ipynb #c2a2afc9
 from __future__ import annotations
-import io
+import io, math, warnings
+from functools import lru_cache
 from pathlib import Path
 import numpy as np
 from PIL import Image
+with warnings.catch_warnings():
+    warnings.simplefilter('ignore'); from nibabel.nicom import csareader      # nibabel warns that its DICOM readers are young
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.pixels.utils import get_nr_frames
+from pydicom.tag import Tag
 from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import atomic_path
 from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, transfer_syntax
 
 # %% auto #0
-__all__ = ['WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame',
+__all__ = ['MAKERS', 'UIH', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError',
+           'decode_frame', 'num_value', 'text_value', 'maker', 'csa_image', 'private_value', 'mosaic_count',
+           'uih_grid_count', 'grid_count', 'untile', 'tile_size', 'mosaic_slices', 'image_count', 'decode_image',
            'frame_group', 'modality_values', 'parse_window', 'window_uint8', 'robust_range', 'hist_uint8', 'to_uint8',
            'resize_longest', 'frame_image', 'to_uint16', 'frame_image16', 'save_png']
 
@@ -90,6 +96,132 @@ def decode_frame(ds, # a dataset with pixel data
         return _palette_rgb(ds, arr) if ds.get('PhotometricInterpretation') == 'PALETTE COLOR' else arr
     e = errors[-1]
     raise PixelDecodeError(f'frame {index}: {type(e).__name__}: {e}') from e
+
+# %% ../nbs/03_pixels.ipynb #04040837
+def num_value(v, # a DICOM value: number, text, raw text parts or a multi-value
+              n:int=0, # 0: one number (the first of a multi-value); else the length of the vector wanted
+             ):
+    "A finite float (or with `n` a tuple of `n` finite floats) from a DICOM value; None when absent or malformed."
+    if not n and isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
+    try: t = tuple(float(x) for x in (v if n else [v]))
+    except (TypeError, ValueError): return None
+    if len(t) != max(n, 1) or not all(map(math.isfinite, t)): return None
+    return t if n else t[0]
+
+def text_value(v, # a DICOM value
+              ) -> str:
+    "A DICOM value as stripped text ('' when absent)."
+    return '' if v is None else str(v).strip()
+
+MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
+          'CANON': 'Canon', 'HITACHI': 'Hitachi', 'BRUKER': 'Bruker'}
+
+def maker(ds, # a dataset
+         ) -> str:
+    "The scanner's maker as dcm2niix names it ('GE MEDICAL SYSTEMS' is 'GE'), else the Manufacturer text."
+    m = text_value(ds.get('Manufacturer')).upper()
+    return next((name for key, name in MAKERS.items() if m == key or m.startswith(key + ' ') or (len(key) > 3 and key in m)),
+                text_value(ds.get('Manufacturer')))
+
+def csa_image(ds, # a dataset
+             ) -> dict:
+    "The Siemens CSA image header of `ds` as {tag name: values}; empty when it has none."
+    if (0x0029, 0x0010) not in ds: return {}
+    try: csa = csareader.get_csa_header(ds, 'image') or {}
+    except Exception: return {}
+    return {name: t['items'] for name, t in csa.get('tags', {}).items() if t['items']}
+
+@lru_cache(maxsize=None)
+def _creator_tags(group) -> tuple:
+    "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
+    return tuple(Tag(group, b) for b in range(0x10, 0x100))
+
+def private_value(ds, # a dataset (or a sequence item)
+                  group:int, # the private group, e.g. 0x0043
+                  creator:str, # its private creator, e.g. 'GEMS_PARM_01'
+                  offset:int, # the element within the creator's block, e.g. 0x39 for (0043,xx39)
+                 ):
+    "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
+    free = 0
+    for block, tag in enumerate(_creator_tags(group), 0x10):
+        if (c := ds.get_item(tag)) is None:
+            if (free := free + 1) >= 16: return None
+            continue
+        free = 0
+        c = c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)
+        if c.strip(' \x00') == creator: return ds[tag].value if (tag := Tag(group, block << 8 | offset)) in ds else None
+    return None
+
+# %% ../nbs/03_pixels.ipynb #d1bfcd9f
+def mosaic_count(ds, # a dataset
+                 csa:dict|None=None, # its CSA image header, if already read
+                ) -> int:
+    "How many slices the mosaic `ds` tiles; 0 when it is not a Siemens mosaic."
+    csa = csa_image(ds) if csa is None else csa
+    flagged = 'MOSAIC' in {text_value(v).upper() for v in (ds.get('ImageType') or [])}
+    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(private_value(ds, 0x0019, 'SIEMENS MR HEADER', 0x0A)))
+    return int(n) if n and (flagged or 'NumberOfImagesInMosaic' in csa) else 0
+
+
+UIH = 'Image Private Header'   # the private creator of UIH's (0065,xx) elements
+
+def uih_grid_count(ds, # a dataset
+                   vendor:str|None=None, # its `maker`, if known
+                  ) -> int:
+    "How many slices a UIH grid (VFRAME) file tiles; 0 when it is not one."
+    if (maker(ds) if vendor is None else vendor) != 'UIH': return 0
+    n = num_value(private_value(ds, 0x0065, UIH, 0x50))
+    return int(n) if n and n > 1 else 0
+
+def grid_count(ds, # a dataset
+               vendor:str|None=None, # its `maker`, if known
+              ) -> int:
+    "How many slices `ds` tiles as a Siemens mosaic or a UIH grid; 0 when it is neither."
+    vendor = maker(ds) if vendor is None else vendor
+    return uih_grid_count(ds, vendor) if vendor == 'UIH' else mosaic_count(ds)
+
+def untile(pixels:np.ndarray, # a mosaic image (rows, cols)
+           n:int, # slices it holds
+           tile:tuple|None=None, # (rows, cols) of a slice [default: a square grid of m = ⌈√n⌉ tiles a side, Siemens']
+          ) -> np.ndarray:
+    "The `n` slices (n, tile rows, tile cols) of a mosaic, tiles row by row, m = ⌈√n⌉ to a row; empty tiles dropped."
+    m = math.ceil(math.sqrt(n)); r, c = tile or (pixels.shape[-2] // m, pixels.shape[-1] // m)
+    gr = pixels.shape[-2] // r
+    return pixels[:gr * r, :m * c].reshape(gr, r, m, c).swapaxes(1, 2).reshape(gr * m, r, c)[:n]
+
+def tile_size(rows:int, # the grid's rows
+              cols:int, # the grid's columns
+              n:int, # slices it tiles
+              vendor:str, # its `maker`
+             ) -> tuple[int, int]:
+    "A slice's size in a grid of `n`: a Siemens mosaic is m × m tiles (m = ⌈√n⌉); a UIH grid has square tiles, m to a row."
+    m = math.ceil(math.sqrt(n))
+    return (max(rows, cols) // m,) * 2 if vendor == 'UIH' else (rows // m, cols // m)
+
+def mosaic_slices(ds, # a Siemens mosaic or UIH grid dataset, with its pixel data
+                 ) -> np.ndarray:
+    "The slices (n, rows, cols) of a mosaic or grid `ds`, in tile order; raises ValueError if `ds` is neither."
+    if not (n := grid_count(ds)):
+        raise ValueError('not a Siemens mosaic (no MOSAIC image type or CSA slice count) nor a UIH grid')
+    px = decode_frame(ds, 0)
+    return untile(px, n, tile_size(*px.shape[:2], n, maker(ds)))
+
+# %% ../nbs/03_pixels.ipynb #74946055
+def image_count(ds, # a dataset with pixel data
+               ) -> int:
+    "How many images `ds` holds: the slices of a Siemens mosaic or UIH grid, else its frames."
+    n = _frame_total(ds)
+    return (grid_count(ds) or n) if n == 1 else n
+
+def decode_image(ds, # a dataset with pixel data
+                 index:int=0, # image number, from 0 (see `image_count`)
+                ) -> np.ndarray:
+    "Image `index` of `ds`: slice `index` of a mosaic or grid (decoded once, kept on `ds`), else frame `index` (`decode_frame`)."
+    if (slices := ds.__dict__.get('_dicom_prep_slices')) is None:
+        if (n := image_count(ds)) == _frame_total(ds): return decode_frame(ds, index)
+        slices = ds._dicom_prep_slices = untile(decode_frame(ds, 0), n, tile_size(int(ds.Rows), int(ds.Columns), n, maker(ds)))
+    if not 0 <= index < len(slices): raise PixelDecodeError(f'slice {index} out of range: the mosaic has {len(slices)} slice(s)')
+    return slices[index]
 
 # %% ../nbs/03_pixels.ipynb #d3aa93da
 def frame_group(ds, # a dataset
@@ -263,13 +395,13 @@ def resize_longest(img:Image.Image, # image to scale
 
 # %% ../nbs/03_pixels.ipynb #457d199b
 def frame_image(ds, # a dataset with pixel data
-                index:int=0, # frame number, from 0
+                index:int=0, # image number, from 0: a frame, or a slice of a mosaic (see `image_count`)
                 window:str='auto', # see `parse_window`
                 image_size:int|None=256, # longest side of the image, px (None: native size)
                 upscale:bool=False, # enlarge frames smaller than `image_size` too
                ) -> tuple[Image.Image, str]:
-    "Frame `index` of `ds` as a uint8 L/RGB image whose longest side is `image_size`, plus the window label."
-    arr, label = to_uint8(ds, decode_frame(ds, index), window, index)
+    "Image `index` of `ds` as a uint8 L/RGB image whose longest side is `image_size`, plus the window label."
+    arr, label = to_uint8(ds, decode_image(ds, index), window, index)
     img = Image.fromarray(np.ascontiguousarray(arr))
     return (resize_longest(img, image_size, upscale) if image_size else img), label
 
@@ -291,12 +423,12 @@ def to_uint16(ds, # the dataset `arr` came from
     return x.astype(np.uint16), offset, label
 
 def frame_image16(ds, # a dataset with pixel data
-                  index:int=0, # frame number, from 0
+                  index:int=0, # image number, from 0: a frame, or a slice of a mosaic (see `image_count`)
                   image_size:int|None=256, # longest side of the image, px (None: native size)
                   upscale:bool=False, # enlarge frames smaller than `image_size` too
                  ) -> tuple[Image.Image, int|None, str]:
-    "Frame `index` as a 16-bit greyscale image (colour: 8-bit RGB), the offset added to its values, and a label."
-    arr = decode_frame(ds, index)
+    "Image `index` as a 16-bit greyscale image (colour: 8-bit RGB), the offset added to its values, and a label."
+    arr = decode_image(ds, index)
     if arr.ndim == 3:
         rgb, label = _colour_uint8(ds, arr)
         img = Image.fromarray(rgb)

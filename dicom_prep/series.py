@@ -8,23 +8,19 @@ Docs: https://dicom-prep.github.io/dicom_prep/series.html.md"""
 
 # %% ../nbs/08_series.ipynb #e08a68ce
 from __future__ import annotations
-import gzip, json, math, os, re, warnings, zlib
-from dataclasses import dataclass, field, replace
+import gzip, json, math, os, re, zlib
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 import numpy as np
-with warnings.catch_warnings():
-    warnings.simplefilter('ignore'); from nibabel.nicom import csareader      # nibabel warns that its DICOM readers are young
 from pydicom.datadict import dictionary_VR
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from .io import DicomReadError, Found, frame_count, read_dicom
+from .pixels import UIH, csa_image, maker, mosaic_count, num_value, private_value, text_value, tile_size, uih_grid_count
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'num_value', 'text_value', 'FrameRecord', 'FileRecord',
-           'maker', 'csa_image', 'private_value', 'mosaic_count', 'untile', 'mosaic_slices', 'uih_grid_count',
-           'complex_component', 'ge_protocol', 'EpiFields', 'epi_fields', 'is_enhanced', 'header_record',
-           'read_headers']
+__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
+           'ge_protocol', 'EpiFields', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #4c8eb565
 @lru_cache(maxsize=None)
@@ -63,22 +59,6 @@ def tag_value(ds, # a dataset
         return place[tag].value
     return None
 
-# %% ../nbs/08_series.ipynb #163e3100
-def num_value(v, # a DICOM value: number, text, raw text parts or a multi-value
-              n:int=0, # 0: one number (the first of a multi-value); else the length of the vector wanted
-             ):
-    "A finite float (or with `n` a tuple of `n` finite floats) from a DICOM value; None when absent or malformed."
-    if not n and isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
-    try: t = tuple(float(x) for x in (v if n else [v]))
-    except (TypeError, ValueError): return None
-    if len(t) != max(n, 1) or not all(map(math.isfinite, t)): return None
-    return t if n else t[0]
-
-def text_value(v, # a DICOM value
-              ) -> str:
-    "A DICOM value as stripped text ('' when absent)."
-    return '' if v is None else str(v).strip()
-
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
 class FrameRecord:
@@ -98,14 +78,24 @@ class FrameRecord:
     slice_time: float|None = None # when the slice was acquired within its volume, ms (Siemens CSA MosaicRefAcqTimes)
     bval: float|None = None # diffusion b-value, s/mm²
     bvec: tuple|None = None # diffusion gradient direction: patient (LPS) axes; GE: its logical (frequency, phase, slice) axes
-    kind: str = '' # complex component other than magnitude: 'phase', 'real' or 'imaginary'
+    kind: str = '' # complex component other than magnitude: 'phase', 'real' or 'imaginary'; 'fieldmaphz': a real B0 map
     philips_ss: float|None = None # Philips MR Scale Slope (2005,100E), for dcm2niix's precise scaling
 
     @classmethod
     def from_dict(cls, d:dict # a frame as `to_json` wrote it
                  ) -> FrameRecord:
         "A frame from its JSON form (lists back to tuples)."
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        r = cls(**d)
+        for k in _TUPLE_FIELDS:
+            if isinstance(v := getattr(r, k), list): setattr(r, k, tuple(v))
+        return r
+
+    def moved(self, **changes) -> FrameRecord:
+        "A copy with `changes` (as `dataclasses.replace`, without running `__init__` again: a mosaic series has thousands of tiles)."
+        r = object.__new__(FrameRecord); r.__dict__ = {**self.__dict__, **changes}
+        return r
+
+_TUPLE_FIELDS = tuple(f.name for f in fields(FrameRecord) if f.type.startswith('tuple'))   # stored as JSON lists
 
 # %% ../nbs/08_series.ipynb #05b71b7f
 @dataclass
@@ -144,104 +134,21 @@ class FileRecord:
         d = json.loads(s)
         return cls(**{**d, 'frames': [FrameRecord.from_dict(f) for f in d.get('frames', [])]})
 
-# %% ../nbs/08_series.ipynb #0192c293
-MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
-          'CANON': 'Canon', 'HITACHI': 'Hitachi', 'BRUKER': 'Bruker'}
-
-def maker(ds, # a dataset
-         ) -> str:
-    "The scanner's maker as dcm2niix names it ('GE MEDICAL SYSTEMS' is 'GE'), else the Manufacturer text."
-    m = text_value(ds.get('Manufacturer')).upper()
-    return next((name for key, name in MAKERS.items() if m == key or m.startswith(key + ' ') or (len(key) > 3 and key in m)),
-                text_value(ds.get('Manufacturer')))
-
-def csa_image(ds, # a dataset
-             ) -> dict:
-    "The Siemens CSA image header of `ds` as {tag name: values}; empty when it has none."
-    if (0x0029, 0x0010) not in ds: return {}
-    try: csa = csareader.get_csa_header(ds, 'image') or {}
-    except Exception: return {}
-    return {name: t['items'] for name, t in csa.get('tags', {}).items() if t['items']}
-
-@lru_cache(maxsize=None)
-def _creator_tags(group) -> tuple:
-    "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
-    return tuple(Tag(group, b) for b in range(0x10, 0x100))
-
-def private_value(ds, # a dataset (or a sequence item)
-                  group:int, # the private group, e.g. 0x0043
-                  creator:str, # its private creator, e.g. 'GEMS_PARM_01'
-                  offset:int, # the element within the creator's block, e.g. 0x39 for (0043,xx39)
-                 ):
-    "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
-    free = 0
-    for block, tag in enumerate(_creator_tags(group), 0x10):
-        if (c := ds.get_item(tag)) is None:
-            if (free := free + 1) >= 16: return None
-            continue
-        free = 0
-        c = c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)
-        if c.strip(' \x00') == creator: return ds[tag].value if (tag := Tag(group, block << 8 | offset)) in ds else None
-    return None
-
-# %% ../nbs/08_series.ipynb #8c1cbe45
-def mosaic_count(ds, # a dataset
-                 csa:dict|None=None, # its CSA image header, if already read
-                ) -> int:
-    "How many slices the mosaic `ds` tiles; 0 when it is not a Siemens mosaic."
-    csa = csa_image(ds) if csa is None else csa
-    flagged = 'MOSAIC' in {text_value(v).upper() for v in (ds.get('ImageType') or [])}
-    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(private_value(ds, 0x0019, 'SIEMENS MR HEADER', 0x0A)))
-    return int(n) if n and (flagged or 'NumberOfImagesInMosaic' in csa) else 0
-
-def untile(pixels:np.ndarray, # a mosaic image (rows, cols)
-           n:int, # slices it holds
-           tile:tuple|None=None, # (rows, cols) of a slice [default: a square grid of m = ⌈√n⌉ tiles a side, Siemens']
-          ) -> np.ndarray:
-    "The `n` slices (n, tile rows, tile cols) of a mosaic, tiles row by row, m = ⌈√n⌉ to a row; empty tiles dropped."
-    m = math.ceil(math.sqrt(n)); r, c = tile or (pixels.shape[-2] // m, pixels.shape[-1] // m)
-    gr = pixels.shape[-2] // r
-    return pixels[:gr * r, :m * c].reshape(gr, r, m, c).swapaxes(1, 2).reshape(gr * m, r, c)[:n]
-
-def _tile_size(rows, cols, n, vendor) -> tuple[int, int]:
-    "A slice's size in a grid of `n`: a Siemens mosaic is m × m tiles (m = ⌈√n⌉); a UIH grid has square tiles, m to a row."
-    m = math.ceil(math.sqrt(n))
-    return (max(rows, cols) // m,) * 2 if vendor == 'UIH' else (rows // m, cols // m)
-
-def mosaic_slices(ds, # a Siemens mosaic or UIH grid dataset, with its pixel data
-                 ) -> np.ndarray:
-    "The slices (n, rows, cols) of a mosaic or grid `ds`, in tile order; raises ValueError if `ds` is neither."
-    vendor = maker(ds)
-    if not (n := uih_grid_count(ds, vendor) if vendor == 'UIH' else mosaic_count(ds)):
-        raise ValueError('not a Siemens mosaic (no MOSAIC image type or CSA slice count) nor a UIH grid')
-    px = ds.pixel_array
-    return untile(px, n, _tile_size(*px.shape[-2:], n, vendor))
-
 # %% ../nbs/08_series.ipynb #abd99892
 def _mosaic_frames(ds, first:FrameRecord, n, csa) -> list[FrameRecord]:
     "One record per tile of mosaic `ds` (whose grid-level record is `first`): its slice's position and acquisition time."
     times = num_value(csa.get('MosaicRefAcqTimes'), n)
     if first.ipp is None or first.iop is None or first.ps is None:
-        return [replace(first, frame=k, ipp=None, slice_time=times and times[k]) for k in range(n)]
+        return [first.moved(frame=k, ipp=None, slice_time=times and times[k]) for k in range(n)]
     m, (R, C) = math.ceil(math.sqrt(n)), (int(ds.Rows), int(ds.Columns))
     row, col = np.array(first.iop[:3]), np.array(first.iop[3:])
     corner = np.add(first.ipp, col * first.ps[0] * (R - R // m) / 2 + row * first.ps[1] * (C - C // m) / 2)
     normal = num_value(csa.get('SliceNormalVector'), 3) or tuple(np.cross(row, col))
     step = num_value(tag_value(ds, 'SpacingBetweenSlices')) or num_value(tag_value(ds, 'SliceThickness')) or 1.
-    return [replace(first, frame=k, ipp=tuple(float(x) for x in corner + k * step * np.asarray(normal)),
-                    slice_time=times and times[k]) for k in range(n)]
+    ipps = (corner + np.outer(np.arange(n) * step, normal)).tolist()
+    return [first.moved(frame=k, ipp=tuple(ipps[k]), slice_time=times and times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #8fc73bd1
-UIH = 'Image Private Header'   # the private creator of UIH's (0065,xx) elements
-
-def uih_grid_count(ds, # a dataset
-                   vendor:str|None=None, # its `maker`, if known
-                  ) -> int:
-    "How many slices a UIH grid (VFRAME) file tiles; 0 when it is not one."
-    if (maker(ds) if vendor is None else vendor) != 'UIH': return 0
-    n = num_value(private_value(ds, 0x0065, UIH, 0x50))
-    return int(n) if n and n > 1 else 0
-
 def _tm_ms(t) -> float|None:
     "A DICOM time (HHMMSS.ffffff) in ms since midnight, or None."
     t = text_value(t)
@@ -253,7 +160,7 @@ def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
     pos = [num_value(it.get('ImagePositionPatient'), 3) for it in items] + [None] * (n - len(items))
     times = [_tm_ms(it.get('AcquisitionTime')) for it in items]
     times = [t - min(times) for t in times] if len(times) == n and None not in times else [None] * n
-    return [replace(first, frame=k, ipp=pos[k], slice_time=times[k]) for k in range(n)]
+    return [first.moved(frame=k, ipp=pos[k], slice_time=times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #d58d3dee
 def _philips_item(ds, i, enhanced):
@@ -299,16 +206,28 @@ def complex_component(ds, # a dataset
     words = [w for v in (tag_value(ds, 'ImageType') or [])[2:] for w in text_value(v).upper().split('_')]
     return next((COMPONENTS[w] for w in words if w in COMPONENTS), '')
 
+def is_b0_map(ds, # a dataset
+              frame:int=0, # the frame (enhanced files may say it per frame)
+             ) -> bool:
+    "True when the `ImageType` text of `ds` holds both 'B0' and 'MAP' (as dcm2niix looks): its real images are field maps in Hz."
+    text = '\\'.join(text_value(v) for v in (tag_value(ds, 'ImageType', frame) or []))
+    return 'B0' in text and 'MAP' in text
+
 def _kind(ds, i, vendor) -> str:
-    "The complex component of frame `i` when it is not magnitude: 'phase', 'real' or 'imaginary' (else '')."
-    return {'PHASE': 'phase', 'REAL': 'real', 'IMAGINARY': 'imaginary'}.get(complex_component(ds, i, vendor), '')
+    "Frame `i`'s complex component when not magnitude ('phase', 'real', 'imaginary'), 'fieldmaphz' for a real B0 map, else ''."
+    kind = {'PHASE': 'phase', 'REAL': 'real', 'IMAGINARY': 'imaginary'}.get(complex_component(ds, i, vendor), '')
+    return 'fieldmaphz' if kind == 'real' and is_b0_map(ds, i) else kind
 
 # %% ../nbs/08_series.ipynb #e4167d1b
 def ge_protocol(ds, # a GE dataset
                ) -> dict:
     "GE's protocol data block (0025,101B) as {KEY: value text}; empty when absent or unreadable."
     b = private_value(ds, 0x0025, 'GEMS_SERS_01', 0x1B)
-    if not isinstance(b, bytes) or len(b) < 8: return {}
+    return dict(_protocol_fields(b)) if isinstance(b, bytes) and len(b) >= 8 else {}
+
+@lru_cache(maxsize=16)
+def _protocol_fields(b:bytes) -> dict:
+    "The fields of one protocol block, parsed once: every file of a series carries the same block."
     try: text = gzip.decompress(b[4:]).decode('latin-1')
     except (OSError, EOFError, zlib.error): return {}
     return dict(re.findall(r'^(\w+) "(.*)"', text, re.M))
@@ -404,7 +323,7 @@ def _frames(ds, n, enhanced, vendor, csa, mosaic) -> list[FrameRecord]:
     first = _frame_record(ds, 0, False, vendor, csa)
     if mosaic and vendor == 'UIH': return _uih_frames(ds, first, mosaic)
     if mosaic: return _mosaic_frames(ds, first, mosaic, csa)
-    return [replace(first, frame=k, ipp=p) for k, p in enumerate(_classic_positions(ds, first, n))]
+    return [first.moved(frame=k, ipp=p) for k, p in enumerate(_classic_positions(ds, first, n))]
 
 # %% ../nbs/08_series.ipynb #13d93bd9
 _NATIVE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2')
@@ -431,7 +350,7 @@ def header_record(ds, # a dataset, read without its pixel data
     mosaic = mosaic_count(ds, csa) if csa or vendor == 'Siemens' else uih_grid_count(ds, vendor)
     rows, cols = int(get('Rows') or 0), int(get('Columns') or 0)
     has_pixels = bool(rows and cols) and not _pixels_cut(ds, n, rows * cols)
-    if mosaic: rows, cols = _tile_size(rows, cols, mosaic, vendor)
+    if mosaic: rows, cols = tile_size(rows, cols, mosaic, vendor)
     return FileRecord(**ident, series_uid=text_value(get('SeriesInstanceUID')), study_uid=text_value(get('StudyInstanceUID')),
                       patient_id=text_value(get('PatientID')), modality=text_value(get('Modality')),
                       series_number=num_value(get('SeriesNumber')), series_description=text_value(get('SeriesDescription')),

@@ -31,12 +31,13 @@ SPACING_TOL = 0.05        # a slice step may deviate from the mean step by this 
 
 def _orientation_labels(iops, tol=ORIENT_SPLIT_TOL) -> list[str]:
     "A label per orientation: orientations within `tol` of a cluster's first member share its label."
-    seeds, labels = [], []
+    seeds, labels, seen = [], [], {None: 'none'}      # `seen`: the label of each orientation met, most frames repeat one
     for v in iops:
-        if v is None: labels.append('none'); continue
-        seed = next((s for s in seeds if np.abs(np.subtract(v, s)).max() <= tol), None)
-        if seed is None: seeds.append(seed := v)
-        labels.append(','.join(f'{round(x, 3) + 0.:.3f}' for x in seed))
+        if (v := None if v is None else tuple(v)) not in seen:
+            seed = next((s for s in seeds if np.abs(np.subtract(v, s)).max() <= tol), None)
+            if seed is None: seeds.append(seed := v)
+            seen[v] = ','.join(f'{round(x, 3) + 0.:.3f}' for x in seed)
+        labels.append(seen[v])
     return labels
 
 # %% ../nbs/09_volumes.ipynb #c72466d2
@@ -103,7 +104,7 @@ class Candidate:
     n_t: int = 1 # time points
     members: list[Member] = field(default_factory=list) # its frames, in path order
     echo_index: int = 0 # its echo's rank in a multi-echo series (1, 2, ...); 0 when the series has one echo
-    kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'
+    kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'; 'fieldmaphz' (a real B0 map in Hz)
 
 # %% ../nbs/09_volumes.ipynb #4e055a63
 def _echo(f:FrameRecord) -> str:
@@ -294,11 +295,11 @@ def grid_offsets(grid:dict, # a grid from `resample_grid`
     return float(rel @ o[3:] / ps[0]), float(rel @ o[:3] / ps[1])
 
 # %% ../nbs/09_volumes.ipynb #a862c4f6
-KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary'}
+KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary', 'fieldmaphz': '_fieldmaphz'}
 
 def volume_suffix(v:Candidate, # a candidate volume
                  ) -> str:
-    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real` or `_imaginary`."
+    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`."
     return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '')
 
 # %% ../nbs/09_volumes.ipynb #8f700526

@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
 from dicom_prep.nifti import dicom_to_nifti
-from dicom_prep.series import mosaic_slices
+from dicom_prep.pixels import mosaic_slices
 from dicom_prep.synth import oblique_orientation, synth_mosaic, synth_series
 from test_nifti import DCM2NIIX, canonical, dcm2niix, needs_dcm2niix, ours, pair_up
 
@@ -264,6 +264,12 @@ SUFFIX_CASES = {  # name: (builder, our suffixes)
     # a Philips B0 map whose (2005,1011) says R but whose ImageType does not: dcm2niix goes by ImageType, and so do we
     'philips_b0': (lambda d: philips_two_kinds(d, [['ORIGINAL', 'PRIMARY', 'M_FFE', 'M', 'FFE'], ['ORIGINAL', 'PRIMARY', 'B0', 'B0']],
                                                ['M', 'R']), ['_e1', '_e2']),
+    # a Philips B0 field map in Hz: a real image whose ImageType says B0 MAP is named _fieldmaphz, not _real
+    'philips_b0_map_hz': (lambda d: philips_two_kinds(d, [['ORIGINAL', 'PRIMARY', 'M_FFE', 'M', 'FFE'],
+                                                          ['ORIGINAL', 'PRIMARY', 'R_FFE', 'R', 'B0 MAP']], ['M', 'R']), ['', '_e2_fieldmaphz']),
+    # any vendor, the component from (0008,9208): dcm2niix only looks for B0 and MAP in ImageType
+    'b0_map_alone': (lambda d: synth_series(d, n=4, modality='MR', ImageType=['DERIVED', 'PRIMARY', 'B0 MAP', 'ND'],
+                                            ComplexImageComponent='REAL', Manufacturer='SIEMENS'), ['_fieldmaphz']),
     'magnitude_phase': (lambda d: complex_series(d, 'MP'), ['', '_ph']),
     'real_imaginary': (lambda d: complex_series(d, 'RI'), ['_imaginary', '_real']),
 }
