@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
@@ -374,3 +375,28 @@ def test_uih_grid_as_dcm2niix(iop, tmp_path):
     read = lambda p, ext: np.loadtxt(p.with_name(p.name[:-7] + ext))
     np.testing.assert_array_equal(read(mine, '.bval'), read(theirs, '.bval'))
     np.testing.assert_allclose(read(mine, '.bvec'), read(theirs, '.bvec'), atol=1e-5)
+
+
+@pytest.mark.parametrize('source', ['nibabel', 'dcm_qa_nih'])
+def test_preprocess_untiles_real_mosaics(source, tmp_path):
+    "dicom_prep_preprocess writes one PNG per slice of a real Siemens mosaic, each equal in size to a tile, and none for empty tiles."
+    if source == 'dcm_qa_nih':
+        if not (QA/'In').is_dir(): pytest.skip(f'dcm_qa_nih not found under {SHARED}')
+        src = tmp_path/'src'; shutil.copytree(QA/'In'/'20180918Si'/'mr_0003', src/'mr_0003')
+    else: src = nibabel_dwi(tmp_path/'src'/'dwi')
+    r = subprocess.run(['dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '2'],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    db = open_db(tmp_path/'out'/'dicom_prep.db')
+    files = sorted(src.rglob('*.dcm'))
+    assert files and db.execute("select count(*) from files where status = 'ok'").fetchone()[0] == len(files)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        n = int(ds[0x0019, 0x100A].value)          # Siemens' NumberOfImagesInMosaic, read apart from the CSA header we use
+        rows = list(db.query('select filename, rows, columns, mosaic, thumbnail_path from images where source_path = ? order by filename', [str(f)]))
+        m = int(np.ceil(np.sqrt(n)))
+        assert len(rows) == n > 1 and {r['mosaic'] for r in rows} == {n}, (f.name, len(rows), n)
+        assert {(r['rows'], r['columns']) for r in rows} == {(ds.Rows // m, ds.Columns // m)}
+        assert [r['filename'].rsplit('_frame', 1)[1] for r in rows] == [f'{i:04d}' for i in range(n)]
+        pngs = [Image.open(tmp_path/'out'/r['thumbnail_path']) for r in rows]
+        assert all(p.size == (ds.Columns // m, ds.Rows // m) or max(p.size) == 256 for p in pngs)
