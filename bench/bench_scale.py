@@ -2,8 +2,8 @@
 
     python bench/bench_scale.py [--sizes 10000,100000] [--million] [--size 64] [--workers 2] [--work DIR] [--keep]
 
-For each size N it builds a corpus of N single-frame CT files (SIZE² pixels, series of 100 axial slices, 100 files a
-folder... spread over N/1000 study folders) with `synth_clones`, then measures, each in a fresh process:
+For each size N it builds a corpus of N single-frame CT files (SIZE² pixels, series of 100 axial slices, N/1000 study
+folders) with `synth_clones`, then measures, each in a fresh process:
 
 - `preprocess` cold: wall time, the driver's peak RSS (RUSAGE_SELF), and the process tree's PSS sampled every 0.1 s
   (driver + workers, from /proc/*/smaps_rollup) with the largest private memory of one worker;
@@ -12,7 +12,8 @@ folder... spread over N/1000 study folders) with `synth_clones`, then measures, 
 - the database's size.
 
 Then, on the 10k corpus, the per-file overhead: a plain single-process loop (read, decode, min-max, PNG; the
-interpreter's start-up counted) against the console script with the given workers.
+interpreter's start-up counted) against the console script with the given workers, alternated three times (best of
+each: the machine's speed drifts by tens of per cent from minute to minute).
 
 `--million` adds a 1,000,000-file corpus of 16² files (preprocess only: cold and unchanged rerun).
 
@@ -135,11 +136,14 @@ def measure(work, n, size, workers, nifti=True) -> dict:
         m['nifti_touched'] = wall(*nargs)
     return m
 
-def overhead(work, src, workers) -> dict:
-    "The plain single-process loop against the console script on the same files, both from a cold process."
-    naive = wall(sys.executable, '-c', NAIVE, src, work/'naive_out')
-    cli = wall(script('dicom_prep_preprocess'), '--dicom-dir', src, '--output-dir', work/'overhead_out', '--workers', workers)
-    return dict(naive=naive, cli=cli, speedup=naive / cli)
+def overhead(work, src, workers, rounds:int=3) -> dict:
+    "The plain single-process loop against the console script on the same files, from cold processes, alternated (best of `rounds`)."
+    naive, cli = [], []
+    for _ in range(rounds):
+        for d in ('naive_out', 'overhead_out'): shutil.rmtree(work/d, ignore_errors=True)
+        naive.append(wall(sys.executable, '-c', NAIVE, src, work/'naive_out'))
+        cli.append(wall(script('dicom_prep_preprocess'), '--dicom-dir', src, '--output-dir', work/'overhead_out', '--workers', workers))
+    return dict(naive=min(naive), cli=min(cli), speedup=min(naive) / min(cli), rounds=list(zip(naive, cli)))
 
 def bars(res, ov, workers) -> list:
     "(bar, measured, passed) of each bar of issue 13 that this run measured."
@@ -171,8 +175,9 @@ def report(res, ov, workers):
               if 'nifti_cold' in m else f"{'-':>10} {'-':>9} {'-':>11} {'-':>8}")
         print(f"{m['files']:>10,} {m['size']:>4} {m['cold_wall']:>8.1f} {m['rerun']:>8.2f} {m['rerun_added']:>9.2f} {m['driver_mib']:>10.0f} "
               f"{m['tree_pss_mib']:>9.0f} {m['worker_private_mib']:>11.0f} {m['db_mib']:>7.1f} {nf}")
-    if ov: print(f"\nper-file overhead on 10k files: plain loop {ov['naive']:.1f}s, console script ({workers} workers) {ov['cli']:.1f}s: "
-                 f"{ov['speedup']:.2f}x the loop's speed")
+    if ov: print(f"\nper-file overhead on 10k files, best of {len(ov['rounds'])} alternated rounds: plain loop {ov['naive']:.1f}s, console script "
+                 f"({workers} workers) {ov['cli']:.1f}s: {ov['speedup']:.2f}x the loop's speed (rounds: "
+                 + ', '.join(f"{a:.1f}/{b:.1f}s" for a, b in ov['rounds']) + ")")
     print(f"\nSUMMARY of the largest cold run:\n{res[-1]['summary']}\n")
     failed = 0
     for bar, got, ok in bars(res, ov, workers):
@@ -191,7 +196,7 @@ def main():
     work = Path(a.work or tempfile.mkdtemp(prefix='bench_scale_')); work.mkdir(parents=True, exist_ok=True)
     try:
         res = []
-        for n in map(int, a.sizes.split(',')):
+        for n in [int(x) for x in a.sizes.split(',') if x]:
             res.append(measure(work, n, a.size, a.workers)); print(json.dumps({k: v for k, v in res[-1].items() if k != 'summary'}), flush=True)
         ov = overhead(work, work/'src_10000', a.workers) if (work/'src_10000').exists() and a.size == 64 else None
         if a.million:
