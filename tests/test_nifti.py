@@ -324,3 +324,56 @@ def test_parallel_and_dask_give_the_same_volumes(tmp_path):
         assert r.counts == {'converted': 4}, name
         got[name] = {p.relative_to(tmp_path/name): canonical(p)[0].tobytes() for p in (tmp_path/name/'nifti').rglob('*.nii.gz')}
     assert got['serial'] == got['pool'] == got['dask']
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Incremental analysis: a change re-analyses only its series
+
+def _analysis(r) -> int:
+    "How many series a run analysed (its Analysis phase's count)."
+    return next(t.n for t in r.timers if t.name == 'Analysis')
+
+def _analysed_at(out) -> dict:
+    with sqlite3.connect(out/'dicom_prep.db') as c:
+        return dict(c.execute("select series_description, analyzed_at || '|' || verdict from volumes"))
+
+def test_a_change_reanalyses_only_its_series(tmp_path):
+    "Touching, removing or adding files re-analyses their series alone; a series whose files are all gone is `gone`; others keep their rows."
+    src, out = tmp_path/'src', tmp_path/'out'
+    for k in range(4): synth_series(src/f's{k}', n=5, series_number=k + 1, description=f'series{k}', seed=k)
+    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    assert _analysis(r) == 4 and r.counts == {'converted': 4}
+    time.sleep(1.1)                                                       # analyzed_at has one-second resolution
+    before = _analysed_at(out)
+    os.utime(next((src/'s1').glob('*.dcm')))
+    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    after = _analysed_at(out)
+    assert _analysis(r) == 1 and r.counts == {'converted': 1, 'already_done': 3}
+    assert {k for k in before if before[k] != after[k]} == {'series1'}
+    shutil.rmtree(src/'s2')                                               # a whole series gone
+    next((src/'s3').glob('*.dcm')).unlink()                               # a slice gone: that volume changes
+    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    assert _analysis(r) == 1                                              # s3; s2 has no record left to analyse
+    with sqlite3.connect(out/'dicom_prep.db') as c:
+        rows = dict(c.execute('select series_description, verdict || ":" || n_slices from volumes'))
+    assert rows == {'series0': 'ok:5', 'series1': 'ok:5', 'series2': 'gone:5', 'series3': 'ok:4'}, rows
+    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    assert _analysis(r) == 0 and any('Analysis reused' in n for n in r.notes)
+
+def test_series_touched_by_an_interrupted_run_are_analysed_by_the_next(tmp_path):
+    "A run stopped while reading headers leaves the series it touched noted (nifti_touched): the next run analyses them."
+    src, out = tmp_path/'src', tmp_path/'out'
+    for k in range(3): synth_series(src/f's{k}', n=4, series_number=k + 1, description=f'series{k}', seed=k)
+    dicom_to_nifti(src, out, workers=0, quiet=True)
+    for k in range(3): synth_series(src/f's{k}', n=6, series_number=k + 1, description=f'series{k}', seed=k,
+                                    series_uid=pydicom.dcmread(next((src/f's{k}').glob('*.dcm'))).SeriesInstanceUID, prefix='B', origin=(0, 0, 40))
+    seen = []
+    r = dicom_to_nifti(src, out, workers=0, quiet=True, should_stop=lambda: seen.append(1) or len(seen) > 3)
+    assert r.status == 'interrupted' and r.verdicts == {}
+    with sqlite3.connect(out/'dicom_prep.db') as c: touched = c.execute('select count(*) from nifti_touched').fetchone()[0]
+    assert touched >= 1
+    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    assert r.status == 'completed' and _analysis(r) == 3
+    with sqlite3.connect(out/'dicom_prep.db') as c:
+        assert c.execute('select count(*) from nifti_touched').fetchone()[0] == 0
+        assert sorted(c.execute('select n_slices from volumes')) == [(10,), (10,), (10,)]
