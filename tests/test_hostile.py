@@ -265,14 +265,19 @@ def test_process_dicom_never_raises_on_wrong_vrs(tmp_path, tag, vr):
     if r.status == 'ok': assert len(r.frames) == len(pngs) == 2
     else: assert r.status in ('unreadable', 'decode_error') and r.error and not pngs, (r, pngs)
 
-def test_pillow_bomb_check_on_and_frames_decoded_one_by_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize('compressed', [False, True], ids=['native', 'rle'])
+def test_pillow_bomb_check_on_and_frames_decoded_one_by_one(tmp_path, monkeypatch, compressed):
     "Importing dicom_prep leaves Pillow's decompression-bomb guard on; multi-frame files are decoded frame by frame."
     assert Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS <= 2**28
     seen = []
-    real = dicom_prep.pixels.pixel_array
-    def spy(src, **kw): seen.append(kw.get('index')); return real(src, **kw)
-    monkeypatch.setattr(dicom_prep.pixels, 'pixel_array', spy)
-    r = process_dicom(synth_dicom(tmp_path/'s'/'mf.dcm', frames=5), 's', tmp_path/'out')
+    name = 'pixel_array' if compressed else '_native_frame'      # uncompressed frames are read from their bytes, the rest by pydicom
+    real = getattr(dicom_prep.pixels, name)
+    def spy(src, *a, **kw): seen.append(kw.get('index', a[0] if a else None)); return real(src, *a, **kw)
+    monkeypatch.setattr(dicom_prep.pixels, name, spy)
+    f = synth_dicom(tmp_path/'s'/'mf.dcm', frames=5)
+    if compressed:
+        ds = pydicom.dcmread(f); ds.compress(RLELossless); ds.save_as(f, enforce_file_format=True)
+    r = process_dicom(f, 's', tmp_path/'out')
     assert r.status == 'ok' and len(r.frames) == 5 and seen == [0, 1, 2, 3, 4]
 
 

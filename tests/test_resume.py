@@ -135,6 +135,7 @@ def patched_save(img, path, compress_level=6):
             img.save(tmp, format='PNG'); tmp.write_bytes(tmp.read_bytes()[:60]); die()
     if mode == 'slow' and os.path.exists(arg): time.sleep(3)    # slow workers once the flag file exists
     if mode == 'delay': time.sleep(float(arg))                  # every file takes this long more: the run lasts long enough to stop
+    if mode == 'crash' and Path(path).stem == arg: os.kill(os.getpid(), signal.SIGSEGV)   # this file kills its worker
     return save_png(img, path, compress_level)
 pp.save_png = patched_save
 sys.exit(pp.main())
@@ -313,6 +314,18 @@ def test_graceful_interrupt_and_printed_resume_command(sig, group, slow_src, ref
     ticks = [tuple(int(x.replace(',', '')) for x in t) for t in re.findall(r'^\s+([\d,]+)/([\d,]+) files', r.stdout, re.M)]
     assert ticks and {t[1] for t in ticks} == {total} and ticks[0][0] > done and ticks[-1][0] == total
     assert_same_state(out, reference)
+
+def test_a_worker_crash_inside_a_chunk_costs_only_its_file(slow_src, reference, tmp_path, faulty):
+    "Small files travel in chunks; a file that kills its worker late in the run (inside a chunk) is recorded crashed, alone."
+    out, victim = tmp_path/'out', 'im0100.dcm'
+    r = subprocess.run(cli_args(slow_src, out, *SLOW_ARGS, exe=faulty), capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'DP_FAULT': f'crash:{Path(victim).stem}'}, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    got = {Path(p).name: (st, err) for p, st, err in query(out, 'select path, status, error from files')}
+    want = {Path(f[0]).name: f[4] for f in reference['files']}
+    assert got[victim][0] == 'crashed' and got[victim][1].startswith('worker process killed by SIGSEGV'), got[victim]
+    assert {k: st for k, (st, _) in got.items() if k != victim} == {k: st for k, st in want.items() if k != victim}
+    check_consistent(out)
 
 def test_second_ctrl_c_quits_at_once_and_state_stays_consistent(slow_src, reference, tmp_path, runs, faulty):
     out, flag = tmp_path/'out', tmp_path/'slow.flag'
