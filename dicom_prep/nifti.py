@@ -91,7 +91,14 @@ class TakenNames:
     "The volume names in use, ignoring case: those in `volumes` (an indexed look-up) and those given since (`add`)."
     def __init__(self, db): self.db, self.new = db, set()
     def __contains__(self, name:str) -> bool:
-        return name in self.new or self.db.execute('select 1 from volumes where output_name = ? collate nocase limit 1', [name]).fetchone() is not None
+        name = name.lower()
+        if name in self.new: return True
+        cased = next((i for i, ch in enumerate(name) if not ch.isascii() and ch.upper() != ch), None)
+        if cased is None: return self.db.execute('select 1 from volumes where output_name = ? collate nocase limit 1', [name]).fetchone() is not None
+        p = name[:cased]     # NOCASE folds ASCII only: fold the names sharing the prefix before the first non-ASCII cased letter
+        rows = self.db.execute('select output_name from volumes where output_name >= ? collate nocase and output_name < ? collate nocase',
+                               [p, p + '\U0010ffff'])
+        return any(n.lower() == name for (n,) in rows)
     def add(self, name:str): self.new.add(name.lower())
 
 # %% ../nbs/11_nifti.ipynb #ce4fe64d

@@ -48,3 +48,16 @@ def test_v4_headers_read_but_not_analysed_are_analysed_after_migration(tmp_path)
     clean = tmp_path/'clean'; _nifti(src, clean, analysis_only=True)
     q = lambda o: sorted(r for r in sqlite3.connect(o/'dicom_prep.db').execute("select series_uid, verdict from volumes where verdict != 'gone'"))
     assert q(out) == q(clean) == [('1.2.3.4.1', 'ok'), ('1.2.3.4.4', 'ok')]
+
+
+def test_volume_names_differing_only_by_non_ascii_case_get_apart(tmp_path):
+    "Names are unique ignoring case, as `unique_name` folds it (Unicode): a series arriving later must not differ only by 'Ä'/'ä'."
+    src, out, study = tmp_path/'src', tmp_path/'out', '1.2.3.4'
+    synth_series(src/'p1/a', n=3, series_uid='1.2.3.4.1', study_uid=study, series_number=1, description='Ärger')
+    _nifti(src, out, analysis_only=True)
+    synth_series(src/'p1/b', n=3, series_uid='1.2.3.4.2', study_uid=study, series_number=1, description='ärger', seed=2)
+    _nifti(src, out, analysis_only=True)
+    clean = tmp_path/'clean'; _nifti(src, clean, analysis_only=True)
+    names = lambda o: sorted(n for (n,) in sqlite3.connect(o/'dicom_prep.db').execute('select output_name from volumes'))
+    assert len({n.lower() for n in names(out)}) == 2
+    assert names(out) == names(clean)
