@@ -141,8 +141,11 @@ def store_analysis(db, # the open database
                   ) -> int:
     "Group the cached header records of `series` into volumes and write `volumes` and `volume_files`, a series at a time; returns how many series."
     within = f"series_uid in (select series_key from {series}) and" if series else ''
-    db.execute(f"""update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder'
-        where {within} verdict != 'gone' and series_uid not in (select series_key from nifti_headers where series_key is not null)""")
+    vanished = f"{within} series_uid not in (select series_key from nifti_headers where series_key is not null)"
+    with db.atomic():      # series whose files all left: their volumes are gone, their frames forgotten
+        db.execute(f"delete from volume_files where volume_id in (select id from volumes where {vanished})")
+        db.execute(f"""update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder'
+            where verdict != 'gone' and {vanished}""")
     keys, taken, pending = _series_order(db, series), TakenNames(db), ([], [], [], [])
     for k in keys:
         rows, files, gone = _analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample)

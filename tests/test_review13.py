@@ -61,3 +61,16 @@ def test_volume_names_differing_only_by_non_ascii_case_get_apart(tmp_path):
     names = lambda o: sorted(n for (n,) in sqlite3.connect(o/'dicom_prep.db').execute('select output_name from volumes'))
     assert len({n.lower() for n in names(out)}) == 2
     assert names(out) == names(clean)
+
+
+def test_a_series_gone_as_a_whole_leaves_no_volume_files(tmp_path):
+    "A volume whose files all left the tree is `gone`; its `volume_files` rows must go too (as a clean run's and schema v4's)."
+    src, out = tmp_path/'src', tmp_path/'out'
+    synth_series(src/'p1/a', n=3, series_uid='1.2.3.4.1', series_number=1)
+    synth_series(src/'p1/b', n=3, series_uid='1.2.3.4.2', series_number=2, seed=2)
+    _nifti(src, out, analysis_only=True)
+    shutil.rmtree(src/'p1/b')
+    _nifti(src, out, analysis_only=True)
+    with closing(sqlite3.connect(out/'dicom_prep.db')) as c:
+        assert c.execute("select count(*) from volume_files where path like '%/p1/b/%'").fetchone()[0] == 0
+        assert c.execute("select verdict from volumes where series_uid = '1.2.3.4.2'").fetchone()[0] == 'gone'
