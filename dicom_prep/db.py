@@ -126,6 +126,9 @@ def _create_v5(db):
     db.execute('create index if not exists volumes_series on volumes(series_uid)')
     db.execute('create index if not exists volumes_name_nocase on volumes(output_name collate nocase)')
     db['nifti_touched'].create(dict(series_key=str), pk='series_key', if_not_exists=True)
+    # v4 could cache headers (or drop vanished ones) and stop before analysing them: analyse every series once, to be sure
+    db.execute('insert or ignore into nifti_touched select series_key from nifti_headers where series_key is not null')
+    db.execute("insert or ignore into nifti_touched select series_uid from volumes where verdict != 'gone' and series_uid is not null")
     if 'mosaic' not in db['images'].columns_dict: db['images'].add_column('mosaic', int)
 
 MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5}

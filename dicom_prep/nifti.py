@@ -91,7 +91,14 @@ class TakenNames:
     "The volume names in use, ignoring case: those in `volumes` (an indexed look-up) and those given since (`add`)."
     def __init__(self, db): self.db, self.new = db, set()
     def __contains__(self, name:str) -> bool:
-        return name in self.new or self.db.execute('select 1 from volumes where output_name = ? collate nocase limit 1', [name]).fetchone() is not None
+        name = name.lower()
+        if name in self.new: return True
+        cased = next((i for i, ch in enumerate(name) if not ch.isascii() and ch.upper() != ch), None)
+        if cased is None: return self.db.execute('select 1 from volumes where output_name = ? collate nocase limit 1', [name]).fetchone() is not None
+        p = name[:cased]     # NOCASE folds ASCII only: fold the names sharing the prefix before the first non-ASCII cased letter
+        rows = self.db.execute('select output_name from volumes where output_name >= ? collate nocase and output_name < ? collate nocase',
+                               [p, p + '\U0010ffff'])
+        return any(n.lower() == name for (n,) in rows)
     def add(self, name:str): self.new.add(name.lower())
 
 # %% ../nbs/11_nifti.ipynb #ce4fe64d
@@ -134,8 +141,11 @@ def store_analysis(db, # the open database
                   ) -> int:
     "Group the cached header records of `series` into volumes and write `volumes` and `volume_files`, a series at a time; returns how many series."
     within = f"series_uid in (select series_key from {series}) and" if series else ''
-    db.execute(f"""update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder'
-        where {within} verdict != 'gone' and series_uid not in (select series_key from nifti_headers where series_key is not null)""")
+    vanished = f"{within} series_uid not in (select series_key from nifti_headers where series_key is not null)"
+    with db.atomic():      # series whose files all left: their volumes are gone, their frames forgotten
+        db.execute(f"delete from volume_files where volume_id in (select id from volumes where {vanished})")
+        db.execute(f"""update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder'
+            where verdict != 'gone' and {vanished}""")
     keys, taken, pending = _series_order(db, series), TakenNames(db), ([], [], [], [])
     for k in keys:
         rows, files, gone = _analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample)
