@@ -514,6 +514,17 @@ def test_verify_regenerates_missing_and_broken_images(small):
     assert {p for p in ino if ino[p] != after[p]} == redone, "only the bad files are redone"
     check_consistent(out)
 
+def test_verify_counts_only_files_it_redoes(small):
+    "A broken image whose source is gone is not counted as redone (--prune forgets it, --verify does not redo it)."
+    src, out = small
+    ok(run_small(src, out))
+    rows = query(out, "select source_path, thumbnail_path from images where num_frames = 1 order by filename")[:3]
+    for _, png in rows: (out/png).unlink()
+    Path(rows[0][0]).unlink()                                             # that file left the tree
+    r = ok(run_small(src, out, '--verify', '--prune'))
+    assert processed(r) == 2 and '--verify: 2 files had missing or broken images and were redone' in r.stdout, r.stdout
+    check_consistent(out)
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings guard
 
@@ -577,6 +588,22 @@ def test_corrupt_db_is_moved_aside_and_rebuilt(damage, small):
     assert after.keys() == ino.keys() and all(after[k] != ino[k] for k in ino), "an image without its row must not be trusted"
     assert query(out, 'PRAGMA quick_check') == [('ok',)]
     assert query(out, "select value from meta where key='schema_version'") == [(str(SCHEMA_VERSION),)]
+
+def test_damage_deep_in_the_db_fails_one_run_then_is_moved_aside(small):
+    "A damaged page the open check does not read (an index's): the run that meets it fails in one line, the next rebuilds."
+    src, out = small
+    ok(run_small(src, out))
+    db = out/'dicom_prep.db'
+    with closing(sqlite3.connect(db)) as c:
+        root, size = c.execute("select rootpage from sqlite_master where name = 'sqlite_autoindex_files_1'").fetchone()[0], c.execute('PRAGMA page_size').fetchone()[0]
+    b = bytearray(db.read_bytes()); b[(root - 1) * size:root * size] = os.urandom(size); db.write_bytes(bytes(b))
+    r = run_small(src, out)
+    assert r.returncode == 1 and 'is damaged' in r.stderr and r.stderr.strip().count('\n') == 0, r.stderr
+    assert Path(f'{db}.suspect').exists()
+    r = ok(run_small(src, out))
+    assert 'moved aside' in r.stderr and not Path(f'{db}.suspect').exists()
+    assert query(out, 'PRAGMA quick_check') == [('ok',)]
+    check_consistent(out)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # dicom_prep_status

@@ -1,4 +1,4 @@
-"Reproductions of the bugs found in review 13 (scale rework): each test failed before its fix."
+"""Incremental NIfTI analysis across schema versions and runs: a v4 index migrated mid-work, names that differ only by non-ASCII case, series that vanish whole."""
 import shutil, sqlite3
 from contextlib import closing
 
