@@ -74,3 +74,19 @@ def test_a_series_gone_as_a_whole_leaves_no_volume_files(tmp_path):
     with closing(sqlite3.connect(out/'dicom_prep.db')) as c:
         assert c.execute("select count(*) from volume_files where path like '%/p1/b/%'").fetchone()[0] == 0
         assert c.execute("select verdict from volumes where series_uid = '1.2.3.4.2'").fetchone()[0] == 'gone'
+
+
+def test_a_volume_no_longer_ok_loses_its_files(tmp_path):
+    "A slice removed from the middle of a converted series: the volume is refused, and its .nii.gz and sidecar leave the folder."
+    src, out = tmp_path/'src', tmp_path/'out'
+    synth_series(src/'s', n=6, series_number=1, description='ax')
+    r = _nifti(src, out, sidecar=True)
+    assert r.counts == {'converted': 1}
+    written = sorted(p.name for p in (out/'nifti').rglob('*') if p.is_file())
+    assert len(written) == 2
+    sorted((src/'s').glob('*.dcm'))[2].unlink()
+    r = _nifti(src, out, sidecar=True)
+    assert r.verdicts == {'missing slices': 1}
+    assert not [p for p in (out/'nifti').rglob('*') if p.is_file()], "a refused volume's old files are still there"
+    with closing(sqlite3.connect(out/'dicom_prep.db')) as c:
+        assert c.execute('select output_path, sidecar_path, status from volumes').fetchall() == [(None, None, 'skipped')]

@@ -136,6 +136,7 @@ def patched_save(img, path, compress_level=6):
     if mode == 'slow' and os.path.exists(arg): time.sleep(3)    # slow workers once the flag file exists
     if mode == 'delay': time.sleep(float(arg))                  # every file takes this long more: the run lasts long enough to stop
     if mode == 'crash' and Path(path).stem == arg: os.kill(os.getpid(), signal.SIGSEGV)   # this file kills its worker
+    if mode == 'crashframe' and Path(path).stem.endswith(arg): os.kill(os.getpid(), signal.SIGSEGV)   # after its first frames
     return save_png(img, path, compress_level)
 pp.save_png = patched_save
 sys.exit(pp.main())
@@ -326,6 +327,16 @@ def test_a_worker_crash_inside_a_chunk_costs_only_its_file(slow_src, reference, 
     assert got[victim][0] == 'crashed' and got[victim][1].startswith('worker process killed by SIGSEGV'), got[victim]
     assert {k: st for k, (st, _) in got.items() if k != victim} == {k: st for k, st in want.items() if k != victim}
     check_consistent(out)
+
+def test_pseudonymised_file_crashing_midway_leaves_no_image(slow_src, tmp_path, faulty):
+    "A worker killed after writing a multi-frame file's first frame: with --pseudonymize its names are the worker's, yet no PNG is left."
+    out = tmp_path/'out'
+    r = subprocess.run(cli_args(slow_src, out, *SLOW_ARGS, '--pseudonymize', '--salt', 'x' * 32, exe=faulty), capture_output=True,
+                       text=True, timeout=300, env={**os.environ, 'DP_FAULT': 'crashframe:_frame0001'}, start_new_session=True)
+    assert r.returncode == 0, r.stderr
+    assert 'images left by files whose worker crashed' in r.stdout, r.stdout
+    on_disk = {str(p.relative_to(out)) for p in (out/'images').rglob('*.png')}
+    assert on_disk == {t for t, in query(out, 'select thumbnail_path from images')}
 
 def test_second_ctrl_c_quits_at_once_and_state_stays_consistent(slow_src, reference, tmp_path, runs, faulty):
     out, flag = tmp_path/'out', tmp_path/'slow.flag'
