@@ -63,7 +63,7 @@ def status_report(db_path, # the dicom_prep database
     else: out.append("Files: kept in the private state of this pseudonymised index (not found beside the output folder)")
     out += _section('Images by split', _counts(conn, 'select split, count(*) from images group by split order by 1'))
     out += _section('Images by modality', _counts(conn, 'select modality, count(*) from images group by modality order by 2 desc'))
-    out += _section(f'Images by study (top 10)', _counts(conn, 'select study_id, count(*) from images group by study_id order by 2 desc, 1 limit 10'))
+    out += _section('Images by study (top 10)', _counts(conn, 'select study_id, count(*) from images group by study_id order by 2 desc, 1 limit 10'))
     if _has(conn, 'volumes'):
         out += _section('Volumes by status', _counts(conn, 'select status, count(*) from volumes group by status order by 2 desc'))
         out += _section('Volumes by verdict', _counts(conn, 'select verdict, count(*) from volumes group by verdict order by 2 desc'))

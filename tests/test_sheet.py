@@ -98,7 +98,7 @@ def test_tiles_show_the_image_their_caption_names(index, tmp_path):
     db = open_db(index)
     s = contact_sheet(index, n=40, cols=7, tile=90, per_page=25, out_path=tmp_path/'c.png')
     assert sum(map(len, s.captions)) == 40
-    for path, caps in zip(s.pages, s.captions):
+    for path, caps in zip(s.pages, s.captions, strict=True):
         page = Image.open(path).convert('RGB')
         for k, cap in enumerate(caps):
             row = db['images'].get(cap[0])   # the caption's filename is a row of the index ...
