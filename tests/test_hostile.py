@@ -5,7 +5,7 @@ Faults are injected *inside the worker processes*: the pool forks, so a `monkeyp
 `process_dicom` resolves at call time is inherited by every child, which then really segfaults, exits, is SIGKILLed
 or hangs mid-file. Run with `pytest -s tests/test_hostile.py` to see the fuzz figures (files tried, statuses by kind,
 worker crashes survived, wall time)."""
-import faulthandler, json, multiprocessing, os, random, re, shutil, signal, sqlite3, struct, subprocess, threading, time
+import faulthandler, json, multiprocessing, os, random, re, shutil, signal, sqlite3, struct, subprocess, sys, threading, time
 from contextlib import closing
 import unicodedata
 from collections import Counter
@@ -846,3 +846,25 @@ def test_names_cannot_meet(tmp_path):
     for row in rows:                                                              # each row shows its own file's pixels
         want = np.asarray(frame_image(pydicom.dcmread(row['source_path']))[0])
         assert np.array_equal(np.asarray(Image.open(tmp_path/'out'/row['thumbnail_path'])), want), row['source_path']
+
+
+AMBIGUOUS = r'''
+import sys, warnings, pydicom
+from dicom_prep.io import read_dicom
+warnings.simplefilter('ignore')
+plain, quick = pydicom.dcmread(sys.argv[1], force=True), read_dicom(sys.argv[1])
+print(repr(plain.get('SmallestImagePixelValue', 'absent')), repr(quick.get('SmallestImagePixelValue', 'absent')))
+'''
+
+def test_quick_get_answers_the_default_like_pydicom(tmp_path):
+    "An ambiguous-VR element pydicom cannot settle (US/SS without PixelRepresentation): `get` gives the default, as pydicom's."
+    ds = Dataset(); ds.SOPInstanceUID = '1.2.3'; ds.Modality = 'OT'; ds.BitsAllocated = 16
+    ds.SmallestImagePixelValue = 0; ds['SmallestImagePixelValue'].VR = 'US'; ds.PixelRepresentation = 0; ds.PixelData = b'\0' * 8
+    ds.file_meta = pydicom.dataset.FileMetaDataset(); ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    buf = BytesIO(); pydicom.dcmwrite(buf, ds, implicit_vr=True, little_endian=True)
+    raw = buf.getvalue(); pr = b'\x28\x00\x03\x01\x02\x00\x00\x00\x00\x00'          # (0028,0103) US 0, implicit VR LE
+    assert raw.count(pr) == 1
+    (tmp_path/'ambiguous.dcm').write_bytes(raw.replace(pr, b''))
+    out = subprocess.run([sys.executable, '-c', AMBIGUOUS, tmp_path/'ambiguous.dcm'], capture_output=True, text=True)   # a fresh pydicom
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["'absent'", "'absent'"], out.stdout
