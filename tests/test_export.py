@@ -102,7 +102,7 @@ def test_label_join_matches_pandas(corpus, on, tmp_path):
     r = export(corpus/'out/dicom_prep.db', tmp_path/'x', 'csv', labels=tmp_path/'l.csv', on=on)
     ref = df.merge(labels, on=on, how='left')
     got = pd.read_csv(tmp_path/'x/manifest.csv', dtype=str, keep_default_na=False)
-    assert dict(zip(got['filename'], got['label'])) == {f: (y if isinstance(y, str) else '') for f, y in zip(ref['filename'], ref['y'])}
+    assert dict(zip(got['filename'], got['label'], strict=True)) == {f: (y if isinstance(y, str) else '') for f, y in zip(ref['filename'], ref['y'], strict=True)}
     report = json.loads((tmp_path/'x/labels_report.json').read_text())
     assert report['unmatched'] == ['nope-1', 'nope-2'] and r.report.n_labelled == ref['y'].notna().sum()
     assert sorted(report['unlabelled']) == sorted(ref.loc[ref['y'].isna(), 'filename'])
@@ -170,7 +170,7 @@ def test_parquet_and_csv_manifests(corpus, labelled, tmp_path):
         df = pd.read_csv(tmp_path/'csv/manifest.csv') if fmt == 'csv' else pd.read_parquet(tmp_path/'parquet/manifest.parquet')
         assert {r['filename']: (r['split'], r['label'] if isinstance(r['label'], str) else r['label'] or np.nan) for r in df.to_dict('records')}.keys() == want.keys()
         assert all(Path(p).is_file() for p in df['path'])
-        assert {f: (s, l if isinstance(l, str) else None) for f, s, l in zip(df['filename'], df['split'], df['label'])} == \
+        assert {f: (s, l if isinstance(l, str) else None) for f, s, l in zip(df['filename'], df['split'], df['label'], strict=True)} == \
                {f: (s, y if isinstance(y, str) else None) for f, (s, y) in want.items()}
 
 

@@ -40,7 +40,7 @@ def same_value(key, mine, theirs) -> bool:
         t = lambda s: datetime.strptime(s, '%H:%M:%S.%f').time()
         return t(mine) == t(theirs)
     if isinstance(theirs, list) and isinstance(mine, list):
-        return len(mine) == len(theirs) and all(same_value(key, a, b) for a, b in zip(mine, theirs))
+        return len(mine) == len(theirs) and all(same_value(key, a, b) for a, b in zip(mine, theirs, strict=True))
     if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and isinstance(mine, (int, float)):
         return mine == pytest.approx(theirs, rel=1e-5, abs=1e-5)
     return mine == theirs
@@ -249,7 +249,7 @@ def two_echoes(folder):
 def philips_two_kinds(folder, image_types, codes):
     "Two echoes of a Philips series, each with its ImageType and (2005,1011) code (a B0 field-map acquisition)."
     uid = generate_uid()
-    for k, (it, code) in enumerate(zip(image_types, codes)):
+    for k, (it, code) in enumerate(zip(image_types, codes, strict=True)):
         for p in synth_series(folder, n=3, series_uid=uid, modality='MR', prefix=f'K{k}', first_instance=10 * k + 1, seed=k, ImageType=it,
                               Manufacturer='Philips Medical Systems', EchoNumbers=k + 1, EchoTime=str(3 + k)):
             ds = pydicom.dcmread(p)
