@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
 CLI = shutil.which('dicom_prep_preprocess')
 STATUS = shutil.which('dicom_prep_status')
-SLOW_N = 128                       # 256x256 files (+2 odd ones): a run lasts a few seconds, long enough to interrupt
+SLOW_N = 128                       # 256x256 files (+2 odd ones) in batches of 10: about 14 commits to interrupt between
 SLOW_ARGS = ('--workers', '2', '--batch-size', '10')
 IMAGE_COLS = ('filename, study_id, patient_id, study_uid, series_uid, sop_uid, modality, frame_number, num_frames, '
               'rows, columns, photometric, window, thumbnail_path, source_path, split, burned_in')
@@ -64,6 +64,7 @@ def count(out, sql) -> int:
     except sqlite3.Error: return -1
 
 def n_files(out) -> int: return count(out, 'select count(*) from files')
+def run_recorded(out) -> bool: return count(out, 'select count(*) from runs') > 0
 
 def pngs(out) -> dict:
     "Every file under `out/images` (hidden temp files included), relative path -> sha1 of the bytes."
@@ -200,8 +201,12 @@ def slow_src(tmp_path_factory):
 def reference(slow_src, tmp_path_factory):
     "Snapshot of one clean, uninterrupted run over the slow corpus."
     out = tmp_path_factory.mktemp('ref')/'out'
-    ok(run_cli(slow_src, out, *SLOW_ARGS))
+    run = Run(slow_src, out, *SLOW_ARGS)
+    assert run.wait_for(run_recorded), run.stdout
+    t0 = time.monotonic()
+    assert run.wait() == 0, run.stderr
     snap = check_consistent(out)
+    snap['active_s'] = time.monotonic() - t0        # run row recorded -> process exit: the span a timed kill aims into
     assert len(snap['files']) == n_sources(slow_src) == SLOW_N + 2
     assert {f[4] for f in snap['files']} == {'ok', 'no_pixels', 'unreadable'}
     assert len(snap['images']) > SLOW_N and len(snap['pngs']) == len(snap['images'])
@@ -226,7 +231,7 @@ def _timed(seconds):
     "True `seconds` after the run has recorded its start (an arbitrary instant, not aligned with any event)."
     t = []
     def cond(out):
-        if not t and count(out, 'select count(*) from runs') > 0: t.append(time.monotonic())
+        if not t and run_recorded(out): t.append(time.monotonic())
         return bool(t) and time.monotonic() - t[0] >= seconds
     return cond
 
@@ -236,15 +241,15 @@ KILL_POINTS = {
     'after_first_commit': lambda out: n_files(out) >= 10,
     'midway': lambda out: n_files(out) >= SLOW_N // 2,
     'near_end': lambda out: n_files(out) >= SLOW_N - 20,
-    'timed_0.2s': _timed(0.2),
-    'timed_0.45s': _timed(0.45),
 }
+TIMED = {'timed_20%': 0.2, 'timed_45%': 0.45}   # fractions of the reference run's active span: scales with the machine
 
-@pytest.mark.parametrize('point', list(KILL_POINTS))
+@pytest.mark.parametrize('point', [*KILL_POINTS, *TIMED])
 def test_sigkill_then_plain_rerun_equals_clean_run(point, slow_src, reference, tmp_path, runs):
     out = tmp_path/'out'
     run = runs(slow_src, out, *SLOW_ARGS)
-    assert run.wait_for(KILL_POINTS[point]), f"run ended before kill point {point}:\n{run.stdout}"
+    cond = KILL_POINTS[point] if point in KILL_POINTS else _timed(TIMED[point] * reference['active_s'])
+    assert run.wait_for(cond), f"run ended before kill point {point}:\n{run.stdout}"
     run.kill()
     assert run.wait() == -signal.SIGKILL
     rerun_completes(slow_src, out, reference, max(n_files(out), 0))
