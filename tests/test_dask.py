@@ -184,7 +184,7 @@ def _reader_name():
 def test_file_killing_every_worker_is_crashed(cluster, tmp_path):
     "A file that kills each worker it lands on is tried on at least `allowed-failures + 1` workers, then recorded `crashed`."
     src = ct_corpus(tmp_path/'src', 12)
-    poison = synth_dicom(src/'study_03/series1/POISON.dcm', rows=32, cols=32)    # the 13th task: in a chunk of several, which is split
+    poison = synth_dicom(src/'study_01/POISON.dcm', rows=32, cols=32)
     deaths = tmp_path/'deaths.log'
     cluster.register_plugin(CrashOn('POISON', deaths))
     try:
@@ -200,6 +200,19 @@ def test_file_killing_every_worker_is_crashed(cluster, tmp_path):
     pids = deaths.read_text().split()
     assert len(pids) == len(set(pids)) >= dask.config.get('distributed.scheduler.allowed-failures') + 1, 'each try killed a fresh worker'
     assert set(cluster.run(_reader_name).values()) == {'read_dicom'}
+
+def _lock_for_12(x):
+    "Item 12 gives a result that cannot travel back to the driver; the others their negation."
+    import threading
+    return threading.Lock() if x == 12 else -x
+
+def test_chunk_failing_whole_costs_only_its_bad_item(cluster):
+    "A chunk whose results cannot come back fails as a whole: its items are retried one by one, and only the bad one fails."
+    res = dict(run_tasks(_lock_for_12, range(24), workers=2, scheduler=cluster.scheduler.address))
+    assert sorted(res) == list(range(24)), 'every item came back once'
+    bad = res.pop(12)
+    assert isinstance(bad, TaskFailure) and bad.status == 'error' and 'serialize' in bad.message, bad
+    assert res == {x: -x for x in res}      # item 12 travelled in a chunk of several (chunks grow 1, 2, 4, 8 ...), all returned
 
 # ---------------------------------------------------------------- hung files and back-pressure
 
