@@ -404,8 +404,8 @@ def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
     if plan.gone and prune: _prune(db, run.output_dir, run.key)
     run.notes += _plan_notes(plan, stats, n_bad, prune)
     if plan.done or plan.failed_kept:
-        run.say(f"Resuming: {plan.done + plan.failed_kept:,} of {plan.found:,} files already processed, "
-                f"{plan.failed_kept:,} failed earlier" + (" (use --retry-failed)" if plan.failed_kept else ""))
+        run.say(f"Resuming: {plan.done + plan.failed_kept:,} of {plan.found:,} files already processed"
+                + (f", {plan.failed_kept:,} failed earlier (use --retry-failed)" if plan.failed_kept else ""))
     t.add(plan.todo).stop()
     return plan
 
