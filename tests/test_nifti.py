@@ -122,7 +122,7 @@ def test_same_volumes_as_dcm2niix(case, tmp_path):
     assert not lone_mine, f"dcm2niix wrote nothing like {lone_mine}"
     assert len(lone_theirs) == extra, f"{lone_theirs}: {why}"
     assert len(pairs) == r.verdicts.get('ok', 0)
-    for (a, aff_a), (b, aff_b) in pairs: np.testing.assert_allclose(aff_a, aff_b, atol=1e-3)
+    for (_, aff_a), (_, aff_b) in pairs: np.testing.assert_allclose(aff_a, aff_b, atol=1e-3)
 
 
 @needs_dcm2niix
