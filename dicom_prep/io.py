@@ -15,8 +15,11 @@ from functools import lru_cache
 from pathlib import Path
 from collections import Counter
 import pydicom
-from pydicom.datadict import dictionary_has_tag, tag_for_keyword
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+import pydicom.hooks as pydicom_hooks
+from pydicom.values import convert_value
+from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, VR as VR_
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.encaps import generate_fragmented_frames, get_frame
@@ -29,10 +32,10 @@ from .core import study_of, log
 
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms', 'find_dicoms',
-           'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag', 'QuickDataset',
-           'quick', 'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch',
-           'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame', 'InflatingReader',
-           'read_deflated', 'sample_data_dirs']
+           'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag', 'QuickKeywords',
+           'QuickDataset', 'QuickFileMeta', 'quick', 'frame_count', 'FrameSize', 'header_size', 'codestream_size',
+           'CodestreamMismatch', 'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame',
+           'InflatingReader', 'read_deflated', 'sample_data_dirs']
 
 # %% ../nbs/02_io.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -154,7 +157,7 @@ def read_dicom(path, # file to read
     if not any(tag.group > 2 and dictionary_has_tag(tag) for tag in ds.keys()):
         why = '; '.join(str(w.message) for w in caught) or 'no standard DICOM elements'
         raise DicomReadError(path, f"empty dataset (not DICOM or truncated): {why}")
-    return quick(_fill_transfer_syntax(ds))
+    return _fill_transfer_syntax(quick(ds))
 
 # %% ../nbs/02_io.ipynb #b1bcf295
 _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
@@ -185,12 +188,36 @@ def keyword_tag(name:str, # a DICOM keyword, e.g. 'Rows'
     tag = tag_for_keyword(name)
     return None if tag is None else BaseTag(tag)
 
-class QuickDataset(FileDataset):
-    "pydicom's `FileDataset` with quick keyword access (`ds.Rows`, `ds.get('Rows')`, `'Rows' in ds`): the same values."
+_FULL_PATH_VRS = {VR_.SQ, VR_.UN} | AMBIGUOUS_VR      # elements pydicom's `__getitem__` must convert itself
+_CHARSET = BaseTag(0x00080005)
+
+def _default_hooks() -> bool:
+    "True while pydicom converts raw elements with its own default hooks (no user callback or hook registered)."
+    h = pydicom_hooks.hooks
+    return (h.raw_element_vr is pydicom_hooks.raw_element_vr and h.raw_element_value is pydicom_hooks.raw_element_value
+            and not h.raw_element_kwargs and not pydicom.config.data_element_callback)
+
+def _plain_vr(tag:BaseTag, raw:RawDataElement) -> str|None:
+    "The VR pydicom gives keyword element `raw` if it needs no other element to convert it; else None."
+    if raw.value is None or tag == _CHARSET or raw.VR == VR_.UN: return None
+    vr = raw.VR or dictionary_VR(tag)                    # implicit VR: the dictionary's, as pydicom's hook does
+    return None if vr in _FULL_PATH_VRS else vr
+
+class QuickKeywords:
+    "Quick keyword access (`ds.Rows`, `ds.get('Rows')`, `'Rows' in ds`) for a pydicom dataset class: the same values."
     def _keyword_value(self, tag, default):
         elem = self._dict.get(tag)
         if elem is None: return default
-        return (self[tag] if isinstance(elem, RawDataElement) else elem).value    # pydicom converts raw elements
+        return (self._convert(tag, elem) if isinstance(elem, RawDataElement) else elem).value
+
+    def _convert(self, tag, raw) -> DataElement:
+        "Element `tag` converted from `raw` and stored, as pydicom's `__getitem__` converts it (which does it when it must)."
+        if (vr := _plain_vr(tag, raw)) is None or not _default_hooks(): return self[tag]
+        text = vr in CUSTOMIZABLE_CHARSET_VR               # only these VRs read the character set (looked up per call)
+        try: value = convert_value(vr, raw, (self.original_character_set or self._character_set) if text else None)
+        except Exception: return self[tag]               # pydicom's own path: its warning, its fallback or its error
+        self._dict[tag] = elem = DataElement(tag, vr, value, raw.value_tell, raw.length == 0xFFFFFFFF, already_converted=True)
+        return elem
 
     def __getattr__(self, name):
         if (tag := keyword_tag(name)) is not None and tag in self._dict: return self._keyword_value(tag, None)
@@ -206,16 +233,20 @@ class QuickDataset(FileDataset):
         if isinstance(name, str) and (tag := keyword_tag(name)) is not None: return tag in self._dict
         return super().__contains__(name)
 
+class QuickDataset(QuickKeywords, FileDataset): "pydicom's `FileDataset` with quick keyword access."
+class QuickFileMeta(QuickKeywords, FileMetaDataset): "pydicom's `FileMetaDataset` with quick keyword access (the transfer syntax)."
+
 def quick(ds):
-    "`ds` as a `QuickDataset` (a pydicom `FileDataset` changes class in place; any other dataset is returned as it is)."
+    "`ds` as a `QuickDataset` with a `QuickFileMeta` (pydicom's classes change in place; any other dataset is returned as it is)."
     if type(ds) is FileDataset: ds.__class__ = QuickDataset
+    if type(getattr(ds, 'file_meta', None)) is FileMetaDataset: ds.file_meta.__class__ = QuickFileMeta
     return ds
 
 # %% ../nbs/02_io.ipynb #12b8cc2f
 def _fill_transfer_syntax(ds):
     "Set a missing Transfer Syntax UID from the encoding pydicom read `ds` with."
     meta = getattr(ds, 'file_meta', None)
-    if meta is None: ds.file_meta = meta = FileMetaDataset()
+    if meta is None: ds.file_meta = meta = QuickFileMeta()
     if 'TransferSyntaxUID' not in meta and getattr(ds, 'original_encoding', None):
         implicit, little = ds.original_encoding
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian

@@ -472,5 +472,6 @@ def save_png(img:Image.Image, # image to write
             ) -> Path:
     "Write `img` to `path` as a PNG without metadata chunks, atomically."
     if not 0 <= compress_level <= 9: raise ValueError(f'PNG compress_level must be 0..9, got {compress_level}')
-    with atomic_path(path) as tmp: img.save(tmp, format='PNG', compress_level=compress_level, icc_profile=None)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:          # a file object: Pillow skips its own existence check
+        img.save(f, format='PNG', compress_level=compress_level, icc_profile=None)
     return Path(path)
