@@ -293,17 +293,18 @@ def dask_client(scheduler:str, # 'local', or the address of a running scheduler
         with Client(scheduler) as c: yield c
 
 # %% ../nbs/05_parallel.ipynb #48c0319a
-_ITEM_START = {}   # worker side: task key -> when its chunk's current file started
+_ITEM_START = {}   # worker side: task key -> (when its chunk's current file started, that file's index in the chunk)
 
 def _executing(dask_worker) -> dict:
-    "Worker side: seconds the current file of each executing task has been running, by key."
+    "Worker side: (seconds its current file has been running, that file's index in the chunk) of each executing task, by key."
     now, tasks = time.time(), dask_worker.state.tasks
-    return {k: now - _ITEM_START.get(k, tasks[k].start_time) for k in list(dask_worker.active_keys) if k in tasks}
+    return {k: (now - t0, at) for k in list(dask_worker.active_keys) if k in tasks
+            for t0, at in [_ITEM_START.get(k, (tasks[k].start_time, 0))]}
 
 def _hung(client, keys, timeout) -> dict:
-    "Worker address of each of `keys` whose current file has been running for over `timeout` seconds."
-    return {k: w for w, running in client.run(_executing, on_error='ignore').items() if isinstance(running, dict)
-            for k, s in running.items() if k in keys and s > timeout}
+    "Index of the hung file in its chunk, for each of `keys` whose current file has been running for over `timeout` seconds."
+    return {k: at for running in client.run(_executing, on_error='ignore').values() if isinstance(running, dict)
+            for k, (s, at) in running.items() if k in keys and s > timeout}
 
 def _dask_failure(e) -> TaskFailure:
     "A task's exception on Dask as a `TaskFailure` (`KilledWorker`: the file kept killing workers)."
@@ -314,7 +315,7 @@ def _run_chunk(fn, chunk:list) -> tuple[list, float]:
     "Worker side: `_run_timed` over `chunk`, noting when each item starts for `_executing`."
     from distributed.worker import thread_state
     key = thread_state.key
-    def starting(j): _ITEM_START[key] = time.time(); return True
+    def starting(j): _ITEM_START[key] = (time.time(), j); return True
     try: return _run_timed(fn, chunk, starting)
     finally: _ITEM_START.pop(key, None)
 
@@ -349,9 +350,10 @@ def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, 
                 yield from zip(c, results, strict=True)
             if timeout and time.time() - checked > poll:
                 hung, checked = _hung(client, futs, timeout), time.time()
-                for k in hung:
+                for k, at in hung.items():
                     f, c = futs.pop(k); f.cancel()
-                    yield from failed(c, TaskFailure('timeout', f"no result after {timeout:g}s"))
+                    singles.extend(c[:at] + c[at + 1:])        # the chunk's other files are retried one by one
+                    yield c[at], TaskFailure('timeout', f"no result after {timeout:g}s")
             if stop_at is None and should_stop(): stop_at = time.time() + grace
             if stop_at and time.time() > stop_at:
                 for f, _ in futs.values(): f.cancel()

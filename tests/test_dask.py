@@ -2,6 +2,8 @@
 the fastcore path, lost workers retried, a worker-killing file recorded `crashed`, hung files, back-pressure,
 interrupt + resume through the CLI, and a library that imports without Dask."""
 import hashlib, itertools, os, signal, sqlite3, subprocess, sys, time
+from collections import Counter
+from functools import partial
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -222,6 +224,25 @@ def test_hung_file_costs_only_itself(cluster):
     res = list(run_tasks(time.sleep, items, workers=2, timeout=3, scheduler=cluster.scheduler.address))
     time.sleep(max(0, t0 + 8.5 - time.time()))   # a thread Dask could not stop is free again: the next test gets both workers
     assert sorted(r.status if isinstance(r, TaskFailure) else 'ok' for _, r in res) == ['ok'] * 6 + ['timeout'] * 2, res
+
+def _sleep_noting(log, x):
+    "Sleep `x` seconds, noting first in `log` that item `x` started (one line per start)."
+    with open(log, 'a') as f: f.write(f"{x!r}\n")
+    time.sleep(x)
+
+def test_hung_file_inside_a_chunk_hangs_only_once(cluster, tmp_path):
+    "A file that hangs inside a chunk of several is recorded `timeout` after one timeout, not retried; its chunk's other files are."
+    log, hang = tmp_path/'starts', 5.
+    items, t0 = [0.02 + i * 1e-6 for i in range(41)] + [hang] + [0.021 + i * 1e-6 for i in range(20)], time.time()
+    res = dict(run_tasks(partial(_sleep_noting, log), items, workers=2, timeout=2, scheduler=cluster.scheduler.address))
+    time.sleep(max(0, t0 + hang + 0.5 - time.time()))   # a thread Dask could not stop is free again: the next test gets both workers
+    assert sorted(res) == sorted(items), 'every item came back once'
+    bad = res.pop(hang)
+    assert isinstance(bad, TaskFailure) and bad.status == 'timeout', bad
+    assert all(r is None for r in res.values()), res
+    starts = Counter(float(x) for x in log.read_text().split())
+    assert starts[hang] == 1, f"the hung file ran {starts[hang]} times"
+    assert 2 in starts.values(), 'the files run before it in its chunk were retried: it travelled in a chunk of several'
 
 def test_in_flight_is_bounded(cluster):
     "An endless stream of items never becomes an endless stream of futures; stopping drains what was submitted."
