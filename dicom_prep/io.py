@@ -189,7 +189,8 @@ def keyword_tag(name:str, # a DICOM keyword, e.g. 'Rows'
     return None if tag is None else BaseTag(tag)
 
 _FULL_PATH_VRS = {VR_.SQ, VR_.UN} | AMBIGUOUS_VR      # elements pydicom's `__getitem__` must convert itself
-_CHARSET = BaseTag(0x00080005)
+_FULL_PATH_TAGS = frozenset(map(keyword_tag, ('SpecificCharacterSet', 'LUTDescriptor', 'RedPaletteColorLookupTableDescriptor',
+    'GreenPaletteColorLookupTableDescriptor', 'BluePaletteColorLookupTableDescriptor')))   # pydicom's hook fixes a negative LUT size
 
 def _default_hooks() -> bool:
     "True while pydicom converts raw elements with its own default hooks (no user callback or hook registered)."
@@ -199,7 +200,7 @@ def _default_hooks() -> bool:
 
 def _plain_vr(tag:BaseTag, raw:RawDataElement) -> str|None:
     "The VR pydicom gives keyword element `raw` if it needs no other element to convert it; else None."
-    if raw.value is None or tag == _CHARSET or raw.VR == VR_.UN: return None
+    if raw.value is None or tag in _FULL_PATH_TAGS or raw.VR == VR_.UN: return None
     vr = raw.VR or dictionary_VR(tag)                    # implicit VR: the dictionary's, as pydicom's hook does
     return None if vr in _FULL_PATH_VRS else vr
 

@@ -312,10 +312,13 @@ def _dask_failure(e) -> TaskFailure:
     return TaskFailure('error', f"{type(e).__name__}: {e}")
 
 def _run_chunk(fn, chunk:list) -> tuple[list, float]:
-    "Worker side: `_run_timed` over `chunk`, noting when each item starts for `_executing`."
+    "Worker side: `_run_timed` over `chunk`, noting when each item starts for `_executing`; stops once the driver cancelled it."
+    from distributed import get_worker
     from distributed.worker import thread_state
-    key = thread_state.key
-    def starting(j): _ITEM_START[key] = (time.time(), j); return True
+    key, tasks = thread_state.key, get_worker().state.tasks
+    def starting(j):
+        if (ts := tasks.get(key)) is None or ts.state == 'cancelled': return False   # given up (a hung file): its files run elsewhere
+        _ITEM_START[key] = (time.time(), j); return True
     try: return _run_timed(fn, chunk, starting)
     finally: _ITEM_START.pop(key, None)
 
