@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
 # %% ../nbs/05_parallel.ipynb #51ec044a
 from __future__ import annotations
-import ctypes, importlib.util, os, signal, sys, threading, time, warnings
+import ctypes, importlib.util, os, re, signal, sys, threading, time, warnings
 from collections import deque
 from itertools import islice
 from concurrent.futures import wait, FIRST_COMPLETED
@@ -307,9 +307,11 @@ def _hung(client, keys, timeout) -> dict:
             for k, (s, at) in running.items() if k in keys and s > timeout}
 
 def _dask_failure(e) -> TaskFailure:
-    "A task's exception on Dask as a `TaskFailure` (`KilledWorker`: the file kept killing workers)."
+    "A task's exception on Dask as a one-line `TaskFailure` (`KilledWorker`: the file kept killing workers)."
     if type(e).__name__ == 'KilledWorker': return TaskFailure('crashed', 'KilledWorker: every Dask worker that ran it died')
-    return TaskFailure('error', f"{type(e).__name__}: {e}")
+    first, *rest = str(e).splitlines() or ['']
+    cause = next((l for l in reversed(rest) if re.match(r'\w+(Error|Exception): ', l)), None)   # Dask quotes the root cause's traceback
+    return TaskFailure('error', f"{type(e).__name__}: {first}" + (f" ({cause})" if cause else ''))
 
 def _run_chunk(fn, chunk:list) -> tuple[list, float]:
     "Worker side: `_run_timed` over `chunk`, noting when each item starts for `_executing`; stops once the driver cancelled it."

@@ -214,6 +214,7 @@ def test_chunk_failing_whole_costs_only_its_bad_item(cluster):
     assert sorted(res) == list(range(24)), 'every item came back once'
     bad = res.pop(12)
     assert isinstance(bad, TaskFailure) and bad.status == 'error' and 'serialize' in bad.message, bad
+    assert 'cannot pickle' in bad.message and '\n' not in bad.message, 'one line, naming the root cause'
     assert res == {x: -x for x in res}      # item 12 travelled in a chunk of several (chunks grow 1, 2, 4, 8 ...), all returned
 
 # ---------------------------------------------------------------- hung files and back-pressure
