@@ -200,8 +200,8 @@ def _default_hooks() -> bool:
 
 def _plain_vr(tag:BaseTag, raw:RawDataElement) -> str|None:
     "The VR pydicom gives keyword element `raw` if it needs no other element to convert it; else None."
-    if raw.value is None or tag in _FULL_PATH_TAGS or raw.VR == VR_.UN: return None
-    vr = raw.VR or dictionary_VR(tag)                    # implicit VR: the dictionary's, as pydicom's hook does
+    if raw.value is None or tag in _FULL_PATH_TAGS: return None
+    vr = raw.VR or dictionary_VR(tag)                    # implicit VR: the dictionary's, as pydicom's hook does (UN: full path)
     return None if vr in _FULL_PATH_VRS else vr
 
 class QuickKeywords:
