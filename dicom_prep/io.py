@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/io.html.md"""
 
 # %% ../nbs/02_io.ipynb #3cb13228
 from __future__ import annotations
-import os, struct, warnings, zlib
+import io, math, os, re, struct, warnings, zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,11 +31,11 @@ from pydicom.uid import ImplicitVRLittleEndian, ExplicitVRLittleEndian, Explicit
 from .core import study_of, log
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms', 'find_dicoms',
-           'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag', 'QuickKeywords',
-           'QuickDataset', 'QuickFileMeta', 'quick', 'frame_count', 'FrameSize', 'header_size', 'codestream_size',
-           'CodestreamMismatch', 'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame',
-           'InflatingReader', 'read_deflated', 'sample_data_dirs']
+__all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'SMALL_FILE', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms',
+           'find_dicoms', 'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag',
+           'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts', 'text_numbers', 'frame_count',
+           'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch', 'check_codestream', 'transfer_syntax',
+           'check_size', 'frame_bytes', 'check_frame', 'InflatingReader', 'read_deflated', 'sample_data_dirs']
 
 # %% ../nbs/02_io.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -162,14 +162,24 @@ def read_dicom(path, # file to read
 # %% ../nbs/02_io.ipynb #b1bcf295
 _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 HEADER_BYTES = 64 << 20 # what a dataset may hold besides its pixel data (64 MiB), as far as the deflate guard is concerned
+SMALL_FILE = 8 << 20    # files read whole up to this size are parsed from memory
+
+def _in_memory(f, limit:int=SMALL_FILE):
+    "Open binary file `f` read into a `BytesIO` named as `f`, if it holds at most `limit` bytes; else `f` itself."
+    if os.fstat(f.fileno()).st_size > limit: return f
+    buf = io.BytesIO(f.read()); buf.name = f.name
+    return buf
 
 def _dcmread(path, headers_only:bool, max_pixels:int):
     "`pydicom.dcmread(path)`, except that a deflated dataset is inflated under a size cap by `read_deflated`."
     with open(path, 'rb') as f:
-        deflated = f.read(8192).find(_DEFLATED) >= 0
-        f.seek(0)
-        if deflated: return read_deflated(f, headers_only, max_pixels)
-        return pydicom.dcmread(f, stop_before_pixels=headers_only, force=True)
+        src = f if headers_only else _in_memory(f)
+        deflated = src.read(8192).find(_DEFLATED) >= 0
+        src.seek(0)
+        if deflated: return read_deflated(src, headers_only, max_pixels)
+        ds = pydicom.dcmread(src, stop_before_pixels=headers_only, force=True)
+    if src is not f: ds.fileobj_type, ds.buffer = open, None      # as a read of the file itself leaves them
+    return ds
 
 # %% ../nbs/02_io.ipynb #74dac8ce
 @contextmanager
@@ -242,6 +252,35 @@ def quick(ds):
     if type(ds) is FileDataset: ds.__class__ = QuickDataset
     if type(getattr(ds, 'file_meta', None)) is FileMetaDataset: ds.file_meta.__class__ = QuickFileMeta
     return ds
+
+# %% ../nbs/02_io.ipynb #b80b2853
+_SPLIT_TEXT_VRS = frozenset({VR_.AE, VR_.AS, VR_.CS, VR_.DA, VR_.DS, VR_.DT, VR_.IS, VR_.LO, VR_.SH, VR_.TM, VR_.UI})
+
+def raw_texts(ds, # a dataset (or a sequence item)
+              name:str, # a DICOM keyword
+             ) -> tuple[str, list[str]]|None:
+    "(VR, values) of keyword element `name` read as text from its raw bytes (padding dropped), or None unless that is what pydicom reads."
+    tag = keyword_tag(name)
+    raw = ds._dict.get(tag) if tag is not None else None
+    if type(raw) is not RawDataElement or (vr := _plain_vr(tag, raw)) not in _SPLIT_TEXT_VRS or not _default_hooks(): return None
+    b = raw.value.rstrip(b' \x00')                         # trailing padding, as pydicom drops it
+    if not b.isascii() or b'\x00' in b or b'\x1b' in b: return None
+    return vr, b.decode('ascii').split('\\')
+
+_DECIMAL = re.compile(r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?')   # a DS value's form; `float` takes more ('nan', '1_0')
+_INTEGER = re.compile(r'[+-]?\d+')
+
+def text_numbers(texts:list, # values as `raw_texts` reads them
+                 vr:str, # their VR
+                ) -> list|None:
+    "DS values as floats, IS values as ints ('' for an empty one); None for another VR or any value that is not plainly a finite number."
+    if vr not in (VR_.DS, VR_.IS): return None
+    (form, kind), out = (_DECIMAL, float) if vr == VR_.DS else (_INTEGER, int), []
+    for t in map(str.strip, texts):
+        if not t: out.append(''); continue
+        if not form.fullmatch(t) or not math.isfinite(x := kind(t)): return None
+        out.append(x)
+    return out
 
 # %% ../nbs/02_io.ipynb #12b8cc2f
 def _fill_transfer_syntax(ds):
