@@ -18,8 +18,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
-from .core import atomic_path
-from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, transfer_syntax
+from .core import write_atomic
+from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, raw_texts, text_numbers, transfer_syntax
 
 # %% auto #0
 __all__ = ['MAKERS', 'UIH', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError',
@@ -265,6 +265,12 @@ def _first_float(v, default=None):
     if isinstance(v, (MultiValue, list, tuple)): v = v[0] if len(v) else None
     return default if v is None or v == '' else float(v)
 
+def _first_number(ds, name:str, default=None):
+    "`_first_float` of numeric element `name` of `ds`, read from its raw text when that is plain (see `raw_texts`)."
+    got = raw_texts(ds, name)
+    nums = text_numbers(got[1], got[0]) if got else None
+    return _first_float(ds.get(name) if nums is None else nums, default)
+
 def modality_values(ds, # the dataset `arr` came from
                     arr:np.ndarray, # stored values of one frame
                     index:int=0, # which frame `arr` is (enhanced files rescale per frame)
@@ -272,7 +278,7 @@ def modality_values(ds, # the dataset `arr` came from
     "Stored values of frame `index` → modality units (e.g. HU) as float32."
     if ds.get('ModalityLUTSequence'): return apply_modality_lut(arr, ds).astype(np.float32)
     item = frame_group(ds, index, 'PixelValueTransformationSequence')
-    slope, intercept = _first_float(item.get('RescaleSlope'), 1.), _first_float(item.get('RescaleIntercept'), 0.)
+    slope, intercept = _first_number(item, 'RescaleSlope', 1.), _first_number(item, 'RescaleIntercept', 0.)
     x = arr.astype(np.float32)
     if slope != 1: x *= np.float32(slope)
     if intercept: x += np.float32(intercept)
@@ -322,7 +328,7 @@ def window_uint8(x:np.ndarray, # values to map
 def _file_window(ds, index:int=0):
     "The first (centre, width, VOI LUT function) the file gives for frame `index`, or None."
     item = frame_group(ds, index, 'FrameVOILUTSequence')
-    c, w = _first_float(item.get('WindowCenter')), _first_float(item.get('WindowWidth'))
+    c, w = _first_number(item, 'WindowCenter'), _first_number(item, 'WindowWidth')
     if c is None or w is None or not w > 0: return None
     return c, w, str(item.get('VOILUTFunction') or ds.get('VOILUTFunction') or 'LINEAR').upper()
 
@@ -352,9 +358,9 @@ def robust_range(x:np.ndarray, # values of one frame
                  max_samples:int=65536, # subsample to about this many values
                 ) -> tuple[float, float]:
     "The `lo`/`hi` percentiles of `x` (strided subsample when large); min/max when they coincide."
-    s = x.ravel()[::max(1, x.size // max_samples)]
-    k = np.rint(np.array([lo, hi]) / 100 * (s.size - 1)).astype(int)
-    a, b = np.partition(s, k)[k]
+    s = x.reshape(-1)[::max(1, x.size // max_samples)]
+    k = [round(p / 100 * (s.size - 1)) for p in (lo, hi)]       # plain Python (rounding half to even, as np.rint)
+    a, b = np.partition(s, k)[k].tolist()
     return (float(a), float(b)) if b > a else (float(x.min()), float(x.max()))
 
 # %% ../nbs/03_pixels.ipynb #d54dd3ab
@@ -472,6 +478,6 @@ def save_png(img:Image.Image, # image to write
             ) -> Path:
     "Write `img` to `path` as a PNG without metadata chunks, atomically."
     if not 0 <= compress_level <= 9: raise ValueError(f'PNG compress_level must be 0..9, got {compress_level}')
-    with atomic_path(path) as tmp, open(tmp, 'wb') as f:          # a file object: Pillow skips its own existence check
-        img.save(f, format='PNG', compress_level=compress_level, icc_profile=None)
+    img.save(buf := io.BytesIO(), format='PNG', compress_level=compress_level, icc_profile=None)   # encoded in memory:
+    write_atomic(path, buf.getbuffer())                                                          # one write, one rename
     return Path(path)

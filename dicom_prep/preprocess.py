@@ -20,8 +20,8 @@ from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, frame_filename, source_stem, safe_component, log
-from .io import (Found, keyword_tag, read_dicom, frame_count, check_size, values_unvalidated, CodestreamMismatch, DicomReadError,
-                           TooLargeError, MAX_PIXELS)
+from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, text_numbers,
+                           CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS)
 from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
 from .db import get_meta, parse_splits, assign_split, now, pseudonym, FAILED
 from .parallel import TaskFailure
@@ -68,10 +68,20 @@ def json_value(v, # a DICOM element value
     if isinstance(v, float): return int(v) if v.is_integer() else float(v)
     return str(v).strip()
 
+_ASK_PYDICOM = object()
+
+def _raw_value(ds, keyword):
+    "The value of `keyword` as text or numbers read from its raw bytes (a list if multi-valued; see `raw_texts`), or `_ASK_PYDICOM`."
+    if (got := raw_texts(ds, keyword)) is None: return _ASK_PYDICOM
+    vr, texts = got
+    if vr in ('DS', 'IS') and (texts := text_numbers(texts, vr)) is None: return _ASK_PYDICOM
+    return texts[0] if len(texts) == 1 else texts
+
 def _value(ds, keyword):
     "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
-    try: v = ds.get(keyword)
-    except Exception: return None
+    if (v := _raw_value(ds, keyword)) is _ASK_PYDICOM:
+        try: v = ds.get(keyword)
+        except Exception: return None
     v = None if v is None or v == '' else json_value(v)
     if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit(): v = f"{v[:4]}-{v[4:6]}-{v[6:]}"
     return v
@@ -118,12 +128,8 @@ class FileResult:
     frames: list = field(default_factory=list)
 
 def _tag(ds, name):
-    "Tag value as text, or None (also when a broken element cannot be converted); plain ASCII is read from the raw bytes."
-    try: elem = ds.get_item(keyword_tag(name))
-    except Exception: return None
-    raw = elem.value if elem is not None and elem.is_raw else None
-    if isinstance(raw, bytes) and raw.isascii() and not any(c in raw for c in b'\\\x1b'):   # one value, no ISO 2022 escapes
-        return raw.decode('ascii').rstrip(' \x00') or None                                  # what pydicom's conversion gives
+    "Tag value as text, or None (also when a broken element cannot be converted); plain text is read from the raw bytes (`raw_texts`)."
+    if (got := raw_texts(ds, name)) and len(got[1]) == 1: return got[1][0] or None
     try: v = ds.get(name)
     except Exception: return None
     return None if v is None or v == '' else str(v)
