@@ -13,7 +13,8 @@ folders) with `synth_clones`, then measures, each in a fresh process:
 
 Then, on the 10k corpus, the per-file overhead: a plain single-process loop (read, decode, min-max, PNG; the
 interpreter's start-up counted) against the console script with the given workers, alternated three times (best of
-each: the machine's speed drifts by tens of per cent from minute to minute).
+each: the machine's speed drifts by tens of per cent from minute to minute). The console script is the one beside
+this interpreter, as a virtualenv runs it, and dicom_prep is byte-compiled first, as an installed package is.
 
 `--million` adds a 1,000,000-file corpus of 16² files (preprocess only: cold and unchanged rerun).
 
@@ -103,7 +104,10 @@ def wall(*cmd) -> float:
     if p.returncode: sys.exit(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return time.perf_counter() - t
 
-def script(name) -> str: return shutil.which(name) or sys.exit(f'{name} not on PATH: pip install -e .')
+def script(name) -> str:
+    "Console script `name` beside this interpreter (as a virtualenv runs it, with no launcher shim in between), else on PATH."
+    beside = Path(sys.executable).parent/name
+    return str(beside) if beside.is_file() else shutil.which(name) or sys.exit(f'{name} not on PATH: pip install -e .')
 
 def add_one(src, size) -> Path:
     "Add one more file to the corpus (a clone written beside the others)."
@@ -154,6 +158,13 @@ def overhead(work, src, workers, rounds:int=3) -> dict:
         quiet_disk(); cli.append(wall(script('dicom_prep_preprocess'), '--dicom-dir', src, '--output-dir', work/f'overhead_out_{r}', '--workers', workers))
     for d in outs: shutil.rmtree(d)
     return dict(naive=min(naive), cli=min(cli), speedup=min(naive) / min(cli), rounds=list(zip(naive, cli)))
+
+def byte_compile():
+    """Compile dicom_prep to bytecode, as pip does when it installs a package. An editable install run under
+    PYTHONDONTWRITEBYTECODE (as on this machine) would otherwise compile its modules at every start-up (about 0.2 s),
+    while the plain loop's numpy, pydicom and Pillow come compiled."""
+    import compileall, dicom_prep
+    if not compileall.compile_dir(Path(dicom_prep.__file__).parent, quiet=1): sys.exit('could not byte-compile dicom_prep')
 
 def quiet_disk():
     "Let the kernel write back what earlier steps left dirty, so that no timed run pays for another's writes."
@@ -208,6 +219,7 @@ def main():
     ap.add_argument('--keep', action='store_true', help='keep the work folder')
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix='bench_scale_')); work.mkdir(parents=True, exist_ok=True)
+    byte_compile()
     try:
         res, sizes = [], [int(x) for x in a.sizes.split(',') if x]
         ov = overhead(work, corpus(work, 10_000, 64), a.workers) if 10_000 in sizes and a.size == 64 else None    # first: an idle disk
