@@ -164,7 +164,8 @@ def write_atomic(dest, # the file to write
                 ):
     "Write `data` to `dest` all or nothing, as `atomic_path` does, with plain system calls (the cheapest way for many small files)."
     dest = os.fspath(dest)
-    fd = _open_new(tmp := _temp_beside(*os.path.split(dest)))
+    try: fd = _open_new(tmp := _temp_beside(*os.path.split(dest)))
+    except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary
     try:
         try:
             with memoryview(data) as view:

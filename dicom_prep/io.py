@@ -254,7 +254,7 @@ def quick(ds):
     return ds
 
 # %% ../nbs/02_io.ipynb #b80b2853
-_SPLIT_TEXT_VRS = frozenset({VR_.AE, VR_.AS, VR_.CS, VR_.DA, VR_.DS, VR_.DT, VR_.IS, VR_.LO, VR_.SH, VR_.TM, VR_.UI})
+_SPLIT_TEXT_VRS = frozenset({VR_.AS, VR_.CS, VR_.DA, VR_.DS, VR_.DT, VR_.IS, VR_.LO, VR_.SH, VR_.TM, VR_.UI})
 
 def raw_texts(ds, # a dataset (or a sequence item)
               name:str, # a DICOM keyword
@@ -276,10 +276,10 @@ def text_numbers(texts:list, # values as `raw_texts` reads them
     "DS values as floats, IS values as ints ('' for an empty one); None for another VR or any value that is not plainly a finite number."
     if vr not in (VR_.DS, VR_.IS): return None
     (form, kind), out = (_DECIMAL, float) if vr == VR_.DS else (_INTEGER, int), []
-    for t in map(str.strip, texts):
+    for t in (x.strip(' ') for x in texts):                # spaces only: `float` also drops control characters, pydicom does not
         if not t: out.append(''); continue
-        if not form.fullmatch(t) or not math.isfinite(x := kind(t)): return None
-        out.append(x)
+        if not form.fullmatch(t) or (kind is int and len(t) > 11) or not math.isfinite(x := kind(t)): return None   # IS: 12 digits
+        out.append(x)                                      # or more, pydicom goes through a float
     return out
 
 # %% ../nbs/02_io.ipynb #12b8cc2f
