@@ -106,6 +106,10 @@ def file_metadata(ds, # the file's dataset
     row = {col: None if kw in drop else _value(ds, kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=lat)
     row |= {t: _value(ds, t) for t in tags if t not in drop}
     if all_tags: row['all_tags'] = _all_tags(ds, drop)
+    return _as_columns(row)
+
+def _as_columns(row:dict) -> dict:
+    "`row` as SQLite takes it: multi-values (lists) as JSON text."
     return {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
 
 def frame_metadata(ds, # the file's dataset
@@ -114,8 +118,8 @@ def frame_metadata(ds, # the file's dataset
     "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
     g = lambda seq, kw: _value(frame_group(ds, i, seq), kw) or _value(ds, kw)
     ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
-    return dict(pixel_spacing=json.dumps(ps) if ps else None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
-                image_position=json.dumps(ipp) if ipp else None)
+    return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
+                            image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
 
 # %% ../nbs/07_preprocess.ipynb #3911538e
 @dataclass
@@ -132,6 +136,7 @@ def _tag(ds, name):
     if (got := raw_texts(ds, name)) and len(got[1]) == 1: return got[1][0] or None
     try: v = ds.get(name)
     except Exception: return None
+    if isinstance(v, bytes): v = v.decode('ascii').rstrip(' \x00') if v.isascii() else None   # text stored under a binary VR
     return None if v is None or v == '' else str(v)
 
 def _file_ids(ds, study_id, n, src, key=None) -> dict:

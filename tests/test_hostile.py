@@ -265,6 +265,18 @@ def test_process_dicom_never_raises_on_wrong_vrs(tmp_path, tag, vr):
     if r.status == 'ok': assert len(r.frames) == len(pngs) == 2
     else: assert r.status in ('unreadable', 'decode_error') and r.error and not pngs, (r, pngs)
 
+def test_multi_valued_metadata_does_not_fail_the_run(tmp_path):
+    "A multi-valued SliceThickness or --tags value is stored as JSON text: before, it failed the whole batch's commit."
+    ds = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    ds.SliceThickness, ds.WindowCenter = ['1.0', '2.5'], ['40', '400']
+    (tmp_path/'src').mkdir(); ds.save_as(tmp_path/'src'/'two.dcm')
+    p = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', tmp_path/'src', '--output-dir', tmp_path/'out',
+                       '--tags', 'WindowCenter,ImageType', '--workers', '0'], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    with closing(sqlite3.connect(tmp_path/'out'/'dicom_prep.db')) as db:
+        row = db.execute('select slice_thickness, WindowCenter, ImageType from images').fetchone()
+    assert (json.loads(row[0]), json.loads(row[1]), json.loads(row[2])) == ([1, 2.5], [40, 400], ['ORIGINAL', 'PRIMARY', 'AXIAL'])
+
 @pytest.mark.parametrize('compressed', [False, True], ids=['native', 'rle'])
 def test_pillow_bomb_check_on_and_frames_decoded_one_by_one(tmp_path, monkeypatch, compressed):
     "Importing dicom_prep leaves Pillow's decompression-bomb guard on; multi-frame files are decoded frame by frame."
