@@ -33,9 +33,10 @@ from .core import study_of, log
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'SMALL_FILE', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms',
            'find_dicoms', 'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag',
-           'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts', 'text_numbers', 'frame_count',
-           'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch', 'check_codestream', 'transfer_syntax',
-           'check_size', 'frame_bytes', 'check_frame', 'InflatingReader', 'read_deflated', 'sample_data_dirs']
+           'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts', 'text_numbers', 'raw_value',
+           'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch', 'check_codestream',
+           'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame', 'InflatingReader', 'read_deflated',
+           'sample_data_dirs']
 
 # %% ../nbs/02_io.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -281,6 +282,15 @@ def text_numbers(texts:list, # values as `raw_texts` reads them
         if not form.fullmatch(t) or (kind is int and len(t) > 11) or not math.isfinite(x := kind(t)): return None   # IS: 12 digits
         out.append(x)                                      # or more, pydicom goes through a float
     return out
+
+def raw_value(ds, # a dataset (or a sequence item)
+              name:str, # a DICOM keyword
+             ):
+    "Keyword element `name`'s value as plain text or numbers (a list if multi-valued) read from its raw bytes, or None when only pydicom can say."
+    if (got := raw_texts(ds, name)) is None: return None
+    vr, texts = got
+    if vr in (VR_.DS, VR_.IS) and (texts := text_numbers(texts, vr)) is None: return None
+    return texts[0] if len(texts) == 1 else texts
 
 # %% ../nbs/02_io.ipynb #12b8cc2f
 def _fill_transfer_syntax(ds):

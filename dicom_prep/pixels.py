@@ -19,7 +19,7 @@ from pydicom.pixels.utils import get_nr_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import write_atomic
-from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, raw_texts, text_numbers, transfer_syntax
+from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, raw_value, transfer_syntax
 
 # %% auto #0
 __all__ = ['MAKERS', 'UIH', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError',
@@ -266,10 +266,8 @@ def _first_float(v, default=None):
     return default if v is None or v == '' else float(v)
 
 def _first_number(ds, name:str, default=None):
-    "`_first_float` of numeric element `name` of `ds`, read from its raw text when that is plain (see `raw_texts`)."
-    got = raw_texts(ds, name)
-    nums = text_numbers(got[1], got[0]) if got else None
-    return _first_float(ds.get(name) if nums is None else nums, default)
+    "`_first_float` of numeric element `name` of `ds`, read from its raw text when that is plain (see `raw_value`)."
+    return _first_float(ds.get(name) if (v := raw_value(ds, name)) is None else v, default)
 
 def modality_values(ds, # the dataset `arr` came from
                     arr:np.ndarray, # stored values of one frame

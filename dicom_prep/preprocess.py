@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, frame_filename, source_stem, safe_component, log
-from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, text_numbers,
+from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS)
 from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
 from .db import get_meta, parse_splits, assign_split, now, pseudonym, FAILED
@@ -68,18 +68,9 @@ def json_value(v, # a DICOM element value
     if isinstance(v, float): return int(v) if v.is_integer() else float(v)
     return str(v).strip()
 
-_ASK_PYDICOM = object()
-
-def _raw_value(ds, keyword):
-    "The value of `keyword` as text or numbers read from its raw bytes (a list if multi-valued; see `raw_texts`), or `_ASK_PYDICOM`."
-    if (got := raw_texts(ds, keyword)) is None: return _ASK_PYDICOM
-    vr, texts = got
-    if vr in ('DS', 'IS') and (texts := text_numbers(texts, vr)) is None: return _ASK_PYDICOM
-    return texts[0] if len(texts) == 1 else texts
-
 def _value(ds, keyword):
     "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
-    if (v := _raw_value(ds, keyword)) is _ASK_PYDICOM:
+    if (v := raw_value(ds, keyword)) is None:
         try: v = ds.get(keyword)
         except Exception: return None
     v = None if v is None or v == '' else json_value(v)
