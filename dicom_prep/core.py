@@ -1,6 +1,6 @@
 """Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 
-Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` and `write_atomic` write a file all or nothing, and `Progress` shows a bar on a terminal and plain lines elsewhere.
+Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` writes a file all or nothing and `write_output` writes many small ones cheaply, and `Progress` shows a bar on a terminal and plain lines elsewhere.
 
 Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
@@ -15,7 +15,7 @@ from pathlib import Path, PurePath
 
 # %% auto #0
 __all__ = ['MAX_COMPONENT', 'TOP_STUDY', 'FILE_MODE', 'log', 'Timer', 'stable_hash', 'safe_component', 'readable_component',
-           'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'atomic_path', 'write_atomic',
+           'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'atomic_path', 'write_output',
            'setup_logging', 'Progress', 'resume_command']
 
 # %% ../nbs/00_core.ipynb #31be13bb
@@ -153,27 +153,29 @@ def atomic_path(dest, # the file to write
 # %% ../nbs/00_core.ipynb #322020a1
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
-def _open_new(tmp:str) -> int:
-    "A descriptor of the new file `tmp` (mode from the umask), its folder made if missing."
-    try: return os.open(tmp, _NEW_FILE, 0o666)
-    except FileNotFoundError: os.makedirs(os.path.dirname(tmp) or '.', exist_ok=True)
-    return os.open(tmp, _NEW_FILE, 0o666)
+def _open_new(path:str, flags:int=0) -> int:
+    "A descriptor of the new file `path`, opened with `flags` too (mode from the umask), its folder made if missing."
+    try: return os.open(path, _NEW_FILE | flags, 0o666)
+    except FileNotFoundError: os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    return os.open(path, _NEW_FILE | flags, 0o666)
 
-def write_atomic(dest, # the file to write
+def write_output(dest, # the file to write
                  data, # its bytes (any buffer)
                 ):
-    "Write `data` to `dest` all or nothing, as `atomic_path` does, with plain system calls (the cheapest way for many small files)."
+    "Write `data` to `dest` with plain system calls: a new file created in place (exclusively), an existing one replaced all or nothing."
     dest = os.fspath(dest)
-    try: fd = _open_new(tmp := _temp_beside(*os.path.split(dest)))
-    except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary
+    try: fd, path = _open_new(dest, os.O_EXCL), dest
+    except FileExistsError:
+        try: fd, path = _open_new(tmp := _temp_beside(*os.path.split(dest))), tmp
+        except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary
     try:
         try:
             with memoryview(data) as view:
                 while view: view = view[os.write(fd, view):]     # a short write (a signal, a full disk) continues
         finally: os.close(fd)
-        os.replace(tmp, dest)
+        if path != dest: os.replace(path, dest)
     except BaseException:
-        try: os.unlink(tmp)
+        try: os.unlink(path)
         except FileNotFoundError: pass
         raise
 

@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
 # %% ../nbs/05_parallel.ipynb #51ec044a
 from __future__ import annotations
-import ctypes, importlib.util, os, re, signal, sys, threading, time, warnings
+import ctypes, gc, importlib.util, os, re, signal, sys, threading, time, warnings
 from collections import deque
 from itertools import islice
 from concurrent.futures import wait, FIRST_COMPLETED
@@ -55,6 +55,7 @@ def _init_worker(slots, memory:int|None=None, driver:int|None=None, pdeathsig:bo
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     warnings.simplefilter('ignore')
+    gc.freeze()                      # the inherited heap: never collected, so never walked (nor its shared pages copied)
 
 _SLOT = 3   # numbers per slot: the worker's pid, when its current item started, that item's index in the chunk
 

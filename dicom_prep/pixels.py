@@ -18,7 +18,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_d
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
-from .core import write_atomic
+from .core import write_output
 from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, raw_value, transfer_syntax
 
 # %% auto #0
@@ -474,8 +474,8 @@ def save_png(img:Image.Image, # image to write
              path, # the PNG file
              compress_level:int=6, # zlib level, 0..9
             ) -> Path:
-    "Write `img` to `path` as a PNG without metadata chunks, atomically."
+    "Write `img` to `path` as a PNG without metadata chunks (see `write_output`)."
     if not 0 <= compress_level <= 9: raise ValueError(f'PNG compress_level must be 0..9, got {compress_level}')
     img.save(buf := io.BytesIO(), format='PNG', compress_level=compress_level, icc_profile=None)   # encoded in memory:
-    write_atomic(path, buf.getbuffer())                                                          # one write, one rename
+    write_output(path, buf.getbuffer())                                                          # one write
     return Path(path)

@@ -107,7 +107,8 @@ def frame_metadata(ds, # the file's dataset
                    i:int, # frame number, from 0
                   ) -> dict:
     "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
-    g = lambda seq, kw: _value(frame_group(ds, i, seq), kw) or _value(ds, kw)
+    enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds   # else: the top level only, read once
+    g = lambda seq, kw: (enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw)
     ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
     return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
                             image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
