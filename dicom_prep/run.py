@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
 # %% ../nbs/06_run.ipynb #92ddc523
 from __future__ import annotations
-import errno, io, os, shlex, sqlite3, sys, tempfile, time
+import errno, gc, io, os, shlex, sqlite3, sys, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -392,6 +392,10 @@ def cli_error(msg, # what is wrong, in one line
     "Print a one-line error naming the program, and exit."
     print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr); sys.exit(code)
 
+def _console_script() -> bool:
+    "True when this process runs one of dicom_prep's console scripts (named `dicom_prep_*`), not a library call."
+    return Path(sys.argv[0]).name.startswith('dicom_prep_')
+
 def cli_source(dicom_dir, # the CLI's --dicom-dir
                output_dir, # the CLI's --output-dir
                test:bool, # --test: use the bundled sample data
@@ -401,6 +405,7 @@ def cli_source(dicom_dir, # the CLI's --dicom-dir
     global _CLI_T0
     age = process_age(); _CLI_T0 = None if age is None else time.perf_counter() - age
     setup_logging()
+    if _console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)
     output_dir = output_dir or Path('dicom_prep_sample' if test else 'dicom_prep_out')
     if test: dicom_dir, follow_symlinks = sample_tree(Path(output_dir)/'sample_data'), True
     if dicom_dir is None: cli_error("give --dicom-dir FOLDER (or --test to try the bundled sample data)")
