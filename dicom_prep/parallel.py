@@ -55,7 +55,6 @@ def _init_worker(slots, memory:int|None=None, driver:int|None=None, pdeathsig:bo
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     warnings.simplefilter('ignore')
-    gc.freeze()                      # the inherited heap: never collected, so never walked (nor its shared pages copied)
 
 _SLOT = 3   # numbers per slot: the worker's pid, when its current item started, that item's index in the chunk
 
@@ -143,6 +142,7 @@ class _Pool:
     def __init__(self, workers, window, memory=None):
         self.slots, self.memory, self.halt = Array('d', _SLOT*window, lock=False), memory, Value('b', 0, lock=False)
         main = threading.current_thread() is threading.main_thread()    # workers fork from this thread (see `die_with_parent`)
+        self.thaw = not gc.get_freeze_count(); gc.freeze()              # the heap the workers will share: never walked
         self.ex = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.slots, memory, os.getpid(), main, self.halt))
     def submit(self, fn, chunk, slot):
         self.slots[_SLOT*slot:_SLOT*(slot+1)] = [0.] * _SLOT
@@ -161,6 +161,7 @@ class _Pool:
             if p.exitcode is None: p.kill()
         for p in procs.values(): p.join(5)
         self.ex.shutdown(wait=False, cancel_futures=True)
+        if self.thaw: gc.unfreeze(); self.thaw = False
         return died
 
 # %% ../nbs/05_parallel.ipynb #8eed82f7
