@@ -159,15 +159,21 @@ def _open_new(path:str, flags:int=0) -> int:
     except FileNotFoundError: os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     return os.open(path, _NEW_FILE | flags, 0o666)
 
+def _open_output(dest:str, in_place:bool) -> tuple[int, str]:
+    "(descriptor, path) that `dest` is written through: `dest` itself if `in_place` and it does not exist, else a new temporary beside it."
+    if in_place:
+        try: return _open_new(dest, os.O_EXCL), dest
+        except FileExistsError: pass                  # it exists: replaced all or nothing
+    return _open_new(tmp := _temp_beside(*os.path.split(dest))), tmp
+
 def write_output(dest, # the file to write
                  data, # its bytes (any buffer)
+                 in_place:bool=False, # a file that does not exist yet may be written under its own name (see above)
                 ):
-    "Write `data` to `dest` with plain system calls: a new file created in place (exclusively), an existing one replaced all or nothing."
+    "Write `data` to `dest` with plain system calls: through a temporary renamed over it, or directly if `in_place` and new."
     dest = os.fspath(dest)
-    try: fd, path = _open_new(dest, os.O_EXCL), dest
-    except FileExistsError:
-        try: fd, path = _open_new(tmp := _temp_beside(*os.path.split(dest))), tmp
-        except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary
+    try: fd, path = _open_output(dest, in_place)
+    except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary or folder
     try:
         try:
             with memoryview(data) as view:

@@ -165,27 +165,26 @@ _DEFLATED = DeflatedExplicitVRLittleEndian.encode()
 HEADER_BYTES = 64 << 20 # what a dataset may hold besides its pixel data (64 MiB), as far as the deflate guard is concerned
 SMALL_FILE = 8 << 20    # files read whole up to this size are parsed from memory
 
-def _small_file(path, limit:int=SMALL_FILE) -> tuple[io.BytesIO, float]|None:
-    "(contents, mtime) of the file at `path`, read whole with bare system calls, if it holds at most `limit` bytes; else None."
+def _small_file(path, limit:int=SMALL_FILE) -> io.BytesIO|None:
+    "The file at `path` read whole into a `BytesIO` named as the file, with bare system calls, if it holds at most `limit` bytes; else None."
     fd = os.open(path, os.O_RDONLY)
     try:
         st, chunks = os.fstat(fd), []
         if st.st_size > limit: return None
-        while chunk := os.read(fd, st.st_size + 1): chunks.append(chunk)     # to the end, even of a file grown since
-        return io.BytesIO(b''.join(chunks)), st.st_mtime
+        while chunk := os.read(fd, max(st.st_size + 1, 1 << 16)): chunks.append(chunk)   # to the end, even of a file grown since
     finally: os.close(fd)
+    buf = io.BytesIO(b''.join(chunks)); buf.name = os.fspath(path)
+    return buf
 
 def _dcmread(path, headers_only:bool, max_pixels:int):
     "`pydicom.dcmread(path)`, except that a deflated dataset is inflated under a size cap by `read_deflated`."
     small = None if headers_only else _small_file(path)
-    with (small[0] if small else open(path, 'rb')) as src:
+    with small or open(path, 'rb') as src:
         deflated = src.read(8192).find(_DEFLATED) >= 0
         src.seek(0)
-        if deflated:
-            if small: src.name = os.fspath(path)                     # its messages name the file
-            return read_deflated(src, headers_only, max_pixels)
+        if deflated: return read_deflated(src, headers_only, max_pixels)
         ds = pydicom.dcmread(src, stop_before_pixels=headers_only, force=True)
-    if small: ds.filename, ds.timestamp, ds.fileobj_type, ds.buffer = os.fspath(path), small[1], open, None   # as a file read leaves them
+    if small: ds.fileobj_type, ds.buffer = open, None      # as a read of the file itself leaves them
     return ds
 
 # %% ../nbs/02_io.ipynb #74dac8ce

@@ -180,6 +180,7 @@ def process_dicom(dcm_path, # the source file
                   all_tags:bool=False, # every non-binary top-level element as a JSON column
                   deidentify:bool=False, # leave out every attribute the PS3.15 basic profile removes
                   key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
+                  in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
                  ) -> FileResult:
     "Write one PNG per frame of `dcm_path` under `out_dir/images`; return the `FileResult` (never raises)."
     src, stem = str(dcm_path), stem or safe_component(Path(dcm_path).stem)
@@ -191,17 +192,17 @@ def process_dicom(dcm_path, # the source file
         shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify) | dict(bit_depth=bit_depth)
         for i in range(n):
             if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, out_dir, window, image_size,
-                                       upscale, bit_depth, png_level)): return failed
+                                       upscale, bit_depth, png_level, in_place)): return failed
     return res
 
-def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale, bit_depth, png_level) -> FileResult|None:
+def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale, bit_depth, png_level, in_place) -> FileResult|None:
     "Render frame `i` of `ds` to `out_dir/images/NAME.png` and add its row to `res`; returns `res` failed if it could not be."
     dest = Path(out_dir)/f"images/{name}.png"
     try:
         img, win, offset = _render(ds, i, window, image_size, upscale, bit_depth)
         row = dict(filename=name, frame_number=i, window=win, thumbnail_path=f"images/{name}.png", png_offset=offset) | shared | frame_metadata(ds, i)
         if shared['mosaic']: row['image_position'] = None       # the mosaic's position is not its slices' (see `series`)
-        save_png(img, dest, compress_level=png_level)
+        save_png(img, dest, compress_level=png_level, in_place=in_place)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except PixelDecodeError as e: return _fail(res, 'decode_error', str(e))
     except OSError as e:
@@ -419,8 +420,8 @@ def _tasks(run):
             yield FileTask(Found(Path(path), study, size, mtime_ns), bool(overwrite), '' if run.key else study, stem)
 
 def _work(task:FileTask, out_dir, opts) -> FileResult:
-    "Worker entry point: process one planned file."
-    return process_dicom(task.found.path, task.study_id, out_dir, stem=task.stem, **opts)
+    "Worker entry point: process one planned file (new PNGs in place unless the index holds the file: a row may name them)."
+    return process_dicom(task.found.path, task.study_id, out_dir, stem=task.stem, in_place=not task.overwrite, **opts)
 
 # %% ../nbs/07_preprocess.ipynb #d1c3f014
 @dataclass

@@ -139,12 +139,12 @@ def test_worker_crashes_cost_only_their_file(tmp_path, monkeypatch, forked_worke
     assert len(_images(out)) == sum(good.values()) + 4 + 4
 
 
-def _killed_mid_write(img, path, compress_level=6):
+def _killed_mid_write(img, path, compress_level=6, **kw):
     "PNG writer whose worker is SIGKILLed (e.g. by the OOM killer) halfway through writing a marked file."
     if 'MIDWRITE' in Path(path).name:
         with atomic_path(path) as tmp:
             tmp.write_bytes(b'\x89PNG\r\n\x1a\n half a PNG'); os.kill(os.getpid(), signal.SIGKILL)
-    return _real_save_png(img, path, compress_level=compress_level)
+    return _real_save_png(img, path, compress_level=compress_level, **kw)
 
 def _faulty_run(tmp_path, monkeypatch, n, marked, name, fault):
     "A corpus of `n` good files plus one `marked` file, `name` in dicom_prep.preprocess replaced by `fault`; returns (src, out)."

@@ -128,9 +128,17 @@ if mode == 'commit':      # inside the transaction of batch number `arg`, after 
         seen.append(1)
         if len(seen) == int(arg): die()
     pp._upsert_images = patched
+if mode == 'halfwrite':   # the first write to the PNG named `arg` (under its name or a temporary's) stops half-way, killed
+    real_write = os.write
+    def write(fd, data):
+        try: name = os.path.basename(os.readlink(f'/proc/self/fd/{fd}'))
+        except OSError: name = ''
+        if name == arg + '.png' or name.startswith(f'.{arg}.png.'): real_write(fd, bytes(data)[:len(data) // 2]); die()
+        return real_write(fd, data)
+    os.write = write
 from dicom_prep.core import atomic_path
 save_png = pp.save_png
-def patched_save(img, path, compress_level=6):
+def patched_save(img, path, compress_level=6, **kw):
     if mode == 'png' and Path(path).stem == arg:    # half-way through writing this PNG
         with atomic_path(path) as tmp:
             img.save(tmp, format='PNG'); tmp.write_bytes(tmp.read_bytes()[:60]); die()
@@ -138,7 +146,7 @@ def patched_save(img, path, compress_level=6):
     if mode == 'delay': time.sleep(float(arg))                  # every file takes this long more: the run lasts long enough to stop
     if mode == 'crash' and Path(path).stem == arg: os.kill(os.getpid(), signal.SIGSEGV)   # this file kills its worker
     if mode == 'crashframe' and Path(path).stem.endswith(arg): os.kill(os.getpid(), signal.SIGSEGV)   # after its first frames
-    return save_png(img, path, compress_level)
+    return save_png(img, path, compress_level, **kw)
 pp.save_png = patched_save
 sys.exit(pp.main())
 '''
@@ -273,6 +281,21 @@ def test_sigkill_while_writing_a_png(slow_src, reference, tmp_path, runs, faulty
     assert run.wait() == -signal.SIGKILL, run.stderr
     assert any(Path(p).name.startswith('.im0040.png') for p in pngs(out)), "fault not injected"
     rerun_completes(slow_src, out, reference, n_files(out))
+
+def test_sigkill_while_verify_rewrites_a_missing_png(slow_src, reference, tmp_path, runs, faulty):
+    "--verify redoes a file whose PNG went missing and is killed half-way through writing it: no row names a truncated PNG."
+    out = tmp_path/'out'
+    ok(run_cli(slow_src, out, *SLOW_ARGS))
+    name = next(p for p in reference['pngs'] if '_frame' not in p)              # a single-frame file's PNG
+    (out/name).unlink()
+    run = runs(slow_src, out, *SLOW_ARGS, '--verify', exe=faulty, env={'DP_FAULT': f'halfwrite:{Path(name).stem}'})
+    assert run.wait() == -signal.SIGKILL, run.stderr
+    assert query(out, 'select count(*) from images where thumbnail_path = ?', [name])[0][0] == 1     # its row is still there
+    for p, in query(out, 'select thumbnail_path from images'):
+        if (out/p).exists():
+            with Image.open(out/p) as im: im.load()          # every PNG a row names is whole (a truncated one would raise)
+    ok(run_cli(slow_src, out, *SLOW_ARGS, '--verify'))
+    assert_same_state(out, reference)
 
 def test_interrupted_forced_rebuild_is_completed_by_plain_rerun(slow_src, reference, tmp_path, runs, faulty):
     "image_size 64 → --force 256 killed after 2 batches → a plain 256 rerun must finish the rebuild (no 64px leftovers)."

@@ -61,10 +61,10 @@ def test_full_images_disk_is_not_a_file_failure(tmp_path, tmpfs):
 def _enospc_after(n):
     "A save_png that fills the disk after `n` PNGs."
     real, count = dicom_prep.preprocess.save_png, [0]
-    def save(img, path, compress_level=6):
+    def save(img, path, compress_level=6, **kw):
         count[0] += 1
         if count[0] > n: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(img, path, compress_level)
+        return real(img, path, compress_level, **kw)
     return save
 
 
