@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
-from pydicom.pixels.utils import get_nr_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import write_output
@@ -60,9 +59,9 @@ def _decoders(ds) -> list:
     "Frame decoders to try in order, fastest first, ending with pydicom's search over all plugins."
     ts, fns = transfer_syntax(ds), []
     if _plain_native(ds): fns.append(_native_frame)
-    if _is_ybr_jpeg(ds): fns.append(_jpeg_rgb_frame)
-    if ts in _PILLOW_JPEG and ds.get('BitsStored', 0) <= 8 and 'pillow' in get_decoder(ts).available_plugins:
-        fns.append(_pillow_frame)
+    elif ts in _PILLOW_JPEG:                      # Pillow's shortcuts, for the JPEG transfer syntaxes only
+        if _is_ybr_jpeg(ds): fns.append(_jpeg_rgb_frame)
+        if ds.get('BitsStored', 0) <= 8 and 'pillow' in get_decoder(ts).available_plugins: fns.append(_pillow_frame)
     return fns + [_pydicom_frame]
 
 # %% ../nbs/03_pixels.ipynb #02e3cc30
@@ -70,7 +69,7 @@ def _frame_total(ds) -> int:
     "Number of frames in `ds`, or `PixelDecodeError` if it has no pixel data or a bad count."
     if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
         raise PixelDecodeError('no pixel data')
-    try: return int(get_nr_frames(ds, warn=False))
+    try: return int(ds.get('NumberOfFrames', 1) or 1)     # as pydicom's `get_nr_frames` reads it (None or 0: 1), by a quick `get`
     except (TypeError, ValueError) as e: raise PixelDecodeError(f'bad Number of Frames: {e}') from e
 
 def _palette_rgb(ds, arr) -> np.ndarray:
@@ -101,18 +100,20 @@ _NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 def _plain_native(ds) -> bool:
     "True for uncompressed little-endian grey pixels of 8 or 16 bits, complete in the file."
-    if transfer_syntax(ds) not in _NATIVE_LE or 'PixelData' not in ds or ds.get('SamplesPerPixel', 1) != 1: return False
-    if ds.get('BitsAllocated') not in (8, 16) or ds.get('PhotometricInterpretation') not in ('MONOCHROME1', 'MONOCHROME2'): return False
-    try: need = int(ds.Rows) * int(ds.Columns) * _frame_total(ds) * ds.BitsAllocated // 8
-    except (AttributeError, TypeError, ValueError, PixelDecodeError): return False
-    return 0 < ds.get('BitsStored', 0) <= ds.BitsAllocated and len(ds.PixelData) >= need
+    get = ds.get                                  # each element looked up once, by `get` (cheaper than attribute access)
+    if transfer_syntax(ds) not in _NATIVE_LE or (px := get('PixelData')) is None or get('SamplesPerPixel', 1) != 1: return False
+    if (ba := get('BitsAllocated')) not in (8, 16) or get('PhotometricInterpretation') not in ('MONOCHROME1', 'MONOCHROME2'): return False
+    try: need = int(get('Rows')) * int(get('Columns')) * _frame_total(ds) * ba // 8
+    except (TypeError, ValueError, PixelDecodeError): return False
+    return 0 < get('BitsStored', 0) <= ba and len(px) >= need
 
 def _native_frame(ds, index:int) -> np.ndarray:
     "Frame `index` of uncompressed grey pixels, read from the bytes: masked to BitsStored, sign-extended if signed."
-    rows, cols, ba, bs = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated), int(ds.BitsStored)
-    signed = ds.get('PixelRepresentation', 0) == 1
+    get = ds.get
+    rows, cols, ba, bs = (int(get(k)) for k in ('Rows', 'Columns', 'BitsAllocated', 'BitsStored'))
+    signed = get('PixelRepresentation', 0) == 1
     dt, n = np.dtype(f"<{'i' if signed else 'u'}{ba // 8}"), rows * cols
-    arr = np.frombuffer(ds.PixelData, dt, count=n, offset=index * n * dt.itemsize).reshape(rows, cols)
+    arr = np.frombuffer(get('PixelData'), dt, count=n, offset=index * n * dt.itemsize).reshape(rows, cols)
     if bs == ba: return arr.copy()
     return (arr << (ba - bs)) >> (ba - bs) if signed else arr & ((1 << bs) - 1)
 
