@@ -237,8 +237,9 @@ class QuickKeywords:
         return elem
 
     def __getattr__(self, name):
-        if (tag := keyword_tag(name)) is not None and tag in self._dict: return self._keyword_value(tag, None)
-        return super().__getattr__(name)
+        if (tag := keyword_tag(name)) is None: return super().__getattr__(name)
+        if tag in self._dict: return self._keyword_value(tag, None)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")   # as pydicom's, without its detour
 
     def get(self, key, default=None):
         if isinstance(key, str) and (tag := keyword_tag(key)) is not None:

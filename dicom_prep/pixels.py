@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
+from pydicom.pixels.utils import get_nr_frames
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import write_output
@@ -69,7 +70,7 @@ def _frame_total(ds) -> int:
     "Number of frames in `ds`, or `PixelDecodeError` if it has no pixel data or a bad count."
     if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')):
         raise PixelDecodeError('no pixel data')
-    try: return int(ds.get('NumberOfFrames', 1) or 1)     # as pydicom's `get_nr_frames` reads it (None or 0: 1), by a quick `get`
+    try: return int(get_nr_frames(ds, warn=False))
     except (TypeError, ValueError) as e: raise PixelDecodeError(f'bad Number of Frames: {e}') from e
 
 def _palette_rgb(ds, arr) -> np.ndarray:
