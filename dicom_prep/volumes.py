@@ -437,7 +437,7 @@ def analyze_volume(v:Candidate, # a candidate from `group_volumes`
     "The `volumes` row and the `volume_files` rows of candidate volume `v`."
     first = [m.frame for m in v.members if m.t == 0]
     measurable = all(m.frame.ipp and m.frame.iop and m.frame.ps for m in v.members)
-    g = slice_geometry(*zip(*[(f.ipp, f.iop, f.ps) for f in first])) if measurable else None
+    g = slice_geometry(*zip(*[(f.ipp, f.iop, f.ps) for f in first], strict=True)) if measurable else None
     verdict, reason = volume_verdict(v, g, spacing_tol, resample)
     grid = resample_grid(g, [first[i].ipp for i in g.order], first[0].ps, v.members[0].file.rows, v.members[0].file.cols,
                          spacing_tol) if resample and verdict == 'ok' else None
