@@ -11,6 +11,7 @@ from pathlib import Path
 from fastcore.nbio import read_nb, write_nb
 from nbdev.test import _skip_cell      # the cells nbdev-test skips (`#| eval: false`) are skipped here too
 from execnb.shell import CaptureShell
+from dicom_prep.synth import block_network   # notebooks run offline, as nbdev-test runs them
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,4 +37,5 @@ if __name__ == '__main__':
         if bad: sys.exit(f"notebooks without outputs (run python .ci/execute_nbs.py and commit): {', '.join(bad)}")
         print(f"{len(paths)} notebooks have stored outputs")
     else:
+        block_network()
         for p in paths: print(f"executing {p.name}", flush=True); execute(p)

@@ -6,6 +6,7 @@ outputs (markdown as is, plain text fenced). `--check` fails if README.md is not
 import os, re, sys
 from pathlib import Path
 from execnb.shell import CaptureShell, read_nb
+from dicom_prep.synth import block_network   # the index notebook runs offline, as nbdev-test runs it
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +25,7 @@ def _outputs(cell):
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     "Execute the index notebook and return README markdown."
     nb = read_nb(nb_path)
+    block_network()
     os.chdir(nb_path.parent)                     # run where nbdev-test runs notebooks
     CaptureShell(path=nb_path.parent).run_all(nb, exc_stop=True)
     out = []

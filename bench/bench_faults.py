@@ -42,11 +42,11 @@ main()
 def build(root:Path, n:int, n_jpeg:int, size:int) -> int:
     "`n` native files of size² (synth_clones) and `n_jpeg` baseline-JPEG colour files; returns the file count."
     from pydicom import dcmread
-    from pydicom.data import get_testdata_file
+    from dicom_prep.io import sample_file
     from pydicom.uid import generate_uid
     from dicom_prep.synth import synth_clones
     synth_clones(root/'native', n, size=size)
-    jpeg = dcmread(get_testdata_file('SC_rgb_jpeg_dcmtk.dcm', download=False))
+    jpeg = dcmread(sample_file('SC_rgb_jpeg_dcmtk.dcm'))
     for i in range(n_jpeg):
         jpeg.SOPInstanceUID = jpeg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         (root/'jpeg'/f'study_{i % 10}').mkdir(parents=True, exist_ok=True)
@@ -76,12 +76,12 @@ def per_call(fn, n:int=2000) -> float:
 def guard_costs(src:Path):
     "Print the per-file cost of each guard, measured on its own, next to what it guards."
     import pydicom
-    from pydicom.data import get_testdata_file
+    from dicom_prep.io import sample_file
     import dicom_prep.io as dio
     from dicom_prep.core import atomic_path
     from dicom_prep.parallel import die_with_parent
     native = next(p for p in (src/'native').rglob('*') if p.is_file())
-    ds, jpeg = pydicom.dcmread(native), pydicom.dcmread(get_testdata_file('SC_rgb_jpeg_dcmtk.dcm', download=False))
+    ds, jpeg = pydicom.dcmread(native), pydicom.dcmread(sample_file('SC_rgb_jpeg_dcmtk.dcm'))
     rows = [('read (with the deflate check)', lambda: dio._dcmread(native, False, dio.MAX_PIXELS)),
             ('read (pydicom.dcmread alone)', lambda: pydicom.dcmread(native, force=True)),
             ('check_size, native file', lambda: dio.check_size(ds)),

@@ -8,7 +8,7 @@ and the ratio is printed (target: pydicom / dicom_prep >= 1.5).
 """
 import time
 import pydicom
-from pydicom.data import get_testdata_file
+from dicom_prep.io import sample_file
 from pydicom.pixels import pixel_array
 from dicom_prep.pixels import decode_frame
 
@@ -19,7 +19,7 @@ def per_frame(fn, ds, n) -> float:
     return (time.perf_counter() - start) / n
 
 def main():
-    ds = pydicom.dcmread(get_testdata_file('examples_ybr_color.dcm', download=False))
+    ds = pydicom.dcmread(sample_file('examples_ybr_color.dcm'))
     n = int(ds.get('NumberOfFrames', 1))
     ours = min(per_frame(decode_frame, ds, n) for _ in range(3))
     theirs = min(per_frame(lambda d, i: pixel_array(d, index=i), ds, n) for _ in range(3))

@@ -15,7 +15,7 @@ Modules:
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
 - `dicom_prep.status`: `dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their reasons, the last runs — without touching it.
-- `dicom_prep.synth`: Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets and fast bulk corpora.
+- `dicom_prep.synth`: Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets, fast bulk corpora, and the offline guard every test runs under.
 - `dicom_prep.volumes`: Records → volumes: which frames form one volume, its measured geometry, and a verdict from one table of rules."""
 
 __version__ = "0.0.1"

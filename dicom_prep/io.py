@@ -32,11 +32,11 @@ from .core import study_of, log
 
 # %% auto #0
 __all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'SMALL_FILE', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms',
-           'find_dicoms', 'TooLargeError', 'DicomReadError', 'read_dicom', 'values_unvalidated', 'keyword_tag',
-           'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts', 'text_numbers', 'raw_value',
-           'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch', 'check_codestream',
-           'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame', 'InflatingReader', 'read_deflated',
-           'sample_data_dirs']
+           'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file', 'TooLargeError', 'DicomReadError',
+           'read_dicom', 'values_unvalidated', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick',
+           'raw_texts', 'text_numbers', 'raw_value', 'frame_count', 'FrameSize', 'header_size', 'codestream_size',
+           'CodestreamMismatch', 'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame',
+           'InflatingReader', 'read_deflated']
 
 # %% ../nbs/02_io.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -132,6 +132,25 @@ def find_dicoms(root, # folder to walk
                ) -> list[tuple[Path, str]]:
     "Sorted `(path, study_id)` pairs of the DICOM files under `root`."
     return [(f.path, f.study_id) for f in scan_dicoms(root, follow_symlinks=follow_symlinks)]
+
+# %% ../nbs/02_io.ipynb #573475d7
+def sample_data_dirs() -> list[Path]:
+    "Folders of DICOM files bundled with pydicom and its installed data packages (`pydicom.data.external_sources`)."
+    from importlib.metadata import entry_points
+    dirs = [Path(pydicom.__file__).parent/'data'/'test_files']
+    dirs += [Path(ep.load()().data_path) for ep in entry_points(group='pydicom.data.external_sources')]
+    return [d for d in dirs if d.is_dir()]
+
+def sample_files(pattern:str='*.dcm', # a file-name glob, matched in every sample folder and its subfolders
+                ) -> list[Path]:
+    "The bundled sample files matching `pattern`, found on disk only: never a download."
+    return [p for d in sample_data_dirs() for p in sorted(d.rglob(pattern)) if p.is_file()]
+
+def sample_file(name:str, # a sample file's name, e.g. 'CT_small.dcm'
+               ) -> Path:
+    "The bundled sample file `name`, or a FileNotFoundError that says which package ships it."
+    if hits := sample_files(name): return hits[0]
+    raise FileNotFoundError(f"{name}: not among the installed sample data (pydicom's test files; pip install pydicom-data for more)")
 
 # %% ../nbs/02_io.ipynb #c8590fe0
 MAX_PIXELS = 2**31 # default limit on rows × columns × frames × samples
@@ -511,13 +530,3 @@ def read_deflated(f, # binary file of a deflated dataset, at its start
     ds.file_meta.TransferSyntaxUID, ds.preamble = DeflatedExplicitVRLittleEndian, preamble
     ds.filename, ds.fileobj_type, ds.buffer = f.name, open, None     # forget the stream and its buffer
     return ds
-
-# %% ../nbs/02_io.ipynb #573475d7
-def sample_data_dirs() -> list[Path]:
-    "Folders of DICOM files bundled with pydicom and (if installed) pydicom-data."
-    dirs = [Path(pydicom.__file__).parent/'data'/'test_files']
-    try:
-        import data_store
-        dirs.append(Path(data_store.__file__).parent/'data')
-    except ImportError: pass
-    return [d for d in dirs if d.is_dir()]

@@ -1,4 +1,4 @@
-"""Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets and fast bulk corpora.
+"""Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets, fast bulk corpora, and the offline guard every test runs under.
 
 Tests, notebooks and benchmarks build the data no real file shows (known geometry, faults, large corpora) with these writers; product code never imports this module.
 
@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/synth.html.md"""
 
 # %% ../nbs/01_synth.ipynb #8107c18a
 from __future__ import annotations
-import io, math, struct, zlib
+import errno, io, ipaddress, math, socket, struct, zlib
 from pathlib import Path
 import numpy as np
 from PIL import Image
@@ -24,7 +24,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 __all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BOMB_SIZE', 'BOMBS', 'new_instance', 'image_module', 'save',
            'synth_dicom', 'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item',
            'synth_enhanced', 'csa_header', 'synth_mosaic', 'synth_uih', 'synth_dataset', 'synth_jpeg_cine',
-           'patch_codestream', 'codestream_bomb', 'cine_bomb', 'zeros_deflated', 'deflate_bomb', 'synth_clones']
+           'patch_codestream', 'codestream_bomb', 'cine_bomb', 'zeros_deflated', 'deflate_bomb', 'synth_clones',
+           'NetworkBlocked', 'block_network']
 
 # %% ../nbs/01_synth.ipynb #7c5bd7be
 CT_IMAGE = '1.2.840.10008.5.1.4.1.1.2'           # CT Image Storage
@@ -487,3 +488,39 @@ def synth_clones(root, # folder to fill
         if slices: b = b.replace(series, series[:-11] + f'{k:011d}'.encode()).replace(z, f'{i % slices:09.3f}'.encode())
         (root/f'study_{k % studies:03d}'/f'im{i:06d}.dcm').write_bytes(b)
     return root
+
+# %% ../nbs/01_synth.ipynb #600ec99d
+class NetworkBlocked(BaseException):
+    "A test reached for the network beyond this machine."
+
+def _local(host) -> bool:
+    "True for loopback and unspecified addresses, `localhost` names and this machine's own name."
+    host = host.decode() if isinstance(host, bytes) else host
+    if host in (None, '', 'localhost', socket.gethostname()) or str(host).endswith('.localhost'): return True
+    try: addr = ipaddress.ip_address(str(host).split('%')[0])
+    except ValueError: return False
+    return addr.is_loopback or addr.is_unspecified
+
+def _refuse(what, host, port=None, sock=None):
+    "Raise for a look-up or connection to `host` beyond this machine (an OSError for a datagram socket)."
+    if _local(host): return
+    where = f"{host}:{port}" if port is not None else str(host)
+    if sock is not None and sock.type == socket.SOCK_DGRAM: raise OSError(errno.ENETUNREACH, f"network blocked: {where}")
+    raise NetworkBlocked(f"tests run offline, but something tried to {what} {where}")
+
+# %% ../nbs/01_synth.ipynb #095712d7
+_real = {}
+
+def block_network(_cells=None, # nbdev-test's `test_setup` hook passes the cells it will run; not needed
+                 ):
+    "Make every look-up of, or connection to, a host beyond this machine raise `NetworkBlocked` (idempotent)."
+    if _real: return
+    _real.update(getaddrinfo=socket.getaddrinfo, connect=socket.socket.connect, connect_ex=socket.socket.connect_ex)
+    def getaddrinfo(host, *args, **kwargs): _refuse('look up', host); return _real['getaddrinfo'](host, *args, **kwargs)
+    def connect(self, address):
+        if self.family != socket.AF_UNIX: _refuse('connect to', *address[:2], sock=self)
+        return _real['connect'](self, address)
+    def connect_ex(self, address):
+        if self.family != socket.AF_UNIX: _refuse('connect to', *address[:2], sock=self)
+        return _real['connect_ex'](self, address)
+    socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex

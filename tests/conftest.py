@@ -1,7 +1,11 @@
-"Helpers shared by the test files: the console scripts and read-only access to a run's database."
+"Helpers shared by the test files: the console scripts and read-only access to a run's database. Tests run offline."
 import shutil, sqlite3, sys
 from contextlib import closing
 from pathlib import Path
+
+from dicom_prep.synth import block_network
+
+block_network()     # any look-up or connection beyond loopback raises NetworkBlocked at once (nbs/01_synth.ipynb)
 
 
 def console_script(name:str, module:str|None=None) -> list[str]:

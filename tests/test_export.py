@@ -5,10 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom, pydicom.data
+import pydicom
 import pytest
 from PIL import Image
 
+from dicom_prep.io import sample_file
 from dicom_prep.export import KEYS, export, images_df
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess
@@ -278,7 +279,7 @@ def test_pseudonymised_folder_refuses_what_would_leak(tmp_path):
 def test_16bit_refuses_values_that_do_not_fit(tmp_path):
     "32-bit RT dose values at --bit-depth 16 are a decode_error with the reason, not PNGs saturated at 65535."
     src = tmp_path/'src'; src.mkdir()
-    (src/'dose.dcm').write_bytes(Path(pydicom.data.get_testdata_file('rtdose_1frame.dcm')).read_bytes())
+    (src/'dose.dcm').write_bytes(Path(sample_file('rtdose_1frame.dcm')).read_bytes())
     r = preprocess(src, tmp_path/'out', n_workers=0, quiet=True, bit_depth=16)
     [(status, error)] = query(tmp_path/'out', 'select status, error from files')
     assert r.counts == {'decode_error': 1} and status == 'decode_error' and 'do not fit a 16-bit PNG' in error

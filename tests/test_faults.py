@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
+from dicom_prep.io import sample_file
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
 MIB = 1 << 20
 
-def _testfile(name): return dcmread(get_testdata_file(name, download=False))
+def _testfile(name): return dcmread(sample_file(name))
 
 NORMAL = ['SC_rgb_jpeg_dcmtk.dcm', 'MR_small_jpeg_ls_lossless.dcm', 'MR_small_jp2klossless.dcm', 'GDCMJ2K_TextGBR.dcm',
           'JPEGLSNearLossless_08.dcm', 'examples_jpeg2k.dcm', 'SC_rgb_small_odd_jpeg.dcm', 'image_dfl.dcm']
@@ -98,7 +98,7 @@ def test_a_lying_deflated_header_is_refused_by_the_header(tmp_path):
 def test_normal_compressed_files_still_decode_identically():
     "The guards pass honest JPEG, JPEG-LS, JPEG 2000, JP2 and deflated files, and decoding gives what pydicom gives."
     for name in NORMAL:
-        ours, theirs = read_dicom(get_testdata_file(name, download=False)), _testfile(name)
+        ours, theirs = read_dicom(sample_file(name)), _testfile(name)
         assert check_size(ours) == ours.Rows * ours.Columns * ours.get('SamplesPerPixel', 1) * int(ours.get('NumberOfFrames', 1) or 1)
         a, b = decode_frame(ours), pixel_array(theirs, index=0)
         assert a.shape == b.shape, name

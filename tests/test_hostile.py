@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import numpy as np
 from PIL import Image
-from pydicom.data import get_testdata_file
+from dicom_prep.io import sample_file
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -165,7 +165,7 @@ def test_worker_killed_mid_write_leaves_no_temp_files(tmp_path, monkeypatch, for
 
 def test_decoder_panic_is_a_decode_error(tmp_path):
     "A decoder raising a BaseException (pylibjpeg-rle's Rust panic on a damaged RLE file) is a decode_error, not a dead run."
-    good = Path(get_testdata_file('MR_small_RLE.dcm', download=False)).read_bytes()
+    good = Path(sample_file('MR_small_RLE.dcm')).read_bytes()
     bad = tmp_path/'src'/'s'/'rle_panic.dcm'; bad.parent.mkdir(parents=True)
     bad.write_bytes(good[:4200] + b'\x00' * 100 + good[4300:])       # 100 zeroed bytes inside the RLE segments
     synth_dicom(tmp_path/'src'/'s'/'fine.dcm')
@@ -267,7 +267,7 @@ def test_process_dicom_never_raises_on_wrong_vrs(tmp_path, tag, vr):
 
 def test_multi_valued_metadata_does_not_fail_the_run(tmp_path):
     "A multi-valued SliceThickness or --tags value is stored as JSON text: before, it failed the whole batch's commit."
-    ds = pydicom.dcmread(get_testdata_file('CT_small.dcm'))
+    ds = pydicom.dcmread(sample_file('CT_small.dcm'))
     ds.SliceThickness, ds.WindowCenter = ['1.0', '2.5'], ['40', '400']
     (tmp_path/'src').mkdir(); ds.save_as(tmp_path/'src'/'two.dcm')
     p = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', tmp_path/'src', '--output-dir', tmp_path/'out',
@@ -321,7 +321,7 @@ def _seeds(tmp) -> dict[str, bytes]:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID     # no random UIDs: the corpus is reproducible
         buf = BytesIO(); ds.save_as(buf, enforce_file_format=True); seeds[name] = buf.getvalue()
     for name in SAMPLE_SEEDS:
-        p = get_testdata_file(name, download=False)
+        p = sample_file(name)
         assert p, f"{name} missing from pydicom's test_files"
         seeds[Path(name).stem] = Path(p).read_bytes()
     return seeds

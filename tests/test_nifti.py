@@ -11,6 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
+from dicom_prep.io import sample_file
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.synth import oblique_orientation, synth_enhanced, synth_series
 
@@ -21,9 +22,8 @@ needs_dcm2niix = pytest.mark.skipif(DCM2NIIX is None, reason='dcm2niix not insta
 
 def data_store_file(name) -> Path:
     "A file of pydicom-data (installed locally, never downloaded); skip when the package is missing."
-    try: import data_store
-    except ImportError: pytest.skip('needs pydicom-data')
-    return Path(data_store.__file__).parent/'data'/name
+    try: return sample_file(name)
+    except FileNotFoundError: pytest.skip(f'{name} needs pydicom-data')
 
 
 def dcm2niix(src, dest) -> list[Path]:

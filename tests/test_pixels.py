@@ -1,34 +1,25 @@
 "Cross-checks of `dicom_prep.pixels` against pydicom on every bundled sample file (slow-ish; run with pytest)."
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_color_lut, pixel_array
 
 import dicom_prep.pixels
+from dicom_prep.io import sample_data_dirs, sample_file
 from dicom_prep.pixels import PixelDecodeError, decode_frame, frame_image, save_png, to_uint8
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')   # pydicom warns about the odd files on purpose
 
 
-def _sample_dirs():
-    "pydicom's test_files folder, plus pydicom-data's data_store/data when installed."
-    dirs = [Path(get_testdata_file('CT_small.dcm', download=False)).parent]
-    try:
-        import data_store
-        dirs.append(Path(data_store.__file__).parent / 'data')
-    except ImportError: pass
-    return [d for d in dirs if d.is_dir()]
-
-SAMPLES = sorted((p for d in _sample_dirs() for p in d.iterdir() if p.is_file()), key=lambda p: p.name)
+SAMPLES = sorted((p for d in sample_data_dirs() for p in d.iterdir() if p.is_file()), key=lambda p: p.name)
 
 
 def _sample(name):
     "Path of a bundled sample file (local only, never downloaded); skip when pydicom-data is not installed."
-    return get_testdata_file(name, download=False) or pytest.skip(f'{name} needs pydicom-data')
+    try: return sample_file(name)
+    except FileNotFoundError: pytest.skip(f'{name} needs pydicom-data')
 
 
 def _read(path):
