@@ -19,24 +19,25 @@ from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 import pydicom.hooks as pydicom_hooks
 from pydicom.values import convert_value
-from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, VR as VR_
+from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR as VR_
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import ENCODED_VR, _read_file_meta_info, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.uid import ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian
 from .core import study_of, log
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'SMALL_FILE', 'is_dicom', 'Found', 'walk_entries', 'walk_files', 'scan_dicoms',
-           'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file', 'TooLargeError', 'DicomReadError',
-           'read_dicom', 'values_unvalidated', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick',
-           'raw_texts', 'text_numbers', 'raw_value', 'frame_count', 'FrameSize', 'header_size', 'codestream_size',
-           'CodestreamMismatch', 'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame',
-           'InflatingReader', 'read_deflated']
+__all__ = ['MAX_PIXELS', 'HEADER_BYTES', 'SMALL_FILE', 'META_BYTES', 'is_dicom', 'Found', 'walk_entries', 'walk_files',
+           'scan_dicoms', 'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file', 'TooLargeError',
+           'DicomReadError', 'read_dicom', 'file_meta_bytes', 'has_pixels', 'cut_short', 'values_unvalidated',
+           'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts', 'text_numbers',
+           'raw_value', 'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch',
+           'check_codestream', 'transfer_syntax', 'check_size', 'frame_bytes', 'check_frame', 'InflatingReader',
+           'read_deflated']
 
 # %% ../nbs/02_io.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -164,6 +165,20 @@ class DicomReadError(Exception):
                  reason:str, # why it cannot be read
                 ): self.path, self.reason = Path(path), reason; super().__init__(f"{path}: {reason}")
 
+_OURS = (TooLargeError, DicomReadError, MemoryError, KeyboardInterrupt)   # raised by `read_dicom` as they are
+
+def _read_error(path, e:Exception) -> BaseException:
+    "What `read_dicom` raises when reading `path` raised `e`: `_OURS` as they are, anything else as a `DicomReadError` with the reason."
+    if isinstance(e, OSError) and e.__context__ is not None and str(e).startswith('No tag to read'):   # pydicom's sequence reader
+        if isinstance(e.__context__, _OURS): return e.__context__                                    # hides any error in an OSError
+        if isinstance(e.__context__, struct.error): return DicomReadError(path, f"truncated: a sequence stops before its end ({e})")
+    if isinstance(e, struct.error): return DicomReadError(path, f"truncated at byte {os.path.getsize(path):,}, inside an element's header ({e})")
+    return e if isinstance(e, _OURS) else DicomReadError(path, f"{type(e).__name__}: {e}")
+
+def _standard(ds) -> bool:
+    "True if `ds` holds a standard DICOM element besides its file meta: else it is no DICOM (or nothing of it is left)."
+    return any(tag.group > 2 and dictionary_has_tag(tag) for tag in ds.keys())
+
 def read_dicom(path, # file to read
                headers_only=False, # stop before the pixel data
                max_pixels:int=MAX_PIXELS, # deflated files: refuse one whose header declares more (see `read_deflated`)
@@ -172,16 +187,14 @@ def read_dicom(path, # file to read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try: ds = _dcmread(path, headers_only, max_pixels)
-        except (TooLargeError, MemoryError): raise
-        except Exception as e: raise DicomReadError(path, f"{type(e).__name__}: {e}") from None
-    if not any(tag.group > 2 and dictionary_has_tag(tag) for tag in ds.keys()):
+        except Exception as e: raise _read_error(path, e) from None
+    if not _standard(ds):
         why = '; '.join(str(w.message) for w in caught) or 'no standard DICOM elements'
         raise DicomReadError(path, f"empty dataset (not DICOM or truncated): {why}")
     return _fill_transfer_syntax(quick(ds))
 
 # %% ../nbs/02_io.ipynb #b1bcf295
-_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
-HEADER_BYTES = 64 << 20 # what a dataset may hold besides its pixel data (64 MiB), as far as the deflate guard is concerned
+HEADER_BYTES = 64 << 20 # what a deflated dataset may inflate to besides its pixel data (64 MiB)
 SMALL_FILE = 8 << 20    # files read whole up to this size are parsed from memory
 
 def _small_file(path, limit:int=SMALL_FILE) -> io.BytesIO|None:
@@ -195,16 +208,101 @@ def _small_file(path, limit:int=SMALL_FILE) -> io.BytesIO|None:
     buf = io.BytesIO(b''.join(chunks)); buf.name = os.fspath(path)
     return buf
 
+def _whole(ds, stream, headers_only:bool):
+    "`ds`, read from `stream`: `DicomReadError` if it was read whole (not `headers_only`) and looks cut short (`cut_short`)."
+    if not headers_only and (why := cut_short(ds, stream)): raise DicomReadError(stream.name, why)
+    return ds
+
 def _dcmread(path, headers_only:bool, max_pixels:int):
-    "`pydicom.dcmread(path)`, except that a deflated dataset is inflated under a size cap by `read_deflated`."
+    "`pydicom.dcmread(path)`, except that a deflated dataset is inflated under a size cap by `read_deflated`, and a file cut short fails."
     small = None if headers_only else _small_file(path)
     with small or open(path, 'rb') as src:
-        deflated = src.read(8192).find(_DEFLATED) >= 0
-        src.seek(0)
-        if deflated: return read_deflated(src, headers_only, max_pixels)
-        ds = pydicom.dcmread(src, stop_before_pixels=headers_only, force=True)
+        if _DEFLATED in file_meta_bytes(src): return read_deflated(src, headers_only, max_pixels)
+        ds = _whole(pydicom.dcmread(src, stop_before_pixels=headers_only, force=True), src, headers_only)
     if small: ds.fileobj_type, ds.buffer = open, None      # as a read of the file itself leaves them
     return ds
+
+# %% ../nbs/02_io.ipynb #8d8e7082
+_DEFLATED = DeflatedExplicitVRLittleEndian.encode()
+META_BYTES = 1 << 20   # the most a file meta group (0002,xxxx) may hold: real ones hold a few hundred bytes
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)   # explicit VRs whose length takes 4 bytes
+
+def _meta_too_long(f, why:str) -> DicomReadError:
+    return DicomReadError(getattr(f, 'name', ''), f"its file meta group (0002,xxxx) runs past {META_BYTES:,} bytes ({why})")
+
+def _walk_meta(f, start:int) -> bytes|None:
+    "The raw file meta group of `f` from byte `start`, element by element; None at an element pydicom might frame otherwise."
+    f.seek(start); out = bytearray()
+    while len(h := f.read(8)) == 8 and h[:2] == b'\x02\x00':
+        vr, n = h[4:6], int.from_bytes(h[6:], 'little')
+        if vr not in ENCODED_VR or vr == b'SQ': return None
+        if vr in _LONG_VRS:
+            if len(ext := f.read(4)) < 4: return None
+            h, n = h + ext, int.from_bytes(ext, 'little')
+        if n == 0xFFFFFFFF: return None
+        if len(out) + len(h) + n > META_BYTES:
+            raise _meta_too_long(f, f"element {BaseTag(2 << 16 | int.from_bytes(h[2:4], 'little'))} at byte {start + len(out):,} declares {n:,} bytes")
+        out += h + f.read(n)
+    return bytes(out)
+
+def _pydicom_meta(f, start:int) -> bytes:
+    "The raw file meta group of `f` from byte `start`, as pydicom's own meta reader frames it, read from at most `META_BYTES` of the file."
+    f.seek(start); head = f.read(META_BYTES + 12)
+    buf = io.BytesIO(head); _read_file_meta_info(buf)
+    if buf.tell() > META_BYTES: raise _meta_too_long(f, "as pydicom reads it")
+    return head[:buf.tell()]
+
+def file_meta_bytes(f, # a binary file (read from its start)
+                   ) -> bytes:
+    "The raw file meta group of `f` (empty without one), framed as pydicom frames it; `f` is left at its start. `DicomReadError` past `META_BYTES`."
+    f.seek(0); start = 132 if f.read(132)[128:] == b'DICM' else 0      # after the preamble and its prefix, as pydicom's `read_preamble` decides
+    meta = _walk_meta(f, start)
+    if meta is None: meta = _pydicom_meta(f, start)
+    f.seek(0); return meta
+
+# %% ../nbs/02_io.ipynb #6880b635
+_SEQ_END = {True: b'\xfe\xff\xdd\xe0', False: b'\xff\xfe\xe0\xdd'}   # the (FFFE,E0DD) tag closing an undefined length, by byte order
+
+def has_pixels(ds, # a dataset
+              ) -> bool:
+    "True if `ds` holds pixel data (integer, float or double)."
+    return any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData'))
+
+def _last_element(ds):
+    "The top-level element of `ds` that starts furthest into the data it was read from."
+    return max(ds._dict.values(), key=lambda e: (e.value_tell if isinstance(e, RawDataElement) else e.file_tell) or 0)
+
+def _stops_inside(last, stream, size:int, little:bool) -> str|None:
+    "Where the `size` bytes of `stream` stop inside `last`, their last element, or after it inside another; None if they end with it."
+    raw = isinstance(last, RawDataElement)
+    if raw and last.length != 0xFFFFFFFF:
+        if (end := last.value_tell + last.length) > size: return f"inside element {last.tag} ({last.length:,} bytes from byte {last.value_tell:,})"
+        return None if end == size else f"inside the element after {last.tag}"
+    if raw or last.is_undefined_length:            # its end is the delimiter pydicom found: nothing may follow it
+        stream.seek(max(size - 8, 0))
+        if stream.read(4) != _SEQ_END[little]: return f"inside the element after {last.tag}"
+    return None
+
+def _image_object(ds) -> str|None:
+    "What says `ds`, holding no pixel data, must hold some: its image SOP class or its image pixel module; None for an object without pixels."
+    if 'PixelDataProviderURL' in ds: return None                       # JPIP: its pixels are elsewhere
+    try:
+        sop = UID(str(ds.get('SOPClassUID') or ds.file_meta.get('MediaStorageSOPClassUID') or ''))
+        if 'Image Storage' in sop.name: return f"{sop.name} object"
+        rows, cols, bits = (ds.get(k) for k in ('Rows', 'Columns', 'BitsAllocated'))
+        return f"{cols}x{rows} image" if '' not in (rows, cols, bits) and None not in (rows, cols, bits) else None
+    except Exception: return None                                        # values too broken to say: the object decides nothing
+
+def cut_short(ds, # a dataset read whole, not stopping before its pixels
+              stream, # the binary stream it was read from
+             ) -> str|None:
+    "Why `ds`, holding no pixel data, looks cut short ('truncated in its header at byte N...'); None if it looks whole, holds pixel data (its decoder judges that) or is no DICOM."
+    if has_pixels(ds) or not _standard(ds): return None
+    last = _last_element(ds)
+    size = stream.seek(0, 2)
+    if (inside := _stops_inside(last, stream, size, ds.original_encoding[1])): return f"truncated in its header at byte {size:,}, {inside}"
+    if (what := _image_object(ds)): return f"truncated in its header at byte {size:,}: a {what} that ends before its pixel data"
+    return None
 
 # %% ../nbs/02_io.ipynb #74dac8ce
 @contextmanager
@@ -470,7 +568,7 @@ def check_frame(ds, # a dataset with pixel data
 
 # %% ../nbs/02_io.ipynb #5c8eeb8d
 class InflatingReader:
-    "A read-only file: `head`, then the raw-deflate stream in file `f` inflated on demand; `TooLargeError` past `limit` bytes."
+    "A read-only file: `head`, then the raw-deflate stream in file `f` inflated on demand; `TooLargeError` past `limit` bytes, `DicomReadError` if the stream stops before its end."
     def __init__(self,
                  head:bytes, # bytes served before the inflated ones
                  f, # binary file positioned at the deflated data
@@ -483,7 +581,7 @@ class InflatingReader:
         "Inflate until `end` bytes are held or the stream ends."
         while len(self.buf) < end and not self.z.eof:
             data = self.z.unconsumed_tail or self.f.read(1 << 16)
-            if not data: break
+            if not data: raise DicomReadError(self.name, f"truncated at byte {self.f.tell():,}: its deflate stream stops before its end")
             self.buf += self.z.decompress(data, 1 << 20)
             if len(self.buf) > self.limit:
                 raise TooLargeError(f"deflated dataset inflates past {self.limit:,} bytes{self.why}")
@@ -509,24 +607,27 @@ def _inflated_head(meta) -> bytes:
     return fp.getvalue()
 
 def _pixel_bytes(ds, max_pixels:int) -> int:
-    "Bytes of pixel data the header of `ds` declares (`TooLargeError` past `max_pixels`); 8 × `max_pixels` if it cannot say."
-    try: return -(-check_size(ds, max_pixels) * int(ds.BitsAllocated) // 8)
-    except (ValueError, TypeError): return 8 * max_pixels
+    "Bytes of pixel data the header of `ds` declares, at most 8 a sample (`TooLargeError` past `max_pixels`); 0 if it cannot say."
+    try: return -(-check_size(ds, max_pixels) * min(int(ds.BitsAllocated), 64) // 8)
+    except (ValueError, TypeError): return 0
 
 def read_deflated(f, # binary file of a deflated dataset, at its start
                   headers_only=False, # stop before the pixel data
                   max_pixels:int=MAX_PIXELS, # the size limit, as for `check_size`
                  ) -> pydicom.Dataset:
-    "Read a deflated dataset, inflating no more than its header declares (`TooLargeError` if it holds more)."
+    "Read a deflated dataset, inflating at most the pixel data its header declares plus `HEADER_BYTES` (`TooLargeError` past that)."
     preamble, meta = read_preamble(f, True), _read_file_meta_info(f)
     if meta.get('TransferSyntaxUID') != DeflatedExplicitVRLittleEndian:
-        f.seek(0); return pydicom.dcmread(f, stop_before_pixels=headers_only, force=True)
-    src = InflatingReader(_inflated_head(meta), f, 8 * max_pixels + HEADER_BYTES, f.name)
+        f.seek(0); return _whole(pydicom.dcmread(f, stop_before_pixels=headers_only, force=True), f, headers_only)
+    head = _inflated_head(meta)
+    src = InflatingReader(head, f, len(head) + HEADER_BYTES, f.name)
+    src.why = f" before its pixel data (at most {HEADER_BYTES >> 20} MiB besides the pixel data)"
     ds = pydicom.dcmread(src, stop_before_pixels=True, force=True)
     if not headers_only:
         n = _pixel_bytes(ds, max_pixels)
-        src.limit, src.why = src.tell() + n + HEADER_BYTES, f" (its header declares {n:,} bytes of pixel data)"
-        src.seek(0); ds = pydicom.dcmread(src, force=True)
+        src.limit += n
+        src.why = f" ({n:,} bytes of pixel data, as its header declares, + {HEADER_BYTES >> 20} MiB for its other elements)"
+        src.seek(0); ds = _whole(pydicom.dcmread(src, force=True), src, headers_only)
     ds.file_meta.TransferSyntaxUID, ds.preamble = DeflatedExplicitVRLittleEndian, preamble
     ds.filename, ds.fileobj_type, ds.buffer = f.name, open, None     # forget the stream and its buffer
     return ds

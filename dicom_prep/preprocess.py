@@ -21,7 +21,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, frame_filename, source_stem, safe_component, log
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
-                           CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS)
+                           CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
 from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
 from .db import get_meta, parse_splits, assign_split, now, pseudonym, FAILED
 from .parallel import TaskFailure
@@ -147,7 +147,7 @@ def _open_checked(path, max_pixels, res:FileResult):
     try: ds = read_dicom(path, max_pixels=max_pixels)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except DicomReadError as e: return _fail(res, 'unreadable', e.reason)
-    if not any(k in ds for k in ('PixelData', 'FloatPixelData', 'DoubleFloatPixelData')): res.status = 'no_pixels'; return res
+    if not has_pixels(ds): res.status = 'no_pixels'; return res          # `read_dicom` failed a file cut short in its header
     try: check_size(ds, max_pixels); res.n_frames = image_count(ds)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except CodestreamMismatch as e: return _fail(res, 'decode_error', str(e))
@@ -494,7 +494,7 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                bit_depth:int=8, # 8: windowed PNGs; 16: modality values (CT: HU + 32768)
                tags:str|None=None, # extra DICOM keywords as columns, comma-separated
                all_tags:bool=False, # every non-binary top-level element as a JSON column
-               worker_memory:int|None=None, # MiB each worker may allocate [default: a safe share of the RAM; 0: no cap]
+               worker_memory:int|None=None, # MiB each worker (n_workers=0: each file, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
                quiet:bool=False, # no progress output
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
@@ -535,7 +535,7 @@ def main(
     prune:store_true=False,     # Forget files that are gone from the source folder
     batch_size:int=100,       # Files per database commit
     file_timeout:float=300,   # Seconds before a file's worker is considered hung and replaced
-    max_pixels:int=MAX_PIXELS, # Refuse files declaring more pixels (rows x cols x frames x samples)
+    max_pixels:int=MAX_PIXELS, # Refuse files declaring more pixels (rows x cols x frames x samples); a deflated file inflates to at most 8 bytes each + 64 MiB
     pseudonymize:store_true=False, # An output folder safe to hand over: keyed pseudonyms, no identifying tag, path or file name
     salt:str=None,            # Your secret for --pseudonymize [default: a random 256-bit key kept in the private state]
     private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
@@ -544,7 +544,7 @@ def main(
     bit_depth:int=8,          # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
     tags:str=None,            # Extra DICOM keywords as image columns, comma-separated (e.g. EchoTime,RepetitionTime)
     all_tags:store_true=False,  # Store every non-binary top-level element of each file as one JSON column (images.all_tags)
-    worker_memory:int=None,   # MiB each worker may allocate; a file that needs more is recorded too_large [default: 70% of RAM / workers; 0: no cap]
+    worker_memory:int=None,   # MiB each worker (--workers 0: each file, in the driver) may allocate; a file that needs more is recorded too_large [default: 70% of RAM / workers; 0: no cap]
     sheet:store_true=False,     # Write contact sheets (one per modality, and failures) at the end
     test:store_true=False,      # Run on the bundled sample data (no data of yours needed)
 ):

@@ -12,6 +12,7 @@ import errno, gc, io, os, shlex, sqlite3, sys, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
@@ -19,12 +20,12 @@ from .core import Timer, Progress, atomic_path, clash_key, log, resume_command, 
 from .io import is_dicom, sample_data_dirs, walk_entries
 from .db import (DbBusyError, DbLock, PrivateStateError, SettingsMismatch, attach_private, batched, check_settings,
                            finish_run, get_meta, open_db, pseudonym, set_meta, start_run, suspect_marker)
-from .parallel import default_worker_memory, graceful_interrupts, require_dask, run_tasks
+from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
 
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'OWNER_FILE', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint',
-           'RunFailed', 'env_error', 'check_folders', 'Run', 'process_age', 'sweep_temps', 'open_run', 'claim_output',
-           'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
+           'RunFailed', 'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
+           'claim_output', 'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -136,6 +137,7 @@ def stream(self:Run,
     if self.db.conn.in_transaction: raise RuntimeError("a transaction is open before streaming: its batches would never commit")
     t, t_db, n = self.phase(phase), self._db_timer(), 0
     db_before = t_db.spent
+    if self.workers == 0 and not self.scheduler and self.memory: work = partial(_in_process, work, self.memory)   # see below
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
     with results as results, Progress(len(tasks) if total is None else total, done, label, out=io.StringIO() if self.quiet else None) as prog:
@@ -148,6 +150,26 @@ def stream(self:Run,
             if stop: raise RunFailed(stop[0])
     t.spent = time.perf_counter() - t.start - (t_db.spent - db_before)     # its commits are in `DB write`
     return n
+
+# %% ../nbs/06_run.ipynb #4ae9d560
+@contextmanager
+def memory_capped(nbytes:int|None, # bytes this process may map beyond what it maps now; None or 0: no cap
+                 ):
+    "Inside the block, allocations past `nbytes` more than this process maps now fail (MemoryError); its limits are restored after."
+    try: import resource
+    except ImportError: resource = None                            # Windows: no rlimits
+    if not (nbytes and resource): yield; return
+    before = [(r, resource.getrlimit(r)) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
+    limit_memory(nbytes)
+    try: yield
+    finally:
+        for r, limits in before: resource.setrlimit(r, limits)
+
+def _in_process(work, nbytes:int, item):
+    "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
+    try:
+        with memory_capped(nbytes): return work(item)
+    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {e}")
 
 # %% ../nbs/06_run.ipynb #09c229cb
 @patch
@@ -217,7 +239,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
              defaults:dict|None=None, # values of settings added later, for databases recorded without them
              private=None, # a private state file: pseudonymise, keeping source paths and the key there
              salt:str|None=None, # the user's pseudonym secret (with `private`) instead of a kept random key
-             worker_memory:int|None=None, # MiB each worker may allocate [default: a safe share of the RAM; 0: no cap]
+             worker_memory:int|None=None, # MiB each worker (workers=0: each item, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
             ):
     "Open a run of `kind`: lock, settings guard, run record, interrupts; yields the `Run` and records how it ended."
     t_open = _startup_timer()

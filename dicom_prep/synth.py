@@ -21,8 +21,8 @@ import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
 # %% auto #0
-__all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BOMB_SIZE', 'BOMBS', 'new_instance', 'image_module', 'save',
-           'synth_dicom', 'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item',
+__all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BASIC_TEXT_SR', 'BOMB_SIZE', 'BOMBS', 'new_instance', 'image_module',
+           'save', 'synth_dicom', 'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item',
            'synth_enhanced', 'csa_header', 'synth_mosaic', 'synth_uih', 'synth_dataset', 'synth_jpeg_cine',
            'patch_codestream', 'codestream_bomb', 'cine_bomb', 'zeros_deflated', 'deflate_bomb', 'synth_clones',
            'NetworkBlocked', 'block_network']
@@ -31,6 +31,7 @@ __all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BOMB_SIZE', 'BOMBS',
 CT_IMAGE = '1.2.840.10008.5.1.4.1.1.2'           # CT Image Storage
 MR_ENHANCED = '1.2.840.10008.5.1.4.1.1.4.1'      # Enhanced MR Image Storage
 SECONDARY_CAPTURE = '1.2.840.10008.5.1.4.1.1.7'  # Secondary Capture Image Storage
+BASIC_TEXT_SR = '1.2.840.10008.5.1.4.1.1.88.11'  # Basic Text SR Storage: an object without pixels
 
 def new_instance(sop_class:str=SECONDARY_CAPTURE, # SOP Class UID of the new instance
                 ) -> Dataset:
@@ -74,7 +75,7 @@ def synth_dicom(path, # where to write the file
                 **tags # further attributes, by keyword
                ) -> Path:
     "Write a small synthetic DICOM to `path` for tests and demos."
-    ds = new_instance()
+    ds = new_instance(SECONDARY_CAPTURE if pixels is not False else BASIC_TEXT_SR)
     ds.Modality, ds.PatientID = modality, patient
     if pixels is not False:
         image_module(ds, rows, cols, bits_stored=12, signed=False, photometric=photometric)
@@ -433,26 +434,35 @@ _MIB = 1 << 20
 
 def zeros_deflated(mib:int, # MiB of zeros
                    c=None, # a raw-deflate compressor to continue and end [default: a new one]
+                   tail:bytes=b'', # bytes deflated after the zeros, before the stream ends
                   ) -> bytes:
-    "Raw deflate of `mib` MiB of zeros; built from one MiB's block, never holding the zeros."
+    "Raw deflate of `mib` MiB of zeros (then `tail`); built from one MiB's block, never holding the zeros."
     c = c or zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     one = c.compress(bytes(_MIB)) + c.flush(zlib.Z_FULL_FLUSH)   # a full flush makes each block independent of the last
-    return one * mib + c.flush()
+    return one * mib + c.compress(tail) + c.flush()
+
+def _ob_header(group:int, elem:int, length:int) -> bytes: return struct.pack('<HH2sHI', group, elem, b'OB', 0, length)
 
 def deflate_bomb(path, # where to write it
-                 mib:int, # MiB of zeros the pixel data inflates to
+                 mib:int, # MiB of zeros the dataset inflates to
                  rows:int=64, cols:int=64, # what the header says
+                 in_pixels:bool=True, # the zeros are the pixel data; False: a private element (0029,1000) before honest pixel data
+                 meta_pad:int=0, # bytes of a file meta element (0002,0001) before the transfer syntax UID [default: its usual 2]
                 ) -> Path:
-    "A deflated DICOM whose header says rows x cols (8-bit) and whose pixel data inflates to `mib` MiB of zeros."
+    "A deflated DICOM whose header says rows x cols (8-bit) and which inflates to `mib` MiB of zeros, in its pixel data or before it."
     ds = pydicom.dcmread(synth_dicom(Path(path).with_suffix('.plain'), 8, 8)); del ds.PixelData
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 8, 8, 7
+    if not in_pixels: ds.private_block(0x0029, 'dicom_prep bomb', create=True)
     raw = DicomBytesIO(); raw.is_little_endian, raw.is_implicit_VR = True, False
     write_dataset(raw, ds)
+    pixels = _ob_header(0x7FE0, 0x10, rows * cols)
+    first, tail = (_ob_header(0x7FE0, 0x10, mib * _MIB), b'') if in_pixels else (_ob_header(0x0029, 0x1000, mib * _MIB), pixels + bytes(rows * cols))
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = c.compress(raw.getvalue() + struct.pack('<HH2sHI', 0x7FE0, 0x10, b'OB', 0, mib * _MIB)) + c.flush(zlib.Z_FULL_FLUSH)
+    body = c.compress(raw.getvalue() + first) + c.flush(zlib.Z_FULL_FLUSH)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if meta_pad: ds.file_meta.FileMetaInformationVersion = b'\0\1' + bytes(meta_pad - 2)
     head = DicomBytesIO(); head.write(bytes(128) + b'DICM'); write_file_meta_info(head, ds.file_meta)
-    Path(path).write_bytes(head.getvalue() + body + zeros_deflated(mib, c))
+    Path(path).write_bytes(head.getvalue() + body + zeros_deflated(mib, c, tail))
     Path(path).with_suffix('.plain').unlink()
     return Path(path)
 

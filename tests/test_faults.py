@@ -155,6 +155,58 @@ def test_deflate_bomb_through_the_cli(tmp_path):
     assert status['fine.dcm'][0] == 'ok' and status['deflate.dcm'][0] == 'too_large', status
 
 
+_HEADERS = _PEAK + """
+import json, sys, warnings
+warnings.simplefilter('ignore')
+from dicom_prep.io import read_dicom, TooLargeError
+out = {}
+for path in sys.argv[1:]:
+    try: read_dicom(path, headers_only=True); out[path] = 'read'
+    except TooLargeError as e: out[path] = str(e)
+print(json.dumps(dict(results=out, maxrss_mib=PEAK())))
+"""
+
+def test_deflate_bombs_past_the_old_guard_are_too_large(tmp_path):
+    "A transfer syntax UID moved past byte 8,192 by a 9,000-byte meta element, and zeros hidden in a non-pixel element: too_large, naming the limit, in < 400 MB."
+    src, out = tmp_path/'src', tmp_path/'out'
+    bombs = {'far': deflate_bomb(src/'s'/'far.dcm', 512, meta_pad=9000),                     # 531 KB, 512 MiB in the pixel data
+             'hidden': deflate_bomb(src/'s'/'hidden.dcm', 512, in_pixels=False),             # 512 MiB in a private element
+             'far_hidden': deflate_bomb(src/'s'/'far_hidden.dcm', 512, in_pixels=False, meta_pad=9000)}
+    synth_dicom(src/'s'/'fine.dcm'); deflate_bomb(src/'s'/'fine_deflated.dcm', 2, in_pixels=False)   # 2 MiB besides its pixels: fine
+    assert all(bombs[k].read_bytes().find(b'1.2.840.10008.1.2.1.99') > 8192 for k in ('far', 'far_hidden'))
+    r, peak = _peak_cli(console_script('dicom_prep_preprocess') + ['--dicom-dir', src, '--output-dir', out, '--workers', '1'])
+    assert r.returncode == 0, r.stderr
+    status = {Path(p).stem: (s, e) for p, s, e in query(out, 'select path, status, error from files')}
+    assert {k: s for k, (s, _) in status.items()} == {k: 'too_large' for k in bombs} | {'fine': 'ok', 'fine_deflated': 'ok'}, status
+    assert status['far'][1].endswith('(4,096 bytes of pixel data, as its header declares, + 64 MiB for its other elements)'), status['far']
+    assert all(status[k][1].endswith('bytes before its pixel data (at most 64 MiB besides the pixel data)') for k in ('hidden', 'far_hidden')), status
+    assert peak < 400, peak
+    got = json.loads(subprocess.run([sys.executable, '-c', _HEADERS, *map(str, bombs.values())], capture_output=True, text=True,
+                                    timeout=120, check=True).stdout)                     # the header-only reads of the NIfTI pipeline
+    hidden = 'bytes before its pixel data (at most 64 MiB besides the pixel data)'
+    assert {Path(p).stem: why if why == 'read' else why.endswith(hidden) for p, why in got['results'].items()} == {
+        'far': 'read', 'hidden': True, 'far_hidden': True}, got                           # the header alone is fine unless it holds the bomb
+    assert got['maxrss_mib'] < 300, got['maxrss_mib']
+    print(f"\n[deflate bombs past the old guard] {', '.join(f'{k} ({p.stat().st_size:,} B)' for k, p in bombs.items())}: too_large; "
+          f"peak RSS {peak:.0f} MiB (CLI), {got['maxrss_mib']:.0f} MiB (header-only reads)")
+
+
+def test_worker_memory_caps_each_file_with_workers_0(tmp_path):
+    "--workers 0 runs files in the driver under --worker-memory: a file that needs more is too_large naming the cap; the run and its DB go on."
+    src, out = tmp_path/'src', tmp_path/'out'
+    deflate_bomb(src/'s'/'big.dcm', 64, rows=8192, cols=8192)          # honest: 64 MiB of 8-bit pixels, whose decoding needs more
+    synth_dicom(src/'s'/'fine.dcm'); synth_dicom(src/'s'/'report.dcm', pixels=False)
+    args = ['--dicom-dir', src, '--output-dir', out, '--workers', '0', '--worker-memory', '256']
+    r, peak = _peak_cli(console_script('dicom_prep_preprocess') + args)
+    assert r.returncode == 0, r.stderr
+    status = {Path(p).name: (s, e) for p, s, e in query(out, 'select path, status, error from files')}
+    assert status['big.dcm'][0] == 'too_large' and 'memory limit (256 MiB, --worker-memory) exceeded in the driver' in status['big.dcm'][1], status
+    assert (status['fine.dcm'][0], status['report.dcm'][0]) == ('ok', 'no_pixels')
+    assert query(out, 'select status from runs') == [('completed',)] and query(out, 'select count(*) from images') == [(1,)]
+    assert peak < 256 + 160, peak
+    print(f"\n[--workers 0 --worker-memory 256] big.dcm: {status['big.dcm'][1][:90]}...; peak RSS {peak:.0f} MiB")
+
+
 # --------------------------------------------------------------------------------------------- memory per worker
 def _allocate(mib:int) -> int:
     "Touch `mib` MiB (a worker task)."

@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 import numpy as np
 from PIL import Image
 from dicom_prep.io import sample_file
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit,
@@ -291,6 +291,63 @@ def test_pillow_bomb_check_on_and_frames_decoded_one_by_one(tmp_path, monkeypatc
         ds = pydicom.dcmread(f); ds.compress(RLELossless); ds.save_as(f, enforce_file_format=True)
     r = process_dicom(f, 's', tmp_path/'out')
     assert r.status == 'ok' and len(r.frames) == 5 and seen == [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------ 3b. files cut short in their header
+CUT_SEEDS = ['CT_small.dcm', 'MR_small.dcm', 'MR_small_implicit.dcm', 'MR_small_bigendian.dcm', 'JPEG2000.dcm',   # images
+             'SC_rgb_rle_2frame.dcm', 'rtplan.dcm', 'test-SR.dcm', 'rtstruct.dcm']                             # and objects without pixels
+
+def _header_cuts(path) -> dict[int, str]:
+    "Offsets inside the header of `path`, after its first element: what lies there (inside an element's header or value, between two)."
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    raws = sorted((e for e in ds._dict.values() if isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF), key=lambda e: e.value_tell)
+    image = 'Image Storage' in ds.SOPClassUID.name
+    cuts = {}
+    for e in raws[2::max(len(raws) // 5, 1)]:
+        cuts[e.value_tell - 3] = 'an element header'
+        if e.length > 1: cuts[e.value_tell + e.length // 2] = 'a value'
+        if image: cuts[e.value_tell + e.length] = 'between two elements'      # a pixel-less object cut there reads as whole
+    if 'PixelData' in pydicom.dcmread(path, force=True): cuts[Path(path).read_bytes().rfind(b'\xe0\x7f\x10\x00' if ds.original_encoding[1] else b'\x7f\xe0\x00\x10') + 4] = 'the pixel data header'
+    return cuts
+
+def _cut_corpus(src) -> dict[Path, tuple[int, str]]:
+    "Pydicom's sample files cut at several offsets inside their header (and pydicom's deflated one inside its deflate stream): path -> (offset, where)."
+    made = {}
+    for name in CUT_SEEDS:
+        data = sample_file(name).read_bytes()
+        for at, where in _header_cuts(sample_file(name)).items():
+            (p := src/'cut'/f"{Path(name).stem}_{at}.dcm").parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data[:at]); made[p] = (at, where)
+    dfl = sample_file('image_dfl.dcm').read_bytes()
+    start = dfl.find(b'1.2.840.10008.1.2.1.99') + 24                          # the deflate stream follows the meta group
+    for at in (start + 16, start + 64, start + 160):
+        (p := src/'cut'/f"image_dfl_{at}.dcm").write_bytes(dfl[:at]); made[p] = (at, 'the deflate stream')
+    return made
+
+def test_a_file_cut_in_its_header_is_a_failure_and_retried(tmp_path):
+    "Real files cut inside their header are `unreadable` with where they stop, not `no_pixels`; --retry-failed retries them; whole SR/RT objects stay no_pixels."
+    src, out = tmp_path/'src', tmp_path/'out'
+    cuts = _cut_corpus(src)
+    assert len(cuts) >= 60 and {w for _, w in cuts.values()} == {'an element header', 'a value', 'between two elements', 'the pixel data header', 'the deflate stream'}
+    (src/'whole').mkdir()
+    whole = [shutil.copy(sample_file(n), src/'whole'/n) for n in ('rtplan.dcm', 'test-SR.dcm', 'rtstruct.dcm', 'CT_small.dcm')]
+    first = preprocess(src, out, n_workers=0, quiet=True)
+    files = _files(out)
+    got = {p: (files[str(p)]['status'], files[str(p)]['error']) for p in cuts}
+    assert {status for status, _ in got.values()} == {'unreadable'}, Counter(status for status, _ in got.values())
+    off = {p.name: (cuts[p], error) for p, (_, error) in got.items() if not (error.startswith('truncated') and f'byte {cuts[p][0]:,}' in error)}
+    assert all(error.startswith('truncated: a sequence stops before its end') for _, error in off.values()), off   # inside a sequence
+    assert {Path(p).name: f['status'] for p, f in files.items() if '/whole/' in p} == {
+        'rtplan.dcm': 'no_pixels', 'test-SR.dcm': 'no_pixels', 'rtstruct.dcm': 'no_pixels', 'CT_small.dcm': 'ok'}
+    again = preprocess(src, out, n_workers=0, quiet=True, retry_failed=True)          # failures are retried: the cut files are read again
+    rows = _files(out)
+    assert again.counts == {'unreadable': len(cuts), 'unchanged': len(whole)}
+    assert {rows[str(p)]['run_id'] for p in cuts} == {again.run_id} and {rows[str(p)]['run_id'] for p in whole} == {first.run_id}
+    one = next(p for p in cuts if p.name.startswith('CT_small_'))
+    shutil.copy(sample_file('CT_small.dcm'), one)                                       # its copy completes: it is whole again
+    assert preprocess(src, out, n_workers=0, quiet=True).counts == {'ok': 1, 'unchanged': len(whole)}
+    print(f"\n[cut short] {len(cuts)} cuts of {len(CUT_SEEDS) + 1} sample files, all unreadable, e.g. {got[one][1]}"
+          f"{f'; {len(off)} inside a sequence' if off else ''}")
 
 
 # ---------------------------------------------------------------------------------------- 4. hostile-input fuzzing
