@@ -228,22 +228,25 @@ META_BYTES = 1 << 20   # the most a file meta group (0002,xxxx) may hold: real o
 _LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)   # explicit VRs whose length takes 4 bytes
 
 def _meta_too_long(f, why:str) -> DicomReadError:
+    "The error for the file meta group of `f` running past `META_BYTES`."
     return DicomReadError(getattr(f, 'name', ''), f"its file meta group (0002,xxxx) runs past {META_BYTES:,} bytes ({why})")
 
 def _walk_meta(f, start:int) -> bytes|None:
     "The raw file meta group of `f` from byte `start`, element by element; None at an element pydicom might frame otherwise."
-    f.seek(start); out = bytearray()
-    while len(h := f.read(8)) == 8 and h[:2] == b'\x02\x00':
-        vr, n = h[4:6], int.from_bytes(h[6:], 'little')
+    f.seek(start); b, i = f.read(2048), 0                       # b: the bytes read so far; i: where the next element starts
+    while True:
+        if len(b) < i + 12: b += f.read(i + 12 - len(b))
+        if len(b) < i + 8 or b[i] != 2 or b[i + 1]: return b[:i]         # the end of the file, or of group 0002
+        vr = b[i + 4:i + 6]
         if vr not in ENCODED_VR or vr == b'SQ': return None
         if vr in _LONG_VRS:
-            if len(ext := f.read(4)) < 4: return None
-            h, n = h + ext, int.from_bytes(ext, 'little')
+            if len(b) < i + 12: return None
+            head, n = 12, int.from_bytes(b[i + 8:i + 12], 'little')
+        else: head, n = 8, b[i + 6] | b[i + 7] << 8
         if n == 0xFFFFFFFF: return None
-        if len(out) + len(h) + n > META_BYTES:
-            raise _meta_too_long(f, f"element {BaseTag(2 << 16 | int.from_bytes(h[2:4], 'little'))} at byte {start + len(out):,} declares {n:,} bytes")
-        out += h + f.read(n)
-    return bytes(out)
+        if i + head + n > META_BYTES:
+            raise _meta_too_long(f, f"element {BaseTag(2 << 16 | b[i + 2] | b[i + 3] << 8)} at byte {start + i:,} declares {n:,} bytes")
+        i += head + n
 
 def _pydicom_meta(f, start:int) -> bytes:
     "The raw file meta group of `f` from byte `start`, as pydicom's own meta reader frames it, read from at most `META_BYTES` of the file."

@@ -169,7 +169,7 @@ def _in_process(work, nbytes:int, item):
     "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
     try:
         with memory_capped(nbytes): return work(item)
-    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {e}")
+    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {str(e) or 'an allocation failed'}")
 
 # %% ../nbs/06_run.ipynb #09c229cb
 @patch

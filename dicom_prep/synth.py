@@ -443,20 +443,28 @@ def zeros_deflated(mib:int, # MiB of zeros
 
 def _ob_header(group:int, elem:int, length:int) -> bytes: return struct.pack('<HH2sHI', group, elem, b'OB', 0, length)
 
+def _hiding(inside:str, n:int) -> tuple[bytes, bytes]:
+    "(bytes before, bytes after) `n` bytes of zeros hidden `inside` the 'pixels', a private 'element', or an element of a 'sequence' item."
+    if inside == 'pixels': return _ob_header(0x7FE0, 0x10, n), b''
+    if inside == 'element': return _ob_header(0x0029, 0x1000, n), b''
+    assert inside == 'sequence', inside                     # RequestAttributesSequence, one item of undefined length: an EncapsulatedDocument
+    return (struct.pack('<HH2sHIHHI', 0x0040, 0x0275, b'SQ', 0, 0xFFFFFFFF, 0xFFFE, 0xE000, 0xFFFFFFFF) + _ob_header(0x0042, 0x0011, n),
+            struct.pack('<HHIHHI', 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0))
+
 def deflate_bomb(path, # where to write it
                  mib:int, # MiB of zeros the dataset inflates to
                  rows:int=64, cols:int=64, # what the header says
-                 in_pixels:bool=True, # the zeros are the pixel data; False: a private element (0029,1000) before honest pixel data
+                 inside:str='pixels', # where the zeros are: the 'pixels', a private 'element' or a 'sequence' item before honest pixels
                  meta_pad:int=0, # bytes of a file meta element (0002,0001) before the transfer syntax UID [default: its usual 2]
                 ) -> Path:
     "A deflated DICOM whose header says rows x cols (8-bit) and which inflates to `mib` MiB of zeros, in its pixel data or before it."
     ds = pydicom.dcmread(synth_dicom(Path(path).with_suffix('.plain'), 8, 8)); del ds.PixelData
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 8, 8, 7
-    if not in_pixels: ds.private_block(0x0029, 'dicom_prep bomb', create=True)
+    if inside == 'element': ds.private_block(0x0029, 'dicom_prep bomb', create=True)
     raw = DicomBytesIO(); raw.is_little_endian, raw.is_implicit_VR = True, False
     write_dataset(raw, ds)
-    pixels = _ob_header(0x7FE0, 0x10, rows * cols)
-    first, tail = (_ob_header(0x7FE0, 0x10, mib * _MIB), b'') if in_pixels else (_ob_header(0x0029, 0x1000, mib * _MIB), pixels + bytes(rows * cols))
+    first, tail = _hiding(inside, mib * _MIB)
+    if inside != 'pixels': tail += _ob_header(0x7FE0, 0x10, rows * cols) + bytes(rows * cols)
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     body = c.compress(raw.getvalue() + first) + c.flush(zlib.Z_FULL_FLUSH)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian

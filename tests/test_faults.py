@@ -170,22 +170,23 @@ def test_deflate_bombs_past_the_old_guard_are_too_large(tmp_path):
     "A transfer syntax UID moved past byte 8,192 by a 9,000-byte meta element, and zeros hidden in a non-pixel element: too_large, naming the limit, in < 400 MB."
     src, out = tmp_path/'src', tmp_path/'out'
     bombs = {'far': deflate_bomb(src/'s'/'far.dcm', 512, meta_pad=9000),                     # 531 KB, 512 MiB in the pixel data
-             'hidden': deflate_bomb(src/'s'/'hidden.dcm', 512, in_pixels=False),             # 512 MiB in a private element
-             'far_hidden': deflate_bomb(src/'s'/'far_hidden.dcm', 512, in_pixels=False, meta_pad=9000)}
-    synth_dicom(src/'s'/'fine.dcm'); deflate_bomb(src/'s'/'fine_deflated.dcm', 2, in_pixels=False)   # 2 MiB besides its pixels: fine
+             'hidden': deflate_bomb(src/'s'/'hidden.dcm', 512, inside='element'),            # 512 MiB in a private element
+             'far_hidden': deflate_bomb(src/'s'/'far_hidden.dcm', 512, inside='element', meta_pad=9000),
+             'nested': deflate_bomb(src/'s'/'nested.dcm', 512, inside='sequence')}      # in an item of a sequence
+    synth_dicom(src/'s'/'fine.dcm'); deflate_bomb(src/'s'/'fine_deflated.dcm', 2, inside='element')   # 2 MiB besides its pixels: fine
     assert all(bombs[k].read_bytes().find(b'1.2.840.10008.1.2.1.99') > 8192 for k in ('far', 'far_hidden'))
     r, peak = _peak_cli(console_script('dicom_prep_preprocess') + ['--dicom-dir', src, '--output-dir', out, '--workers', '1'])
     assert r.returncode == 0, r.stderr
     status = {Path(p).stem: (s, e) for p, s, e in query(out, 'select path, status, error from files')}
     assert {k: s for k, (s, _) in status.items()} == {k: 'too_large' for k in bombs} | {'fine': 'ok', 'fine_deflated': 'ok'}, status
     assert status['far'][1].endswith('(4,096 bytes of pixel data, as its header declares, + 64 MiB for its other elements)'), status['far']
-    assert all(status[k][1].endswith('bytes before its pixel data (at most 64 MiB besides the pixel data)') for k in ('hidden', 'far_hidden')), status
+    assert all(status[k][1].endswith('bytes before its pixel data (at most 64 MiB besides the pixel data)') for k in ('hidden', 'far_hidden', 'nested')), status
     assert peak < 400, peak
     got = json.loads(subprocess.run([sys.executable, '-c', _HEADERS, *map(str, bombs.values())], capture_output=True, text=True,
                                     timeout=120, check=True).stdout)                     # the header-only reads of the NIfTI pipeline
     hidden = 'bytes before its pixel data (at most 64 MiB besides the pixel data)'
     assert {Path(p).stem: why if why == 'read' else why.endswith(hidden) for p, why in got['results'].items()} == {
-        'far': 'read', 'hidden': True, 'far_hidden': True}, got                           # the header alone is fine unless it holds the bomb
+        'far': 'read', 'hidden': True, 'far_hidden': True, 'nested': True}, got                           # the header alone is fine unless it holds the bomb
     assert got['maxrss_mib'] < 300, got['maxrss_mib']
     print(f"\n[deflate bombs past the old guard] {', '.join(f'{k} ({p.stat().st_size:,} B)' for k, p in bombs.items())}: too_large; "
           f"peak RSS {peak:.0f} MiB (CLI), {got['maxrss_mib']:.0f} MiB (header-only reads)")
