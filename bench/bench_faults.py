@@ -1,6 +1,7 @@
 """What the fault guards cost: cold `preprocess` runs with every guard on vs off, in the same run.
 
-The guards: the deflate check in `read_dicom` (an 8 KB `find` per file), the codestream checks in `check_size` and
+The guards: the deflate check in `read_dicom` (a walk of the file meta group per file, `file_meta_bytes`; a whole
+read without pixel data is also checked for being cut short), the codestream checks in `check_size` and
 `decode_frame` (compressed files only), the umask mode set on every output (`atomic_path`), the parent-death signal
 and the memory cap (`default_worker_memory`) of each pool worker. "Off" runs the same code with those monkeypatched
 away in the driver (the workers fork from it, so they inherit the patches); "on" runs it as shipped, plus the memory
