@@ -164,6 +164,7 @@ def _unsafe(root:str, parts:list[str], fd:int) -> UnsafeOutput:
 def _walk(root:str, parts:list[str], create:bool) -> int|None:
     "A descriptor of `root/parts…`, each part made if missing (`create`) and opened without following a symlink; None if one is missing."
     if create: os.makedirs(root, exist_ok=True)           # the root is the user's: it may be, or lie under, a symlink
+    elif not os.path.isdir(root): return None
     fd = os.open(root, _DIR_FLAGS)
     try:
         for i, p in enumerate(parts):
@@ -246,11 +247,13 @@ def _unlink_in(dfd:int, name:str):
     try: os.unlink(name, dir_fd=dfd)
     except FileNotFoundError: pass
 
+def _ours(name) -> bool: return os.sep not in str(name) or str(name).startswith('/proc/self/fd/')   # relative to a folder descriptor
+
 def _name_error(e:BaseException, dest:str, always:bool=False):
-    "Make a system's `OSError` name `dest` where it named one of our names (relative to a folder descriptor, a descriptor's path) or none."
-    f = str(e.filename or '') if isinstance(e, OSError) else ''
-    if (isinstance(e, OSError) and not isinstance(e, UnsafeOutput) and e.errno is not None
-        and (always or os.sep not in f or f.startswith('/proc/self/fd/'))): e.filename, e.filename2 = dest, None
+    "Make a system's `OSError` name `dest` where it named one of our names (`_ours`: a temporary, a descriptor's path) or none."
+    if not isinstance(e, OSError) or isinstance(e, UnsafeOutput) or e.errno is None: return
+    if always or e.filename is None or _ours(e.filename): e.filename, e.filename2 = dest, None
+    elif e.filename2 is not None and _ours(e.filename2): e.filename2 = dest
 
 def _in_folder(dest:str, root, op, create:bool=True):
     "`op(descriptor)` in the checked folder of `dest` (`op(None)` where it is missing and not `create`); again if it was deleted since."

@@ -55,7 +55,8 @@ def resume_hint() -> str:
 
 class RunFailed(Exception): "The environment stopped the run (a full, read-only or forbidden disk, a size limit, a database locked): no file's fault."
 
-ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES}   # of the disk, not of a file
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
+              errno.EISDIR}                                                                                # a folder where an output goes
 
 def env_error(e:BaseException, # an exception raised while writing an output
               where=None, # the folder being written, when the exception does not name a file

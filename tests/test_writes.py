@@ -265,3 +265,12 @@ def test_environmental_errors_raise_in_a_library_call(tmp_path, immutable):
     immutable(out/'images/study0000')
     with pytest.raises(RunFailed, match='Operation not permitted'): preprocess(src, out, n_workers=0, quiet=True)
     assert query(out, "select count(*) from files where status != 'ok'") == [(0,)]
+
+
+def test_planted_folder_at_a_png_name_fails_the_run(tmp_path):
+    "A folder planted where a PNG goes (EISDIR): the run fails with one line; nothing is blamed on the source file."
+    src, out = _corpus(tmp_path/'src', 3), tmp_path/'out'
+    assert _cli('--dicom-dir', src, '--output-dir', out, '--workers', '0').returncode == 0
+    (out/'images/study0000/im1.png').unlink(); (out/'images/study0000/im1.png').mkdir()
+    r = _cli('--dicom-dir', src, '--output-dir', out, '--workers', '0', '--force')
+    _assert_run_failed(r, out, 'Is a directory (EISDIR)')
