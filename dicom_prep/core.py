@@ -1,6 +1,6 @@
 """Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 
-Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` writes a file all or nothing and `write_output` writes many small ones cheaply, and `Progress` shows a bar on a terminal and plain lines elsewhere.
+Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` writes a file all or nothing and `write_output` writes many small ones cheaply, neither through a symlink inside the output folder (`folder_fd`), and `Progress` shows a bar on a terminal and plain lines elsewhere.
 
 Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
@@ -8,15 +8,17 @@ Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #bf9cd803
 from __future__ import annotations
-import hashlib, itertools, logging, os, re, shlex, sys, time, unicodedata
+import errno, hashlib, itertools, logging, os, re, shlex, shutil, stat, sys, threading, time, unicodedata
 from contextlib import contextmanager
 
 from pathlib import Path, PurePath
 
 # %% auto #0
-__all__ = ['MAX_COMPONENT', 'TOP_STUDY', 'FILE_MODE', 'log', 'Timer', 'stable_hash', 'safe_component', 'readable_component',
-           'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'atomic_path', 'write_output',
-           'setup_logging', 'Progress', 'resume_command']
+__all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FILE_MODE', 'MAX_OPEN_FOLDERS', 'RECHECK_AFTER',
+           'log', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
+           'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
+           'folder_fd', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging', 'Progress',
+           'resume_command']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -47,12 +49,26 @@ def stable_hash(s:str, # text to hash
 # %% ../nbs/00_core.ipynb #dbbb96f2
 _RESERVED = {'CON', 'PRN', 'AUX', 'NUL', *(f'COM{i}' for i in range(1, 10)), *(f'LPT{i}' for i in range(1, 10))}
 _UNSAFE = re.compile(r'[^\w.\-]+')
-MAX_COMPONENT = 80
+NAME_MAX = 255              # bytes in one file name: the limit of ext4, XFS, btrfs, ZFS and APFS
+MAX_COMPONENT = 80          # characters a name keeps, for readability
+MAX_COMPONENT_BYTES = 200   # UTF-8 bytes a name keeps: NAME_MAX less room for what is appended (`_frame0000.png`, `_0000.nii.gz`, `_2.json`)
+
+def utf8_len(s:str) -> int: return len(s.encode('utf-8', 'surrogatepass'))
+
+def cap_bytes(s:str, # a name
+              n:int, # the most UTF-8 bytes it may take
+             ) -> str:
+    "The longest start of `s` within `n` UTF-8 bytes, cut between characters, and never between a letter and its combining marks."
+    if len(s) * 4 <= n or utf8_len(s) <= n: return s
+    k = size = 0
+    while (size := size + utf8_len(s[k])) <= n: k += 1
+    while k and unicodedata.combining(s[k]): k -= 1
+    return s[:k]
 
 def _is_clean(name:str) -> bool:
     "True if `name` can be used as a path component unchanged."
     return (bool(name) and name == unicodedata.normalize('NFC', name) and not _UNSAFE.search(name) and len(name) <= MAX_COMPONENT
-            and not name.startswith(('.', '-')) and name.split('.')[0].upper() not in _RESERVED
+            and utf8_len(name) <= MAX_COMPONENT_BYTES and not name.startswith(('.', '-')) and name.split('.')[0].upper() not in _RESERVED
             and not re.search(r'_frame\d+$', name))
 
 def safe_component(name:str, # a folder or file name from the source tree or a tag
@@ -61,7 +77,7 @@ def safe_component(name:str, # a folder or file name from the source tree or a t
                   ) -> str:
     "A filesystem-safe path component for `name`, with `~hash` (of `key`, default `name`) appended whenever it had to change."
     if _is_clean(name) and not force_hash: return name
-    s = _UNSAFE.sub('_', unicodedata.normalize('NFC', name)).strip('._-')[:MAX_COMPONENT - 12] or 'x'
+    s = cap_bytes(_UNSAFE.sub('_', unicodedata.normalize('NFC', name)).strip('._-')[:MAX_COMPONENT - 12], MAX_COMPONENT_BYTES - 11) or 'x'
     if s.split('.')[0].upper() in _RESERVED: s = f"_{s}"
     return f"{s}~{stable_hash(key or name)}"
 
@@ -69,7 +85,7 @@ def safe_component(name:str, # a folder or file name from the source tree or a t
 def readable_component(name:str, # a folder or file name made from tag text
                       ) -> str:
     "A filesystem-safe path component for `name`: unsafe runs become '_', and nothing is appended (callers number clashes)."
-    s = _UNSAFE.sub('_', unicodedata.normalize('NFC', name)).strip('._-')[:MAX_COMPONENT] or '_'
+    s = cap_bytes(_UNSAFE.sub('_', unicodedata.normalize('NFC', name)).strip('._-')[:MAX_COMPONENT], MAX_COMPONENT_BYTES) or '_'
     return f"_{s}" if s.split('.')[0].upper() in _RESERVED else s
 
 # %% ../nbs/00_core.ipynb #f7e8d555
@@ -129,61 +145,215 @@ def current_umask() -> int:
 
 FILE_MODE = 0o666 & ~current_umask()   # the mode a new output file gets, as `open()` would give it
 
+# %% ../nbs/00_core.ipynb #5f078572
+class UnsafeOutput(OSError):
+    "A symlink, a file or `..` where an output folder should be: dicom_prep writes nothing through what it did not make."
+    def __str__(self): return self.strerror
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, 'O_PATH', 0)   # O_PATH: a handle, no read permission needed
+
+def _unsafe(root:str, parts:list[str], fd:int) -> UnsafeOutput:
+    "The error for the last of `parts` (in the folder `fd`), found where a folder below `root` should be."
+    name, path = parts[-1], os.path.join(root, *parts)
+    try: link = name not in ('', '.', '..') and stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError: link = False
+    what = 'a symlink' if link else f"{name!r}, not a folder name" if name in ('', '.', '..') else 'not a folder'
+    return UnsafeOutput(errno.ELOOP if link else errno.ENOTDIR,
+                        f"{path} is {what}, inside the output folder {root}: dicom_prep writes nothing through it (remove it)", path)
+
+def _walk(root:str, parts:list[str], create:bool) -> int|None:
+    "A descriptor of `root/parts…`, each part made if missing (`create`) and opened without following a symlink; None if one is missing."
+    if create: os.makedirs(root, exist_ok=True)           # the root is the user's: it may be, or lie under, a symlink
+    elif not os.path.isdir(root): return None
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for i, p in enumerate(parts):
+            if p in ('', '.', '..'): raise _unsafe(root, parts[:i + 1], fd)
+            if create:
+                try: os.mkdir(p, dir_fd=fd)
+                except FileExistsError: pass
+            try: nxt = os.open(p, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if create: raise
+                os.close(fd); return None
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR): raise _unsafe(root, parts[:i + 1], fd) from None
+                raise
+            os.close(fd); fd = nxt
+        return fd
+    except BaseException: os.close(fd); raise
+
+# %% ../nbs/00_core.ipynb #e279e4ca
+_KEPT = threading.local()   # per thread: (root, folder) -> [descriptor, (st_dev, st_ino), when checked] of the folders it checked
+MAX_OPEN_FOLDERS = 64       # descriptors of checked folders a thread keeps open
+RECHECK_AFTER = 1.0         # seconds a kept folder is trusted before its path is checked again (one `stat`)
+
+def _kept() -> dict:
+    "This thread's kept folders."
+    if not hasattr(_KEPT, 'folders'): _KEPT.folders = {}
+    return _KEPT.folders
+
+def forget_folders():
+    "Close this thread's kept folder descriptors, so that the next write checks its folders again (every run starts so)."
+    kept = _kept()
+    while kept: os.close(kept.popitem()[1][0])
+
+def _identity(path:str) -> tuple|None:
+    "(device, inode) of what `path` names now, or None."
+    try: st = os.stat(path)
+    except OSError: return None
+    return st.st_dev, st.st_ino
+
+def _kept_fd(root:str, folder:str, create:bool) -> int|None:
+    "The kept descriptor of `folder` (`root` or below it): checked by `_walk`, or kept and still what its path names. Not to be closed."
+    kept, key = _kept(), (root, folder)
+    if (hit := kept.get(key)):
+        if time.monotonic() - hit[2] < RECHECK_AFTER: return hit[0]
+        if _identity(folder) == hit[1]: hit[2] = time.monotonic(); return hit[0]
+        os.close(kept.pop(key)[0])
+    if (fd := _walk(root, _relative_parts(folder, root) if folder != root else [], create)) is None: return None
+    while len(kept) >= MAX_OPEN_FOLDERS: os.close(kept.pop(next(iter(kept)))[0])
+    st = os.fstat(fd)
+    kept[key] = [fd, (st.st_dev, st.st_ino), time.monotonic()]
+    return fd
+
+def folder_fd(root, # the output folder: it may be a symlink, nothing below it may
+              folder, # `root` itself, or a folder below it (spelled from `root`)
+              create:bool=True, # make missing folders (else: None if one is missing)
+             ) -> int|None:
+    "A new descriptor (close it) of `folder`, no symlink below `root` followed: checked part by part, then kept (see above)."
+    fd = _kept_fd(os.fspath(root), os.fspath(folder), create)
+    return None if fd is None else os.dup(fd)
+
 # %% ../nbs/00_core.ipynb #1f798737
 _TEMPS = itertools.count()
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC   # a new file, never one a link points to
+_BY_FD = os.path.isdir('/proc/self/fd')                                         # Linux: an open file can be reopened by its descriptor
 
-def _temp_beside(folder:str, name:str) -> str:
-    "A hidden temporary name beside `folder/name`, unique to this process and call (keeping the name's last suffixes)."
-    return os.path.join(folder, f".{name[:40]}.{os.getpid()}-{next(_TEMPS)}{''.join(PurePath(name).suffixes[-2:]) or '.tmp'}")
+def _temp_name(name:str) -> str:
+    "A hidden temporary name for `name`, unique to this process and call, keeping its last suffixes where short (within `NAME_MAX`)."
+    ext = ''.join(PurePath(name).suffixes[-2:])
+    return f".{cap_bytes(name, 100)}.{os.getpid()}-{next(_TEMPS)}{ext if 0 < utf8_len(ext) <= 24 else '.tmp'}"
+
+def _new_temp(dfd:int, name:str) -> tuple[int, str]:
+    "(descriptor, name) of a new temporary for `name` in the folder `dfd`, passing over names a killed process left."
+    for attempt in range(100):
+        try: return os.open(tmp := _temp_name(name), _NEW_FILE, 0o666, dir_fd=dfd), tmp
+        except FileExistsError:
+            if attempt == 99: raise
+
+def _unlink_in(dfd:int, name:str):
+    "Remove `name` from the folder `dfd` if it is there."
+    try: os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError: pass
+
+def _ours(name) -> bool: return os.sep not in str(name) or str(name).startswith('/proc/self/fd/')   # relative to a folder descriptor
+
+def _name_error(e:BaseException, dest:str, always:bool=False):
+    "Make a system's `OSError` name `dest` where it named one of our names (`_ours`: a temporary, a descriptor's path) or none."
+    if not isinstance(e, OSError) or isinstance(e, UnsafeOutput) or e.errno is None: return
+    if always or e.filename is None or _ours(e.filename): e.filename, e.filename2 = dest, None
+    elif e.filename2 is not None and _ours(e.filename2): e.filename2 = dest
+
+def _in_folder(dest:str, root, op, create:bool=True):
+    "`op(descriptor)` in the checked folder of `dest` (`op(None)` where it is missing and not `create`); again if it was deleted since."
+    folder = os.path.dirname(dest) or '.'
+    root = folder if root is None else os.fspath(root)
+    try: dfd = _kept_fd(root, folder, create)
+    except OSError as e: _name_error(e, dest, always=True); raise          # name the file, not a folder on its way
+    try:
+        try: return op(dfd)
+        except FileNotFoundError:
+            if dfd is None or os.fstat(dfd).st_nlink: raise
+        os.close(_kept().pop((root, folder))[0])                                     # deleted since it was kept: walk again
+        return op(_kept_fd(root, folder, create))
+    except OSError as e: _name_error(e, dest); raise
+
+def _temp_in(dfd:int, name:str) -> tuple[int, int, str]:
+    "(a duplicate of `dfd`, descriptor, name) of a new temporary for `name` in the folder `dfd`."
+    fd, tmp = _new_temp(dfd, name)
+    try: return os.dup(dfd), fd, tmp
+    except BaseException: os.close(fd); _unlink_in(dfd, tmp); raise
 
 @contextmanager
 def atomic_path(dest, # the file to write
+                root=None, # the output folder `dest` lies in: nothing below it is written through a symlink [default: the folder of `dest`]
                ):
-    "Yield a temporary path beside `dest` (created by its writer, with the umask's mode); replace `dest` with it only if the block succeeds."
-    folder, name = os.path.split(os.fspath(dest))
-    if folder and not os.path.isdir(folder): os.makedirs(folder, exist_ok=True)
-    tmp = Path(_temp_beside(folder, name))
+    "Yield a path to a new temporary beside `dest` (with the umask's mode) for its writer; replace `dest` with it only if the block succeeds."
+    dest = os.fspath(dest)
+    folder, name = os.path.split(dest)
+    dfd, fd, tmp = _in_folder(dest, root, lambda d: _temp_in(d, name))
+    path = f'/proc/self/fd/{fd}' if _BY_FD else os.path.join(folder, tmp)       # the file itself, whatever its name meets
     try:
-        yield tmp
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield Path(path)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException as e:
+        _unlink_in(dfd, tmp); _name_error(e, dest)
         raise
+    finally: os.close(fd); os.close(dfd)
 
 # %% ../nbs/00_core.ipynb #322020a1
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-
-def _open_new(path:str, flags:int=0) -> int:
-    "A descriptor of the new file `path`, opened with `flags` too (mode from the umask), its folder made if missing."
-    try: return os.open(path, _NEW_FILE | flags, 0o666)
-    except FileNotFoundError: os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    return os.open(path, _NEW_FILE | flags, 0o666)
-
-def _open_output(dest:str, in_place:bool) -> tuple[int, str]:
-    "(descriptor, path) that `dest` is written through: `dest` itself if `in_place` and it does not exist, else a new temporary beside it."
+def _open_in(dfd:int, name:str, in_place:bool) -> tuple[int, str]:
+    "(descriptor, name) that `name` in the folder `dfd` is written through: itself if `in_place` and new, else a new temporary."
     if in_place:
-        try: return _open_new(dest, os.O_EXCL), dest
+        try: return os.open(name, _NEW_FILE, 0o666, dir_fd=dfd), name
         except FileExistsError: pass                  # it exists: replaced all or nothing
-    return _open_new(tmp := _temp_beside(*os.path.split(dest))), tmp
+    return _new_temp(dfd, name)
 
-def write_output(dest, # the file to write
-                 data, # its bytes (any buffer)
-                 in_place:bool=False, # a file that does not exist yet may be written under its own name (see above)
-                ):
-    "Write `data` to `dest` with plain system calls: through a temporary renamed over it, or directly if `in_place` and new."
-    dest = os.fspath(dest)
-    try: fd, path = _open_output(dest, in_place)
-    except OSError as e: raise type(e)(e.errno, e.strerror, dest) from None     # name the file, not its temporary or folder
+def _write_in(dfd:int, name:str, data, in_place:bool):
+    "Write `data` as `name` in the folder `dfd` (see `write_output`)."
+    fd, written = _open_in(dfd, name, in_place)
     try:
         try:
             with memoryview(data) as view:
                 while view: view = view[os.write(fd, view):]     # a short write (a signal, a full disk) continues
         finally: os.close(fd)
-        if path != dest: os.replace(path, dest)
-    except BaseException:
-        try: os.unlink(path)
-        except FileNotFoundError: pass
-        raise
+        if written != name: os.replace(written, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException: _unlink_in(dfd, written); raise
+
+def write_output(dest, # the file to write
+                 data, # its bytes (any buffer)
+                 in_place:bool=False, # a file that does not exist yet may be written under its own name (see above)
+                 root=None, # the output folder `dest` lies in: nothing below it is written through a symlink [default: the folder of `dest`]
+                ):
+    "Write `data` to `dest` with plain system calls: through a temporary renamed over it, or directly if `in_place` and new."
+    dest = os.fspath(dest)
+    name = os.path.basename(dest)
+    _in_folder(dest, root, lambda dfd: _write_in(dfd, name, data, in_place))
+
+# %% ../nbs/00_core.ipynb #4ffa9a31
+def _unlink(dfd:int|None, name:str) -> bool:
+    "Remove `name` from the folder `dfd` (None: missing); True if it was there."
+    if dfd is None: return False
+    try: os.unlink(name, dir_fd=dfd); return True
+    except FileNotFoundError:
+        if os.fstat(dfd).st_nlink: return False
+        raise                                            # the folder was deleted since it was kept: `_in_folder` walks again
+
+def remove_output(dest, # the file to delete
+                  root=None, # the output folder `dest` lies in: nothing below it is reached through a symlink [default: the folder of `dest`]
+                 ) -> bool:
+    "Delete `dest` if it is there (a symlink at `dest` itself is removed, not followed); True if it was."
+    dest = os.fspath(dest)
+    return _in_folder(dest, root, lambda dfd: _unlink(dfd, os.path.basename(dest)), create=False)
+
+def _link_in(dfd:int, src, name:str) -> bool:
+    "Hardlink `src` as `name` in the folder `dfd`, replacing it all or nothing; False where no link can be made."
+    try: os.link(src, tmp := _temp_name(name), dst_dir_fd=dfd)
+    except FileNotFoundError: raise                     # the source is gone (or the folder: `_in_folder` walks again)
+    except OSError: return False                        # another file system, or no links allowed there
+    try: os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException: _unlink_in(dfd, tmp); raise
+    return True
+
+def link_output(src, # the file to link (an output of ours)
+                dest, # where to link it
+                root=None, # the output folder `dest` lies in: nothing below it is written through a symlink [default: the folder of `dest`]
+               ):
+    "Hardlink `src` at `dest` (a copy where no link can be made: another file system), replacing `dest` all or nothing."
+    dest = os.fspath(dest)
+    if _in_folder(dest, root, lambda dfd: _link_in(dfd, src, os.path.basename(dest))): return
+    with atomic_path(dest, root) as tmp: shutil.copy2(src, tmp)
 
 # %% ../nbs/00_core.ipynb #f179052a
 log = logging.getLogger('dicom_prep')

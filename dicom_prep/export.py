@@ -12,14 +12,15 @@ Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 
 # %% ../nbs/12_export.ipynb #d7dea145
 from __future__ import annotations
-import io, json, os, shutil, tarfile
+import io, json, tarfile
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
 import sqlite_utils
 from fastcore.script import call_parse
-from .core import atomic_path, safe_component, stable_hash
+from .core import (MAX_COMPONENT_BYTES, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
+                             stable_hash, utf8_len)
 from .db import (DbLock, PrivateStateError, assign_split, attach_private, get_meta, now, open_db, output_dir_of,
                            parse_splits, pseudonym)
 from .preprocess import PHI_KEYS
@@ -157,10 +158,11 @@ def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shar
 
 # %% ../nbs/12_export.ipynb #e1792852
 def _flat(filenames) -> dict:
-    "filename → a flat, unique file stem."
+    "filename → a flat, unique file stem, within `MAX_COMPONENT_BYTES` (cut and hashed where longer)."
     flat, seen = {}, {}
     for f in sorted(filenames):
         s = f.replace('/', '__')
+        if utf8_len(s) > MAX_COMPONENT_BYTES: s = f"{cap_bytes(s, MAX_COMPONENT_BYTES - 11)}~{stable_hash(f)}"
         if s in seen: s = f"{s}~{stable_hash(f, 8)}"
         flat[f] = seen[s] = s
     return flat
@@ -176,16 +178,10 @@ def image_items(df:pd.DataFrame, # images (with `label` when labelled)
             for r in df.to_dict('records')]
 
 # %% ../nbs/12_export.ipynb #f711ee1f
-def _link(src:Path, dest:Path):
-    "Hardlink `src` at `dest` (a copy across filesystems), replacing `dest` atomically."
-    with atomic_path(dest) as tmp:
-        try: os.link(src, tmp)
-        except OSError: shutil.copy2(src, tmp)
-
 def _remove(out_dir, removed:list[dict]):
     "Delete the files of removed items, and the folders (a class, a split) they leave empty."
     for r in removed:
-        p = Path(out_dir)/r['item']; p.unlink(missing_ok=True)
+        p = Path(out_dir)/r['item']; remove_output(p, out_dir)
         for d in p.parents:
             if d == Path(out_dir) or any(d.iterdir()): break
             d.rmdir()
@@ -194,7 +190,7 @@ def write_files(db, out_dir, items:list[Item], export_id:int) -> tuple[int, int]
     "Link each item's file into `out_dir` (only new and changed ones); returns (written, removed)."
     write, removed = _plan(db, out_dir, items)
     _remove(out_dir, removed)
-    for i in write: _link(i.path, Path(out_dir)/i.item)
+    for i in write: link_output(i.path, Path(out_dir)/i.item, out_dir)      # no symlink in `out_dir` is followed
     _record(db, out_dir, export_id, write, removed)
     return len(write), len(removed)
 
@@ -359,6 +355,7 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
     if labels and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
     if not Path(db_path).is_file(): raise UsageError(f"No dicom_prep database at {db_path}")
     out_dir = Path(out_dir).absolute(); out_dir.mkdir(parents=True, exist_ok=True)
+    forget_folders()                 # its folders are checked again (see `folder_fd`)
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
         df = volumes_df(db) if fmt in ('nnunet', 'monai') else images_df(db)

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 import dicom_prep
-from .core import log
+from .core import log, remove_output
 from .io import Found
 from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
 from .parallel import TaskFailure
@@ -184,7 +184,7 @@ def conversion_tasks(run:Run, # the open run, after `plan_conversions`
     for (vid,) in run.pages('convert', 'id'):
         v = next(run.db.query('select * from volumes where id = ?', [vid]))
         files = list(run.db.query('select * from volume_files where volume_id = ?', [vid]))
-        yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version)
+        yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, run.output_dir)
 
 # %% ../nbs/11_nifti.ipynb #0c8cd652
 def _conversion_row(task:VolumeTask, res, output_dir, run_id) -> dict:
@@ -238,7 +238,7 @@ def _check_template(template:str):
 def _remove_outputs(run:Run, where:str):
     "Delete the files written for the volumes matching SQL `where` (image, sidecar, .bval/.bvec)."
     for (rel,) in run.db.execute(f'select output_path from volumes where output_path is not null and {where}').fetchall():
-        for p in written_files(run.output_dir/rel): p.unlink(missing_ok=True)
+        for p in written_files(run.output_dir/rel): remove_output(p, run.output_dir)
 
 def _forget_names(run:Run):
     "A new name template: remove every converted volume's files and names, so all are named and written again."

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 from pydicom.multival import MultiValue
-from .core import atomic_path, readable_component, safe_component
+from .core import atomic_path, readable_component, remove_output, safe_component
 from .io import read_dicom
 from .pixels import maker, text_value, untile
 from .series import EpiFields, epi_fields, is_enhanced, tag_value
@@ -252,6 +252,7 @@ class VolumeTask:
     bvals: list|None = None # b-value of each time point: a .bval/.bvec pair is written
     bvecs: list|None = None # FSL gradient direction of each time point
     grid: Grid|None = None # the grid to resample onto (None: the frames are the grid)
+    root: str|None = None # the output folder `out` lies in: nothing below it is written through a symlink [default: the folder of `out`]
 
 # %% ../nbs/10_niftiwrite.ipynb #4077cf93
 def volume_task(v:dict, # a `volumes` row
@@ -259,6 +260,7 @@ def volume_task(v:dict, # a `volumes` row
                 out, # the .nii.gz to write
                 sidecar:bool=False, # also write the JSON sidecar
                 version:str='', # dicom_prep's version, for the sidecar
+                root=None, # the output folder `out` lies in (see `VolumeTask.root`)
                ) -> VolumeTask:
     "The conversion task of `volumes` row `v` with its `volume_files` rows `files`, written to `out`."
     files = sorted(files, key=lambda f: (f['time_index'], f['slice_index']))
@@ -267,7 +269,7 @@ def volume_task(v:dict, # a `volumes` row
                       cols=v['cols'], tr=(v['repetition_time'] or 0) / 1000 or None, sidecar=sidecar,
                       orientation=json.loads(v['orientation']), version=version, sig=v['sources_sig'],
                       slice_timing=js('slice_timing'), bvals=js('bvals'), bvecs=js('bvecs'),
-                      grid=Grid(**js('resample')) if v.get('resample') else None,
+                      grid=Grid(**js('resample')) if v.get('resample') else None, root=None if root is None else str(root),
                       frames=[SourceFrame(f['path'], f['frame'], f['slope'], f['intercept'], f['size'], f['mtime_ns'], f['transfer_syntax'],
                                           f['n_frames'], f['bits_allocated'], f['bits_stored'], f['signed'], f.get('mosaic') or 0,
                                           f['position'] or 0., f.get('row_offset') or 0., f.get('col_offset') or 0.)
@@ -312,15 +314,15 @@ def _write_sidecar(task:VolumeTask, out:Path) -> Path:
     side, f0 = _beside(out, '.json'), task.frames[0]
     meta = sidecar(read_dicom(f0.path, headers_only=True), task.orientation, task.version, 0 if f0.mosaic else f0.frame,
                    (task.rows, task.cols), task.slice_timing)
-    with atomic_path(side) as tmp: tmp.write_text(json.dumps(meta, indent=2))
+    with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
     return side
 
 def _write_diffusion(task:VolumeTask, out:Path):
     "Write FSL's .bval and .bvec next to `out` when `task` is diffusion-weighted; else remove stale ones."
     for ext, text in (('.bval', ' '.join(f'{b:g}' for b in task.bvals or []) + '\n'),
                       ('.bvec', ''.join(' '.join(f'{v[i]:g}' for v in task.bvecs or []) + '\n' for i in range(3)))):
-        if not task.bvals: _beside(out, ext).unlink(missing_ok=True); continue
-        with atomic_path(_beside(out, ext)) as tmp: tmp.write_text(text)
+        if not task.bvals: remove_output(_beside(out, ext), task.root); continue
+        with atomic_path(_beside(out, ext), task.root) as tmp: tmp.write_text(text)
 
 # %% ../nbs/10_niftiwrite.ipynb #8effaf91
 def _place(img, dr, dc, rows, cols) -> np.ndarray:
@@ -377,9 +379,9 @@ def convert_volume(task:VolumeTask, # the volume to write
         data = data[:, :, ::-1].transpose(3, 2, 1, 0)                 # rows bottom-up
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)
-        with atomic_path(out) as tmp: tmp.write_bytes(gzip_bytes(nifti_image(data, np.array(task.affine), slope, inter, task.tr).to_bytes()))
+        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(nifti_image(data, np.array(task.affine), slope, inter, task.tr).to_bytes()))
         side = _write_sidecar(task, out) if task.sidecar else None
-        if not side: _beside(out, '.json').unlink(missing_ok=True)     # one left by an earlier conversion would describe other data
+        if not side: remove_output(_beside(out, '.json'), task.root)   # one left by an earlier conversion would describe other data
         _write_diffusion(task, out)
         return Converted('ok', None, list(data.shape), str(data.dtype), str(side) if side else None)
     except Exception as e: return Converted('error', f"{type(e).__name__}: {e}")
@@ -425,7 +427,6 @@ def unique_name(base:str, # the name wanted
 def output_file(output_dir, # the run's output folder
                 name:str, # a volume's name from `render_name`
                ) -> Path:
-    "`<output_dir>/nifti/<name>.nii.gz`; raises if that resolves outside `output_dir`."
-    dest = Path(output_dir)/'nifti'/f'{name}.nii.gz'
-    if not dest.resolve().is_relative_to(Path(output_dir).resolve()): raise ValueError(f"{name!r} would be written outside {output_dir}")
-    return dest
+    "`<output_dir>/nifti/<name>.nii.gz`; raises if `name` climbs out of it (a symlink on its way is refused when it is written)."
+    if Path(name).is_absolute() or '..' in Path(name).parts: raise ValueError(f"{name!r} would be written outside {output_dir}")
+    return Path(output_dir)/'nifti'/f'{name}.nii.gz'

@@ -476,9 +476,10 @@ def save_png(img:Image.Image, # image to write
              path, # the PNG file
              compress_level:int=6, # zlib level, 0..9
              in_place:bool=False, # a new file may be written under its own name (see `write_output`)
+             root=None, # the output folder `path` lies in: nothing below it is written through a symlink (see `write_output`)
             ) -> Path:
     "Write `img` to `path` as a PNG without metadata chunks (see `write_output`)."
     if not 0 <= compress_level <= 9: raise ValueError(f'PNG compress_level must be 0..9, got {compress_level}')
     img.save(buf := io.BytesIO(), format='PNG', compress_level=compress_level, icc_profile=None)   # encoded in memory:
-    write_output(path, buf.getbuffer(), in_place)                                                # one write
+    write_output(path, buf.getbuffer(), in_place, root)                                          # one write
     return Path(path)

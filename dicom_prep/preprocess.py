@@ -19,7 +19,7 @@ from fastcore.script import call_parse, store_true
 from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
-from .core import clash_key, frame_filename, source_stem, safe_component, log
+from .core import clash_key, frame_filename, source_stem, safe_component, log, remove_output
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
 from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
@@ -202,7 +202,7 @@ def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale,
         img, win, offset = _render(ds, i, window, image_size, upscale, bit_depth)
         row = dict(filename=name, frame_number=i, window=win, thumbnail_path=f"images/{name}.png", png_offset=offset) | shared | frame_metadata(ds, i)
         if shared['mosaic']: row['image_position'] = None       # the mosaic's position is not its slices' (see `series`)
-        save_png(img, dest, compress_level=png_level, in_place=in_place)
+        save_png(img, dest, compress_level=png_level, in_place=in_place, root=out_dir)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except PixelDecodeError as e: return _fail(res, 'decode_error', str(e))
     except OSError as e:
@@ -310,7 +310,7 @@ def _remove_images(db, out_dir, paths, keep=frozenset()):
     "Delete image rows (and PNGs not in `keep`) of the source `paths`."
     for p in paths:
         for r in db.query('select filename, thumbnail_path from images where source_path=?', [p]):
-            if r['filename'] not in keep: (Path(out_dir)/r['thumbnail_path']).unlink(missing_ok=True)
+            if r['filename'] not in keep: remove_output(Path(out_dir)/r['thumbnail_path'], out_dir)
         db.execute('delete from images where source_path=?', [p])
 
 def _as_result(task:FileTask, res, out_dir) -> FileResult:
@@ -318,7 +318,7 @@ def _as_result(task:FileTask, res, out_dir) -> FileResult:
     if not isinstance(res, TaskFailure): return res
     log.warning(f"{task.found.path}: {res.status}: {res.message}")
     base = Path(out_dir)/'images'/task.study_id/task.stem
-    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: p.unlink(missing_ok=True)
+    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, out_dir)
     return FileResult(str(task.found.path), res.status, res.message)
 
 # %% ../nbs/07_preprocess.ipynb #9b2920f2
@@ -375,7 +375,7 @@ def sweep_orphans(db, # the run's database
         db.execute('create temp table if not exists on_disk (path text primary key)'); db.execute('delete from on_disk')
         db.conn.executemany('insert or ignore into on_disk values (?)', rel)
         orphans = [r[0] for r in db.execute('select path from on_disk where path not in (select thumbnail_path from images)')]
-    for p in orphans: (Path(out_dir)/p).unlink(missing_ok=True)
+    for p in orphans: remove_output(Path(out_dir)/p, out_dir)
     return len(orphans)
 
 def _prune(db, out_dir, key=None):
@@ -515,7 +515,7 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
 def _sheets(r:RunResult) -> list[str]:
     "Summary lines of the contact sheets written for a run (or why they could not be)."
     from dicom_prep.sheet import EmptySelection, write_sheets
-    try: return [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets')]
+    try: return [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
     except (OSError, EmptySelection) as e: return [f"Sheets not written: {e}"]
 
 @call_parse

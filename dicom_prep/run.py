@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
-from .core import Timer, Progress, atomic_path, clash_key, log, resume_command, setup_logging
+from .core import Timer, Progress, UnsafeOutput, atomic_path, clash_key, forget_folders, log, resume_command, setup_logging
 from .io import is_dicom, sample_data_dirs, walk_entries
 from .db import (DbBusyError, DbLock, PrivateStateError, SettingsMismatch, attach_private, batched, check_settings,
                            finish_run, get_meta, open_db, pseudonym, set_meta, start_run, suspect_marker)
@@ -54,14 +54,16 @@ def resume_hint() -> str:
     "The command that resumes this run: its own command line without `--force`/`--force-reprocess` (a pending rebuild goes on by itself)."
     return shlex.join([a for a in shlex.split(resume_command()) if a not in ('--force', '--force-reprocess')])
 
-class RunFailed(Exception): "The environment stopped the run (full or read-only disk, I/O error, database locked): no file's fault."
+class RunFailed(Exception): "The environment stopped the run (a full, read-only or forbidden disk, a size limit, a database locked): no file's fault."
 
-ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}   # errors of the disk, not of a file
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
+              errno.EISDIR}                                                                                # a folder where an output goes
 
 def env_error(e:BaseException, # an exception raised while writing an output
               where=None, # the folder being written, when the exception does not name a file
              ) -> str|None:
-    "One line saying what is full or broken and where, if `e` is an environmental write error; else None."
+    "One line saying what is full, broken, forbidden or unsafe and where, if `e` is an environmental write error; else None."
+    if isinstance(e, UnsafeOutput): return str(e)
     if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
     return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
 
@@ -213,9 +215,13 @@ def _unfinished(db, kind) -> bool:
 
 def sweep_temps(folder, # an output folder
                ):
-    "Remove temporary files left by workers killed mid-write (our only dot-files under `folder`)."
-    for p in Path(folder).rglob('.*'):
-        if p.is_file(): p.unlink(missing_ok=True)
+    "Remove temporary files left by workers killed mid-write (our only dot-files under `folder`), following no symlink."
+    if not os.path.isdir(folder): return                     # none yet (or its run removed it)
+    for _, _, names, dfd in os.fwalk(folder):
+        for name in names:
+            if name.startswith('.'):
+                try: os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError: pass
 
 def _ended(run:Run, exc:BaseException|None) -> str:
     "The status a run's row gets when its block ends with `exc` (or normally)."
@@ -246,6 +252,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
     dicom_dir, output_dir = Path(dicom_dir).absolute(), Path(output_dir).absolute()
     db_path = Path(db_path or output_dir/'dicom_prep.db').absolute()
     check_folders(dicom_dir, output_dir)
+    forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
     if workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {workers}")
     if scheduler: require_dask()
@@ -268,12 +275,12 @@ def claim_output(output_dir, # the run's output folder
                 ) -> bool:
     "Record that `db_path` owns `output_dir` (True if it took it over from another); refuse (`UsageError`) that unless `force`."
     owner, db = Path(output_dir)/OWNER_FILE, str(Path(db_path).resolve())
-    old = owner.read_text().strip() if owner.is_file() else None
+    old = owner.read_text().strip() if owner.is_file() and not owner.is_symlink() else None
     if old and old != db and not force:
         raise UsageError(f"{output_dir} belongs to the database {old}, not {db}: use that --db, another --output-dir, "
                          f"or {force_flag} to rebuild it under this database")
     if old != db:
-        with atomic_path(owner) as tmp: tmp.write_text(db + '\n')
+        with atomic_path(owner, output_dir) as tmp: tmp.write_text(db + '\n')
     return bool(old) and old != db
 
 def _setup(kind, db_path, dicom_dir, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt) -> tuple:

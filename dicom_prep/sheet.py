@@ -19,7 +19,7 @@ import numpy as np, sqlite_utils
 from fastcore.script import call_parse
 from PIL import Image, ImageDraw, ImageFont
 
-from .core import atomic_path, safe_component, stable_hash
+from .core import atomic_path, remove_output, safe_component, stable_hash
 from .db import FINAL_OK, output_dir_of
 from .run import UsageError, cli_run
 
@@ -241,11 +241,12 @@ def render_page(cells:list, # `(picture, caption lines)` per tile
 
 def remove_stale_pages(out_path, # the first page's file
                        keep:list, # pages of the new sheet
+                       root=None, # the output folder the pages lie in: nothing below it is reached through a symlink [default: their folder]
                       ):
     "Delete `<stem>_NNN<suffix>` pages beside `out_path` that are not in `keep`."
     out = Path(out_path)
     for p in out.parent.glob(f"{glob_escape(out.stem)}_[0-9][0-9][0-9]{glob_escape(out.suffix)}"):
-        if p not in keep: p.unlink()
+        if p not in keep: remove_output(p, root)
 
 # %% ../nbs/13_sheet.ipynb #09bfe65a
 def write_pages(rows:list, # what to draw, one tile each
@@ -256,6 +257,7 @@ def write_pages(rows:list, # what to draw, one tile each
                 cols:int=8, # tiles per row
                 tile:int=160, # side of a tile, px
                 per_page:int=100, # tiles per page
+                root=None, # the output folder `out_path` lies in: nothing below it is written through a symlink [default: its folder]
                ) -> Sheet:
     "Draw `rows` (`draw(row, tile)` gives picture and caption) `per_page` to a page under `header`."
     chunks = [rows[k:k + per_page] for k in range(0, len(rows), per_page)]
@@ -263,9 +265,9 @@ def write_pages(rows:list, # what to draw, one tile each
     for k, (chunk, path) in enumerate(zip(chunks, paths)):
         cells = [draw(r, tile) for r in chunk]
         page = render_page(cells, header + (f" · page {k+1}/{len(chunks)}" if len(chunks) > 1 else ''), cols, tile)
-        with atomic_path(path) as tmp_png: page.save(tmp_png, format='PNG')
+        with atomic_path(path, root) as tmp_png: page.save(tmp_png, format='PNG')
         captions.append([lines for _, lines in cells])
-    remove_stale_pages(out_path, paths)
+    remove_stale_pages(out_path, paths, root)
     return Sheet(paths, chunks, captions, total, header)
 
 # %% ../nbs/13_sheet.ipynb #75e00899
@@ -281,6 +283,7 @@ def contact_sheet(db, # index path or `Database`
                   seed:int=0, # the same seed draws the same sample
                   tile:int=160, # side of a tile, px
                   per_page:int=100, # tiles per page
+                  root=None, # the output folder `out_path` lies in: nothing below it is written through a symlink [default: its folder]
                  ) -> Sheet:
     "Grid PNG(s) of a stable sample of `n` images (0: all) matching the filters, each captioned with its filename."
     db = open_index(db)
@@ -291,7 +294,7 @@ def contact_sheet(db, # index path or `Database`
         n_all = db['images'].count if 'images' in db.table_names() else 0
         raise EmptySelection(f"No images{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_all:,} images in total)")
     header = f"{sel or 'all images'} · {len(rows):,} sampled of {total:,} images (seed {seed})"
-    return write_pages(rows, partial(image_tile, root=output_dir(db)), header, out_path, total, cols, tile, per_page)
+    return write_pages(rows, partial(image_tile, root=output_dir(db)), header, out_path, total, cols, tile, per_page, root)
 
 # %% ../nbs/13_sheet.ipynb #7551fd7f
 _FAILED = f"coalesce(f.status, 'ok') not in ({', '.join(repr(s) for s in FINAL_OK)})"
@@ -330,6 +333,7 @@ def failures_sheet(db, # index path or `Database`
                    seed:int=0, # the same seed draws the same sample
                    tile:int=160, # side of a tile, px
                    per_page:int=100, # tiles per page
+                   root=None, # the output folder `out_path` lies in: nothing below it is written through a symlink [default: its folder]
                   ) -> Sheet:
     "Grid PNG(s) of a stable sample of the files that failed, each tile showing the status and reason."
     db = open_index(db)
@@ -341,7 +345,7 @@ def failures_sheet(db, # index path or `Database`
         raise EmptySelection(f"No failed files{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_files:,} files in total)")
     kinds = ' · '.join(f"{k} {v:,}" for k, v in counts.items())
     header = f"failures{' · ' + sel if sel else ''} · {len(rows):,} sampled of {total:,} failed files (seed {seed}) · {kinds}"
-    return write_pages(rows, failure_tile, header, out_path, total, cols, tile, per_page)
+    return write_pages(rows, failure_tile, header, out_path, total, cols, tile, per_page, root)
 
 # %% ../nbs/13_sheet.ipynb #976c5032
 def write_sheets(db, # index path or `Database`
@@ -350,14 +354,14 @@ def write_sheets(db, # index path or `Database`
                  cols:int=8, # tiles per row
                  seed:int=0, # the same seed draws the same sample
                  tile:int=160, # side of a tile, px
+                 root=None, # the output folder `out_dir` lies in: nothing below it is written through a symlink [default: `out_dir`]
                 ) -> list[Path]:
     "Write `sheet_<MODALITY>.png` per modality and `sheet_failures.png` if any file failed; return the paths."
     db, out_dir = open_index(db), Path(out_dir)
     mods = [m for m, in db.execute("select distinct coalesce(modality, '') from images order by 1")] if 'images' in db.table_names() else []
-    sheets = [contact_sheet(db, modality=m, n=n, cols=cols, seed=seed, tile=tile,
-                            out_path=out_dir/f"sheet_{safe_component(m or 'unknown')}.png") for m in mods]
-    if sample_failures(db, 1)[0]:
-        sheets.append(failures_sheet(db, n=n, cols=cols, seed=seed, tile=tile, out_path=out_dir/'sheet_failures.png'))
+    opts = dict(n=n, cols=cols, seed=seed, tile=tile, root=out_dir if root is None else root)
+    sheets = [contact_sheet(db, modality=m, out_path=out_dir/f"sheet_{safe_component(m or 'unknown')}.png", **opts) for m in mods]
+    if sample_failures(db, 1)[0]: sheets.append(failures_sheet(db, out_path=out_dir/'sheet_failures.png', **opts))
     return [p for s in sheets for p in s.pages]
 
 # %% ../nbs/13_sheet.ipynb #bb9d00b0
