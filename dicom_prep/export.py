@@ -174,7 +174,7 @@ class Item:
     sig: str             # what it was made from: changes when it must be written again
     meta: dict = field(default_factory=dict)   # metadata (webdataset's .json)
 
-_SHARD = re.compile(r'(?P<split>[^/]+)-(?P<n>\d{6,})\.tar')   # a webdataset shard's name (in the export folder itself)
+_SHARD = re.compile(r'(?P<split>[^/\x00]+)-(?P<n>\d{6,})\.tar')   # a webdataset shard's name (in the export folder itself)
 
 def _plain(rel) -> bool:
     "True if `rel` is a relative path of names (none empty, '.' or '..'): joined to a folder, it stays inside."
@@ -311,6 +311,8 @@ def write_shards(db, out_dir, items:list[Item], export_id:int, shard_size:float=
     dirty = {have[k]['shard'] for k in changed if k in have and have[k]['shard']}
     kept = {s: [by_item[k] for k, r in have.items() if r['shard'] == s and k not in changed] for s in dirty}
     shards = {**kept, **_pack(write, shard_size, _next_numbers(have))}
+    if (bad := next((s for s in shards if not _SHARD.fullmatch(s)), None)):
+        raise IndexValueError(f"shard {bad!r} is not a file name in the export folder: its split is not a safe name")
     for name in [s for s, members in shards.items() if not members]: (out_dir/name).unlink(missing_ok=True)
     shard_of = {i.item: name for name, members in shards.items() for i in members}
     samples = [i for members in shards.values() for i in members]

@@ -16,7 +16,7 @@ import pytest
 import dicom_prep.export as ex
 from conftest import console_script, query
 from dicom_prep.core import atomic_path
-from dicom_prep.db import parse_splits, pseudonym
+from dicom_prep.db import open_db, parse_splits, pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
 from dicom_prep.run import UsageError
@@ -77,6 +77,16 @@ def test_an_index_with_an_unsafe_split_is_refused_naming_the_row(tmp_path):
     for fmt in ('webdataset', 'csv'):
         with pytest.raises(UsageError, match=f"images row '{victim}': split '../../../ESCAPED'"): export(db, out, fmt, label_col='modality')
     assert not list(tmp_path.rglob('ESCAPED*')) and not [p for p in out.rglob('*') if p.is_file()]
+
+
+def test_the_writers_refuse_items_made_elsewhere_that_would_land_outside(tmp_path):
+    "`write_files` and `write_shards` are public: items with an unsafe split are refused before anything is written."
+    db = small_corpus(tmp_path)
+    df = ex.images_df(db).assign(label='x', split='../../ESCAPED')
+    with closing(open_db(db)) as conn:
+        for write, layout in ((ex.write_shards, '{name}'), (ex.write_files, '{split}/{label}/{name}.png')):
+            with pytest.raises(ValueError, match='ESCAPED'): write(conn, tmp_path/'x/out', ex.image_items(df, layout), 0)
+    assert not list(tmp_path.rglob('ESCAPED*'))
 
 
 def test_nnunet_refuses_unsafe_splits_in_the_recorded_settings(tmp_path):
