@@ -339,6 +339,9 @@ def remove_output(dest, # the file to delete
 
 def _link_in(dfd:int, src, name:str) -> bool:
     "Hardlink `src` as `name` in the folder `dfd`, replacing it all or nothing; False where no link can be made."
+    try:
+        if os.path.samestat(os.stat(src), os.stat(name, dir_fd=dfd, follow_symlinks=False)): return True  # a rename onto its own file would leave the temporary
+    except FileNotFoundError: pass
     try: os.link(src, tmp := _temp_name(name), dst_dir_fd=dfd)
     except FileNotFoundError: raise                     # the source is gone (or the folder: `_in_folder` walks again)
     except OSError: return False                        # another file system, or no links allowed there

@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, hashlib, hmac, json, math, os, secrets, socket, sqlite3, sys
+import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, sys
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -18,10 +18,11 @@ from .core import atomic_path, stable_hash, log, resume_command
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'now', 'get_meta', 'set_meta',
-           'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock', 'SettingsMismatch',
-           'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError', 'pseudonym',
-           'attach_private', 'connect_ro', 'export_csv', 'batched', 'parse_splits', 'assign_split']
+           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'SPLIT_NAME', 'now', 'get_meta',
+           'set_meta', 'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock',
+           'SettingsMismatch', 'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError',
+           'pseudonym', 'private_key', 'attach_private', 'connect_ro', 'export_csv', 'batched', 'check_split_name',
+           'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 def _sqlite_utils_without_pandas():
@@ -324,17 +325,25 @@ def _to_private(db, table):
     if not db.execute("select 1 from private.sqlite_master where name=?", [table]).fetchone():
         raise PrivateStateError(f"the private state does not hold this index's {table}: give the file it was made with (--private-state)")
 
-def _key(db, salt) -> str:
-    "The pseudonym key: kept in `private.meta`, or the user's `salt` (checked, never stored)."
+def private_key(db, # a connection (or Database) with a private state attached as `private`
+                salt:str|None=None, # the user's secret, if the index was pseudonymised with one
+               ) -> str|None:
+    "The pseudonym key of the attached private state: its kept key, or `salt` checked against it; None if it holds none yet. Reads only."
     kept = dict(db.execute('select key, value from private.meta').fetchall())
     if salt:
         if kept.get('check', pseudonym('check', salt)) != pseudonym('check', salt):
             raise PrivateStateError("--salt differs from the key this index was pseudonymised with")
-        db.execute("insert or replace into private.meta values ('check', ?)", [pseudonym('check', salt)]); return salt
+        return salt
     if 'key' in kept: return kept['key']
-    if 'check' in kept: raise PrivateStateError("this index was pseudonymised with your own --salt: give it again")
-    key = secrets.token_hex(32)
-    db.execute("insert into private.meta values ('key', ?), ('check', ?)", [key, pseudonym('check', key)])
+    if 'check' in kept: raise PrivateStateError("this index was pseudonymised with your own --salt: give it again (--salt)")
+    return None
+
+def _key(db, salt) -> str:
+    "The pseudonym key: kept in `private.meta`, or the user's `salt` (checked, never stored); a new random one for a new private state."
+    if (key := private_key(db, salt)) is None:
+        key = secrets.token_hex(32)
+        db.execute("insert into private.meta values ('key', ?), ('check', ?)", [key, pseudonym('check', key)])
+    elif salt: db.execute("insert or replace into private.meta values ('check', ?)", [pseudonym('check', salt)])
     return key
 
 def attach_private(db, # the shared index
@@ -381,14 +390,25 @@ def batched(iterable, # any iterable
     while (b := list(islice(it, n))): yield b
 
 # %% ../nbs/04_db.ipynb #8a00ee68
+SPLIT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,31}')   # a split is a folder (imagefolder) and a file-name prefix (webdataset)
+
+def check_split_name(name, # a split name, from --splits or read from an index
+                    ) -> str:
+    "`name` if it is a safe split name, else `ValueError` saying what is allowed."
+    if isinstance(name, str) and SPLIT_NAME.fullmatch(name): return name
+    raise ValueError(f"{name!r} is not a safe split name (1 to 32 ASCII letters, digits, '_' or '-', starting with a letter or digit)")
+
 def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:frac,name:frac'
                 ) -> dict[str, float]:
-    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`."
+    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; names must be safe split names."
     bad = ValueError(f"cannot parse splits {spec!r}: use e.g. 80/10/10 or train:70,valid:30")
     pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/')))
     if ':' not in spec and spec.count('/') > 2 or any(len(p) != 2 for p in pairs): raise bad
     try: fr = {k.strip(): float(v) for k, v in pairs}
     except ValueError: raise bad from None
+    for k in fr:
+        try: check_split_name(k)
+        except ValueError as e: raise ValueError(f"splits {spec!r}: {e}") from None
     tot = sum(fr.values())
     if len(fr) < len(pairs): raise ValueError(f"splits {spec!r} name a split twice")
     if not math.isfinite(tot) or tot <= 0 or any(v < 0 for v in fr.values()):

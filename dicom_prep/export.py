@@ -12,7 +12,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 
 # %% ../nbs/12_export.ipynb #d7dea145
 from __future__ import annotations
-import io, json, tarfile
+import io, json, os, re, tarfile
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +21,20 @@ import sqlite_utils
 from fastcore.script import call_parse
 from .core import (MAX_COMPONENT_BYTES, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
                              stable_hash, utf8_len)
-from .db import (DbLock, PrivateStateError, assign_split, attach_private, get_meta, now, open_db, output_dir_of,
-                           parse_splits, pseudonym)
+from .db import (DbLock, PrivateStateError, assign_split, attach_private, check_split_name, get_meta, now, open_db,
+                           output_dir_of, parse_splits, pseudonym)
 from .preprocess import PHI_KEYS
 from .run import UsageError, cli_run
 
 # %% auto #0
-__all__ = ['KEYS', 'FORMATS', 'images_df', 'LabelError', 'LabelReport', 'read_labels', 'join_labels', 'Item', 'image_items',
-           'write_files', 'write_shards', 'volumes_df', 'volume_items', 'dataset_json', 'ExportResult', 'export',
-           'main']
+__all__ = ['KEYS', 'FORMATS', 'IndexValueError', 'images_df', 'LabelError', 'LabelReport', 'read_labels', 'join_labels', 'Item',
+           'image_items', 'write_files', 'write_shards', 'volumes_df', 'volume_items', 'dataset_json', 'ExportResult',
+           'export', 'main']
 
 # %% ../nbs/12_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
+
+class IndexValueError(ValueError): "A value read from the index that an export refuses to use: it would write outside the export folder."
 
 def _db(db) -> sqlite_utils.Database:
     "An open `Database` for `db` (a path or a Database)."
@@ -50,14 +52,23 @@ def _root(db, kind='preprocess') -> Path:
     "The output folder the paths in `kind`'s tables are relative to."
     return output_dir_of(db, kind) or Path(db.conn.execute('pragma database_list').fetchone()[2]).parent
 
+def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
+    "`df` if every split it read from the index is a safe split name, else `IndexValueError` naming the first row that is not."
+    for s in df['split'].unique():
+        try: check_split_name(s)
+        except ValueError as e:
+            row = df.loc[df['split'].astype(str) == str(s), key].iloc[0]
+            raise IndexValueError(f"{table} row {row!r}: split {e}") from None
+    return df
+
 def images_df(db, # the index: a path or a sqlite-utils Database
               columns:str='*', # SQL column list of `images`
              ) -> pd.DataFrame:
-    "The `images` table as a DataFrame, with each PNG's absolute `path`."
+    "The `images` table as a DataFrame, with each PNG's absolute `path`; `IndexValueError` for a split that is not a safe name."
     with _opened(db) as db:
         df = pd.DataFrame(db.query(f'select {columns} from images order by filename'))
         if 'thumbnail_path' in df: df['path'] = [str(_root(db)/p) for p in df['thumbnail_path']]
-    return df
+    return _check_splits(df, 'images', 'filename' if 'filename' in df else 'split') if 'split' in df else df
 
 # %% ../nbs/12_export.ipynb #50526989
 class LabelError(ValueError): "Labels that cannot be joined as given."
@@ -68,7 +79,7 @@ class LabelReport:
     on: str                                            # the key joined on
     n_labels: int                                      # rows in the labels file
     n_labelled: int                                    # images that got a label
-    unmatched: list = field(default_factory=list)      # label keys that matched no image
+    unmatched: list = field(default_factory=list)      # label keys that matched no image (keyed pseudonyms, for a pseudonymised index)
     unlabelled: list = field(default_factory=list)     # images (filenames) or volumes (output names) with no label
 
     def lines(self) -> list[str]:
@@ -76,15 +87,34 @@ class LabelReport:
         return [f"Labels: {self.n_labels:,} rows joined on {self.on}; {self.n_labelled:,} images labelled, "
                 f"{len(self.unlabelled):,} without a label, {len(self.unmatched):,} labels matched no image"]
 
+def _first_undecodable_line(path, encoding) -> int|None:
+    "The number of the first line of `path` that is not `encoding` text, or None if it all is."
+    raw = Path(path).read_bytes()
+    try: raw.decode(encoding)
+    except UnicodeDecodeError as e: return raw[:e.start].count(b'\n') + 1
+    return None
+
+def _read_csv(path, encoding) -> pd.DataFrame:
+    "The labels file as text columns; `LabelError` in one line for a file that is unreadable, not `encoding` text, or not CSV."
+    try: return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, encoding=encoding)
+    except pd.errors.EmptyDataError: raise LabelError(f"{path}: no labels (the file is empty)") from None
+    except LookupError: raise LabelError(f"--labels-encoding {encoding!r} is not an encoding Python knows") from None
+    except OSError as e: raise LabelError(f"{path}: cannot read the labels ({e.strerror})") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        if (line := _first_undecodable_line(path, encoding)):
+            raise LabelError(f"{path}: line {line} is not {encoding} text: give the file's encoding with --labels-encoding "
+                             "(e.g. latin-1)") from None
+        raise LabelError(f"{path}: {' '.join(str(e).split())}") from None
+
 def read_labels(path, # CSV file with a key column and a label column
                 on:str, # the key column, one of `KEYS`
                 label_col:str|None=None, # the label column [default: the only other column, else 'label']
+                encoding:str='utf-8', # the file's text encoding
                ) -> pd.DataFrame:
-    "Labels as a two-column DataFrame `(on, label)`; `LabelError` for a missing column or duplicate keys."
+    "Labels as a two-column DataFrame `(on, label)`; `LabelError` for an unreadable file, a missing column or duplicate keys."
     if on not in KEYS: raise LabelError(f"--on must be one of {', '.join(KEYS)}, not {on!r}")
     if label_col == on: raise LabelError(f"--label-column and --on are both {on!r}: the key is not a label")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
-    except pd.errors.EmptyDataError: raise LabelError(f"{path}: no labels (the file is empty)") from None
+    df = _read_csv(path, encoding)
     others = [c for c in df.columns if c != on]
     label_col = label_col or (others[0] if len(others) == 1 else 'label')
     for c in (on, label_col):
@@ -97,17 +127,32 @@ def read_labels(path, # CSV file with a key column and a label column
 # %% ../nbs/12_export.ipynb #995e7136
 _KEYED = dict(PHI_KEYS, source_path='src_')   # keys a pseudonymised index holds as keyed pseudonyms
 
-def _key_of(db, salt=None, private=None):
-    "The pseudonym key of a pseudonymised index (from its private state, or the user's salt), else None."
-    if not (get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'): return None
+def _pseudonymised(db) -> bool: return bool((get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'))
+
+def _key_of(db, salt=None, private=None, required:bool=True) -> str|None:
+    "The pseudonym key of a pseudonymised index (its private state attached), else None; not at hand is an error only if `required`."
+    if not _pseudonymised(db): return None
     private = Path(private or f"{output_dir_of(db)}.private.db")
-    if not private.is_file(): raise LabelError(f"this index is pseudonymised: give its private state (--private-state; not at {private})")
-    try: return attach_private(db, private, salt)
-    except PrivateStateError as e: raise LabelError(str(e)) from None
+    try:
+        if not private.is_file(): raise PrivateStateError(f"this index is pseudonymised: give its private state (--private-state; not at {private})")
+        return attach_private(db, private, salt)
+    except PrivateStateError as e:
+        if required: raise LabelError(str(e)) from None
+    return None
 
 def _label_key(db, salt, private):
     "The pseudonym key to key labels with (None for an index that is not pseudonymised)."
     with _opened(db) as d: return _key_of(d, salt, private)
+
+def _join(df:pd.DataFrame, labels:pd.DataFrame, key:str|None) -> tuple[pd.DataFrame, LabelReport]:
+    "`join_labels`, given the index's pseudonym key (None: keys are compared as written)."
+    on = labels.columns[0]
+    if key and on in _KEYED: labels = labels.assign(**{on: [pseudonym(v, key, _KEYED[on]) for v in labels[on]]})   # as the index holds them
+    out = df.drop(columns=['label'], errors='ignore').merge(labels, on=on, how='left')
+    out['label'] = out['label'].astype(object).where(out['label'].notna(), None)
+    rep = LabelReport(on, len(labels), int(out['label'].notna().sum()), sorted(set(labels[on]) - set(df[on].dropna())),
+                      sorted(out.loc[out['label'].isna(), 'filename' if 'filename' in out else 'output_name']))
+    return out, rep
 
 def join_labels(df:pd.DataFrame, # images, from `images_df`
                 labels:pd.DataFrame, # from `read_labels`
@@ -115,18 +160,8 @@ def join_labels(df:pd.DataFrame, # images, from `images_df`
                 salt:str|None=None, # the user's salt, if the index was pseudonymised with one
                 private=None, # the private state of a pseudonymised index [default: beside its output folder]
                ) -> tuple[pd.DataFrame, LabelReport]:
-    "`df` with a `label` column (None where no label), and the report of the join."
-    on = labels.columns[0]
-    raw = {}
-    if db is not None and on in _KEYED and (k := _label_key(db, salt, private)):
-        raw = {pseudonym(v, k, _KEYED[on]): v for v in labels[on]}          # to report unmatched keys as the user wrote them
-        labels = labels.assign(**{on: list(raw)})
-    out = df.drop(columns=['label'], errors='ignore').merge(labels, on=on, how='left')
-    out['label'] = out['label'].astype(object).where(out['label'].notna(), None)
-    keys = set(df[on].dropna())
-    rep = LabelReport(on, len(labels), int(out['label'].notna().sum()), sorted(raw.get(k, k) for k in set(labels[on]) - keys),
-                      sorted(out.loc[out['label'].isna(), 'filename' if 'filename' in out else 'output_name']))
-    return out, rep
+    "`df` with a `label` column (None where no label), and the report of the join (unmatched keys as the index would hold them)."
+    return _join(df, labels, _label_key(db, salt, private) if db is not None and labels.columns[0] in _KEYED else None)
 
 # %% ../nbs/12_export.ipynb #2a7e12dd
 @dataclass
@@ -140,21 +175,50 @@ class Item:
     sig: str             # what it was made from: changes when it must be written again
     meta: dict = field(default_factory=dict)   # metadata (webdataset's .json)
 
-def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict]]:
-    "The items to (re)write, and the recorded ones to remove, against what `out_dir` already holds."
-    have = {r['item']: r for r in db.query('select * from export_items where out_dir=?', [str(out_dir)])}
+_SHARD = re.compile(r'(?P<split>[^/\x00]+)-(?P<n>\d{6,})\.tar')   # a webdataset shard's name (in the export folder itself)
+
+def _plain(rel) -> bool:
+    "True if `rel` is a relative path of names (none empty, '.' or '..'): joined to a folder, it stays inside."
+    return isinstance(rel, str) and '\x00' not in rel and all(p not in ('', '.', '..') for p in rel.split('/'))
+
+def _no_symlinks(out_dir:Path, items) -> None:
+    "Refuse (`UsageError`) a symlinked folder inside `out_dir` on the way to any of `items`: writing or deleting through it would reach outside."
+    for folder in {Path(i).parent for i in items} - {Path('.')}:
+        for d in (out_dir/folder, *(out_dir/folder).parents):
+            if d == out_dir: break
+            if d.is_symlink(): raise UsageError(f"{d} is a symlink inside the export folder: an export does not write through it (remove it)")
+
+def _outside(r:dict) -> str|None:
+    "The column of an `export_items` row that names no file inside the export folder ('item' or 'shard'), or None."
+    if not _plain(r['item']): return 'item'
+    if r['shard'] is not None and not (_plain(r['shard']) and _SHARD.fullmatch(r['shard'])): return 'shard'
+    return None
+
+def _recorded(db, out_dir) -> dict[str, dict]:
+    "item → its row in `export_items` for `out_dir`; `IndexValueError` naming a row whose item or shard is not a plain path inside."
+    have = {}
+    for r in db.query('select * from export_items where out_dir=?', [str(out_dir)]):
+        if (col := _outside(r)): raise IndexValueError(f"export_items row {r['item']!r} of {out_dir}: its {col} {r[col]!r} is not a file inside the export folder")
+        have[r['item']] = r
+    return have
+
+def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict], dict]:
+    "The items to (re)write, the recorded ones to remove, and the record (item → row), against what `out_dir` already holds."
+    if (bad := next((i for i in items if not _plain(i.item)), None)):
+        raise IndexValueError(f"{bad.source!r}: its export name {bad.item!r} is not a file inside the export folder")
+    have = _recorded(db, out_dir)
     on_disk = lambda r: (Path(out_dir)/(r['shard'] or r['item'])).exists()      # a sample is in its shard
     write = [i for i in items if have.get(i.item, {}).get('sig') != i.sig or not on_disk(have[i.item])]
     want = {i.item for i in items}
-    return write, [r for k, r in have.items() if k not in want]
+    return write, [r for k, r in have.items() if k not in want], have
 
-def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shards:dict|None=None):
-    "Record what an export wrote and removed, in one transaction."
+def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shards:dict|None=None, pending:bool=False):
+    "Record what an export wrote and removed, in one transaction; `pending`: what it is about to write, with no signature (to redo if killed)."
     with db.atomic():
         for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [str(out_dir), r['item']])
         db['export_items'].upsert_all([dict(out_dir=str(out_dir), item=i.item, source=i.source, label=i.label, split=i.split,
-                                            sig=i.sig, shard=(shards or {}).get(i.item), export_id=export_id) for i in written],
-                                      pk=('out_dir', 'item'))
+                                            sig=None if pending else i.sig, shard=(shards or {}).get(i.item), export_id=export_id)
+                                       for i in written], pk=('out_dir', 'item'))
 
 # %% ../nbs/12_export.ipynb #e1792852
 def _flat(filenames) -> dict:
@@ -179,16 +243,21 @@ def image_items(df:pd.DataFrame, # images (with `label` when labelled)
 
 # %% ../nbs/12_export.ipynb #f711ee1f
 def _remove(out_dir, removed:list[dict]):
-    "Delete the files of removed items, and the folders (a class, a split) they leave empty."
+    "Delete the files of removed items, and the folders (a class, a split) they leave empty; a killed export may have done so already."
+    out_dir = Path(out_dir)
     for r in removed:
         p = Path(out_dir)/r['item']; remove_output(p, out_dir)
         for d in p.parents:
-            if d == Path(out_dir) or any(d.iterdir()): break
-            d.rmdir()
+            if d == out_dir: break
+            try: d.rmdir()
+            except FileNotFoundError: continue           # already gone: its parent may be left empty
+            except OSError: break                        # not empty
 
 def write_files(db, out_dir, items:list[Item], export_id:int) -> tuple[int, int]:
-    "Link each item's file into `out_dir` (only new and changed ones); returns (written, removed)."
-    write, removed = _plan(db, out_dir, items)
+    "Link each item's file into `out_dir` (only new and changed ones); returns (written, removed). Killed anywhere, a rerun completes it."
+    write, removed, _ = _plan(db, out_dir, items)
+    _no_symlinks(Path(out_dir), [i.item for i in write] + [r['item'] for r in removed])
+    _record(db, out_dir, export_id, write, [], pending=True)       # first: every file this export may leave is in the record
     _remove(out_dir, removed)
     for i in write: link_output(i.path, Path(out_dir)/i.item, out_dir)      # no symlink in `out_dir` is followed
     _record(db, out_dir, export_id, write, removed)
@@ -221,21 +290,29 @@ def _pack(items:list[Item], shard_size:float, first:dict) -> dict[str, list[Item
     return shards
 
 # %% ../nbs/12_export.ipynb #17f8ab2c
-def write_shards(db, out_dir, items:list[Item], export_id:int, shard_size:float=100) -> tuple[int, int]:
-    "Write new and changed samples to new shards and rewrite shards that lost samples; returns (written, removed)."
-    out_dir, write, removed = Path(out_dir), *_plan(db, out_dir, items)
-    have = {r['item']: r['shard'] for r in db.query('select item, shard from export_items where out_dir=?', [str(out_dir)])}
-    by_item, changed = {i.item: i for i in items}, {i.item for i in write} | {r['item'] for r in removed}
-    dirty = {have[k] for k in changed if k in have}
-    kept = {s: [by_item[k] for k, sh in have.items() if sh == s and k not in changed] for s in dirty}
+def _next_numbers(have:dict) -> dict[str, int]:
+    "split → the number its next new shard gets: one past the highest recorded (pending ones included)."
     first = {}
-    for s in have.values(): sp, n = s.rsplit('-', 1); first[sp] = max(first.get(sp, 0), int(n[:6]) + 1)
-    shards = {**kept, **_pack([i for i in write if i.item in by_item], shard_size, first)}
+    for r in have.values():
+        if (m := _SHARD.fullmatch(r['shard'] or '')): first[m['split']] = max(first.get(m['split'], 0), int(m['n']) + 1)
+    return first
+
+def write_shards(db, out_dir, items:list[Item], export_id:int, shard_size:float=100) -> tuple[int, int]:
+    "Write new and changed samples to new shards and rewrite shards that lost samples; returns (written, removed). Killed anywhere, a rerun completes it."
+    out_dir, (write, removed, have) = Path(out_dir), _plan(db, out_dir, items)
+    by_item, changed = {i.item: i for i in items}, {i.item for i in write} | {r['item'] for r in removed}
+    dirty = {have[k]['shard'] for k in changed if k in have and have[k]['shard']}
+    kept = {s: [by_item[k] for k, r in have.items() if r['shard'] == s and k not in changed] for s in dirty}
+    shards = {**kept, **_pack(write, shard_size, _next_numbers(have))}
+    if (bad := next((s for s in shards if not _SHARD.fullmatch(s)), None)):
+        raise IndexValueError(f"shard {bad!r} is not a file name in the export folder: its split is not a safe name")
+    for name in [s for s, members in shards.items() if not members]: (out_dir/name).unlink(missing_ok=True)
+    shard_of = {i.item: name for name, members in shards.items() for i in members}
+    samples = [i for members in shards.values() for i in members]
+    _record(db, out_dir, export_id, samples, [], shard_of, pending=True)   # after emptied shards are gone: no file is left unrecorded
     for name, members in shards.items():
         if members: _write_shard(out_dir/name, members)
-        else: (out_dir/name).unlink(missing_ok=True)
-    _record(db, out_dir, export_id, [i for m in shards.values() for i in m], removed,
-            {i.item: name for name, m in shards.items() for i in m})
+    _record(db, out_dir, export_id, samples, removed, shard_of)
     return len(write), len(removed)
 
 # %% ../nbs/12_export.ipynb #91669724
@@ -246,8 +323,9 @@ def volumes_df(db, # the index
     with _opened(db) as db: return _volumes(db, fractions)
 
 def _volumes(db, fractions) -> pd.DataFrame:
-    "`volumes_df` of an open database."
-    fractions = fractions or parse_splits((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10'))
+    "`volumes_df` of an open database; `IndexValueError` for recorded splits that are not safe names."
+    try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')))
+    except ValueError as e: raise IndexValueError(f"meta preprocess_settings: {e}") from None
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints from volumes where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
@@ -300,9 +378,9 @@ class ExportResult:
         return '\n'.join([f"{self.fmt}: {self.n_items:,} items in {self.out_dir} ({self.written:,} written, {self.removed:,} removed)",
                           *(self.report.lines() if self.report else [])])
 
-def _labelled(df, labels, on, label_col, db, salt, private=None) -> tuple[pd.DataFrame, LabelReport|None]:
-    "`df` with labels from a CSV, or from one of its own columns (`label_col`), or unlabelled."
-    if labels: return join_labels(df, read_labels(labels, on, label_col), db, salt, private)
+def _labelled(df, labels, on, label_col, key=None, encoding='utf-8') -> tuple[pd.DataFrame, LabelReport|None]:
+    "`df` with labels from a CSV (keyed with `key` for a pseudonymised index), or from one of its own columns (`label_col`), or unlabelled."
+    if labels: return _join(df, read_labels(labels, on, label_col, encoding), key)
     if label_col:
         if label_col not in df: raise LabelError(f"--label-column {label_col!r} is not a column of the index")
         return df.assign(label=df[label_col].astype(object).where(df[label_col].notna(), None)), None
@@ -316,6 +394,35 @@ def _check_out(db, out_dir:Path, fmt:str):
             raise UsageError(f"--out {out_dir} is inside {root/sub}, which dicom_prep manages: export elsewhere")
     old = db.execute('select format from exports where out_dir=? order by id desc limit 1', [str(out_dir)]).fetchone()
     if old and old[0] != fmt: raise UsageError(f"{out_dir} holds a {old[0]} export: give --format {fmt} another --out")
+
+_TEMP = re.compile(r'\.(?P<name>.+)\.\d+-\d+(\..+)?')   # `atomic_path`'s temporaries: .{name capped at 100 bytes}.{pid}-{n}{suffixes} (`core._temp_name`)
+_BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json')   # what an export writes beside its items
+
+def _temp_of(entry:str) -> str|None:
+    "The (shortened) name of the file that `entry` is an `atomic_path` temporary of, or None if it is none."
+    return m['name'] if (m := _TEMP.fullmatch(entry)) else None
+
+def _sweep(db, out_dir:Path):
+    "If the last export into `out_dir` did not complete, remove its temporaries: beside the files it records, of those files' names."
+    last = db.execute('select status from exports where out_dir=? order by id desc limit 1', [str(out_dir)]).fetchone()
+    if not last or last[0] == 'completed': return
+    have, ours = _recorded(db, out_dir), {}
+    _no_symlinks(out_dir, have)
+    for k in [*have, *{r['shard'] for r in have.values() if r['shard']}, *_BESIDE]: ours.setdefault((out_dir/k).parent, set()).add(cap_bytes(Path(k).name, 100))
+    for d, names in ours.items():
+        try: entries = list(os.scandir(d))
+        except FileNotFoundError: continue
+        for e in entries:
+            if _temp_of(e.name) in names and e.is_file(follow_symlinks=False): os.unlink(e.path)
+
+def _labels_setting(db, labels, key) -> str|None:
+    "What the index records of the labels file: its path; for a pseudonymised index a keyed pseudonym, the path going to the private state."
+    if not (labels and _pseudonymised(db)): return str(labels) if labels else None
+    if not key: return None                         # no private state at hand: the path is recorded nowhere
+    path = str(Path(labels).absolute())
+    db.execute('create table if not exists private.export_labels (labels text primary key)')
+    db.execute('insert or ignore into private.export_labels values (?)', [path])
+    return pseudonym(path, key, 'private_')
 
 def _manifest(df, out_dir, fmt) -> int:
     "Write the manifest (`manifest.csv` or `manifest.parquet`); returns its rows."
@@ -340,6 +447,19 @@ def _write(db, df, out_dir, fmt, export_id, shard_size) -> tuple[int, int, int]:
     return len(items), *write_shards(db, out_dir, items, export_id, shard_size)
 
 # %% ../nbs/12_export.ipynb #ce774cb4
+def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding) -> tuple:
+    "(the images or volumes to export with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
+    df = volumes_df(db) if fmt in ('nnunet', 'monai') else images_df(db)
+    if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in ('nnunet', 'monai') else 'no images'} in {db_path}")
+    key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
+    return *_labelled(df, labels, on, label_col, key, encoding), key
+
+def _start(db, fmt, out_dir, labels, on, label_col, key) -> int:
+    "Sweep what a killed export into `out_dir` left, and record this export as running; returns its id."
+    _sweep(db, out_dir)
+    settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col)
+    return db['exports'].insert(dict(format=fmt, out_dir=str(out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
+
 def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep_nifti)
            out_dir, # the export folder
            fmt:str='csv', # one of `FORMATS`
@@ -349,22 +469,21 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
            shard_size:float=100, # webdataset: about this many MB per shard
            salt:str|None=None, # the user's pseudonym salt, to join labels on a pseudonymised index
            private_state=None, # a pseudonymised index's private state [default: OUTPUT_DIR.private.db beside its output folder]
+           labels_encoding:str='utf-8', # the text encoding of `labels`
           ) -> ExportResult:
-    "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database."
+    "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database, completed by a rerun if killed."
     if fmt not in FORMATS: raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if labels and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
     if not Path(db_path).is_file(): raise UsageError(f"No dicom_prep database at {db_path}")
-    out_dir = Path(out_dir).absolute(); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir).resolve(); out_dir.mkdir(parents=True, exist_ok=True)     # one folder, one record, however it is spelled
     forget_folders()                 # its folders are checked again (see `folder_fd`)
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
-        df = volumes_df(db) if fmt in ('nnunet', 'monai') else images_df(db)
-        if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in ('nnunet', 'monai') else 'no images'} in {db_path}")
-        try: df, report = _labelled(df, labels, on, label_col, db, salt, private_state)
-        except LabelError as e: raise UsageError(str(e)) from None
-        export_id = db['exports'].insert(dict(format=fmt, out_dir=str(out_dir), started_at=now(), status='running',
-                                              settings=json.dumps(dict(labels=str(labels) if labels else None, on=on, label_col=label_col)))).last_pk
-        n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size)
+        try:
+            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding)
+            export_id = _start(db, fmt, out_dir, labels, on, label_col, key)
+            n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size)
+        except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
         if report:
             with atomic_path(out_dir/'labels_report.json') as tmp: tmp.write_text(json.dumps(report.__dict__, indent=1))
         db['exports'].update(export_id, dict(finished_at=now(), n_items=n, n_written=written, n_removed=removed, status='completed'))
@@ -382,7 +501,8 @@ def main(
     shard_size:float=100,          # webdataset: about this many MB per shard
     salt:str=None,                 # Your --pseudonymize salt, to join labels on a pseudonymised index
     private_state:str=None,        # A pseudonymised index's private state [default: beside its output folder]
+    labels_encoding:str='utf-8',   # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)
 ):
     "Export the index for training: manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json."
-    r = cli_run(lambda: export(db, out, format, labels, on, label_column, shard_size, salt, private_state))
+    r = cli_run(lambda: export(db, out, format, labels, on, label_column, shard_size, salt, private_state, labels_encoding))
     print(r.summary())

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
-from .db import FAILED, connect_ro, export_csv
+from .db import FAILED, connect_ro, export_csv, private_key
 from .run import cli_run
 
 # %% auto #0
@@ -86,8 +86,8 @@ def failed_files(db_path, # the dicom_prep database
 # %% ../nbs/14_status.ipynb #4ecaed82
 _SHEETS = {   # sheet -> (table, query): one row per tracked item
     'preprocess': ('files', "select f.path, f.status, f.error as reason, f.n_frames, (select count(*) from images i where "
-                            "i.source_path=f.path) as images, (select min(thumbnail_path) from images i where i.source_path=f.path) "
-                            "as output, f.processed_at, f.run_id from files f order by f.path"),
+                            "i.source_path=source_id(f.path)) as images, (select min(thumbnail_path) from images i where "
+                            "i.source_path=source_id(f.path)) as output, f.processed_at, f.run_id from files f order by f.path"),
     'nifti': ('volumes', "select output_name, verdict, reason, status, error, output_path as output, n_files, n_slices, n_timepoints, "
                          "analyzed_at, converted_at, run_id from volumes order by output_name, id"),
 }
@@ -98,16 +98,25 @@ def _files_csv(db_path, dest) -> int:
     if not files_reachable(conn): raise FileNotFoundError(f"the files of {db_path} are in a private state that is not beside its output folder")
     return export_csv(db_path, dest, conn=conn)
 
+def _with_source_ids(conn, salt=None) -> sqlite3.Connection:
+    "`conn` with the SQL function `source_id(path)`: what `images.source_path` holds for a file (a pseudonymised index's keyed pseudonym)."
+    from dicom_prep.preprocess import source_id          # the rule preprocess writes by (imported here: the report starts fast)
+    key = None if _has(conn, 'files') else private_key(conn, salt)
+    conn.create_function('source_id', 1, lambda p: source_id(p, key), deterministic=True)
+    return conn
+
 def tracker_workbook(db_path, # the dicom_prep database
                      dest, # the .xlsx file to write
+                     salt:str|None=None, # the --salt a pseudonymised index was made with, if any
                     ) -> dict[str, int]:
     "Write an Excel tracker: a sheet per pipeline and a Summary; returns rows per sheet."
     try: import openpyxl  # noqa: F401
     except ImportError: raise ImportError("--xlsx needs openpyxl: pip install 'dicom_prep[xlsx]'") from None
     import pandas as pd
     conn, sheets = connect_ro(db_path), {}
+    if (files := files_reachable(conn)): _with_source_ids(conn, salt)
     for name, (table, sql) in _SHEETS.items():
-        if (files_reachable(conn) if table == 'files' else _has(conn, table)): sheets[name] = pd.read_sql_query(sql, conn)
+        if (files if table == 'files' else _has(conn, table)): sheets[name] = pd.read_sql_query(sql, conn)
     counts = [dict(pipeline=n, status=st, items=int(c)) for n, df in sheets.items() for st, c in df['status'].value_counts().items()]
     summary = pd.concat([pd.DataFrame(counts), pd.read_sql_query('select id as run, kind, started_at, finished_at, status as run_status, '
                                                                   'n_files, files_per_sec from runs order by id', conn)], axis=1)
@@ -124,6 +133,7 @@ def main(
     csv:Path=None,           # Export the files tracker (path, status, error, ...) to this CSV file
     xlsx:Path=None,          # Write a tracker workbook: a sheet per pipeline and a Summary (needs openpyxl)
     runs:int=5,              # How many recent runs to show
+    salt:str=None,           # The --salt a pseudonymised index was made with (--xlsx matches its files to their images with it)
 ):
     "Show what a dicom_prep database holds: counts, recent runs and errors."
     def report():
@@ -132,5 +142,5 @@ def main(
             print('Failed files:')
             for r in failed_files(db): print(f"  {r['path']}: {r['status']}: {r['error']}")
         if csv: print(f"Wrote {_files_csv(db, csv):,} rows to {csv}")
-        if xlsx: print(f"Wrote {xlsx}: " + ', '.join(f"{k} {v:,} rows" for k, v in tracker_workbook(db, xlsx).items()))
+        if xlsx: print(f"Wrote {xlsx}: " + ', '.join(f"{k} {v:,} rows" for k, v in tracker_workbook(db, xlsx, salt).items()))
     cli_run(report, usage=(FileNotFoundError, sqlite3.DatabaseError))
