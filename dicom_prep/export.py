@@ -12,14 +12,14 @@ Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 
 # %% ../nbs/12_export.ipynb #d7dea145
 from __future__ import annotations
-import io, json, os, re, tarfile
+import errno, io, json, os, re, tarfile
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
 import sqlite_utils
 from fastcore.script import call_parse
-from .core import (MAX_COMPONENT_BYTES, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
+from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
                              stable_hash, utf8_len)
 from .db import (DbLock, PrivateStateError, assign_split, attach_private, check_split_name, get_meta, now, open_db,
                            output_dir_of, parse_splits, pseudonym)
@@ -182,11 +182,11 @@ def _plain(rel) -> bool:
     return isinstance(rel, str) and '\x00' not in rel and all(p not in ('', '.', '..') for p in rel.split('/'))
 
 def _no_symlinks(out_dir:Path, items) -> None:
-    "Refuse (`UsageError`) a symlinked folder inside `out_dir` on the way to any of `items`: writing or deleting through it would reach outside."
+    "Refuse (`UnsafeOutput`, a failure of the run: exit 1) a symlinked folder inside `out_dir` on the way to any of `items`: writing or deleting through it would reach outside."
     for folder in {Path(i).parent for i in items} - {Path('.')}:
         for d in (out_dir/folder, *(out_dir/folder).parents):
             if d == out_dir: break
-            if d.is_symlink(): raise UsageError(f"{d} is a symlink inside the export folder: an export does not write through it (remove it)")
+            if d.is_symlink(): raise UnsafeOutput(errno.ELOOP, f"{d} is a symlink inside the export folder: an export does not write through it (remove it)")
 
 def _outside(r:dict) -> str|None:
     "The column of an `export_items` row that names no file inside the export folder ('item' or 'shard'), or None."

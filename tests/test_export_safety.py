@@ -15,7 +15,7 @@ import pytest
 
 import dicom_prep.export as ex
 from conftest import console_script, query
-from dicom_prep.core import atomic_path
+from dicom_prep.core import UnsafeOutput, atomic_path
 from dicom_prep.db import open_db, parse_splits, pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
@@ -273,7 +273,7 @@ def _half_written_shard():
     return lambda: setattr(ex, '_write_shard', patched)
 
 
-@pytest.mark.parametrize('fmt, fault', [('imagefolder', _kill_after('_link', 1)), ('webdataset', _kill_after('_write_shard', 2)),
+@pytest.mark.parametrize('fmt, fault', [('imagefolder', _kill_after('link_output', 1)), ('webdataset', _kill_after('_write_shard', 2)),
                                         ('webdataset', _half_written_shard())], ids=['after-first-link', 'after-second-shard', 'half-written-shard'])
 def test_a_kill_at_a_set_point_then_a_rerun_with_other_labels(fmt, fault, big, tmp_path):
     "Killed while relabelling A -> B; rerun with C, then with A: each equals a clean export, nothing hidden or unrecorded left."
@@ -295,7 +295,7 @@ def test_a_killed_imagefolder_export_is_rerun_by_the_cli_even_after_rm_rf(tmp_pa
     export(db, out, 'imagefolder', labels=tmp_path/'a.csv', on='patient_id')
     pid = os.fork()
     if pid == 0:
-        try: _kill_after('_link', 1)(); export(db, out, 'imagefolder', labels=tmp_path/'b.csv', on='patient_id')
+        try: _kill_after('link_output', 1)(); export(db, out, 'imagefolder', labels=tmp_path/'b.csv', on='patient_id')
         finally: os._exit(0)
     assert os.waitpid(pid, 0)[1] == signal.SIGKILL
     assert not any(p.name == 'c0' for p in out.rglob('*'))                       # the killed run removed class c0's folders
@@ -310,9 +310,9 @@ def test_a_killed_imagefolder_export_is_rerun_by_the_cli_even_after_rm_rf(tmp_pa
 
 def test_temp_names_are_recognised_exactly():
     "The sweep after a killed export removes our temporaries (as `atomic_path` names them) and nothing a user keeps."
-    from dicom_prep.core import _temp_beside
-    for name in ('train-000001.tar', 'IM.1.2-3_frame0003.png', 'labels_report.json', 'x' * 90 + '.nii.gz', 'noext'):
-        assert ex._temp_of(Path(_temp_beside('d', name)).name) == name[:40], name
+    from dicom_prep.core import _temp_name, cap_bytes
+    for name in ('train-000001.tar', 'IM.1.2-3_frame0003.png', 'labels_report.json', 'x' * 90 + '.nii.gz', 'noext', '𝔸' * 60 + '.png'):
+        assert ex._temp_of(_temp_name(name)) == cap_bytes(name, 100), name
     for name in ('.DS_Store', '.gitignore', 'train-000001.tar', '.hidden.png', 'a.123-4.png', '.keep.1-x.txt'):
         assert ex._temp_of(name) is None, name
 
@@ -326,7 +326,7 @@ def test_a_symlinked_folder_inside_the_export_is_refused(tmp_path):
     shutil.move(split, elsewhere); split.symlink_to(elsewhere)
     before = tree(elsewhere)
     edit(db, "update images set modality='MR'")
-    with pytest.raises(UsageError, match='is a symlink inside the export folder'): export(db, out, 'imagefolder', label_col='modality')
+    with pytest.raises(UnsafeOutput, match='is a symlink inside the export folder'): export(db, out, 'imagefolder', label_col='modality')
     assert tree(elsewhere) == before
 
 
