@@ -20,8 +20,8 @@ import pandas as pd
 import sqlite_utils
 from fastcore.script import call_parse
 from .core import atomic_path, safe_component, stable_hash
-from .db import (DbLock, PrivateStateError, assign_split, attach_private, get_meta, now, open_db, output_dir_of,
-                           parse_splits, pseudonym)
+from .db import (DbLock, PrivateStateError, assign_split, attach_private, checkpoint, db_file, folder_owner, get_meta, index_path,
+                           inside, mark_owner, now, open_db, output_dir_of, owns, parse_splits, pseudonym)
 from .preprocess import PHI_KEYS
 from .run import UsageError, cli_run
 
@@ -47,15 +47,20 @@ def _opened(db):
 
 def _root(db, kind='preprocess') -> Path:
     "The output folder the paths in `kind`'s tables are relative to."
-    return output_dir_of(db, kind) or Path(db.conn.execute('pragma database_list').fetchone()[2]).parent
+    return output_dir_of(db, kind) or db_file(db).parent
+
+def _paths(root:Path, rows, rels, table:str, col:str) -> list[str]:
+    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root`."
+    folders = {}     # each folder's real path looked up once
+    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders)) for row, rel in zip(rows, rels)]
 
 def images_df(db, # the index: a path or a sqlite-utils Database
               columns:str='*', # SQL column list of `images`
              ) -> pd.DataFrame:
-    "The `images` table as a DataFrame, with each PNG's absolute `path`."
+    "The `images` table as a DataFrame, with each PNG's absolute `path` (`UnsafePath` if one leads out of the output folder)."
     with _opened(db) as db:
         df = pd.DataFrame(db.query(f'select {columns} from images order by filename'))
-        if 'thumbnail_path' in df: df['path'] = [str(_root(db)/p) for p in df['thumbnail_path']]
+        if 'thumbnail_path' in df: df['path'] = _paths(_root(db), df.get('filename', df['thumbnail_path']), df['thumbnail_path'], 'images', 'thumbnail_path')
     return df
 
 # %% ../nbs/12_export.ipynb #50526989
@@ -139,9 +144,17 @@ class Item:
     sig: str             # what it was made from: changes when it must be written again
     meta: dict = field(default_factory=dict)   # metadata (webdataset's .json)
 
+def _recorded(db, out_dir) -> dict[str, dict]:
+    "The items an earlier export recorded in `out_dir` (keyed relative to the index's folder), each checked to lie under it."
+    rows = {r['item']: r for r in db.query('select * from export_items where out_dir=?', [index_path(db, out_dir)])}
+    for r in rows.values():
+        for col in ('item', 'shard'):
+            if r[col] is not None or col == 'item': inside(out_dir, r[col], f"export_items row {r['item']!r}: {col}")
+    return rows
+
 def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict]]:
     "The items to (re)write, and the recorded ones to remove, against what `out_dir` already holds."
-    have = {r['item']: r for r in db.query('select * from export_items where out_dir=?', [str(out_dir)])}
+    have = _recorded(db, out_dir)
     on_disk = lambda r: (Path(out_dir)/(r['shard'] or r['item'])).exists()      # a sample is in its shard
     write = [i for i in items if have.get(i.item, {}).get('sig') != i.sig or not on_disk(have[i.item])]
     want = {i.item for i in items}
@@ -149,9 +162,10 @@ def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict]]:
 
 def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shards:dict|None=None):
     "Record what an export wrote and removed, in one transaction."
+    key = index_path(db, out_dir)
     with db.atomic():
-        for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [str(out_dir), r['item']])
-        db['export_items'].upsert_all([dict(out_dir=str(out_dir), item=i.item, source=i.source, label=i.label, split=i.split,
+        for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [key, r['item']])
+        db['export_items'].upsert_all([dict(out_dir=key, item=i.item, source=i.source, label=i.label, split=i.split,
                                             sig=i.sig, shard=(shards or {}).get(i.item), export_id=export_id) for i in written],
                                       pk=('out_dir', 'item'))
 
@@ -228,7 +242,7 @@ def _pack(items:list[Item], shard_size:float, first:dict) -> dict[str, list[Item
 def write_shards(db, out_dir, items:list[Item], export_id:int, shard_size:float=100) -> tuple[int, int]:
     "Write new and changed samples to new shards and rewrite shards that lost samples; returns (written, removed)."
     out_dir, write, removed = Path(out_dir), *_plan(db, out_dir, items)
-    have = {r['item']: r['shard'] for r in db.query('select item, shard from export_items where out_dir=?', [str(out_dir)])}
+    have = {k: r['shard'] for k, r in _recorded(db, out_dir).items()}
     by_item, changed = {i.item: i for i in items}, {i.item for i in write} | {r['item'] for r in removed}
     dirty = {have[k] for k in changed if k in have}
     kept = {s: [by_item[k] for k, sh in have.items() if sh == s and k not in changed] for s in dirty}
@@ -255,7 +269,7 @@ def _volumes(db, fractions) -> pd.DataFrame:
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints from volumes where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
-    df['path'] = [str(_root(db, 'nifti')/p) for p in df['output_path']]
+    df['path'] = _paths(_root(db, 'nifti'), df['id'], df['output_path'], 'volumes', 'output_path')
     df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'])]
     return df
 
@@ -314,12 +328,20 @@ def _labelled(df, labels, on, label_col, db, salt, private=None) -> tuple[pd.Dat
 
 # %% ../nbs/12_export.ipynb #c18fdab6
 def _check_out(db, out_dir:Path, fmt:str):
-    "Refuse an export folder inside a pipeline's outputs (a later run would sweep it) or holding another format's export."
+    "Refuse an export folder inside a pipeline's outputs (a later run would sweep it), or holding another index's or another format's export."
     for kind, sub in (('preprocess', 'images'), ('nifti', 'nifti')):
         if (root := output_dir_of(db, kind)) and out_dir.resolve().is_relative_to((root/sub).resolve()):
             raise UsageError(f"--out {out_dir} is inside {root/sub}, which dicom_prep manages: export elsewhere")
-    old = db.execute('select format from exports where out_dir=? order by id desc limit 1', [str(out_dir)]).fetchone()
+    if (owner := folder_owner(out_dir)) and not owns(db_file(db), out_dir):      # e.g. the sender's, reached from a copy of its index
+        raise UsageError(f"--out {out_dir} holds the export of another index ({owner}): export elsewhere")
+    old = db.execute('select format from exports where out_dir=? order by id desc limit 1', [index_path(db, out_dir)]).fetchone()
     if old and old[0] != fmt: raise UsageError(f"{out_dir} holds a {old[0]} export: give --format {fmt} another --out")
+
+def _adopt(db, db_path, out_dir:Path):
+    "Make `out_dir` this index's export folder; records of it this index did not make there (a sender's, a hostile index's) are dropped."
+    if not owns(db_path, out_dir):
+        with db.atomic(): db.execute('delete from export_items where out_dir = ?', [index_path(db, out_dir)])
+    mark_owner(out_dir, db_path)
 
 def _manifest(df, out_dir, fmt) -> int:
     "Write the manifest (`manifest.csv` or `manifest.parquet`); returns its rows."
@@ -365,12 +387,14 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
         if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in ('nnunet', 'monai') else 'no images'} in {db_path}")
         try: df, report = _labelled(df, labels, on, label_col, db, salt, private_state)
         except LabelError as e: raise UsageError(str(e)) from None
-        export_id = db['exports'].insert(dict(format=fmt, out_dir=str(out_dir), started_at=now(), status='running',
+        export_id = db['exports'].insert(dict(format=fmt, out_dir=index_path(db, out_dir), started_at=now(), status='running',
                                               settings=json.dumps(dict(labels=str(labels) if labels else None, on=on, label_col=label_col)))).last_pk
+        _adopt(db, db_path, out_dir)
         n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size)
         if report:
             with atomic_path(out_dir/'labels_report.json') as tmp: tmp.write_text(json.dumps(report.__dict__, indent=1))
         db['exports'].update(export_id, dict(finished_at=now(), n_items=n, n_written=written, n_removed=removed, status='completed'))
+        checkpoint(db)          # the .db file alone is the whole index again
     return ExportResult(fmt, out_dir, n, written, removed, report)
 
 # %% ../nbs/12_export.ipynb #485ca7ce

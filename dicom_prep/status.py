@@ -9,12 +9,12 @@ Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
 # %% ../nbs/14_status.ipynb #c9b15e6e
 from __future__ import annotations
-import json, sqlite3
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
-from .db import FAILED, connect_ro, export_csv
+from .db import FAILED, connect_ro, export_csv, output_dir_of
 from .run import cli_run
 
 # %% auto #0
@@ -46,8 +46,8 @@ def files_reachable(conn:sqlite3.Connection, # a read-only connection to an inde
                    ) -> bool:
     "True if `files` can be queried: it is in the index, or in a pseudonymised index's private state beside its output folder."
     if _has(conn, 'files'): return True
-    row = conn.execute("select value from meta where key='preprocess_output_dir'").fetchone()
-    private = Path(json.loads(row[0]) + '.private.db') if row else None
+    out = output_dir_of(conn)          # the folder the index records as its own, never one it merely names
+    private = Path(f"{out}.private.db") if out else None
     if not (private and private.is_file()): return False
     conn.execute('attach database ? as private', [f"file:{private}?mode=ro"])
     return True
