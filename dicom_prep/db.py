@@ -209,11 +209,13 @@ def inside(root, # the folder the path must stay in
            row:str, # the row and column it was read from, named in the refusal (e.g. "images row 'study_0/im0': thumbnail_path")
            follow:bool=False, # let symlinks under `root` lead out of it (a source tree read with --follow-symlinks)
            folders:dict|None=None, # folder -> its real path, shared by the calls of one pass over many rows
+           within:str|None=None, # the subfolder of `root` it must lie in (`images`, `nifti`)
           ) -> Path:
-    "`root/rel`; `UnsafePath` naming `row` unless `rel` is a plain relative path that stays strictly under `root`, symlinks resolved."
+    "`root/rel`; `UnsafePath` naming `row` unless `rel` is a plain relative path that stays strictly under `root` (`root/within`), symlinks resolved."
     parts = [c for c in rel.split('/') if c not in ('', '.')] if isinstance(rel, str) and '\0' not in rel else []
     folders, root = {} if folders is None else folders, os.fspath(root)
     if not parts or rel.startswith('/') or '..' in parts: why = 'is not a plain relative path'
+    elif within and (parts[0] != within or len(parts) < 2): why = f'is not in its {within}/ folder'
     elif follow or _under(_real(os.path.join(root, *parts), folders), folders.get(root) or folders.setdefault(root, os.path.realpath(root))):
         return Path(root, *parts)
     else: why = 'leads out through a symlink'
@@ -271,12 +273,11 @@ def record_output_dir(db, # the run's index
 def output_dir_of(db, # the index
                   kind:str='preprocess', # the pipeline whose output folder is wanted
                  ) -> Path|None:
-    "The output folder of `kind` (paths in its tables are relative to it); `UnsafePath` if the index names a folder not its own."
+    "The output folder of `kind` (paths in its tables are relative to it); `UnsafePath` unless that folder belongs to the index."
     rel, me = get_meta(db, f'{kind}_output_dir'), db_file(db)
     if rel is None or me is None: return None
     root = Path(os.path.normpath(Path(os.path.realpath(me.parent))/rel))
-    if _same(root, me.parent): return me.parent
-    if owns(me, root): return root
+    if owns(me, root): return me.parent if _same(root, me.parent) else root
     if os.path.isabs(rel) and owns(me, me.parent): return me.parent     # recorded before version 6, then moved or copied with it
     raise UnsafePath(f"the index names {root} as its {kind} output folder, which does not belong to it ({OWNER_FILE} there "
                      "names another index, or none): the index is damaged or hostile, or was moved without its folder "

@@ -46,13 +46,14 @@ def _opened(db):
     with closing(_db(db)) as conn: yield conn
 
 def _root(db, kind='preprocess') -> Path:
-    "The output folder the paths in `kind`'s tables are relative to."
-    return output_dir_of(db, kind) or db_file(db).parent
+    "The output folder the paths in `kind`'s tables are relative to (it must belong to the index: `output_dir_of`)."
+    if (root := output_dir_of(db, kind)) is None: raise UsageError(f"{db_file(db)} records no {kind} output folder: nothing to read")
+    return root
 
-def _paths(root:Path, rows, rels, table:str, col:str) -> list[str]:
-    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root`."
+def _paths(root:Path, rows, rels, table:str, col:str, within:str) -> list[str]:
+    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root/within`."
     folders = {}     # each folder's real path looked up once
-    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders)) for row, rel in zip(rows, rels)]
+    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within)) for row, rel in zip(rows, rels)]
 
 def images_df(db, # the index: a path or a sqlite-utils Database
               columns:str='*', # SQL column list of `images`
@@ -60,7 +61,7 @@ def images_df(db, # the index: a path or a sqlite-utils Database
     "The `images` table as a DataFrame, with each PNG's absolute `path` (`UnsafePath` if one leads out of the output folder)."
     with _opened(db) as db:
         df = pd.DataFrame(db.query(f'select {columns} from images order by filename'))
-        if 'thumbnail_path' in df: df['path'] = _paths(_root(db), df.get('filename', df['thumbnail_path']), df['thumbnail_path'], 'images', 'thumbnail_path')
+        if 'thumbnail_path' in df: df['path'] = _paths(_root(db), df.get('filename', df['thumbnail_path']), df['thumbnail_path'], 'images', 'thumbnail_path', 'images')
     return df
 
 # %% ../nbs/12_export.ipynb #50526989
@@ -269,7 +270,7 @@ def _volumes(db, fractions) -> pd.DataFrame:
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints from volumes where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
-    df['path'] = _paths(_root(db, 'nifti'), df['id'], df['output_path'], 'volumes', 'output_path')
+    df['path'] = _paths(_root(db, 'nifti'), df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
     df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'])]
     return df
 

@@ -164,7 +164,7 @@ def store_analysis(db, # the open database
 # %% ../nbs/11_nifti.ipynb #9fad1822
 def _output(output_dir, v:dict) -> Path:
     "The written file of `volumes` row `v` under `output_dir` (`UnsafePath` if the index's path leads out of it)."
-    return inside(output_dir, v['output_path'], f"volumes row {v['id']!r}: output_path")
+    return inside(output_dir, v['output_path'], f"volumes row {v['id']!r}: output_path", within='nifti')
 
 def _needs_conversion(v, output_dir, rebuild_since=None, sidecar=False) -> bool:
     "True if `ok` volume row `v` has to be (re)written; `rebuild_since`: volumes converted by an earlier run are redone."

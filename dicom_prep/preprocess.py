@@ -303,7 +303,7 @@ def _file_row(res, f, study_id, run_id, stamp:str):
 
 def _png(out_dir, r:dict) -> Path:
     "The PNG of `images` row `r` under `out_dir` (`UnsafePath` if the index's path leads out of it)."
-    return inside(out_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path")
+    return inside(out_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images')
 
 def _remove_images(db, out_dir, paths, keep=frozenset()):
     "Delete image rows (and PNGs not in `keep`) of the source `paths`."

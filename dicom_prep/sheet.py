@@ -168,7 +168,7 @@ def image_tile(row:dict, # a row of `images`
     "Picture and caption for an `images` row whose PNG lies under `root` (`UnsafePath` if its path leads out of it)."
     rel = row.get('thumbnail_path')
     if not rel: return note_tile('no PNG', f"no thumbnail_path for {row['filename']}", tile), caption(row)
-    png = inside(root, rel, f"images row {row['filename']!r}: thumbnail_path")
+    png = inside(root, rel, f"images row {row['filename']!r}: thumbnail_path", within='images')
     try:
         with Image.open(png) as im: return letterbox(im, tile), caption(row)
     except FileNotFoundError: return note_tile('missing PNG', rel, tile), caption(row)

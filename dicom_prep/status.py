@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
-from .db import FAILED, connect_ro, export_csv, output_dir_of
+from .db import FAILED, UnsafePath, connect_ro, export_csv, output_dir_of
 from .run import cli_run
 
 # %% auto #0
@@ -46,7 +46,8 @@ def files_reachable(conn:sqlite3.Connection, # a read-only connection to an inde
                    ) -> bool:
     "True if `files` can be queried: it is in the index, or in a pseudonymised index's private state beside its output folder."
     if _has(conn, 'files'): return True
-    out = output_dir_of(conn)          # the folder the index records as its own, never one it merely names
+    try: out = output_dir_of(conn)      # the folder that belongs to the index, never one it merely names
+    except UnsafePath: out = None       # e.g. the .db file copied alone: its private state is not beside it
     private = Path(f"{out}.private.db") if out else None
     if not (private and private.is_file()): return False
     conn.execute('attach database ? as private', [f"file:{private}?mode=ro"])

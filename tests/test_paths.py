@@ -72,6 +72,18 @@ def test_export_refuses_an_index_path_leading_out(made, tmp_path, how, fmt):
     assert not _leaked(tmp_path/'x')
 
 
+def test_an_index_dropped_alone_into_a_folder_reads_nothing_there(made, tmp_path):
+    "A received dicom_prep.db put into a home folder names images/ there: that folder is not its output folder, nothing is read."
+    src, out, secret = made
+    home = tmp_path/'home'; (home/'images').mkdir(); (home/'images/holiday.png').write_bytes(SECRET)
+    _edit(out, 'select 1'); shutil.copy(out/'dicom_prep.db', home/'dicom_prep.db')
+    _edit(home, "update images set thumbnail_path = 'images/holiday.png'")
+    _edit(home, "update meta set value = ? where key = 'preprocess_output_dir'", [json.dumps(str(home))])   # "my folder is where I lie"
+    r = _cli('export', '--db', home/'dicom_prep.db', '--out', tmp_path/'x', '--format', 'webdataset')
+    _refused(r, 'output folder, which does not belong to it')
+    assert not _leaked(tmp_path/'x')
+
+
 def test_export_refuses_a_recorded_item_leading_out(made, tmp_path):
     "An export's own records are read back too: a recorded item leading out of --out is refused, never removed."
     src, out, secret = made
