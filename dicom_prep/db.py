@@ -1,7 +1,7 @@
 """The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer
 lock, runs, settings guard and hold-out splits.
 
-One SQLite file holds the state of every pipeline, under one schema version with migrations; `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and `assign_split` gives each patient a stable hold-out split.
+One SQLite file holds the state of every pipeline, under one schema version with migrations; `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and `assign_split` gives each patient a stable hold-out split. Every path the index stores is relative (output paths to the index's own folder, source paths to the source root), and every path read from an index is resolved strictly under its root (`inside`): a received index is untrusted input.
 
 Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, sys
+import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, stat, sys
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -18,11 +18,13 @@ from .core import atomic_path, stable_hash, log, resume_command
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'SPLIT_NAME', 'now', 'get_meta',
-           'set_meta', 'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock',
-           'SettingsMismatch', 'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError',
-           'pseudonym', 'private_key', 'attach_private', 'connect_ro', 'export_csv', 'batched', 'check_split_name',
-           'parse_splits', 'assign_split']
+           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'OWNER_FILE', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'PRIVATE_TABLES',
+           'SOURCE_COLUMNS', 'SPLIT_NAME', 'now', 'get_meta', 'set_meta', 'UnsafePath', 'db_file', 'inside',
+           'folder_owner', 'owns', 'mark_owner', 'index_path', 'record_output_dir', 'output_dir_of', 'CorruptDbError',
+           'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock',
+           'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'PrivateStateError', 'pseudonym',
+           'source_id', 'private_key', 'attach_private', 'relativize_sources', 'connect_ro', 'export_csv', 'batched',
+           'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 def _sqlite_utils_without_pandas():
@@ -37,7 +39,7 @@ def _sqlite_utils_without_pandas():
 sqlite_utils = _sqlite_utils_without_pandas()
 
 # %% ../nbs/04_db.ipynb #c4186a46
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 FINAL_OK = ('ok', 'no_pixels')
 FAILED = ('unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error')
 
@@ -132,16 +134,47 @@ def _create_v5(db):
     db.execute("insert or ignore into nifti_touched select series_uid from volumes where verdict != 'gone' and series_uid is not null")
     if 'mosaic' not in db['images'].columns_dict: db['images'].add_column('mosaic', int)
 
-MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5}
+def _legacy_dir(old:str, here:Path, owner:str|None) -> str:
+    "Folder `old` (absolute, before version 6) relative to the index's folder `here`; '.' if `here` travelled from `old` (its `owner` line says so)."
+    if owner and os.path.isabs(owner) and Path(owner).parent == Path(old): return '.'
+    return os.path.relpath(old, os.path.realpath(here))
+
+def _mark_travelled(me:Path, rels:list):
+    "Mark the export folders `rels` (relative to the folder of index `me`) that lie inside that folder as its own: they travelled with it."
+    here = os.path.realpath(me.parent)
+    for d in (Path(here)/rel for rel in rels):
+        if d.is_dir() and _under(os.path.realpath(d), here) and not _owner_line(d): mark_owner(d, me)
+
+def _create_v6(db):
+    "Output and export folders relative to the index's own folder, so that a folder can be moved or copied whole."
+    if (me := db_file(db)) is None: return
+    owner = _owner_line(me.parent)
+    roots = {get_meta(db, f'{k}_output_dir'): None for k in ('preprocess', 'nifti')}
+    roots = {old: _legacy_dir(old, me.parent, owner) for old in roots if old and os.path.isabs(old)}
+    for old, new in roots.items():
+        db.execute("update meta set value = ? where key in ('preprocess_output_dir', 'nifti_output_dir') and value = ?",
+                   [json.dumps(new), json.dumps(old)])
+    def moved(p):
+        "Export folder `p` relative to the index's folder (through the output folder it lay under, if any)."
+        old = next((o for o in roots if p == o or p.startswith(o.rstrip('/') + '/')), None)
+        return os.path.normpath(os.path.join(roots[old], os.path.relpath(p, old))) if old else os.path.relpath(p, os.path.realpath(me.parent))
+    for table in ('exports', 'export_items'):
+        pairs = [(moved(p), p) for (p,) in db.execute(f'select distinct out_dir from {table} where out_dir like "/%"').fetchall()]
+        db.conn.executemany(f'update or ignore {table} set out_dir = ? where out_dir = ?', pairs)
+        _mark_travelled(me, [new for new, _ in pairs])
+    db.execute("delete from meta where key = 'output_dir'")     # copied to preprocess_output_dir by version 3
+
+MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5, 6: _create_v6}
 
 # %% ../nbs/04_db.ipynb #bad07449
-def get_meta(db, # the database
+def get_meta(db, # the database: a sqlite-utils `Database` or a `sqlite3.Connection`
              key:str, # the meta key
              default=None, # returned when the key is absent
             ):
     "Value stored under `key` in `meta` (JSON-decoded), or `default`."
-    rows = list(db.query('select value from meta where key=?', [key])) if 'meta' in db.table_names() else []
-    return json.loads(rows[0]['value']) if rows else default
+    has_meta = db.execute("select 1 from sqlite_master where name = 'meta'").fetchone()
+    row = db.execute('select value from meta where key = ?', [key]).fetchone() if has_meta else None
+    return json.loads(row[0]) if row else default
 
 def set_meta(db, # the database
              key:str, # the meta key
@@ -150,8 +183,110 @@ def set_meta(db, # the database
     "Store `value` (JSON-encoded) under `key` in `meta`."
     db['meta'].upsert(dict(key=key, value=json.dumps(value)), pk='key')
 
+# %% ../nbs/04_db.ipynb #f3eead1a
+class UnsafePath(Exception): "A path read from an index that leads outside its root: the index is damaged or hostile."
+
+def db_file(db, # an open index: a sqlite-utils `Database` or a `sqlite3.Connection`
+           ) -> Path|None:
+    "The file behind `db` (None for an in-memory database)."
+    name = db.execute('pragma database_list').fetchone()[2]
+    return Path(name) if name else None
+
+def _under(p:str, root:str) -> bool:
+    "True if absolute path `p` lies strictly under folder `root` (both without symlinks)."
+    return p != root and p.startswith(root.rstrip(os.sep) + os.sep)
+
+def _real(p:str, folders:dict) -> str:
+    "`os.path.realpath(p)`, each folder resolved once per `folders` (one pass over many rows shares it); a symlinked file itself."
+    try: link = stat.S_ISLNK(os.lstat(p).st_mode)
+    except OSError: link = False
+    if link: return os.path.realpath(p)
+    head, name = os.path.split(p)
+    if head not in folders: folders[head] = os.path.realpath(head)
+    return os.path.join(folders[head], name)
+
+def inside(root, # the folder the path must stay in
+           rel, # a path read from an index, relative to `root`
+           row:str, # the row and column it was read from, named in the refusal (e.g. "images row 'study_0/im0': thumbnail_path")
+           follow:bool=False, # let symlinks under `root` lead out of it (a source tree read with --follow-symlinks; a folder of ours, read and written only through `core.folder_fd`, which follows none)
+           folders:dict|None=None, # folder -> its real path, shared by the calls of one pass over many rows
+           within:str|None=None, # the subfolder of `root` it must lie in (`images`, `nifti`)
+          ) -> Path:
+    "`root/rel`; `UnsafePath` naming `row` unless `rel` is a plain relative path that stays strictly under `root` (`root/within`), symlinks resolved."
+    parts = [c for c in rel.split('/') if c not in ('', '.')] if isinstance(rel, str) and '\0' not in rel else []
+    folders, root = {} if folders is None else folders, os.fspath(root)
+    if not parts or rel.startswith('/') or '..' in parts: why = 'is not a plain relative path'
+    elif within and (parts[0] != within or len(parts) < 2): why = f'is not in its {within}/ folder'
+    elif follow or _under(_real(os.path.join(root, *parts), folders), folders.get(root) or folders.setdefault(root, os.path.realpath(root))):
+        return Path(root, *parts)
+    else: why = 'leads out through a symlink'
+    raise UnsafePath(f"{row} {rel!r} {why} under {root}; the index is damaged or hostile, refusing it")
+
+# %% ../nbs/04_db.ipynb #477d8ba3
+OWNER_FILE = '.dicom_prep_db'   # in an output folder: the path of the index whose rows describe its files, relative to the folder
+
+def _owner_line(folder) -> str|None:
+    "The first line of `folder`'s owner file (read without following a symlink, a few bytes at most), or None."
+    try: fd = os.open(Path(folder)/OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError: return None
+    with os.fdopen(fd, 'rb') as f:
+        lines = f.read(4096).decode('utf-8', 'replace').splitlines() if stat.S_ISREG(os.fstat(fd).st_mode) else []
+    return lines[0].strip() or None if lines else None
+
+def folder_owner(folder, # an output folder
+                ) -> Path|None:
+    "The index that output folder `folder` belongs to, as its owner file names it; None if it names none."
+    line = _owner_line(folder)
+    return Path(os.path.normpath(Path(os.path.realpath(folder))/line)) if line else None     # `..` after the folder's own symlinks
+
+def _same(a, b) -> bool: return os.path.realpath(a) == os.path.realpath(b)
+
+def owns(db_path, # an index file
+         folder, # an output folder
+        ) -> bool:
+    "True if `folder` belongs to the index at `db_path` (before version 6: or to one of its name that it travelled with)."
+    line = _owner_line(folder)
+    if not line: return False
+    travelled = os.path.isabs(line) and Path(line).name == Path(db_path).name and _same(Path(db_path).parent, folder)
+    return _same(Path(folder)/line, db_path) or travelled
+
+def mark_owner(folder, # an output folder
+               db_path, # the index it belongs to from now on
+              ):
+    "Write `folder`'s owner file: the path of `db_path` relative to it (unless it says that already); a symlink at its name is replaced, not followed."
+    line = os.path.relpath(os.path.realpath(db_path), os.path.realpath(folder))
+    if _owner_line(folder) != line:
+        with atomic_path(Path(folder)/OWNER_FILE, folder) as tmp: tmp.write_text(line + '\n')     # the safe writer, as every output
+
+def index_path(db, # an open index (on a file)
+               path, # a folder or file
+              ) -> str:
+    "How the index stores `path`: relative to the index's own folder (symlinks resolved), so that both can move together."
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(db_file(db).parent))
+
+def record_output_dir(db, # the run's index
+                      kind:str, # the pipeline
+                      output_dir, # its output folder
+                     ):
+    "Record `output_dir` as `kind`'s output folder, relative to the index's folder."
+    set_meta(db, f'{kind}_output_dir', index_path(db, output_dir))
+
+def output_dir_of(db, # the index
+                  kind:str='preprocess', # the pipeline whose output folder is wanted
+                 ) -> Path|None:
+    "The output folder of `kind` (paths in its tables are relative to it); `UnsafePath` unless that folder belongs to the index."
+    rel, me = get_meta(db, f'{kind}_output_dir'), db_file(db)
+    if rel is None or me is None: return None
+    root = Path(os.path.normpath(Path(os.path.realpath(me.parent))/rel))
+    if owns(me, root): return me.parent if _same(root, me.parent) else root
+    if os.path.isabs(rel) and owns(me, me.parent): return me.parent     # recorded before version 6, then moved or copied with it
+    raise UnsafePath(f"the index names {root} as its {kind} output folder, which does not belong to it ({OWNER_FILE} there "
+                     "names another index, or none): the index is damaged or hostile, or was moved without its folder "
+                     "(a run with --output-dir records the folder again)")
+
 # %% ../nbs/04_db.ipynb #4cbb4201
 class CorruptDbError(Exception): "A database file that cannot be trusted."
+class NewerIndexError(Exception): "An index written by a newer dicom_prep: not ours to interpret, rebuild or move aside."
 
 def _probe(conn:sqlite3.Connection, path:Path):
     "Raise `CorruptDbError` if the header's page count exceeds the file, or a table's first rows cannot be read."
@@ -163,7 +298,7 @@ def _probe(conn:sqlite3.Connection, path:Path):
         conn.execute(f'select * from "{t}" limit 1').fetchall()
 
 def _check(path:Path, full:bool=False):
-    "Raise `CorruptDbError` unless `path` is a readable SQLite DB with a schema version we know (a few page reads; every page if `full`)."
+    "Raise `CorruptDbError` unless `path` is a readable SQLite DB with a schema version we know (a few page reads; every page if `full`); `NewerIndexError` if a newer dicom_prep wrote it."
     try:
         conn = sqlite3.connect(path)
         try:
@@ -173,7 +308,10 @@ def _check(path:Path, full:bool=False):
             v = conn.execute("select value from meta where key='schema_version'").fetchone() if has_meta else None
         finally: conn.close()
     except sqlite3.DatabaseError as e: raise CorruptDbError('not an SQLite database' if 'not a database' in str(e) else str(e)) from None
-    if v is not None and json.loads(v[0]) not in MIGRATIONS: raise CorruptDbError(f'unknown schema version {v[0]}')
+    v = None if v is None else json.loads(v[0])
+    if type(v) is int and v > SCHEMA_VERSION:
+        raise NewerIndexError(f"{path} was written by a newer dicom_prep (schema {v} > {SCHEMA_VERSION}); upgrade dicom_prep to use it")
+    if v is not None and v not in MIGRATIONS: raise CorruptDbError(f'unknown schema version {v!r}')
 
 def _move_aside(path:Path, why) -> Path:
     "Rename a bad DB (and its WAL/SHM files) to `<db>.corrupt-<timestamp>`."
@@ -201,7 +339,7 @@ def suspect_marker(path, # a database file
 
 def open_db(path, # the database file (created if missing)
            ) -> sqlite_utils.Database:
-    "Open (creating or migrating) the dicom_prep database at `path`; corrupt files are moved aside."
+    "Open (creating or migrating) the dicom_prep database at `path`; corrupt files are moved aside, a newer version's refused."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suspect = suspect_marker(path)
@@ -215,6 +353,17 @@ def open_db(path, # the database file (created if missing)
     db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}')
     migrate(db)
     return db
+
+# %% ../nbs/04_db.ipynb #628ff567
+CHECKPOINT_WAIT = 3.   # seconds a checkpoint waits for readers of the log to finish
+
+def checkpoint(db, # an open index (written through WAL)
+              ) -> bool:
+    "Copy the write-ahead log into the database file and truncate it, so the file alone is the whole index; False if a reader kept it."
+    db.execute(f'PRAGMA busy_timeout={int(CHECKPOINT_WAIT * 1000)}')
+    try: busy = db.execute('PRAGMA main.wal_checkpoint(TRUNCATE)').fetchone()[0]
+    finally: db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}')
+    return not busy
 
 # %% ../nbs/04_db.ipynb #d5e3b068
 class DbBusyError(Exception): "Another run holds the database."
@@ -244,6 +393,14 @@ class DbLock:
 # %% ../nbs/04_db.ipynb #7b2d2e4e
 class SettingsMismatch(Exception): "Settings differ from those the existing outputs were made with."
 
+def _refusal(diffs:list, root_diff:str|None, new_root:str, force_flag:str) -> str:
+    "The one line refusing changed settings (`diffs`) or a changed source root (`root_diff`), with the ways out."
+    if not diffs:
+        return (f"the source root differs from the existing index's ({root_diff}). Use --rebase if the same files moved to "
+                f"{new_root}, or another --output-dir/--db to index other files there ({force_flag} rebuilds everything from it).")
+    return ("settings differ from the existing outputs (" + "; ".join(diffs + [root_diff] * bool(root_diff)) + "). "
+            f"Use {force_flag} to rebuild everything with the new settings, or another --output-dir/--db to keep both.")
+
 def check_settings(db, # the run's database
                    kind:str, # pipeline: 'preprocess', 'nifti', ...
                    settings:dict, # the output-shaping settings of this run
@@ -251,29 +408,20 @@ def check_settings(db, # the run's database
                    force:bool=False, # accept a change (the caller rebuilds)
                    force_flag:str='--force', # the option that forces, named in the refusal
                    redact=None, # text -> what is stored instead (a pseudonymised index keeps no source path)
+                   rebase:bool=False, # the same files moved: accept a new source root (paths are relative to it)
                   ) -> bool:
-    "Refuse (unless `force`) if `settings` or `source_root` differ from what `db` was built with; then record them."
+    "Refuse (unless `force`) if `settings` differ from what `db` was built with, or (unless `rebase` too) its source root; then record them."
     old, old_root = get_meta(db, f'{kind}_settings'), get_meta(db, f'{kind}_source_root')
-    new_root = str(Path(source_root).resolve())
+    new_root = os.path.realpath(source_root)
     if redact: new_root = redact(new_root)
     diffs = [f"{k}: {old.get(k)!r} in the database, {v!r} now" for k, v in settings.items() if old and old.get(k) != v]
-    if old_root and (old_root if redact else str(Path(old_root).resolve())) != new_root:
-        diffs.append(f"source root: {old_root} in the database, {new_root} now")
-    if diffs and not force:
-        raise SettingsMismatch("settings differ from the existing outputs (" + "; ".join(diffs) + "). "
-                               f"Use {force_flag} to rebuild everything with the new settings, "
-                               "or another --output-dir/--db to keep both.")
+    moved = bool(old_root) and (old_root if redact else os.path.realpath(old_root)) != new_root
+    if diffs and not force or moved and not (force or rebase):
+        raise SettingsMismatch(_refusal(diffs, f"source root: {old_root} in the database, {new_root} now" if moved else None, new_root, force_flag))
     with db.atomic(): set_meta(db, f'{kind}_settings', settings); set_meta(db, f'{kind}_source_root', new_root)
     return bool(diffs)
 
 # %% ../nbs/04_db.ipynb #7306335e
-def output_dir_of(db, # the database
-                  kind:str='preprocess', # the pipeline whose output folder is wanted
-                 ) -> Path|None:
-    "The output folder the last run of `kind` wrote to (paths in its tables are relative to it)."
-    p = get_meta(db, f'{kind}_output_dir') or get_meta(db, 'output_dir')
-    return Path(p) if p else None
-
 def start_run(db, # the database
               kind:str, # pipeline name
               settings:dict, # the run's settings, recorded as JSON
@@ -311,6 +459,12 @@ def pseudonym(value, # an identifier (None stays None)
     "Keyed pseudonym of `value`: HMAC-SHA256 under `key`, 16 hex digits; stable, and not computable without the key."
     if value is None: return None
     return prefix + hmac.new(key.encode(), str(value).encode('utf-8', 'surrogatepass'), hashlib.sha256).hexdigest()[:16]
+
+def source_id(path, # a source file, relative to the source root
+              key:str|None, # the pseudonym key (None: not pseudonymised)
+             ) -> str:
+    "What `images.source_path` holds for `path`: the path, or its keyed pseudonym."
+    return pseudonym(str(path), key, 'src_') if key else str(path)
 
 PRIVATE_TABLES = ('files',)   # tables whose rows name source files
 
@@ -357,6 +511,40 @@ def attach_private(db, # the shared index
         db.execute('create table if not exists private.meta (key text primary key, value text)')
         for t in PRIVATE_TABLES: _to_private(db, t)
         return _key(db, salt)
+
+# %% ../nbs/04_db.ipynb #bbbe29ad
+SOURCE_COLUMNS = {   # pipeline -> (table, column, prefix) of the source paths it stores; a `file:<path>` key names a file's own series
+    'preprocess': (('files', 'path', ''), ('images', 'source_path', '')),
+    'nifti': (('nifti_headers', 'path', ''), ('nifti_headers', 'series_key', 'file:'), ('volume_files', 'path', ''),
+              ('volumes', 'series_uid', 'file:'), ('nifti_touched', 'series_key', 'file:'))}
+
+def _rekey(db, head:str, key:str):
+    "Re-key the `images.source_path` pseudonyms of the files under `head` from their absolute to their relative path."
+    rows = db.execute('select path from files where substr(path, 1, ?) = ?', [len(head), head]).fetchall()
+    db.conn.executemany('update images set source_path = ? where source_path = ?',
+                        [(source_id(p[len(head):], key), source_id(p, key)) for (p,) in rows])
+
+def relativize_sources(db, # the run's index (its private state attached, if any)
+                       kind:str, # the pipeline whose tables are rewritten
+                       roots, # spellings of the source root that stored absolute paths may start with
+                       key:str|None=None, # the pseudonym key: `images.source_path` then holds keyed paths
+                      ) -> int:
+    "Rewrite the absolute source paths under any of `roots` as paths relative to the root; returns how many files."
+    if kind not in SOURCE_COLUMNS: return 0        # a pipeline that stores no source path
+    (first, path, _), n = SOURCE_COLUMNS[kind][0], 0
+    for root in dict.fromkeys(r.rstrip('/') for r in roots if r and r.startswith('/')):
+        if not db.execute(f"select 1 from [{first}] where [{path}] >= '/' and [{path}] < '0' limit 1").fetchone(): break
+        head = root + '/'
+        with db.atomic():
+            if key and kind == 'preprocess': _rekey(db, head, key)
+            for i, (table, col, tag) in enumerate(SOURCE_COLUMNS[kind]):
+                if key and table == 'images': continue
+                c = db.execute(f"update or ignore [{table}] set [{col}] = ? || substr([{col}], ?) where substr([{col}], 1, ?) = ?",
+                               [tag, len(tag + head) + 1, len(tag + head), tag + head])
+                n += c.rowcount if i == 0 else 0
+            if kind == 'nifti': db.execute("update nifti_headers set record = json_set(record, '$.path', path) "
+                                            "where record is not null and json_extract(record, '$.path') != path")
+    return n
 
 # %% ../nbs/04_db.ipynb #460cbfb2
 def connect_ro(db_path, # an existing database file

@@ -21,8 +21,8 @@ import sqlite_utils
 from fastcore.script import call_parse
 from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
                              stable_hash, utf8_len)
-from .db import (DbLock, PrivateStateError, assign_split, attach_private, check_split_name, get_meta, now, open_db,
-                           output_dir_of, parse_splits, pseudonym)
+from .db import (OWNER_FILE, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint, db_file,
+                           folder_owner, get_meta, index_path, inside, mark_owner, now, open_db, output_dir_of, owns, parse_splits, pseudonym)
 from .preprocess import PHI_KEYS
 from .run import UsageError, cli_run
 
@@ -49,8 +49,14 @@ def _opened(db):
     with closing(_db(db)) as conn: yield conn
 
 def _root(db, kind='preprocess') -> Path:
-    "The output folder the paths in `kind`'s tables are relative to."
-    return output_dir_of(db, kind) or Path(db.conn.execute('pragma database_list').fetchone()[2]).parent
+    "The output folder the paths in `kind`'s tables are relative to (it must belong to the index: `output_dir_of`)."
+    if (root := output_dir_of(db, kind)) is None: raise UsageError(f"{db_file(db)} records no {kind} output folder: nothing to read")
+    return root
+
+def _paths(root:Path, rows, rels, table:str, col:str, within:str) -> list[str]:
+    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root/within`."
+    folders = {}     # each folder's real path looked up once
+    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within)) for row, rel in zip(rows, rels)]
 
 def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
     "`df` if every split it read from the index is a safe split name, else `IndexValueError` naming the first row that is not."
@@ -64,10 +70,10 @@ def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
 def images_df(db, # the index: a path or a sqlite-utils Database
               columns:str='*', # SQL column list of `images`
              ) -> pd.DataFrame:
-    "The `images` table as a DataFrame, with each PNG's absolute `path`; `IndexValueError` for a split that is not a safe name."
+    "The `images` table as a DataFrame, with each PNG's absolute `path` (`UnsafePath` if one leads out of the output folder); `IndexValueError` for a split that is not a safe name."
     with _opened(db) as db:
         df = pd.DataFrame(db.query(f'select {columns} from images order by filename'))
-        if 'thumbnail_path' in df: df['path'] = [str(_root(db)/p) for p in df['thumbnail_path']]
+        if 'thumbnail_path' in df: df['path'] = _paths(_root(db), df.get('filename', df['thumbnail_path']), df['thumbnail_path'], 'images', 'thumbnail_path', 'images')
     return _check_splits(df, 'images', 'filename' if 'filename' in df else 'split') if 'split' in df else df
 
 # %% ../nbs/12_export.ipynb #50526989
@@ -177,10 +183,6 @@ class Item:
 
 _SHARD = re.compile(r'(?P<split>[^/\x00]+)-(?P<n>\d{6,})\.tar')   # a webdataset shard's name (in the export folder itself)
 
-def _plain(rel) -> bool:
-    "True if `rel` is a relative path of names (none empty, '.' or '..'): joined to a folder, it stays inside."
-    return isinstance(rel, str) and '\x00' not in rel and all(p not in ('', '.', '..') for p in rel.split('/'))
-
 def _no_symlinks(out_dir:Path, items) -> None:
     "Refuse (`UnsafeOutput`, a failure of the run: exit 1) a symlinked folder inside `out_dir` on the way to any of `items`: writing or deleting through it would reach outside."
     for folder in {Path(i).parent for i in items} - {Path('.')}:
@@ -188,24 +190,18 @@ def _no_symlinks(out_dir:Path, items) -> None:
             if d == out_dir: break
             if d.is_symlink(): raise UnsafeOutput(errno.ELOOP, f"{d} is a symlink inside the export folder: an export does not write through it (remove it)")
 
-def _outside(r:dict) -> str|None:
-    "The column of an `export_items` row that names no file inside the export folder ('item' or 'shard'), or None."
-    if not _plain(r['item']): return 'item'
-    if r['shard'] is not None and not (_plain(r['shard']) and _SHARD.fullmatch(r['shard'])): return 'shard'
-    return None
-
 def _recorded(db, out_dir) -> dict[str, dict]:
-    "item → its row in `export_items` for `out_dir`; `IndexValueError` naming a row whose item or shard is not a plain path inside."
-    have = {}
-    for r in db.query('select * from export_items where out_dir=?', [str(out_dir)]):
-        if (col := _outside(r)): raise IndexValueError(f"export_items row {r['item']!r} of {out_dir}: its {col} {r[col]!r} is not a file inside the export folder")
-        have[r['item']] = r
-    return have
+    "item → its row in `export_items` for `out_dir` (keyed relative to the index's folder); `UnsafePath` naming a row whose item is not a plain path inside the folder, or whose shard is not a shard's name."
+    rows = {r['item']: r for r in db.query('select * from export_items where out_dir=?', [index_path(db, out_dir)])}
+    for r in rows.values():
+        inside(out_dir, r['item'], f"export_items row {r['item']!r}: item", follow=True)     # a symlink in the folder: `_no_symlinks`
+        if r['shard'] is not None and not (isinstance(r['shard'], str) and _SHARD.fullmatch(r['shard'])):
+            raise UnsafePath(f"export_items row {r['item']!r}: shard {r['shard']!r} is not a shard's name in {out_dir}; the index is damaged or hostile, refusing it")
+    return rows
 
 def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict], dict]:
     "The items to (re)write, the recorded ones to remove, and the record (item → row), against what `out_dir` already holds."
-    if (bad := next((i for i in items if not _plain(i.item)), None)):
-        raise IndexValueError(f"{bad.source!r}: its export name {bad.item!r} is not a file inside the export folder")
+    for i in items: inside(out_dir, i.item, f"export item of {i.source!r}: its name", follow=True)     # items made by a caller too
     have = _recorded(db, out_dir)
     on_disk = lambda r: (Path(out_dir)/(r['shard'] or r['item'])).exists()      # a sample is in its shard
     write = [i for i in items if have.get(i.item, {}).get('sig') != i.sig or not on_disk(have[i.item])]
@@ -214,9 +210,10 @@ def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict], dict]:
 
 def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shards:dict|None=None, pending:bool=False):
     "Record what an export wrote and removed, in one transaction; `pending`: what it is about to write, with no signature (to redo if killed)."
+    key = index_path(db, out_dir)
     with db.atomic():
-        for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [str(out_dir), r['item']])
-        db['export_items'].upsert_all([dict(out_dir=str(out_dir), item=i.item, source=i.source, label=i.label, split=i.split,
+        for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [key, r['item']])
+        db['export_items'].upsert_all([dict(out_dir=key, item=i.item, source=i.source, label=i.label, split=i.split,
                                             sig=None if pending else i.sig, shard=(shards or {}).get(i.item), export_id=export_id)
                                        for i in written], pk=('out_dir', 'item'))
 
@@ -329,7 +326,7 @@ def _volumes(db, fractions) -> pd.DataFrame:
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints from volumes where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
-    df['path'] = [str(_root(db, 'nifti')/p) for p in df['output_path']]
+    df['path'] = _paths(_root(db, 'nifti'), df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
     df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'])]
     return df
 
@@ -388,15 +385,23 @@ def _labelled(df, labels, on, label_col, key=None, encoding='utf-8') -> tuple[pd
 
 # %% ../nbs/12_export.ipynb #c18fdab6
 def _check_out(db, out_dir:Path, fmt:str):
-    "Refuse an export folder inside a pipeline's outputs (a later run would sweep it) or holding another format's export."
+    "Refuse an export folder inside a pipeline's outputs (a later run would sweep it), or holding another index's or another format's export."
     for kind, sub in (('preprocess', 'images'), ('nifti', 'nifti')):
         if (root := output_dir_of(db, kind)) and out_dir.resolve().is_relative_to((root/sub).resolve()):
             raise UsageError(f"--out {out_dir} is inside {root/sub}, which dicom_prep manages: export elsewhere")
-    old = db.execute('select format from exports where out_dir=? order by id desc limit 1', [str(out_dir)]).fetchone()
+    if (owner := folder_owner(out_dir)) and not owns(db_file(db), out_dir):      # e.g. the sender's, reached from a copy of its index
+        raise UsageError(f"--out {out_dir} holds the export of another index ({owner}): export elsewhere")
+    old = db.execute('select format from exports where out_dir=? order by id desc limit 1', [index_path(db, out_dir)]).fetchone()
     if old and old[0] != fmt: raise UsageError(f"{out_dir} holds a {old[0]} export: give --format {fmt} another --out")
 
+def _adopt(db, db_path, out_dir:Path):
+    "Make `out_dir` this index's export folder; records of it this index did not make there (a sender's, a hostile index's) are dropped."
+    if not owns(db_path, out_dir):
+        with db.atomic(): db.execute('delete from export_items where out_dir = ?', [index_path(db, out_dir)])
+    mark_owner(out_dir, db_path)
+
 _TEMP = re.compile(r'\.(?P<name>.+)\.\d+-\d+(\..+)?')   # `atomic_path`'s temporaries: .{name capped at 100 bytes}.{pid}-{n}{suffixes} (`core._temp_name`)
-_BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json')   # what an export writes beside its items
+_BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json', OWNER_FILE)   # what an export writes beside its items
 
 def _temp_of(entry:str) -> str|None:
     "The (shortened) name of the file that `entry` is an `atomic_path` temporary of, or None if it is none."
@@ -404,7 +409,7 @@ def _temp_of(entry:str) -> str|None:
 
 def _sweep(db, out_dir:Path):
     "If the last export into `out_dir` did not complete, remove its temporaries: beside the files it records, of those files' names."
-    last = db.execute('select status from exports where out_dir=? order by id desc limit 1', [str(out_dir)]).fetchone()
+    last = db.execute('select status from exports where out_dir=? order by id desc limit 1', [index_path(db, out_dir)]).fetchone()
     if not last or last[0] == 'completed': return
     have, ours = _recorded(db, out_dir), {}
     _no_symlinks(out_dir, have)
@@ -454,11 +459,12 @@ def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding) -> t
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
     return *_labelled(df, labels, on, label_col, key, encoding), key
 
-def _start(db, fmt, out_dir, labels, on, label_col, key) -> int:
-    "Sweep what a killed export into `out_dir` left, and record this export as running; returns its id."
+def _start(db, db_path, fmt, out_dir, labels, on, label_col, key) -> int:
+    "Make `out_dir` this index's own (`_adopt`), sweep what a killed export into it left, and record this export as running; returns its id."
+    _adopt(db, db_path, out_dir)                 # first: a sender's records of the folder drive no sweep
     _sweep(db, out_dir)
     settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col)
-    return db['exports'].insert(dict(format=fmt, out_dir=str(out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
+    return db['exports'].insert(dict(format=fmt, out_dir=index_path(db, out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
 
 def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep_nifti)
            out_dir, # the export folder
@@ -481,12 +487,13 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
         _check_out(db, out_dir, fmt)
         try:
             df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding)
-            export_id = _start(db, fmt, out_dir, labels, on, label_col, key)
+            export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key)
             n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size)
         except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
         if report:
             with atomic_path(out_dir/'labels_report.json') as tmp: tmp.write_text(json.dumps(report.__dict__, indent=1))
         db['exports'].update(export_id, dict(finished_at=now(), n_items=n, n_written=written, n_removed=removed, status='completed'))
+        checkpoint(db)          # the .db file alone is the whole index again
     return ExportResult(fmt, out_dir, n, written, removed, report)
 
 # %% ../nbs/12_export.ipynb #485ca7ce

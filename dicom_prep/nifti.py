@@ -15,7 +15,7 @@ from fastcore.script import call_parse, store_true
 import dicom_prep
 from .core import log, remove_output
 from .io import Found
-from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
+from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, inside, now
 from .parallel import TaskFailure
 from .run import Run, RunOutcome, UsageError, open_run, summary_block, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
@@ -64,6 +64,12 @@ def _plan_headers(db, reanalyze:bool) -> tuple[int, int]:
         db.execute(f'delete from nifti_headers where path in (select h.path {vanished})')
     return db.execute('select count(*) from temp.todo').fetchone()[0], gone
 
+def _read_headers(item:Found, root) -> FileRecord:
+    "Worker: the header record of `item` (its path relative to `root`), recording that relative path."
+    rec = read_headers(Found(Path(root)/item.path, item.study_id, item.size, item.mtime_ns))
+    rec.path = str(item.path)
+    return rec
+
 def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
                     reanalyze:bool=False, # re-read every header, changed or not
                     batch_size:int=500, # headers per commit
@@ -71,7 +77,7 @@ def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
     "Bring `nifti_headers` up to date with the scanned tree; returns counts read/gone/unreadable/pending."
     todo, gone = _plan_headers(run.db, reanalyze)
     items = (Found(Path(p), study, size, mtime_ns) for p, study, size, mtime_ns in run.pages('todo', 'path, study_id, size, mtime_ns'))
-    n = run.stream(read_headers, items, _write_headers, batch_size, phase='Headers', label='headers', timeout=HEADER_TIMEOUT,
+    n = run.stream(partial(_read_headers, root=run.dicom_dir), items, _write_headers, batch_size, phase='Headers', label='headers', timeout=HEADER_TIMEOUT,
                    count=_header_status, total=todo)
     return dict(read=n, gone=gone, unreadable=run.counts['headers_unreadable'], pending=todo - n)
 
@@ -156,11 +162,15 @@ def store_analysis(db, # the open database
     return len(keys)
 
 # %% ../nbs/11_nifti.ipynb #9fad1822
+def _output(output_dir, v:dict) -> Path:
+    "The written file of `volumes` row `v` under `output_dir` (`UnsafePath` if the index's path leads out of it)."
+    return inside(output_dir, v['output_path'], f"volumes row {v['id']!r}: output_path", within='nifti')
+
 def _needs_conversion(v, output_dir, rebuild_since=None, sidecar=False) -> bool:
     "True if `ok` volume row `v` has to be (re)written; `rebuild_since`: volumes converted by an earlier run are redone."
     if v['status'] != 'ok' or v['converted_sig'] != v['sources_sig'] or not v['output_path']: return True
     if rebuild_since is not None and (v['run_id'] or 0) < rebuild_since: return True
-    return not (Path(output_dir)/v['output_path']).exists() or (sidecar and not v['sidecar_path'])
+    return not _output(output_dir, v).exists() or (sidecar and not v['sidecar_path'])
 
 def plan_conversions(db, # the open database
                      output_dir, # the run's output folder
@@ -178,12 +188,13 @@ def plan_conversions(db, # the open database
 
 def conversion_tasks(run:Run, # the open run, after `plan_conversions`
                      sidecar:bool=False, # write JSON sidecars
+                     follow_symlinks:bool=False, # the tree was read following symlinks out of it
                     ):
-    "Yield the `VolumeTask` of each volume in `temp.convert`, reading its row and frames only when it is its turn."
+    "Yield the `VolumeTask` of each volume in `temp.convert`, reading its row and frames (paths resolved under the source root) when it is its turn."
     version = dicom_prep.__version__
     for (vid,) in run.pages('convert', 'id'):
-        v = next(run.db.query('select * from volumes where id = ?', [vid]))
-        files = list(run.db.query('select * from volume_files where volume_id = ?', [vid]))
+        [v], files = run.db.query('select * from volumes where id = ?', [vid]), list(run.db.query('select * from volume_files where volume_id = ?', [vid]))
+        files = [dict(f, path=str(inside(run.dicom_dir, f['path'], f"volume_files row {vid!r}: path", follow_symlinks))) for f in files]
         yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, run.output_dir)
 
 # %% ../nbs/11_nifti.ipynb #0c8cd652
@@ -208,11 +219,12 @@ def _conversion_status(res) -> str:
 def convert_volumes(run:Run, # the open run
                     batch_size:int=30, # volumes per commit
                     sidecar:bool=False, # write JSON sidecars
+                    follow_symlinks:bool=False, # the tree was read following symlinks out of it
                    ) -> dict:
     "Convert the volumes that need it in parallel, committing every `batch_size`; returns counts."
     todo, done = plan_conversions(run.db, run.output_dir, get_meta(run.db, 'nifti_rebuild_since'), sidecar)
     run.say(f"Converting with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
-    n = run.stream(convert_volume, conversion_tasks(run, sidecar), partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id),
+    n = run.stream(convert_volume, conversion_tasks(run, sidecar, follow_symlinks), partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id),
                    batch_size, phase='Conversion', label='volumes', count=_conversion_status, total=todo)
     counts = dict(already_done=done, converted=run.counts['converted'], error=run.counts['error'], pending=todo - n)
     return {k: v for k, v in counts.items() if v}
@@ -237,8 +249,8 @@ def _check_template(template:str):
 
 def _remove_outputs(run:Run, where:str):
     "Delete the files written for the volumes matching SQL `where` (image, sidecar, .bval/.bvec)."
-    for (rel,) in run.db.execute(f'select output_path from volumes where output_path is not null and {where}').fetchall():
-        for p in written_files(run.output_dir/rel): remove_output(p, run.output_dir)
+    for v in run.db.query(f'select id, output_path from volumes where output_path is not null and {where}'):
+        for p in written_files(_output(run.output_dir, v)): remove_output(p, run.output_dir)
 
 def _forget_names(run:Run):
     "A new name template: remove every converted volume's files and names, so all are named and written again."
@@ -296,6 +308,7 @@ def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
                    philips_scaling:str='precise', # Philips values: 'precise' floating point (dcm2niix's default) or 'display'
                    resample:bool=False, # write tilted or irregularly spaced stacks on an orthogonal equidistant grid (else: shear / refusal)
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
+                   rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
                    quiet:bool=False, # print nothing
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
@@ -305,13 +318,13 @@ def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
     if philips_scaling not in PHILIPS_SCALINGS: raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {philips_scaling!r}")
     settings = dict(name_template=name_template, spacing_tol=spacing_tol, philips_scaling=philips_scaling, resample=resample)
     with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler,
-                  quiet, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
+                  quiet, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS, rebase=rebase) as run:
         if 'name_template' in run.pending: _forget_names(run)
         run.scan('nifti_headers', follow_symlinks)
         h = refresh_headers(run, reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
         if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
         verdicts = _analyse(run, h, reanalyze or bool(ANALYSIS_SETTINGS & run.pending), name_template, spacing_tol, philips_scaling, resample)
-        counts = convert_volumes(run, batch_size, sidecar) if not (h['pending'] or analysis_only) else {}
+        counts = convert_volumes(run, batch_size, sidecar, follow_symlinks) if not (h['pending'] or analysis_only) else {}
         run.counts.update({f'verdict_{k}': v for k, v in verdicts.items()})
         if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
         else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
@@ -334,6 +347,7 @@ def main(
     csv:Path=None,            # Also export the analysis table (volumes) to this CSV file
     scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
     follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
+    rebase:store_true=False,  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     philips_scaling:str='precise', # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
     resample:store_true=False,        # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
     test:store_true=False,    # Run on the bundled sample data (no data of yours needed)
@@ -343,4 +357,4 @@ def main(
     cli_finish(cli_run(lambda: dicom_to_nifti(
         dicom_dir, output_dir, db_path=db, workers=workers, batch_size=batch_size, force_reprocess=force_reprocess,
         analysis_only=analysis_only, reanalyze=reanalyze, sidecar=sidecar, name_template=name_template, scheduler=scheduler,
-        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample)))
+        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample, rebase=rebase)))

@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
 # %% ../nbs/07_preprocess.ipynb #5e246e74
 from __future__ import annotations
-import json
+import json, os, stat
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -19,18 +19,18 @@ from fastcore.script import call_parse, store_true
 from PIL import Image
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
-from .core import clash_key, frame_filename, source_stem, safe_component, log, remove_output
+from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
 from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
-from .db import get_meta, parse_splits, assign_split, now, pseudonym, FAILED
+from .db import get_meta, inside, parse_splits, assign_split, now, pseudonym, source_id, FAILED
 from .parallel import TaskFailure
 from .run import PAGE, RunOutcome, UsageError, env_error, open_run, summary_block, cli_source, cli_run, cli_finish
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PHI_KEYS', 'SETTING_DEFAULTS', 'deidentified_keywords', 'parse_tags', 'json_value', 'file_metadata',
-           'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'source_id',
-           'private_name', 'write_batch', 'sweep_orphans', 'RunResult', 'preprocess', 'main']
+__all__ = ['METADATA_TAGS', 'PHI_KEYS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'deidentified_keywords', 'parse_tags', 'json_value',
+           'file_metadata', 'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run',
+           'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'RunResult', 'preprocess', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #d9868af6
 METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
@@ -181,10 +181,11 @@ def process_dicom(dcm_path, # the source file
                   deidentify:bool=False, # leave out every attribute the PS3.15 basic profile removes
                   key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
                   in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
+                  source:str|None=None, # the path the index records (relative to the source root) [default: `dcm_path`]
                  ) -> FileResult:
     "Write one PNG per frame of `dcm_path` under `out_dir/images`; return the `FileResult` (never raises)."
-    src, stem = str(dcm_path), stem or safe_component(Path(dcm_path).stem)
-    res = FileResult(src, 'ok')
+    src, stem = source or str(dcm_path), stem or safe_component(Path(dcm_path).stem)
+    res = FileResult(str(dcm_path), 'ok')
     with values_unvalidated():
         if isinstance(ds := _open_checked(dcm_path, max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
@@ -217,7 +218,7 @@ def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale,
 @dataclass
 class FileTask:
     "One file a run will process, and the names its outputs get."
-    found: Found          # the file and its stat facts
+    found: Found          # the file (its path relative to the source root) and its stat facts
     overwrite: bool       # it has a `files` row: its earlier images are replaced
     study_id: str = ''    # its study (a pseudonym with --pseudonymize), set when tasks are made
     stem: str = ''        # its stem, unique within the study, set when tasks are made
@@ -268,31 +269,25 @@ def _name_holders(db, names:list) -> dict:
     return holders
 
 def file_stems(db, # the run's database, after `Run.scan`
-               files:list, # `(path, study, meets)` of files being processed; `meets` is the plan's `todo.meets` (None: look it up)
+               files:list, # `(path, study, meets)` of files being processed (paths relative to `root`); `meets` is the plan's `todo.meets` (None: look it up)
                root, # the source root
               ) -> list[str]:
     "Each file's stem within its study: readable, or hashed when another scanned file or an indexed image meets its name (ignoring case)."
-    stems = [source_stem(path, root) for path, _, _ in files]
+    stems = [source_stem(Path(root)/path, root) for path, _, _ in files]
     names = [[f"{study}/{stem}", f"{study}/{stem}_frame0000"] for (_, study, _), stem in zip(files, stems, strict=True)]
     holders = _name_holders(db, [n for pair in names for n in pair])
     def clashes(path, meets, pair) -> bool:
         "Another scanned file meets its name, or an image of another source holds one of its names."
         if meets is None: meets = db.execute('select count(*) > 1 from temp.scan where clash_key = ? and dicom = 1', [clash_key(path)]).fetchone()[0]
         return bool(meets) or any(h != str(path) for n in pair for h in holders.get(_nocase(n), ()))
-    return [source_stem(path, root, force_hash=True) if clashes(path, m, pair) else stem
+    return [source_stem(Path(root)/path, root, force_hash=True) if clashes(path, m, pair) else stem
             for (path, _, m), stem, pair in zip(files, stems, names, strict=True)]
 
 # %% ../nbs/07_preprocess.ipynb #918fb85f
 PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}
 
-def source_id(path, # a source file
-              key:str|None, # the pseudonym key (None: not pseudonymised)
-             ) -> str:
-    "What `images.source_path` holds for `path`: the path, or its keyed pseudonym."
-    return pseudonym(str(path), key, 'src_') if key else str(path)
-
 def private_name(ds, # the file's dataset
-                 src:str, # its path
+                 src:str, # its path relative to the source root
                  key:str, # the pseudonym key
                 ) -> tuple[str, str]:
     "(study, stem) of a pseudonymised file's images: keyed pseudonyms of its UIDs (and path, so copies stay apart)."
@@ -306,11 +301,17 @@ def _file_row(res, f, study_id, run_id, stamp:str):
     return dict(path=str(f.path), study_id=study_id, size=f.size, mtime_ns=f.mtime_ns, status=res.status,
                 error=res.error, n_frames=res.n_frames, processed_at=stamp, run_id=run_id)
 
+def _png(out_dir, r:dict) -> Path:
+    "The PNG of `images` row `r` under `out_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
+    return inside(out_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images',
+                  follow=True)     # symlinks: it is read and deleted only through the folder's checked descriptors (`folder_fd`)
+
 def _remove_images(db, out_dir, paths, keep=frozenset()):
     "Delete image rows (and PNGs not in `keep`) of the source `paths`."
     for p in paths:
         for r in db.query('select filename, thumbnail_path from images where source_path=?', [p]):
-            if r['filename'] not in keep: remove_output(Path(out_dir)/r['thumbnail_path'], out_dir)
+            png = _png(out_dir, r)         # every path read is checked, kept or not
+            if r['filename'] not in keep: remove_output(png, out_dir)
         db.execute('delete from images where source_path=?', [p])
 
 def _as_result(task:FileTask, res, out_dir) -> FileResult:
@@ -354,13 +355,24 @@ def _upsert_images(db, rows:list):
                         [tuple(map(r.get, cols)) for r in rows])
 
 # %% ../nbs/07_preprocess.ipynb #30cb4d98
+def _decodes(out_dir, png:Path) -> bool:
+    "True if the PNG `png` (under `out_dir`) is a file that decodes; read following no symlink: one planted at a folder fails the run (`UnsafeOutput`)."
+    if (dfd := folder_fd(out_dir, png.parent, create=False)) is None: return False
+    try: fd = os.open(png.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError: return False                  # missing, or a symlink at its name: it is written again
+    finally: os.close(dfd)
+    try:
+        with os.fdopen(fd, 'rb') as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode): return False
+            with Image.open(f) as im: im.load()
+    except Exception: return False
+    return True
+
 def _verify_images(db, out_dir, key=None) -> int:
     "Put in `temp.bad` the source files having an image row whose PNG is missing or does not decode; returns how many are still in the tree."
     bad = set()
-    for r in db.query('select source_path, thumbnail_path from images'):
-        try:
-            with Image.open(Path(out_dir)/r['thumbnail_path']) as im: im.load()
-        except Exception: bad.add(r['source_path'])
+    for r in db.query('select filename, source_path, thumbnail_path from images'):
+        if not _decodes(out_dir, _png(out_dir, r)): bad.add(r['source_path'])
     paths = (p for (p,) in db.execute('select path from files').fetchall() if source_id(p, key) in bad) if key else iter(bad)
     db.execute('create temp table if not exists bad (path text primary key)'); db.execute('delete from temp.bad')
     with db.atomic(): db.conn.executemany('insert or ignore into temp.bad values (?)', ((p,) for p in paths))
@@ -377,6 +389,17 @@ def sweep_orphans(db, # the run's database
         orphans = [r[0] for r in db.execute('select path from on_disk where path not in (select thumbnail_path from images)')]
     for p in orphans: remove_output(Path(out_dir)/p, out_dir)
     return len(orphans)
+
+PRUNE_SHARE = 0.5   # --prune forgets at most this share of the recorded files, unless --force is given too
+
+def _check_prune(plan:Plan, recorded:int, root, force:bool):
+    "Refuse (`UsageError`) a --prune that finds no DICOM file at all (a source not mounted), or would forget more than `PRUNE_SHARE` of the index unless `force`."
+    if not plan.found:
+        raise UsageError(f"--prune: no DICOM file found under {root}, so all {recorded:,} recorded files would be forgotten; "
+                         "is the source mounted? (to start over, use another --output-dir)")
+    if plan.gone > PRUNE_SHARE * recorded and not force:
+        raise UsageError(f"--prune would forget {plan.gone:,} of the {recorded:,} recorded files (more than {PRUNE_SHARE:.0%}); "
+                         f"check that {root} is complete (mounted), then use --prune --force")
 
 def _prune(db, out_dir, key=None):
     "Forget the recorded files that left the source tree, with their images, a page at a time."
@@ -404,12 +427,15 @@ def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
     n_bad = _verify_images(db, run.output_dir, run.key) if verify else 0
     plan = plan_run(db, force=run.rebuild, retry_failed=retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
-    if plan.gone and prune: _prune(db, run.output_dir, run.key)
+    if plan.gone and prune:
+        _check_prune(plan, db.execute('select count(*) from files').fetchone()[0], run.dicom_dir, run.rebuild)
+        _prune(db, run.output_dir, run.key)
     run.notes += _plan_notes(plan, stats, n_bad, prune)
     if plan.done or plan.failed_kept:
         run.say(f"Resuming: {plan.done + plan.failed_kept:,} of {plan.found:,} files already processed"
                 + (f", {plan.failed_kept:,} failed earlier (use --retry-failed)" if plan.failed_kept else ""))
     t.add(plan.todo).stop()
+    run.say(f"Processing {plan.todo:,} files with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     return plan
 
 def _tasks(run):
@@ -419,9 +445,10 @@ def _tasks(run):
         for (path, study, size, mtime_ns, overwrite, _), stem in zip(page, stems, strict=True):
             yield FileTask(Found(Path(path), study, size, mtime_ns), bool(overwrite), '' if run.key else study, stem)
 
-def _work(task:FileTask, out_dir, opts) -> FileResult:
+def _work(task:FileTask, root, out_dir, opts) -> FileResult:
     "Worker entry point: process one planned file (new PNGs in place unless the index holds the file: a row may name them)."
-    return process_dicom(task.found.path, task.study_id, out_dir, stem=task.stem, in_place=not task.overwrite, **opts)
+    return process_dicom(Path(root)/task.found.path, task.study_id, out_dir, stem=task.stem, in_place=not task.overwrite,
+                         source=str(task.found.path), **opts)
 
 # %% ../nbs/07_preprocess.ipynb #d1c3f014
 @dataclass
@@ -495,17 +522,17 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                tags:str|None=None, # extra DICOM keywords as columns, comma-separated
                all_tags:bool=False, # every non-binary top-level element as a JSON column
                worker_memory:int|None=None, # MiB each worker (n_workers=0: each file, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
+               rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
                quiet:bool=False, # no progress output
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
     if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
     fractions, opts, settings = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, pseudonymize)
-    private = _private_state(pseudonymize, private_state, output_dir)
     with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
-                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory) as run:
+                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=_private_state(pseudonymize, private_state, output_dir),
+                  salt=salt, worker_memory=worker_memory, rebase=rebase) as run:
         plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
-        run.say(f"Processing {plan.todo:,} files with {n_workers} workers" + (f" on Dask ({scheduler})" if scheduler else "") + "...")
-        n = run.stream(partial(_work, out_dir=run.output_dir, opts=opts), _tasks(run),
+        n = run.stream(partial(_work, root=run.dicom_dir, out_dir=run.output_dir, opts=opts), _tasks(run),
                        partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key),
                        batch_size, total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status,
                        fatal=lambda r: r.error if r.status == 'output_error' else None)
@@ -532,7 +559,7 @@ def main(
     force:store_true=False,     # Reprocess every file (also after a settings change)
     retry_failed:store_true=False, # Retry files that failed in earlier runs
     verify:store_true=False,    # Check every recorded image exists and decodes; redo those that don't
-    prune:store_true=False,     # Forget files that are gone from the source folder
+    prune:store_true=False,     # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
     batch_size:int=100,       # Files per database commit
     file_timeout:float=300,   # Seconds before a file's worker is considered hung and replaced
     max_pixels:int=MAX_PIXELS, # Refuse files declaring more pixels (rows x cols x frames x samples); a deflated file inflates to at most 8 bytes each + 64 MiB
@@ -545,6 +572,7 @@ def main(
     tags:str=None,            # Extra DICOM keywords as image columns, comma-separated (e.g. EchoTime,RepetitionTime)
     all_tags:store_true=False,  # Store every non-binary top-level element of each file as one JSON column (images.all_tags)
     worker_memory:int=None,   # MiB each worker (--workers 0: each file, in the driver) may allocate; a file that needs more is recorded too_large [default: 70% of RAM / workers; 0: no cap]
+    rebase:store_true=False,    # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     sheet:store_true=False,     # Write contact sheets (one per modality, and failures) at the end
     test:store_true=False,      # Run on the bundled sample data (no data of yours needed)
 ):
@@ -555,6 +583,6 @@ def main(
         png_level=png_level, upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune,
         batch_size=batch_size, file_timeout=file_timeout, max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state,
         follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, tags=tags, all_tags=all_tags,
-        worker_memory=worker_memory))
+        worker_memory=worker_memory, rebase=rebase))
     if sheet: r.notes += _sheets(r)
     cli_finish(r)

@@ -16,15 +16,16 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
-from .core import Timer, Progress, UnsafeOutput, atomic_path, clash_key, forget_folders, log, resume_command, setup_logging
+from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
 from .io import is_dicom, sample_data_dirs, walk_entries
-from .db import (DbBusyError, DbLock, PrivateStateError, SettingsMismatch, attach_private, batched, check_settings,
-                           finish_run, get_meta, open_db, pseudonym, set_meta, start_run, suspect_marker)
+from .db import (DbBusyError, DbLock, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath, attach_private, batched,
+                           check_settings, checkpoint, finish_run, folder_owner, get_meta, mark_owner, open_db, owns, pseudonym,
+                           record_output_dir, relativize_sources, set_meta, start_run, suspect_marker)
 from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
 
 # %% auto #0
-__all__ = ['ENV_ERRNOS', 'OWNER_FILE', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint',
-           'RunFailed', 'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
+__all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint', 'RunFailed',
+           'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
            'claim_output', 'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
@@ -246,19 +247,21 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
              private=None, # a private state file: pseudonymise, keeping source paths and the key there
              salt:str|None=None, # the user's pseudonym secret (with `private`) instead of a kept random key
              worker_memory:int|None=None, # MiB each worker (workers=0: each item, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
+             rebase:bool=False, # the same files moved: accept a new source root (source paths are relative to it)
             ):
-    "Open a run of `kind`: lock, settings guard, run record, interrupts; yields the `Run` and records how it ended."
+    "Open a run of `kind`: lock, settings and source-root guard, run record, interrupts; yields the `Run` and records how it ended."
     t_open = _startup_timer()
-    dicom_dir, output_dir = Path(dicom_dir).absolute(), Path(output_dir).absolute()
+    given, output_dir = Path(dicom_dir).absolute(), Path(output_dir).absolute()
     db_path = Path(db_path or output_dir/'dicom_prep.db').absolute()
-    check_folders(dicom_dir, output_dir)
+    check_folders(given, output_dir)
+    dicom_dir = Path(os.path.realpath(given))          # one spelling of the tree, whichever alias or relative path named it
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
     if workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {workers}")
     if scheduler: require_dask()
     with DbLock(db_path):
-        try: db, run_id, pending, rebuild, unfinished, key = _setup(kind, db_path, dicom_dir, output_dir, settings or {},
-                                                                               force, force_flag, defaults, temp_dirs, private, salt)
+        try: db, run_id, pending, rebuild, unfinished, key = _setup(kind, db_path, (dicom_dir, given), output_dir, settings or {}, force,
+                                                                    force_flag, defaults, temp_dirs, private, salt, rebase)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
         with graceful_interrupts() as signalled:
             run = Run(kind, db, db_path, dicom_dir, output_dir, run_id, rebuild, pending, unfinished, lambda: signalled() or bool(should_stop and should_stop()),
@@ -266,37 +269,41 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
             yield from _lifecycle(run, temp_dirs)
 
 # %% ../nbs/06_run.ipynb #72decf19
-OWNER_FILE = '.dicom_prep_db'   # in an output folder: the database whose rows describe its files
-
 def claim_output(output_dir, # the run's output folder
                  db_path, # the run's database
                  force:bool=False, # take the folder over from another database
                  force_flag:str='--force', # the option named in the refusal
                 ) -> bool:
     "Record that `db_path` owns `output_dir` (True if it took it over from another); refuse (`UsageError`) that unless `force`."
-    owner, db = Path(output_dir)/OWNER_FILE, str(Path(db_path).resolve())
-    old = owner.read_text().strip() if owner.is_file() and not owner.is_symlink() else None
-    if old and old != db and not force:
-        raise UsageError(f"{output_dir} belongs to the database {old}, not {db}: use that --db, another --output-dir, "
-                         f"or {force_flag} to rebuild it under this database")
-    if old != db:
-        with atomic_path(owner, output_dir) as tmp: tmp.write_text(db + '\n')
-    return bool(old) and old != db
+    owner = folder_owner(output_dir)
+    taken = owner is not None and not owns(db_path, output_dir)      # a folder moved or copied with its index stays its own
+    if taken and not force:
+        raise UsageError(f"{output_dir} belongs to the database {owner}, not {Path(db_path).resolve()}: use that --db, "
+                         f"another --output-dir, or {force_flag} to rebuild it under this database")
+    mark_owner(output_dir, db_path)
+    return taken
 
-def _setup(kind, db_path, dicom_dir, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt) -> tuple:
-    "Open the database (and private state), settle the settings, sweep what an unfinished run left, record the run."
+def _spellings(db, kind, roots:tuple) -> list[str]:
+    "Spellings of the source root that paths stored before schema 6 may start with: this run's, and the recorded root's."
+    old = get_meta(db, f'{kind}_source_root')
+    runs = [r for (r,) in db.execute('select distinct source_root from runs where kind = ?', [kind]) if r]
+    return [*map(str, roots), *(s for s in [old, *runs] if old and os.path.realpath(s) == os.path.realpath(old))]
+
+def _setup(kind, db_path, roots, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt, rebase) -> tuple:
+    "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
     taken_over = claim_output(output_dir, db_path, force, force_flag)
     db = open_db(db_path)
     if not private and (get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
     key = attach_private(db, private, salt) if private else None
-    redact = (lambda s: pseudonym(s, key, 'private_')) if key else None
-    pending, rebuild = _settle_settings(db, kind, settings, dicom_dir, force, force_flag, defaults, redact)
-    set_meta(db, f'{kind}_output_dir', str(output_dir))
+    redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, roots)
+    pending, rebuild = _settle_settings(db, kind, settings, roots[0], force, force_flag, defaults, redact, rebase)
+    relativize_sources(db, kind, spellings, key)
+    record_output_dir(db, kind, output_dir)
     if (unfinished := _unfinished(db, kind) or taken_over):     # a folder taken over may hold another index's images
         for d in temp_dirs: sweep_temps(output_dir/d)
-    run_id = start_run(db, kind, settings, dicom_dir, redact)
+    run_id = start_run(db, kind, settings, roots[0], redact)
     if rebuild: set_meta(db, f'{kind}_rebuild_since', run_id)
     return db, run_id, pending, rebuild, unfinished, key
 
@@ -305,14 +312,14 @@ def _memory(mib:int|None, workers:int) -> int|None:
     if mib is None: return default_worker_memory(workers)
     return mib << 20 if mib > 0 else None
 
-def _settle_settings(db, kind, settings, dicom_dir, force, force_flag, defaults, redact=None) -> tuple[set, bool]:
-    "Check `settings` against the database's (refusing a change unless forced); returns (pending changes, rebuild)."
+def _settle_settings(db, kind, settings, dicom_dir, force, force_flag, defaults, redact=None, rebase=False) -> tuple[set, bool]:
+    "Check `settings` and the source root against the database's (refusing a change unless forced or rebased); returns (pending changes, rebuild)."
     previous = get_meta(db, f'{kind}_settings')
     previous = {**(defaults or {}), **previous} if previous else {}
     changed = {k for k, v in settings.items() if previous and previous.get(k) != v}
     with db.atomic():
         if previous: set_meta(db, f'{kind}_settings', previous)
-        rebuild = check_settings(db, kind, settings, dicom_dir, force, force_flag, redact) or force
+        rebuild = check_settings(db, kind, settings, dicom_dir, force, force_flag, redact, rebase) or force
         pending = set(get_meta(db, f'{kind}_pending') or []) | changed
         set_meta(db, f'{kind}_pending', sorted(pending) or None)
     return pending, rebuild
@@ -334,8 +341,14 @@ def _record_end(run:Run, exc:BaseException|None):
     try: finish_run(run.db, run.run_id, run.status, dict(run.counts), sum(run.counts.values()), time.perf_counter() - run.started, why)
     except sqlite3.Error as e: log.warning(f"could not record how run {run.run_id} ended ({e}); the next run will mark it interrupted")
 
+def _checkpoint(run:Run):
+    "Checkpoint the run's index, so its `.db` file alone is the whole index (never raises; a failure after a completed run is reported)."
+    try: checkpoint(run.db)
+    except sqlite3.Error as e:
+        if run.status == 'completed': log.warning(f"could not checkpoint {run.db_path} ({e}): copy its -wal file with it")
+
 def _lifecycle(run:Run, temp_dirs):
-    "Yield `run`; then record how it ended, sweep temporary files if needed, clear a finished rebuild."
+    "Yield `run`; then record how it ended, sweep temporary files if needed, clear a finished rebuild, checkpoint."
     exc = None
     try: yield run
     except BaseException as e:
@@ -348,6 +361,7 @@ def _lifecycle(run:Run, temp_dirs):
             for d in temp_dirs: sweep_temps(run.output_dir/d)
         if run.status == 'completed':
             with run.db.atomic(): set_meta(run.db, f'{run.kind}_rebuild_since', None); set_meta(run.db, f'{run.kind}_pending', None)
+        _checkpoint(run)
 
 # %% ../nbs/06_run.ipynb #45f1ad22
 SCAN_BATCH = 5000   # files per insert (and per DICOM check) while scanning
@@ -360,13 +374,13 @@ def _dicom_mark(path:str, stats:Counter) -> int:
     except OSError as e: log.warning(f"{path}: cannot read: {e.strerror}"); stats['unreadable'] += 1
     return 0
 
-def _mark_dicom(db, known:str, stats:Counter):
+def _mark_dicom(db, known:str, stats:Counter, root:str):
     "Set `scan.dicom`: 1 for files recorded unchanged in table `known`, else what their first bytes say."
     with db.atomic():
         db.execute(f"update temp.scan set dicom = 1 where exists (select 1 from {known} k where k.path = scan.path "
                    "and k.size = scan.size and k.mtime_ns = scan.mtime_ns)")
     while rows := db.execute('select path from temp.scan where dicom is null limit ?', [SCAN_BATCH]).fetchall():
-        marks = [(_dicom_mark(p, stats), p) for (p,) in rows]
+        marks = [(_dicom_mark(os.path.join(root, p), stats), p) for (p,) in rows]
         with db.atomic(): db.conn.executemany('update temp.scan set dicom = ? where path = ?', marks)
 
 @patch
@@ -374,16 +388,17 @@ def scan(self:Run,
          known:str, # the pipeline's table of recorded files (path, size, mtime_ns): unchanged ones are not opened
          follow_symlinks:bool=False, # follow symlinks that lead outside the source tree
         ) -> Counter:
-    "Walk the source tree into the temporary table `scan` in bounded memory, marking its DICOM files; returns what was skipped."
-    t, stats, db = self.phase('Discover'), Counter(), self.db
+    "Walk the source tree into the temporary table `scan` (paths relative to the root) in bounded memory, marking its DICOM files; returns what was skipped."
+    t, stats, db, root = self.phase('Discover'), Counter(), self.db, str(self.dicom_dir)
+    cut = len(root.rstrip(os.sep)) + 1
     self.say(f"Scanning {self.dicom_dir} for DICOM files...")
     db.execute('drop table if exists temp.scan')
     db.execute('create temp table scan (path text primary key, study_id text, size int, mtime_ns int, clash_key text, dicom int)')
-    rows = ((p, study, size, mtime, clash_key(p)) for p, study, size, mtime in walk_entries(self.dicom_dir, follow_symlinks, stats))
+    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in walk_entries(root, follow_symlinks, stats))
     for i, batch in enumerate(batched(rows, SCAN_BATCH), 1):
         with db.atomic(): db.conn.executemany('insert or ignore into temp.scan values (?, ?, ?, ?, ?, null)', batch)
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")
-    _mark_dicom(db, known, stats)
+    _mark_dicom(db, known, stats, root)
     db.execute('create index temp.scan_clash on scan(clash_key)')
     t.add(self.n_found()).stop()
     return stats
@@ -447,7 +462,7 @@ def cli_run(run:Callable, # the call the console script makes
            ):
     "Call `run()` for a CLI: exit 2 on unusable arguments, 1 when the run failed, 130 on a hard interrupt."
     try: return run()
-    except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, ImportError, *usage) as e: cli_error(e)
+    except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, NewerIndexError, UnsafePath, ImportError, *usage) as e: cli_error(e)
     except RunFailed as e: cli_error(f"run failed: {e}", 1)
     except failed as e: cli_error(e, 1)
     except (OSError, sqlite3.Error) as e: cli_error(f"run failed: {e}", 1)

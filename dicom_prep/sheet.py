@@ -20,15 +20,15 @@ from fastcore.script import call_parse
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
-from .db import FINAL_OK, output_dir_of
+from .db import FINAL_OK, db_file, inside, output_dir_of
 from .run import UsageError, cli_run
 
 # %% auto #0
-__all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'db_file', 'output_dir', 'sample_key',
-           'describe_filters', 'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption',
-           'image_tile', 'cell_height', 'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet',
-           'render_page', 'remove_stale_pages', 'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile',
-           'failures_sheet', 'write_sheets', 'main']
+__all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'output_dir', 'sample_key', 'describe_filters',
+           'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile',
+           'cell_height', 'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page',
+           'remove_stale_pages', 'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet',
+           'write_sheets', 'main']
 
 # %% ../nbs/13_sheet.ipynb #2ec1e7af
 class EmptySelection(ValueError):
@@ -40,12 +40,6 @@ def open_index(db, # a `Database`, or the path of a dicom_prep index
     if isinstance(db, sqlite_utils.Database): return db
     if not Path(db).is_file(): raise FileNotFoundError(f"No dicom_prep database at {db}")
     return sqlite_utils.Database(db)
-
-def db_file(db:sqlite_utils.Database, # an open index
-           ) -> Path|None:
-    "The file behind `db` (None for an in-memory database)."
-    name = db.execute("pragma database_list").fetchone()[2]
-    return Path(name) if name else None
 
 # %% ../nbs/13_sheet.ipynb #ef65751e
 def output_dir(db:sqlite_utils.Database, # an open index
@@ -171,11 +165,12 @@ def image_tile(row:dict, # a row of `images`
                tile:int, # side of the square, px
                root:Path, # the output folder `thumbnail_path` is relative to
               ) -> tuple[Image.Image, list[str]]:
-    "Picture and caption for an `images` row whose PNG lies under `root`."
+    "Picture and caption for an `images` row whose PNG lies under `root` (`UnsafePath` if its path leads out of it)."
     rel = row.get('thumbnail_path')
     if not rel: return note_tile('no PNG', f"no thumbnail_path for {row['filename']}", tile), caption(row)
+    png = inside(root, rel, f"images row {row['filename']!r}: thumbnail_path", within='images')
     try:
-        with Image.open(root/rel) as im: return letterbox(im, tile), caption(row)
+        with Image.open(png) as im: return letterbox(im, tile), caption(row)
     except FileNotFoundError: return note_tile('missing PNG', rel, tile), caption(row)
     except (OSError, ValueError) as e: return note_tile('unreadable PNG', f"{rel}: {e}", tile), caption(row)
 

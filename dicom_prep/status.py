@@ -9,12 +9,12 @@ Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
 # %% ../nbs/14_status.ipynb #c9b15e6e
 from __future__ import annotations
-import json, sqlite3
+import sqlite3
 from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
-from .db import FAILED, connect_ro, export_csv, private_key
+from .db import FAILED, UnsafePath, connect_ro, export_csv, output_dir_of, private_key, source_id
 from .run import cli_run
 
 # %% auto #0
@@ -46,8 +46,9 @@ def files_reachable(conn:sqlite3.Connection, # a read-only connection to an inde
                    ) -> bool:
     "True if `files` can be queried: it is in the index, or in a pseudonymised index's private state beside its output folder."
     if _has(conn, 'files'): return True
-    row = conn.execute("select value from meta where key='preprocess_output_dir'").fetchone()
-    private = Path(json.loads(row[0]) + '.private.db') if row else None
+    try: out = output_dir_of(conn)      # the folder that belongs to the index, never one it merely names
+    except UnsafePath: out = None       # e.g. the .db file copied alone: its private state is not beside it
+    private = Path(f"{out}.private.db") if out else None
     if not (private and private.is_file()): return False
     conn.execute('attach database ? as private', [f"file:{private}?mode=ro"])
     return True
@@ -99,8 +100,7 @@ def _files_csv(db_path, dest) -> int:
     return export_csv(db_path, dest, conn=conn)
 
 def _with_source_ids(conn, salt=None) -> sqlite3.Connection:
-    "`conn` with the SQL function `source_id(path)`: what `images.source_path` holds for a file (a pseudonymised index's keyed pseudonym)."
-    from dicom_prep.preprocess import source_id          # the rule preprocess writes by (imported here: the report starts fast)
+    "`conn` with the SQL function `source_id(path)`: what `images.source_path` holds for a file (`db.source_id`: a pseudonymised index's keyed pseudonym)."
     key = None if _has(conn, 'files') else private_key(conn, salt)
     conn.create_function('source_id', 1, lambda p: source_id(p, key), deterministic=True)
     return conn

@@ -1,5 +1,5 @@
 "Helpers shared by the test files: the console scripts and read-only access to a run's database. Tests run offline."
-import shutil, sqlite3, sys
+import json, shutil, sqlite3, sys
 from contextlib import closing
 from pathlib import Path
 
@@ -31,3 +31,9 @@ def ro(out) -> sqlite3.Connection:
 def query(out, sql:str, args=()) -> list:
     "Rows of `sql` on a run's database, as tuples."
     with closing(ro(out)) as c: return [tuple(r) for r in c.execute(sql, args)]
+
+
+def source_file(out, rel:str, kind:str='preprocess') -> Path:
+    "The source file that a run's index records as `rel` (source paths are stored relative to the recorded source root)."
+    [(root,)] = query(out, 'select value from meta where key = ?', [f'{kind}_source_root'])
+    return Path(json.loads(root))/rel

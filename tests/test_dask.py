@@ -197,7 +197,7 @@ def test_file_killing_every_worker_is_crashed(cluster, tmp_path):
         cluster.unregister_worker_plugin(CrashOn.name)
         cluster.wait_for_workers(2, timeout=60)
     assert r.status == 'completed' and r.counts == {'ok': 12, 'crashed': 1}
-    (status, error), = query(tmp_path/'out/dicom_prep.db', f"select status, error from files where path='{poison}'")
+    (status, error), = query(tmp_path/'out/dicom_prep.db', f"select status, error from files where path='{poison.relative_to(src)}'")
     assert status == 'crashed' and 'KilledWorker' in error
     pids = deaths.read_text().split()
     assert len(pids) == len(set(pids)) >= dask.config.get('distributed.scheduler.allowed-failures') + 1, 'each try killed a fresh worker'

@@ -5,7 +5,7 @@ Kills are real: the export runs in a forked child (everything already imported, 
 itself) that gets SIGKILL at random instants after it recorded its start, as tests/test_resume.py does for preprocess;
 the rerun then runs to completion and its folder is compared with a clean export's, file by file and byte for byte.
 A received index is untrusted input: the hostile-DB tests edit the index the way an attacker would."""
-import hashlib, json, os, random, shutil, signal, sqlite3, subprocess, tarfile, time
+import hashlib, json, os, random, re, shutil, signal, sqlite3, subprocess, tarfile, time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -16,7 +16,7 @@ import pytest
 import dicom_prep.export as ex
 from conftest import console_script, query
 from dicom_prep.core import UnsafeOutput, atomic_path
-from dicom_prep.db import open_db, parse_splits, pseudonym
+from dicom_prep.db import OWNER_FILE, UnsafePath, open_db, owns, parse_splits, pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
 from dicom_prep.run import UsageError
@@ -46,6 +46,11 @@ def small_corpus(root:Path, n=8, **kw) -> Path:
 def edit(db, sql, args=()):
     "Change a database the way an attacker with sqlite3 would."
     with closing(sqlite3.connect(db)) as c, c: c.execute(sql, args)
+
+
+def key(db, out) -> str:
+    "How the index at `db` records the export folder `out`: relative to the index's own folder."
+    return os.path.relpath(os.path.realpath(out), os.path.realpath(Path(db).parent))
 
 
 def tree(out) -> dict:
@@ -83,9 +88,9 @@ def test_the_writers_refuse_items_made_elsewhere_that_would_land_outside(tmp_pat
     "`write_files` and `write_shards` are public: items with an unsafe split are refused before anything is written."
     db = small_corpus(tmp_path)
     df = ex.images_df(db).assign(label='x', split='../../ESCAPED')
-    with closing(open_db(db)) as conn:
-        for write, layout in ((ex.write_shards, '{name}'), (ex.write_files, '{split}/{label}/{name}.png')):
-            with pytest.raises(ValueError, match='ESCAPED'): write(conn, tmp_path/'x/out', ex.image_items(df, layout), 0)
+    with closing(open_db(db)) as conn:     # a shard name is refused as a bad split, an item's path by the index's one resolver
+        for write, layout, refusal in ((ex.write_shards, '{name}', ex.IndexValueError), (ex.write_files, '{split}/{label}/{name}.png', UnsafePath)):
+            with pytest.raises(refusal, match='ESCAPED'): write(conn, tmp_path/'x/out', ex.image_items(df, layout), 0)
     assert not list(tmp_path.rglob('ESCAPED*'))
 
 
@@ -125,12 +130,12 @@ def test_hostile_export_records_are_refused_not_followed(tmp_path):
         export(db, out, fmt, label_col='modality')
         victim.write_bytes(b'precious')
         edit(db, "insert into export_items (out_dir, item, shard, sig) values (?, ?, ?, 'x')",
-             [str(out), value if column == 'item' else 'abc', value if column == 'shard' else None])
-        with pytest.raises(UsageError, match=f"export_items row .* its {column} {value!r} is not a file inside"):
+             [key(db, out), value if column == 'item' else 'abc', value if column == 'shard' else None])
+        with pytest.raises(UnsafePath, match=f"export_items row .*: {column} {re.escape(repr(value))} is not a"):
             export(db, out, fmt, label_col='modality')
         assert victim.read_bytes() == b'precious'
         edit(db, 'delete from export_items where sig=?', ['x'])
-    edit(db, "insert into export_items (out_dir, item, sig) values (?, '../victim-000000.tar', 'x')", [str(out)])
+    edit(db, "insert into export_items (out_dir, item, sig) values (?, '../victim-000000.tar', 'x')", [key(db, out)])
     one_line_error(cli('--db', db, '--out', out, '--format', 'webdataset', '--label-column', 'modality'), 'export_items', '../victim')
     assert victim.read_bytes() == b'precious'
 
@@ -169,8 +174,8 @@ def _members(shard) -> list:
 
 
 def snapshot(out, fmt) -> dict:
-    "What an export folder holds, shard layout aside: its files (webdataset: the samples across its shards, counted)."
-    files = tree(out)
+    "What an export folder holds, shard layout aside: its files (webdataset: the samples across its shards, counted), but its owner file."
+    files = {k: v for k, v in tree(out).items() if k != OWNER_FILE}     # it names the index relative to the folder (checked: `owns`)
     if fmt == 'imagefolder': return dict(files=files)
     samples = Counter(m for name in files if name.endswith('.tar') and not name.startswith('.') for m in _members(Path(out)/name))
     return dict(files={k: v for k, v in files.items() if not k.endswith('.tar') or k.startswith('.')}, samples=samples)
@@ -178,7 +183,7 @@ def snapshot(out, fmt) -> dict:
 
 def recorded(root, out) -> set:
     "What the index records of `out`: (item, label, split, sig) of each item, and its shard."
-    return set(query(root/'out', 'select item, label, split, sig from export_items where out_dir=?', [str(out)]))
+    return set(query(root/'out', 'select item, label, split, sig from export_items where out_dir=?', [key(root/'out/dicom_prep.db', out)]))
 
 
 def assert_same_as_clean(root, refs, out, fmt, labels):
@@ -188,11 +193,11 @@ def assert_same_as_clean(root, refs, out, fmt, labels):
     if fmt == 'webdataset':
         assert snap['samples'] == ref['samples'], (sum(snap['samples'].values()), sum(ref['samples'].values()),
                                                    sum(v - 1 for v in snap['samples'].values()), len(set(snap['samples']) - set(ref['samples'])))
-        shards = {s for s, in query(root/'out', 'select distinct shard from export_items where out_dir=?', [str(out)])}
+        shards = {s for s, in query(root/'out', 'select distinct shard from export_items where out_dir=?', [key(root/'out/dicom_prep.db', out)])}
         assert shards == {p.name for p in Path(out).glob('*.tar')}, 'an unrecorded or a missing shard'
-    assert recorded(root, out) == recorded(root, root/f'ref/{fmt}-{labels}')
-    [(status,)] = query(root/'out', 'select status from exports where out_dir=? order by id desc limit 1', [str(out)])
-    assert status == 'completed'
+    assert recorded(root, out) == recorded(root, root/f'ref/{fmt}-{labels}') != set()
+    [(status,)] = query(root/'out', 'select status from exports where out_dir=? order by id desc limit 1', [key(root/'out/dicom_prep.db', out)])
+    assert status == 'completed' and owns(root/'out/dicom_prep.db', out)
 
 
 def started(db, after:int) -> bool:

@@ -42,8 +42,12 @@ PNG_CHUNKS_ALLOWED = {b'IHDR', b'PLTE', b'IDAT', b'IEND'}   # no tEXt/iTXt/zTXt/
 # ---------------------------------------------------------------------------------------------------------------- helpers
 _db = ro
 
+def _rel(src, path) -> str:
+    "How the index stores source file `path` of the tree at `src`: relative to the source root."
+    return os.path.relpath(path, src)
+
 def _files(out) -> dict:
-    "`files` rows by source path."
+    "`files` rows by source path (relative to the source root)."
     with _db(out) as c: return {r['path']: dict(r) for r in c.execute('select * from files')}
 
 def _images(out) -> list[dict]:
@@ -333,16 +337,16 @@ def test_a_file_cut_in_its_header_is_a_failure_and_retried(tmp_path):
     whole = [shutil.copy(sample_file(n), src/'whole'/n) for n in ('rtplan.dcm', 'test-SR.dcm', 'rtstruct.dcm', 'CT_small.dcm')]
     first = preprocess(src, out, n_workers=0, quiet=True)
     files = _files(out)
-    got = {p: (files[str(p)]['status'], files[str(p)]['error']) for p in cuts}
+    got = {p: (files[_rel(src, p)]['status'], files[_rel(src, p)]['error']) for p in cuts}
     assert {status for status, _ in got.values()} == {'unreadable'}, Counter(status for status, _ in got.values())
     off = {p.name: (cuts[p], error) for p, (_, error) in got.items() if not (error.startswith('truncated') and f'byte {cuts[p][0]:,}' in error)}
     assert all(error.startswith('truncated: a sequence stops before its end') for _, error in off.values()), off   # inside a sequence
-    assert {Path(p).name: f['status'] for p, f in files.items() if '/whole/' in p} == {
+    assert {Path(p).name: f['status'] for p, f in files.items() if p.startswith('whole/')} == {
         'rtplan.dcm': 'no_pixels', 'test-SR.dcm': 'no_pixels', 'rtstruct.dcm': 'no_pixels', 'CT_small.dcm': 'ok'}
     again = preprocess(src, out, n_workers=0, quiet=True, retry_failed=True)          # failures are retried: the cut files are read again
     rows = _files(out)
     assert again.counts == {'unreadable': len(cuts), 'unchanged': len(whole)}
-    assert {rows[str(p)]['run_id'] for p in cuts} == {again.run_id} and {rows[str(p)]['run_id'] for p in whole} == {first.run_id}
+    assert {rows[_rel(src, p)]['run_id'] for p in cuts} == {again.run_id} and {rows[_rel(src, p)]['run_id'] for p in whole} == {first.run_id}
     one = next(p for p in cuts if p.name.startswith('CT_small_'))
     shutil.copy(sample_file('CT_small.dcm'), one)                                       # its copy completes: it is whole again
     assert preprocess(src, out, n_workers=0, quiet=True).counts == {'ok': 1, 'unchanged': len(whole)}
@@ -560,7 +564,7 @@ def test_fuzz_cli_survives_hostile_inputs(tmp_path):
     assert 'Traceback' not in said, said[said.find('Traceback') - 500:][:4000]
     files, found = _files(out), find_dicoms(src)
     assert len(found) >= 1000
-    assert sorted(files) == sorted(str(f) for f, _ in found), "exactly one files row per discovered file"
+    assert sorted(files) == sorted(_rel(src, f) for f, _ in found), "exactly one files row per discovered file"
     statuses = Counter(r['status'] for r in files.values())
     assert set(statuses) <= STATUSES, statuses
     assert all(r['error'] for r in files.values() if r['status'] not in ('ok', 'no_pixels'))
@@ -577,7 +581,7 @@ def test_fuzz_cli_survives_hostile_inputs(tmp_path):
     with _db(out) as c: run = dict(c.execute('select * from runs order by id desc limit 1').fetchone())
     assert run['status'] == 'completed' and run['n_files'] == len(found)
     # the closing-note figures
-    by_kind = Counter((f.name.split('--')[0], files[str(f)]['status']) for f, _ in found)
+    by_kind = Counter((f.name.split('--')[0], files[_rel(src, f)]['status']) for f, _ in found)
     table = _status_table(by_kind)
     report = (f"\n[fuzz] files generated {sum(kinds.values()):,}, files tried (discovered) {len(found):,}, images {len(imgs):,}\n"
               f"[fuzz] statuses: {dict(statuses.most_common())}\n"
@@ -635,7 +639,7 @@ def test_names_are_safe_unique_readable_and_stable(tmp_path):
     assert len({i['filename'] for i in imgs}) == len(imgs), "two source frames share a name"
     assert len({(out/i['thumbnail_path']).resolve() for i in imgs}) == len(imgs)
     by_src = Counter(i['source_path'] for i in imgs)
-    assert by_src == Counter({str(p): n for p, n in frames.items()})
+    assert by_src == Counter({_rel(src, p): n for p, n in frames.items()})
     for i in imgs:
         png = out/i['thumbnail_path']
         assert png.is_file() and _inside(png, out/'images') and i['thumbnail_path'] == f"images/{i['filename']}.png"
@@ -644,11 +648,11 @@ def test_names_are_safe_unique_readable_and_stable(tmp_path):
     name_of = {i['source_path']: i['filename'] for i in imgs if i['num_frames'] == 1}
     s1 = next(i['study_id'] for i in imgs if Path(i['source_path']).parent.name == 'study 1')
     for evil, readable in CLEAN.items():                 # clean names are kept as they are (readable, no hash)
-        if readable: assert name_of[str(src/'study 1'/evil)] == f"{s1}/{readable}"
-    assert name_of[str(src/'study_1'/'a_b.dcm')] == 'study_1/a_b' and s1 != 'study_1'
-    assert name_of[str(src/'top.dcm')] == '~root/top'                    # files directly under the root: the reserved study
+        if readable: assert name_of[f'study 1/{evil}'] == f"{s1}/{readable}"
+    assert name_of['study_1/a_b.dcm'] == 'study_1/a_b' and s1 != 'study_1'
+    assert name_of['top.dcm'] == '~root/top'                    # files directly under the root: the reserved study
     assert {i['filename'] for i in imgs if Path(i['source_path']).name == 'img.dcm'} == {f"{s1}/img_frame{k:04d}" for k in range(5)}
-    assert len(name_of[str(src/'study 1'/('x' * 200 + '.dcm'))].split('/')[-1]) <= MAX_COMPONENT
+    assert len(name_of['study 1/' + 'x' * 200 + '.dcm'].split('/')[-1]) <= MAX_COMPONENT
     # a rerun is a no-op, and a forced rebuild gives exactly the same names
     assert preprocess(src, out, n_workers=2, quiet=True).counts == {'unchanged': len(frames)}
     r3 = preprocess(src, out, n_workers=2, force=True, quiet=True)
@@ -662,12 +666,12 @@ def test_new_colliding_file_keeps_existing_names(tmp_path):
     synth_dicom(src/'s'/'scan.dcm', seed=1)
     preprocess(src, out, n_workers=0, quiet=True)
     old = {i['filename']: i['source_path'] for i in _images(out)}
-    assert old == {'s/scan': str(src/'s'/'scan.dcm')}
+    assert old == {'s/scan': 's/scan.dcm'}                 # source paths are stored relative to the source root
     png = (out/'images'/'s'/'scan.png').read_bytes()
     synth_dicom(src/'s'/'scan', seed=2)                   # no extension, same stem
     preprocess(src, out, n_workers=0, quiet=True)
     now = {i['filename']: i['source_path'] for i in _images(out)}
-    assert now['s/scan'] == str(src/'s'/'scan.dcm') and (out/'images'/'s'/'scan.png').read_bytes() == png
+    assert now['s/scan'] == 's/scan.dcm' and (out/'images'/'s'/'scan.png').read_bytes() == png
     assert len(now) == 2 and len({*now.values()}) == 2
 
 def test_non_utf8_file_names_do_not_sink_the_run(tmp_path):
@@ -680,7 +684,7 @@ def test_non_utf8_file_names_do_not_sink_the_run(tmp_path):
     p = subprocess.run(_cli() + ['--dicom-dir', str(src), '--output-dir', str(out), '--workers', '2'],
                        cwd=tmp_path, capture_output=True, text=True, errors='replace', timeout=60)
     assert p.returncode == 0 and 'Traceback' not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
-    assert _files(out)[str(src/'s1'/'ok.dcm')]['status'] == 'ok'
+    assert _files(out)['s1/ok.dcm']['status'] == 'ok'
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(st.text(min_size=0, max_size=300), st.text(min_size=0, max_size=300))
@@ -765,7 +769,7 @@ def test_pseudonymize_hashes_identifiers_stably_and_keeps_patient_splits(tmp_pat
     on_disk = [p.relative_to(tmp_path/'a').as_posix() for p in (tmp_path/'a'/'images').rglob('*')]
     assert not [p for p in on_disk if 'Smith' in p or 'Doe' in p]
     key = 'pepper'                                                            # a user's salt is the key (never stored)
-    pat = {Path(p).name: next(i['patient_id'] for i in a if i['source_path'] == source_id(p, key)) for p in map(str, files)}
+    pat = {Path(p).name: next(i['patient_id'] for i in a if i['source_path'] == source_id(_rel(src, p), key)) for p in files}
     assert pat['im0.dcm'] == pat['im1.dcm'] and pat['im2.dcm'] == pat['im3.dcm'] != pat['im0.dcm']
     assert len({i['sop_uid'] for i in a}) == 4                                # 4 files (one with two frames)
     splits = {}
@@ -817,7 +821,7 @@ def test_follow_symlinks_follows_outside_links_and_stays_loop_safe(tmp_path):
     r = preprocess(src, tmp_path/'out', n_workers=0, follow_symlinks=True, quiet=True)
     assert time.perf_counter() - t0 < 30 and r.status == 'completed'
     files = _files(tmp_path/'out')
-    rel = sorted(Path(p).relative_to(src).as_posix() for p in files)
+    rel = sorted(files)                                               # stored relative to the source root
     assert rel == ['s1/ext_dir/outside.dcm', 's1/ext_file.dcm', 's1/inside.dcm'], rel
     assert {v['status'] for v in files.values()} == {'ok'}
     assert len({i['filename'] for i in _images(tmp_path/'out')}) == 3
@@ -913,7 +917,7 @@ def test_names_cannot_meet(tmp_path):
     rows = _images(tmp_path/'out')
     assert len(rows) == 7 and len({r['thumbnail_path'].lower() for r in rows}) == 7
     for row in rows:                                                              # each row shows its own file's pixels
-        want = np.asarray(frame_image(pydicom.dcmread(row['source_path']))[0])
+        want = np.asarray(frame_image(pydicom.dcmread(src/row['source_path']))[0])
         assert np.array_equal(np.asarray(Image.open(tmp_path/'out'/row['thumbnail_path'])), want), row['source_path']
 
 

@@ -259,7 +259,7 @@ def test_sigint_then_resume(tmp_path):
     assert r.counts == {'converted': 1, 'already_done': 39}
     redone = {k for k, v in _volume_states(db_path).items() if v != after[k]}
     with sqlite3.connect(db_path) as c:
-        assert redone == {r[0] for r in c.execute('select volume_id from volume_files where path=?', [str(touched)])}
+        assert redone == {r[0] for r in c.execute('select volume_id from volume_files where path=?', ['p07/IM0003.dcm'])}
 
 
 def test_second_ctrl_c_records_interrupted(tmp_path):

@@ -393,7 +393,7 @@ def test_preprocess_untiles_real_mosaics(source, tmp_path):
     for f in files:
         ds = pydicom.dcmread(f)
         n = int(ds[0x0019, 0x100A].value)          # Siemens' NumberOfImagesInMosaic, read apart from the CSA header we use
-        rows = list(db.query('select filename, rows, columns, mosaic, thumbnail_path from images where source_path = ? order by filename', [str(f)]))
+        rows = list(db.query('select filename, rows, columns, mosaic, thumbnail_path from images where source_path = ? order by filename', [str(f.relative_to(src))]))
         m = int(np.ceil(np.sqrt(n)))
         assert len(rows) == n > 1 and {r['mosaic'] for r in rows} == {n}, (f.name, len(rows), n)
         assert {(r['rows'], r['columns']) for r in rows} == {(ds.Rows // m, ds.Columns // m)}

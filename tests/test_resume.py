@@ -64,6 +64,7 @@ def count(out, sql) -> int:
     except sqlite3.Error: return -1
 
 def n_files(out) -> int: return count(out, 'select count(*) from files')
+def rel(src, path) -> str: return os.path.relpath(path, src)     # how the index stores a source path
 def run_recorded(out) -> bool: return count(out, 'select count(*) from runs') > 0
 
 def pngs(out) -> dict:
@@ -481,15 +482,15 @@ def test_changed_new_and_gone_files(small):
     stem = f"images/{changed.parent.name}/im0002"
     after = pngs(out)
     assert f"{stem}.png" not in after and all(f"{stem}_frame{i:04d}.png" in after for i in range(3))
-    assert query(out, 'select count(*), max(num_frames) from images where source_path=?', [str(changed)]) == [(3, 3)]
+    assert query(out, 'select count(*), max(num_frames) from images where source_path=?', [rel(src, changed)]) == [(3, 3)]
     assert "images/study_07/new.png" in after
-    assert gone_name in after and query(out, 'select status from files where path=?', [str(gone)]) == [('ok',)]
+    assert gone_name in after and query(out, 'select status from files where path=?', [rel(src, gone)]) == [('ok',)]
     check_consistent(out)
     r = ok(run_small(src, out, '--prune'))
     assert processed(r) == 0 and 'Pruned 1 files' in r.stdout
     assert gone_name not in pngs(out)
-    assert not query(out, 'select 1 from files where path=?', [str(gone)])
-    assert not query(out, 'select 1 from images where source_path=?', [str(gone)])
+    assert not query(out, 'select 1 from files where path=?', [rel(src, gone)])
+    assert not query(out, 'select 1 from images where source_path=?', [rel(src, gone)])
     check_consistent(out)
 
 def test_touched_source_is_reprocessed_and_others_untouched(small):
@@ -504,7 +505,7 @@ def test_touched_source_is_reprocessed_and_others_untouched(small):
     redone = {p for p in ino if ino[p] != after[p]}
     assert redone == {f"images/{f.parent.name}/im0006.png"}
     assert snapshot(out)['images'] == before['images']
-    assert query(out, 'select mtime_ns from files where path=?', [str(f)]) == [(f.stat().st_mtime_ns,)]
+    assert query(out, 'select mtime_ns from files where path=?', [rel(src, f)]) == [(f.stat().st_mtime_ns,)]
 
 def test_force_reprocesses_everything(small):
     src, out = small
@@ -521,15 +522,15 @@ def test_failed_files_are_kept_unless_retry_failed(small):
     big = next(src.rglob('im0009.dcm'))
     synth_dicom(big, 64, 64, seed=9)
     ok(run_small(src, out, '--max-pixels', '3500'))                       # 64x64 > 3500 >= 32x32x3: too_large
-    assert query(out, 'select status from files where path=?', [str(big)]) == [('too_large',)]
+    assert query(out, 'select status from files where path=?', [rel(src, big)]) == [('too_large',)]
     n = n_sources(src)
     r = ok(run_small(src, out))
     assert processed(r) == 0
     assert f'Resuming: {n} of {n} files already processed, 2 failed earlier (use --retry-failed)' in r.stdout
-    assert query(out, 'select status from files where path=?', [str(big)]) == [('too_large',)]
+    assert query(out, 'select status from files where path=?', [rel(src, big)]) == [('too_large',)]
     r = ok(run_small(src, out, '--retry-failed'))
     assert processed(r) == 2                                             # the too-large file and the junk file
-    assert query(out, 'select status from files where path=?', [str(big)]) == [('ok',)]
+    assert query(out, 'select status from files where path=?', [rel(src, big)]) == [('ok',)]
     assert 'Resuming:' in r.stdout and 'failed earlier' not in r.stdout     # they are being retried: none is kept failed
     check_consistent(out)
 
@@ -559,7 +560,7 @@ def test_verify_counts_only_files_it_redoes(small):
     ok(run_small(src, out))
     rows = query(out, "select source_path, thumbnail_path from images where num_frames = 1 order by filename")[:3]
     for _, png in rows: (out/png).unlink()
-    Path(rows[0][0]).unlink()                                             # that file left the tree
+    (src/rows[0][0]).unlink()                                             # that file left the tree
     r = ok(run_small(src, out, '--verify', '--prune'))
     assert processed(r) == 2 and '--verify: 2 files had missing or broken images and were redone' in r.stdout, r.stdout
     check_consistent(out)
@@ -599,15 +600,13 @@ def _random_bytes(db): db.write_bytes(os.urandom(db.stat().st_size))
 def _truncated(db): db.write_bytes(db.read_bytes()[:db.stat().st_size // 2])
 def _damaged_pages(db):
     b = bytearray(db.read_bytes()); b[4096:] = os.urandom(len(b) - 4096); db.write_bytes(bytes(b))
-def _future_schema(db):
-    with closing(sqlite3.connect(db)) as c, c: c.execute("update meta set value='99' where key='schema_version'")
 def _foreign_sqlite(db):
     "Another tool's SQLite file that also keeps a schema_version in a meta table."
     db.unlink()
     with closing(sqlite3.connect(db)) as c, c:
         c.execute('create table meta(key text primary key, value text)'); c.execute("insert into meta values ('schema_version', '\"2.1\"')")
 
-@pytest.mark.parametrize('damage', [_random_bytes, _truncated, _damaged_pages, _future_schema, _foreign_sqlite],
+@pytest.mark.parametrize('damage', [_random_bytes, _truncated, _damaged_pages, _foreign_sqlite],   # a newer schema is refused: test_paths
                          ids=lambda f: f.__name__.strip('_'))
 def test_corrupt_db_is_moved_aside_and_rebuilt(damage, small):
     src, out = small
