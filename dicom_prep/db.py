@@ -9,19 +9,25 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, hashlib, hmac, json, math, os, secrets, socket, sqlite3, sys
-from datetime import datetime, timezone
+import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, sys
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
+from pydicom.datadict import keyword_for_tag
 from .core import atomic_path, stable_hash, log, resume_command
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'now', 'get_meta', 'set_meta',
-           'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock', 'SettingsMismatch',
-           'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError', 'pseudonym',
-           'attach_private', 'connect_ro', 'export_csv', 'batched', 'parse_splits', 'assign_split']
+           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'PHI_KEYS', 'SAFE_ATTRIBUTES',
+           'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE', 'SHIFT_DAYS', 'now', 'get_meta',
+           'set_meta', 'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock',
+           'SettingsMismatch', 'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError',
+           'pseudonym', 'is_pseudonymised', 'replace_rows', 'attach_private', 'SafePrivate', 'deidentified_keywords',
+           'Deidentify', 'parse_keep', 'date_offset', 'shifted', 'connect_ro', 'export_csv', 'batched', 'parse_splits',
+           'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 def _sqlite_utils_without_pandas():
@@ -311,16 +317,19 @@ def pseudonym(value, # an identifier (None stays None)
     if value is None: return None
     return prefix + hmac.new(key.encode(), str(value).encode('utf-8', 'surrogatepass'), hashlib.sha256).hexdigest()[:16]
 
-PRIVATE_TABLES = ('files',)   # tables whose rows name source files
+PRIVATE_TABLES = ('files', 'nifti_headers', 'volume_files')   # tables whose rows name source files
 
 def _to_private(db, table):
-    "Create `private.<table>` like the main one and drop the main one (which must hold no rows)."
+    "Create `private.<table>` (and its indexes) like the main one and drop the main one (which must hold no rows)."
     sql = db.execute("select sql from main.sqlite_master where type='table' and name=?", [table]).fetchone()
     if sql and db.execute(f'select count(*) from main.[{table}]').fetchone()[0]:
         raise PrivateStateError(f"this index was made without --pseudonymize (its {table} table names source files): "
                                 "pseudonymise into a new --output-dir")
-    if sql: db.execute(sql[0].replace(f'CREATE TABLE "{table}"', f'CREATE TABLE IF NOT EXISTS private."{table}"', 1))
-    if sql: db.execute(f'drop table main.[{table}]')
+    if sql:
+        indexes = db.execute("select sql from main.sqlite_master where type='index' and tbl_name=? and sql is not null", [table]).fetchall()
+        for s in [sql[0]] + [i for (i,) in indexes]:
+            db.execute(re.sub(r'^CREATE (TABLE|UNIQUE INDEX|INDEX) ', r'CREATE \1 IF NOT EXISTS private.', s, count=1))
+        db.execute(f'drop table main.[{table}]')
     if not db.execute("select 1 from private.sqlite_master where name=?", [table]).fetchone():
         raise PrivateStateError(f"the private state does not hold this index's {table}: give the file it was made with (--private-state)")
 
@@ -337,6 +346,21 @@ def _key(db, salt) -> str:
     db.execute("insert into private.meta values ('key', ?), ('check', ?)", [key, pseudonym('check', key)])
     return key
 
+def is_pseudonymised(db, # the index
+                    ) -> bool:
+    "True if a pipeline made `db` with --pseudonymize (its source-file tables live in a private state)."
+    return any((get_meta(db, f'{kind}_settings') or {}).get('pseudonymize') for kind in ('preprocess', 'nifti'))
+
+def replace_rows(db, # the database (with its private state attached, if any)
+                 table:str, # the table; it may live in the attached private state
+                 rows:list[dict], # rows with the same columns
+                ):
+    "Insert `rows` into `table`, replacing those with the same key: plain SQL, which finds a table in `private` too."
+    if not rows: return
+    cols = list(rows[0])
+    db.conn.executemany(f"insert or replace into [{table}] ({', '.join(f'[{c}]' for c in cols)}) values ({', '.join('?' * len(cols))})",
+                        [tuple(r[c] for c in cols) for r in rows])
+
 def attach_private(db, # the shared index
                    path, # the private state file (created if missing)
                    salt:str|None=None, # the user's secret instead of a kept random key
@@ -348,6 +372,123 @@ def attach_private(db, # the shared index
         db.execute('create table if not exists private.meta (key text primary key, value text)')
         for t in PRIVATE_TABLES: _to_private(db, t)
         return _key(db, salt)
+
+# %% ../nbs/04_db.ipynb #974f7ac1
+PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}   # identifier columns, held as keyed pseudonyms (prefix)
+
+SAFE_ATTRIBUTES = {   # what a pseudonymised index keeps of a file, by what it describes: every other attribute is dropped
+    'the image': 'Modality SOPClassUID ImageType SeriesNumber InstanceNumber AcquisitionNumber TemporalPositionIdentifier '
+                 'NumberOfTemporalPositions TemporalPositionIndex BurnedInAnnotation RecognizableVisualFeatures PresentationIntentType '
+                 'SeriesType CorrectedImage DecayCorrection Units',
+    'pixels and display': 'Rows Columns SamplesPerPixel PhotometricInterpretation BitsAllocated BitsStored HighBit PixelRepresentation '
+                          'PlanarConfiguration PixelAspectRatio NumberOfFrames SmallestImagePixelValue LargestImagePixelValue '
+                          'LossyImageCompression LossyImageCompressionRatio LossyImageCompressionMethod PresentationLUTShape '
+                          'RescaleIntercept RescaleSlope RescaleType WindowCenter WindowWidth VOILUTFunction',
+    'geometry': 'PixelSpacing ImagerPixelSpacing NominalScannedPixelSpacing PixelSpacingCalibrationType SliceThickness SpacingBetweenSlices '
+                'ImagePositionPatient ImageOrientationPatient SliceLocation NumberOfSlices PatientPosition PatientOrientation ImageLaterality '
+                'Laterality ViewPosition BodyPartExamined ReconstructionDiameter DataCollectionDiameter GantryDetectorTilt TableHeight '
+                'DistanceSourceToDetector DistanceSourceToPatient EstimatedRadiographicMagnificationFactor FieldOfViewShape FieldOfViewDimensions',
+    'equipment': 'Manufacturer ManufacturerModelName',
+    'CT and X-ray acquisition': 'KVP XRayTubeCurrent ExposureTime Exposure ExposureInuAs ConvolutionKernel FilterType FocalSpots GeneratorPower '
+                                'RevolutionTime SingleCollimationWidth TotalCollimationWidth SpiralPitchFactor TableSpeed TableFeedPerRotation '
+                                'CTDIvol RotationDirection ExposureModulationType ExposureIndex DeviationIndex TargetExposureIndex '
+                                'RelativeXRayExposure CompressionForce BodyPartThickness AnodeTargetMaterial FilterMaterial '
+                                'PositionerPrimaryAngle PositionerSecondaryAngle DetectorType Grid',
+    'MR acquisition': 'ScanningSequence SequenceVariant ScanOptions MRAcquisitionType RepetitionTime EchoTime InversionTime EchoTrainLength '
+                      'EchoNumbers FlipAngle MagneticFieldStrength ImagingFrequency ImagedNucleus NumberOfAverages PercentSampling '
+                      'PercentPhaseFieldOfView PixelBandwidth SAR dBdt AcquisitionMatrix InPlanePhaseEncodingDirection '
+                      'NumberOfPhaseEncodingSteps VariableFlipAngleFlag DiffusionBValue DiffusionGradientOrientation DiffusionDirectionality '
+                      'TriggerTime'}
+SAFE_KEYWORDS = frozenset(k for v in SAFE_ATTRIBUTES.values() for k in v.split())
+KEEP_OPTIONS = dict(age=('PatientAge',), sex=('PatientSex',), size=('PatientSize',), weight=('PatientWeight',))   # --keep NAME,...
+SHIFTED_KEYWORDS = frozenset({'StudyDate', 'SeriesDate', 'AcquisitionDate', 'ContentDate', 'AcquisitionDateTime',   # --shift-dates
+                              'StudyTime', 'SeriesTime', 'AcquisitionTime', 'ContentTime'})
+
+@dataclass(frozen=True)
+class SafePrivate:
+    "A private element that holds only numbers about the acquisition (`--keep-private-safe`)."
+    name: str      # its key where it is stored, e.g. in `images.all_tags`
+    group: int     # its group, e.g. 0x0019
+    creator: str   # its private creator
+    offset: int    # its element within the creator's block, e.g. 0x0C for (0019,xx0C)
+
+SAFE_PRIVATE = [SafePrivate(n, g, c, o) for n, g, c, o in (
+    ('SiemensNumberOfImagesInMosaic', 0x0019, 'SIEMENS MR HEADER', 0x0A), ('SiemensBValue', 0x0019, 'SIEMENS MR HEADER', 0x0C),
+    ('SiemensDiffusionGradientDirection', 0x0019, 'SIEMENS MR HEADER', 0x0E),
+    ('SiemensBandwidthPerPixelPhaseEncode', 0x0019, 'SIEMENS MR HEADER', 0x28),
+    ('SiemensMosaicRefAcqTimes', 0x0019, 'SIEMENS MR HEADER', 0x29), ('GEBValue', 0x0043, 'GEMS_PARM_01', 0x39),
+    ('GEEffectiveEchoSpacing', 0x0043, 'GEMS_PARM_01', 0x2C), ('GEAssetRFactors', 0x0043, 'GEMS_PARM_01', 0x83),
+    ('GEDiffusionGradientX', 0x0019, 'GEMS_ACQU_01', 0xBB), ('GEDiffusionGradientY', 0x0019, 'GEMS_ACQU_01', 0xBC),
+    ('GEDiffusionGradientZ', 0x0019, 'GEMS_ACQU_01', 0xBD), ('PhilipsBValue', 0x2001, 'Philips Imaging DD 001', 0x03),
+    ('PhilipsDiffusionDirectionRL', 0x2005, 'Philips MR Imaging DD 001', 0xB0),
+    ('PhilipsDiffusionDirectionAP', 0x2005, 'Philips MR Imaging DD 001', 0xB1),
+    ('PhilipsDiffusionDirectionFH', 0x2005, 'Philips MR Imaging DD 001', 0xB2),
+    ('PhilipsScaleSlope', 0x2005, 'Philips MR Imaging DD 001', 0x0E))]
+
+@lru_cache(maxsize=1)
+def deidentified_keywords() -> frozenset:
+    "Keywords of every attribute DICOM PS3.15's Basic Profile removes, blanks or replaces (dicom-anonymizer's table)."
+    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
+    return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
+
+# %% ../nbs/04_db.ipynb #0c17bf48
+@dataclass(frozen=True)
+class Deidentify:
+    "What a pseudonymised index keeps of each file: `SAFE_KEYWORDS`, and what the user's options add back."
+    keep: tuple = ()            # further keywords kept as written (--keep, from `KEEP_OPTIONS`)
+    shift_dates: bool = False   # `SHIFTED_KEYWORDS` kept, dates moved by the patient's `date_offset` (--shift-dates)
+    private_safe: bool = False  # the numeric values of `SAFE_PRIVATE` kept (--keep-private-safe)
+
+    @staticmethod
+    def of(pseudonymize, # a run's `pseudonymize` argument: False, True or a `Deidentify`
+          ) -> Deidentify|None:
+        "The options `pseudonymize` asks for: None (not pseudonymised), the positive list alone (True), or `pseudonymize` itself."
+        return pseudonymize if isinstance(pseudonymize, Deidentify) else Deidentify() if pseudonymize else None
+
+    @property
+    def keywords(self) -> frozenset:
+        "Every keyword kept."
+        return SAFE_KEYWORDS | frozenset(self.keep) | (SHIFTED_KEYWORDS if self.shift_dates else frozenset())
+
+    @property
+    def setting(self) -> dict:
+        "The options as a guarded setting, with a fingerprint of the lists: an index kept under other lists is rebuilt, never mixed."
+        lists = ' '.join(sorted(SAFE_KEYWORDS)) + '|' + ' '.join(p.name for p in SAFE_PRIVATE)
+        return dict(safe_list=stable_hash(lists, 8), keep=list(self.keep), shift_dates=self.shift_dates, private_safe=self.private_safe)
+
+def parse_keep(spec:str|None, # comma-separated names: age, sex, size, weight, or their keywords (PatientAge, ...)
+              ) -> tuple[str, ...]:
+    "The keywords `--keep` retains (`ValueError` naming an unknown name and the accepted ones)."
+    names = {n: kws for n, kws in KEEP_OPTIONS.items()} | {k.lower(): (k,) for kws in KEEP_OPTIONS.values() for k in kws}
+    out = set()
+    for n in (s.strip() for s in (spec or '').split(',') if s.strip()):
+        if n.lower() not in names:
+            raise ValueError(f"--keep: {n!r} is not one of {', '.join(KEEP_OPTIONS)} (or {', '.join(k for ks in KEEP_OPTIONS.values() for k in ks)})")
+        out.update(names[n.lower()])
+    return tuple(sorted(out))
+
+SHIFT_DAYS = 365   # --shift-dates moves each patient's dates back by 1 to SHIFT_DAYS days
+
+def date_offset(patient:str|None, # the patient's raw ID (or the study UID when there is none)
+                key:str, # the pseudonym key
+               ) -> int:
+    "Days `--shift-dates` moves `patient`'s dates by: keyed, the same in every run, in -SHIFT_DAYS..-1 (never 0)."
+    return -1 - int(pseudonym(f"shift-dates\0{patient or ''}", key), 16) % SHIFT_DAYS
+
+_DATE = re.compile(r'(\d{4})(\d{2})(\d{2})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?(?:[+-]\d{4})?')
+_TIME = re.compile(r'\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?')
+
+def shifted(value:str, # a DA, DT or TM value
+            vr:str, # its VR
+            days:int, # the patient's `date_offset`
+           ) -> str|None:
+    "`value` as `--shift-dates` keeps it: a date moved by `days` (a DT keeps its time, not its UTC offset), a time as is; None if malformed."
+    v = str(value).strip()
+    if vr == 'TM': return v if _TIME.fullmatch(v) else None
+    if not (m := _DATE.fullmatch(v)) or (vr == 'DA' and m[4]): return None
+    try: d = date(int(m[1]), int(m[2]), int(m[3])) + timedelta(days=days)
+    except (ValueError, OverflowError): return None
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}{m[4] or ''}"
 
 # %% ../nbs/04_db.ipynb #460cbfb2
 def connect_ro(db_path, # an existing database file

@@ -20,9 +20,8 @@ import pandas as pd
 import sqlite_utils
 from fastcore.script import call_parse
 from .core import atomic_path, safe_component, stable_hash
-from .db import (DbLock, PrivateStateError, assign_split, attach_private, get_meta, now, open_db, output_dir_of,
-                           parse_splits, pseudonym)
-from .preprocess import PHI_KEYS
+from .db import (PHI_KEYS, DbLock, PrivateStateError, assign_split, attach_private, get_meta, is_pseudonymised, now, open_db,
+                           output_dir_of, parse_splits, pseudonym)
 from .run import UsageError, cli_run
 
 # %% auto #0
@@ -98,7 +97,7 @@ _KEYED = dict(PHI_KEYS, source_path='src_')   # keys a pseudonymised index holds
 
 def _key_of(db, salt=None, private=None):
     "The pseudonym key of a pseudonymised index (from its private state, or the user's salt), else None."
-    if not (get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'): return None
+    if not is_pseudonymised(db): return None
     private = Path(private or f"{output_dir_of(db)}.private.db")
     if not private.is_file(): raise LabelError(f"this index is pseudonymised: give its private state (--private-state; not at {private})")
     try: return attach_private(db, private, salt)

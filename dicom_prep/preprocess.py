@@ -12,25 +12,29 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from fastcore.basics import chunked
 from fastcore.script import call_parse, store_true
 from PIL import Image
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, frame_filename, source_stem, safe_component, log
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS)
-from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
-from .db import get_meta, parse_splits, assign_split, now, pseudonym, FAILED
+from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
+                               parse_window, tile_size, PixelDecodeError)
+from .db import (get_meta, parse_splits, assign_split, now, pseudonym, replace_rows, FAILED, PHI_KEYS, SAFE_PRIVATE,
+                           Deidentify, date_offset, shifted)
+from .db import deidentified_keywords  # noqa: F401  (the README's section on --pseudonymize imports it from here)
 from .parallel import TaskFailure
-from .run import PAGE, RunOutcome, UsageError, env_error, open_run, summary_block, cli_source, cli_run, cli_finish
+from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
+                            cli_source, cli_run, cli_finish)
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PHI_KEYS', 'SETTING_DEFAULTS', 'deidentified_keywords', 'parse_tags', 'json_value', 'file_metadata',
-           'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'source_id',
-           'private_name', 'write_batch', 'sweep_orphans', 'RunResult', 'preprocess', 'main']
+__all__ = ['METADATA_TAGS', 'SETTING_DEFAULTS', 'parse_tags', 'json_value', 'file_metadata', 'frame_metadata', 'FileResult',
+           'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'source_id', 'private_name', 'write_batch',
+           'sweep_orphans', 'RunResult', 'preprocess', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #d9868af6
 METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
@@ -40,14 +44,8 @@ METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='Manufactur
 _BINARY_VRS = {'OB', 'OD', 'OF', 'OL', 'OV', 'OW', 'SQ', 'UN'}
 _BUILTIN_COLUMNS = {*METADATA_TAGS, 'laterality', 'modality', 'rows', 'columns', 'window', 'split', 'filename', 'all_tags'}
 
-@lru_cache(maxsize=1)
-def deidentified_keywords() -> frozenset:
-    "Keywords of every attribute DICOM PS3.15's Basic Profile removes, blanks or replaces (dicom-anonymizer's table)."
-    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
-    return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
-
 def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,RepetitionTime'
-               deidentify:bool=False, # refuse keywords the basic profile removes
+               deidentify:Deidentify|None=None, # a pseudonymised run's options: refuse keywords it does not keep
               ) -> list[str]:
     "Validated keywords for `--tags` (`ValueError` naming the first bad one)."
     tags = [t.strip() for t in (spec or '').split(',') if t.strip()]
@@ -55,7 +53,8 @@ def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,R
         if t.lower() in _BUILTIN_COLUMNS: raise ValueError(f"--tags: {t} is already a column ({t.lower()}) of every image")
         if tag_for_keyword(t) is None: raise ValueError(f"--tags: {t!r} is not a DICOM keyword (e.g. EchoTime, RepetitionTime)")
         if set(dictionary_VR(t).split(' or ')) & _BINARY_VRS: raise ValueError(f"--tags: {t} is binary ({dictionary_VR(t)}); only values can be columns")
-        if deidentify and t in deidentified_keywords(): raise ValueError(f"--tags: {t} identifies people and --pseudonymize removes it")
+        if deidentify and t not in deidentify.keywords:
+            raise ValueError(f"--tags: --pseudonymize keeps only attributes known to be safe, and {t} is not one (see --keep, --shift-dates)")
     return tags
 
 # %% ../nbs/07_preprocess.ipynb #cdaa62b5
@@ -68,35 +67,58 @@ def json_value(v, # a DICOM element value
     if isinstance(v, float): return int(v) if v.is_integer() else float(v)
     return str(v).strip()
 
+def _iso_date(keyword, v):
+    "`v` as YYYY-MM-DD when `keyword` is a date and `v` one date in DICOM's YYYYMMDD."
+    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit() else v
+
 def _value(ds, keyword):
     "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
     if (v := raw_value(ds, keyword)) is None:
         try: v = ds.get(keyword)
         except Exception: return None
-    v = None if v is None or v == '' else json_value(v)
-    if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit(): v = f"{v[:4]}-{v[4:6]}-{v[6:]}"
-    return v
+    return _iso_date(keyword, None if v is None or v == '' else json_value(v))
 
-def _all_tags(ds, drop:frozenset) -> str:
-    "Every non-binary top-level element as JSON text, keyed by keyword; elements in `drop` and private ones left out if `drop`."
+def _kept(ds, allowed:frozenset, days:int, keyword:str):
+    "The JSON value of `keyword` as a pseudonymised index keeps it: None unless `allowed` and of its dictionary VR (never PN); dates shifted by `days`."
+    if keyword not in allowed: return None
+    try: vr = ds[keyword].VR
+    except Exception: return None
+    if vr == 'PN' or vr not in dictionary_VR(keyword).split(' or '): return None
+    if vr not in ('DA', 'DT', 'TM'): return _value(ds, keyword)
+    v = ds.get(keyword)
+    moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
+    return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
+
+def _private_safe(ds) -> dict:
+    "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
     out = {}
-    for elem in ds:
-        if elem.VR in _BINARY_VRS or not elem.keyword or elem.keyword in drop: continue
-        if (v := _value(ds, elem.keyword)) not in (None, [], ''): out[elem.keyword] = v
+    for p in SAFE_PRIVATE:
+        v = private_value(ds, p.group, p.creator, p.offset)
+        if isinstance(v, (bytes, bytearray)): v = v.decode('latin-1').strip(' \x00').split('\\')   # an implicit-VR element pydicom left raw
+        vals = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
+        if vals and (nums := num_value(vals, len(vals))): out[p.name] = json_value(nums[0] if len(nums) == 1 else list(nums))
+    return out
+
+def _all_tags(ds, deidentify:Deidentify|None=None, days:int=0) -> str:
+    "Every non-binary top-level element as JSON text, keyed by keyword; with `deidentify`, only those it keeps."
+    if deidentify is None: kept = ((e.keyword, _value(ds, e.keyword)) for e in ds if e.keyword and e.VR not in _BINARY_VRS)
+    else: kept = ((k, _kept(ds, deidentify.keywords, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
+    out = {k: v for k, v in kept if v not in (None, [], '')}
+    if deidentify and deidentify.private_safe: out |= _private_safe(ds)
     return json.dumps(out, ensure_ascii=False)
 
 # %% ../nbs/07_preprocess.ipynb #91314e3a
 def file_metadata(ds, # the file's dataset
                   tags:list=(), # extra keywords, each its own column
                   all_tags:bool=False, # also every non-binary top-level element, as JSON
-                  deidentify:bool=False, # drop every attribute the PS3.15 basic profile removes
+                  deidentify:Deidentify|None=None, # a pseudonymised index's options: only what they keep is kept
+                  days:int=0, # with `deidentify.shift_dates`: the patient's `date_offset`
                  ) -> dict:
     "The metadata columns of a file's image rows (the same for every frame)."
-    drop = deidentified_keywords() if deidentify else frozenset()
-    lat = _value(ds, 'Laterality') or _value(ds, 'ImageLaterality')
-    row = {col: None if kw in drop else _value(ds, kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=lat)
-    row |= {t: _value(ds, t) for t in tags if t not in drop}
-    if all_tags: row['all_tags'] = _all_tags(ds, drop)
+    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify.keywords, days)
+    row = {col: value(kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=value('Laterality') or value('ImageLaterality'))
+    row |= {t: value(t) for t in tags}
+    if all_tags: row['all_tags'] = _all_tags(ds, deidentify, days)
     return _as_columns(row)
 
 def _as_columns(row:dict) -> dict:
@@ -178,7 +200,7 @@ def process_dicom(dcm_path, # the source file
                   bit_depth:int=8, # 8: windowed PNGs; 16: modality values (see `frame_image16`)
                   tags:list=(), # extra DICOM keywords, each a column
                   all_tags:bool=False, # every non-binary top-level element as a JSON column
-                  deidentify:bool=False, # leave out every attribute the PS3.15 basic profile removes
+                  deidentify:Deidentify|None=None, # with `key`: keep only what these options keep of each file
                   key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
                   in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
                  ) -> FileResult:
@@ -189,7 +211,8 @@ def process_dicom(dcm_path, # the source file
         if isinstance(ds := _open_checked(dcm_path, max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
         n = res.n_frames
-        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify) | dict(bit_depth=bit_depth)
+        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deidentify and deidentify.shift_dates else 0
+        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify, days) | dict(bit_depth=bit_depth)
         for i in range(n):
             if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, out_dir, window, image_size,
                                        upscale, bit_depth, png_level, in_place)): return failed
@@ -283,8 +306,6 @@ def file_stems(db, # the run's database, after `Run.scan`
             for (path, _, m), stem, pair in zip(files, stems, names, strict=True)]
 
 # %% ../nbs/07_preprocess.ipynb #918fb85f
-PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}
-
 def source_id(path, # a source file
               key:str|None, # the pseudonym key (None: not pseudonymised)
              ) -> str:
@@ -339,8 +360,7 @@ def write_batch(db, # the run's database
     with db.atomic():
         _remove_images(db, out_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
         _upsert_images(db, images)
-        if files: db.conn.executemany(f"insert or replace into files ({', '.join(files[0])}) values ({', '.join('?' * len(files[0]))})",
-                            [tuple(f.values()) for f in files])   # plain SQL: `files` may live in the attached private state
+        replace_rows(db, 'files', files)      # plain SQL: `files` may live in the attached private state
     return len(images)
 
 def _upsert_images(db, rows:list):
@@ -410,6 +430,7 @@ def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
         run.say(f"Resuming: {plan.done + plan.failed_kept:,} of {plan.found:,} files already processed"
                 + (f", {plan.failed_kept:,} failed earlier (use --retry-failed)" if plan.failed_kept else ""))
     t.add(plan.todo).stop()
+    run.say(f"Processing {plan.todo:,} files with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     return plan
 
 def _tasks(run):
@@ -448,26 +469,21 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 
-def _private_state(pseudonymize, private_state, output_dir):
-    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
-    if not pseudonymize: return None
-    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
-    if private.resolve().is_relative_to(Path(output_dir).resolve()):
-        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
-    return private
-
-def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, pseudonymize) -> tuple:
+def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, pseudonymize) -> tuple:
     "Split fractions, worker options and guarded settings, checked before any work (`UsageError` if unusable)."
-    try: fractions, tags = parse_splits(splits), parse_tags(tags, pseudonymize); parse_window(window)
+    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
+    deid = Deidentify.of(pseudonymize)
+    try: fractions, tags = parse_splits(splits), parse_tags(tags, deid); parse_window(window)
     except ValueError as e: raise UsageError(str(e)) from None
     if bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {bit_depth}")
     if not 0 <= png_level <= 9: raise UsageError(f"--png-level must be 0..9, not {png_level}")
-    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=pseudonymize,
-                    bit_depth=bit_depth, tags=tags, all_tags=all_tags)
+    if deid and deid.private_safe and not all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
+    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=bool(deid),
+                    bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid and deid.setting)
     return fractions, dict(image_size=image_size, window=window, png_level=png_level, upscale=upscale, max_pixels=max_pixels,
-                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=pseudonymize), settings
+                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings
 
-SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False)   # settings added later: an older DB was made with these
+SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
 def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
@@ -486,7 +502,7 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                batch_size:int=100, # files per commit
                file_timeout:float=300., # seconds before a file's worker counts as hung
                max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, no identifying tag, path or name
+               pseudonymize:bool|Deidentify=False, # a folder safe to hand over: keyed pseudonyms, only safe tags; a `Deidentify`: with its options
                salt:str|None=None, # your pseudonym secret [default: a random 256-bit key kept in the private state]
                private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
                follow_symlinks:bool=False, # follow symlinks leaving `dicom_dir`
@@ -498,13 +514,12 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                quiet:bool=False, # no progress output
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
-    fractions, opts, settings = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, pseudonymize)
-    private = _private_state(pseudonymize, private_state, output_dir)
+    fractions, opts, settings = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
+                                         file_timeout, pseudonymize)
+    private = private_state_file(pseudonymize, private_state, output_dir)
     with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
                   temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory) as run:
         plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
-        run.say(f"Processing {plan.todo:,} files with {n_workers} workers" + (f" on Dask ({scheduler})" if scheduler else "") + "...")
         n = run.stream(partial(_work, out_dir=run.output_dir, opts=opts), _tasks(run),
                        partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key),
                        batch_size, total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status,
@@ -539,6 +554,9 @@ def main(
     pseudonymize:store_true=False, # An output folder safe to hand over: keyed pseudonyms, no identifying tag, path or file name
     salt:str=None,            # Your secret for --pseudonymize [default: a random 256-bit key kept in the private state]
     private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
+    keep:str=None,            # With --pseudonymize: also keep these patient attributes: age, sex, size, weight (or PatientAge, ...)
+    shift_dates:store_true=False, # With --pseudonymize: keep the study's dates and times, dates moved back 1-365 days per patient (keyed)
+    keep_private_safe:store_true=False, # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
     follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
     scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
     bit_depth:int=8,          # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
@@ -550,11 +568,9 @@ def main(
 ):
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
     dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    r = cli_run(lambda: preprocess(
-        dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits,
-        png_level=png_level, upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune,
-        batch_size=batch_size, file_timeout=file_timeout, max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state,
-        follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, tags=tags, all_tags=all_tags,
-        worker_memory=worker_memory))
+    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits, png_level=png_level,
+        upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size, file_timeout=file_timeout,
+        max_pixels=max_pixels, pseudonymize=deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), salt=salt, private_state=private_state,
+        follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, tags=tags, all_tags=all_tags, worker_memory=worker_memory))
     if sheet: r.notes += _sheets(r)
     cli_finish(r)

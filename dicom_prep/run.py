@@ -18,13 +18,14 @@ from fastcore.basics import patch
 from .core import Timer, Progress, atomic_path, clash_key, log, resume_command, setup_logging
 from .io import is_dicom, sample_data_dirs, walk_entries
 from .db import (DbBusyError, DbLock, PrivateStateError, SettingsMismatch, attach_private, batched, check_settings,
-                           finish_run, get_meta, open_db, pseudonym, set_meta, start_run, suspect_marker)
+                           finish_run, get_meta, is_pseudonymised, open_db, pseudonym, set_meta, start_run, suspect_marker,
+                           Deidentify, parse_keep)
 from .parallel import default_worker_memory, graceful_interrupts, require_dask, run_tasks
 
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'OWNER_FILE', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint',
            'RunFailed', 'env_error', 'check_folders', 'Run', 'process_age', 'sweep_temps', 'open_run', 'claim_output',
-           'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
+           'private_state_file', 'deidentify_flags', 'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -254,11 +255,34 @@ def claim_output(output_dir, # the run's output folder
         with atomic_path(owner) as tmp: tmp.write_text(db + '\n')
     return bool(old) and old != db
 
+def private_state_file(pseudonymize:bool, # the run's --pseudonymize
+                       private_state, # its --private-state, if given
+                       output_dir, # its output folder
+                      ) -> Path|None:
+    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
+    if not pseudonymize: return None
+    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
+    if private.resolve().is_relative_to(Path(output_dir).resolve()):
+        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
+    return private
+
+def deidentify_flags(pseudonymize:bool, # --pseudonymize
+                     keep:str|None=None, # --keep NAME,...
+                     shift_dates:bool=False, # --shift-dates
+                     keep_private_safe:bool=False, # --keep-private-safe
+                    ) -> Deidentify|bool:
+    "What a console script's de-identification flags ask for: False, or `Deidentify` with the options of --pseudonymize (`UsageError` if unusable)."
+    if not pseudonymize:
+        if keep or shift_dates or keep_private_safe: raise UsageError("--keep, --shift-dates and --keep-private-safe are options of --pseudonymize")
+        return False
+    try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
+    except ValueError as e: raise UsageError(str(e)) from None
+
 def _setup(kind, db_path, dicom_dir, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt) -> tuple:
     "Open the database (and private state), settle the settings, sweep what an unfinished run left, record the run."
     taken_over = claim_output(output_dir, db_path, force, force_flag)
     db = open_db(db_path)
-    if not private and (get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'):
+    if not private and is_pseudonymised(db):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
     key = attach_private(db, private, salt) if private else None
