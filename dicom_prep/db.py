@@ -16,18 +16,20 @@ from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 from .core import atomic_path, stable_hash, log, resume_command
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
            'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'PRIVATE_TABLES', 'PHI_KEYS', 'SAFE_ATTRIBUTES',
-           'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE', 'SHIFT_DAYS', 'now', 'get_meta',
-           'set_meta', 'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock',
+           'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE', 'NUMERIC_VRS', 'SHIFT_DAYS', 'now',
+           'get_meta', 'set_meta', 'CorruptDbError', 'migrate', 'suspect_marker', 'open_db', 'DbBusyError', 'DbLock',
            'SettingsMismatch', 'check_settings', 'output_dir_of', 'start_run', 'finish_run', 'PrivateStateError',
-           'pseudonym', 'is_pseudonymised', 'replace_rows', 'attach_private', 'SafePrivate', 'deidentified_keywords',
-           'Deidentify', 'parse_keep', 'date_offset', 'shifted', 'connect_ro', 'export_csv', 'batched', 'parse_splits',
-           'assign_split']
+           'pseudonym', 'without_paths', 'is_pseudonymised', 'replace_rows', 'attach_private', 'SafePrivate',
+           'deidentified_keywords', 'numbers_only', 'Deidentify', 'parse_keep', 'date_offset', 'shifted', 'connect_ro',
+           'export_csv', 'batched', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 def _sqlite_utils_without_pandas():
@@ -346,6 +348,14 @@ def _key(db, salt) -> str:
     db.execute("insert into private.meta values ('key', ?), ('check', ?)", [key, pseudonym('check', key)])
     return key
 
+def without_paths(text:str|None, # an error message
+                  root, # the source root
+                  key:str|None, # the pseudonym key (None: `text` is returned as it is)
+                 ) -> str|None:
+    "`text` with each mention of a path under `root`, to the end of its line, replaced by its keyed pseudonym: an error a shared index may keep."
+    if not (key and text): return text
+    return re.sub(re.escape(str(root)) + r'.*', lambda m: pseudonym(m[0], key, 'src_'), text)
+
 def is_pseudonymised(db, # the index
                     ) -> bool:
     "True if a pipeline made `db` with --pseudonymize (its source-file tables live in a private state)."
@@ -432,6 +442,17 @@ def deidentified_keywords() -> frozenset:
     return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
 
 # %% ../nbs/04_db.ipynb #0c17bf48
+NUMERIC_VRS = frozenset({'DS', 'IS', 'FL', 'FD', 'SL', 'SS', 'UL', 'US', 'SV', 'UV'})
+_FORMS = {'AS': re.compile(r'\d{3}[DWMY]'), 'CS': re.compile(r'[A-Za-z0-9 _.-]{0,16}'), 'UI': re.compile(r'[0-9.]{1,64}')}   # lowercase: seen in the wild
+
+def numbers_only(value, # a DICOM value (a multi-value too)
+                ) -> bool:
+    "True if every value of `value` is a finite number (or text that is one), as a numeric attribute's values must be."
+    def number(x):
+        try: return not isinstance(x, bool) and math.isfinite(float(x))
+        except (TypeError, ValueError): return False
+    return all(map(number, value if isinstance(value, (list, tuple, MultiValue)) else [value]))
+
 @dataclass(frozen=True)
 class Deidentify:
     "What a pseudonymised index keeps of each file: `SAFE_KEYWORDS`, and what the user's options add back."
@@ -449,6 +470,18 @@ class Deidentify:
     def keywords(self) -> frozenset:
         "Every keyword kept."
         return SAFE_KEYWORDS | frozenset(self.keep) | (SHIFTED_KEYWORDS if self.shift_dates else frozenset())
+
+    def keeps(self,
+              keyword:str, # the attribute
+              value, # its value as read
+              vr:str|None=None, # the VR it was read under, when known
+             ) -> bool:
+        "True if `value` of `keyword` may be kept: a kept keyword, read under a VR of its own and not as a name, numbers where it holds numbers."
+        vrs = set(dictionary_VR(keyword).split(' or ')) if keyword in self.keywords else set()
+        if not vrs or vr == 'PN' or (vr and vr not in vrs) or isinstance(value, PersonName): return False
+        if vrs <= NUMERIC_VRS: return numbers_only(value)
+        form = _FORMS.get(vr or next(iter(vrs)))           # values of a coded VR must look like one: no free text
+        return not form or all(form.fullmatch(str(v)) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value]))
 
     @property
     def setting(self) -> dict:

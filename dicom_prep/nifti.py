@@ -17,7 +17,7 @@ import dicom_prep
 from .core import log
 from .io import Found
 from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, now, pseudonym,
-                           replace_rows)
+                           replace_rows, without_paths)
 from .parallel import TaskFailure
 from .run import (Run, RunOutcome, UsageError, deidentify_flags, open_run, private_state_file, summary_block, cli_source, cli_run,
                             cli_finish)
@@ -207,23 +207,18 @@ def conversion_tasks(run:Run, # the open run, after `plan_conversions`
         yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, deidentify)
 
 # %% ../nbs/11_nifti.ipynb #0c8cd652
-def _redacted(error:str, task:VolumeTask, key:str|None) -> str:
-    "`error` with each source path of `task` replaced by its keyed pseudonym when the index is pseudonymised."
-    for p in ({f.path for f in task.frames} if key and error else ()): error = error.replace(p, pseudonym(p, key, 'src_'))
-    return error
-
-def _conversion_row(task:VolumeTask, res, output_dir, run_id, key=None) -> dict:
-    "The `volumes` update recording how converting `task` went (no source path in it under a pseudonym `key`)."
+def _conversion_row(task:VolumeTask, res, output_dir, run_id, key=None, root=None) -> dict:
+    "The `volumes` update recording how converting `task` went (its error naming no file under the source `root` when pseudonymised)."
     if isinstance(res, TaskFailure): res = Converted('error', f"{res.status}: {res.message}")
-    row = dict(id=task.id, status=res.status, error=_redacted(res.error, task, key), converted_sig=task.sig, converted_at=now(), run_id=run_id)
+    row = dict(id=task.id, status=res.status, error=without_paths(res.error, root, key), converted_sig=task.sig, converted_at=now(), run_id=run_id)
     rel = lambda p: str(Path(p).relative_to(output_dir))
     if res.status == 'ok': row.update(output_path=rel(task.out), sidecar_path=rel(res.sidecar) if res.sidecar else None)
     else: log.warning(f"volume {task.id} ({Path(task.out).name}): {res.error}")
     return row
 
-def _write_conversions(db, batch, output_dir, run_id, key=None):
+def _write_conversions(db, batch, output_dir, run_id, key=None, root=None):
     "Row writer of the conversion step: record how each `(VolumeTask, result)` went."
-    _upsert(db, 'volumes', [_conversion_row(task, res, output_dir, run_id, key) for task, res in batch])
+    _upsert(db, 'volumes', [_conversion_row(task, res, output_dir, run_id, key, root) for task, res in batch])
 
 def _conversion_status(res) -> str:
     "The counter a conversion result adds to."
@@ -239,7 +234,7 @@ def convert_volumes(run:Run, # the open run
     todo, done = plan_conversions(run.db, run.output_dir, get_meta(run.db, 'nifti_rebuild_since'), sidecar)
     run.say(f"Converting with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     n = run.stream(convert_volume, conversion_tasks(run, sidecar, deidentify),
-                   partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id, key=run.key),
+                   partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id, key=run.key, root=run.dicom_dir),
                    batch_size, phase='Conversion', label='volumes', count=_conversion_status, total=todo)
     counts = dict(already_done=done, converted=run.counts['converted'], error=run.counts['error'], pending=todo - n)
     return {k: v for k, v in counts.items() if v}

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import nibabel as nib
 from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
 from .core import atomic_path, readable_component, safe_component
 from .io import read_dicom
 from .db import Deidentify
@@ -111,13 +110,13 @@ def _json_value(v, scale=None):
     if isinstance(v, (int, float)): x = float(f'{v * scale:.12g}') if scale else v; return int(x) if float(x).is_integer() else float(x)
     return text_value(v)
 
-def _tag_keys(ds, frame, keys:list, allowed:frozenset|None=None) -> dict:
-    "The sidecar `keys` read straight from tags, for frame `frame` (its own echo time in an enhanced file); given `allowed`, only theirs, never a name."
+def _tag_keys(ds, frame, keys:list, deidentify:Deidentify|None=None) -> dict:
+    "The sidecar `keys` read straight from tags, for frame `frame` (its own echo time in an enhanced file); only values `deidentify` keeps, if given."
     out = {}
     for key, kw, scale in keys:
-        if allowed is not None and kw not in allowed: continue
+        if deidentify and kw not in deidentify.keywords: continue
         v = tag_value(ds, 'EffectiveEchoTime' if kw == 'EchoTime' and is_enhanced(ds) else kw, frame, fast=False)
-        if allowed is not None and isinstance(v, PersonName): continue       # a name, under whatever keyword
+        if deidentify and not deidentify.keeps(kw, v): continue           # a name, or text where a number belongs
         if v not in (None, '') and _json_value(v) not in ('', []): out[key] = _json_value(v, scale)
     return out
 
@@ -130,12 +129,11 @@ def sidecar(ds, # dataset of the volume's first frame
             deidentify:Deidentify|None=None, # a pseudonymised index's options: only the attributes they keep (and `keep`'s own)
            ) -> dict:
     "BIDS-style sidecar of a volume whose first frame is frame `frame` of `ds`, with dcm2niix's keys and values."
-    allowed = deidentify and deidentify.keywords
-    out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], allowed)
+    out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], deidentify)
     e = epi_fields(ds, frame)
     if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
     if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)
-    if (t := acquisition_time(ds, frame)) and (allowed is None or 'AcquisitionTime' in allowed): out['AcquisitionTime'] = t
+    if (t := acquisition_time(ds, frame)) and (not deidentify or 'AcquisitionTime' in deidentify.keywords): out['AcquisitionTime'] = t
     if slice_timing: out['SliceTiming'] = [g6(s) for s in slice_timing]
     if orientation: out['ImageOrientationPatientDICOM'] = orientation
     return {**out, **phase_encoding(e, *(shape or (0, 0))), 'ConversionSoftware': 'dicom_prep', 'ConversionSoftwareVersion': version}

@@ -25,7 +25,7 @@ from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated,
 from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
                                parse_window, tile_size, PixelDecodeError)
 from .db import (get_meta, parse_splits, assign_split, now, pseudonym, replace_rows, FAILED, PHI_KEYS, SAFE_PRIVATE,
-                           Deidentify, date_offset, shifted)
+                           Deidentify, date_offset, numbers_only, shifted)
 from .db import deidentified_keywords  # noqa: F401  (the README's section on --pseudonymize imports it from here)
 from .parallel import TaskFailure
 from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
@@ -78,16 +78,22 @@ def _value(ds, keyword):
         except Exception: return None
     return _iso_date(keyword, None if v is None or v == '' else json_value(v))
 
-def _kept(ds, allowed:frozenset, days:int, keyword:str):
-    "The JSON value of `keyword` as a pseudonymised index keeps it: None unless `allowed` and of its dictionary VR (never PN); dates shifted by `days`."
-    if keyword not in allowed: return None
-    try: vr = ds[keyword].VR
+def _vr(ds, keyword) -> str|None:
+    "The VR element `keyword` of `ds` was read under (None when absent or unreadable)."
+    try: return ds[keyword].VR
     except Exception: return None
-    if vr == 'PN' or vr not in dictionary_VR(keyword).split(' or '): return None
-    if vr not in ('DA', 'DT', 'TM'): return _value(ds, keyword)
+
+def _shifted(ds, keyword, vr, days):
+    "The JSON value of date or time `keyword` moved by `days` (`db.shifted`), or None if any of its values is no date or time."
     v = ds.get(keyword)
     moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
     return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
+
+def _kept(ds, deidentify:Deidentify, days:int, keyword:str):
+    "The JSON value of `keyword` as a pseudonymised index keeps it (`Deidentify.keeps`), else None; dates shifted by `days`."
+    if keyword not in deidentify.keywords or (vr := _vr(ds, keyword)) is None: return None
+    v = _shifted(ds, keyword, vr, days) if vr in ('DA', 'DT', 'TM') else _value(ds, keyword)
+    return v if deidentify.keeps(keyword, v, vr) else None
 
 def _private_safe(ds) -> dict:
     "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
@@ -102,7 +108,7 @@ def _private_safe(ds) -> dict:
 def _all_tags(ds, deidentify:Deidentify|None=None, days:int=0) -> str:
     "Every non-binary top-level element as JSON text, keyed by keyword; with `deidentify`, only those it keeps."
     if deidentify is None: kept = ((e.keyword, _value(ds, e.keyword)) for e in ds if e.keyword and e.VR not in _BINARY_VRS)
-    else: kept = ((k, _kept(ds, deidentify.keywords, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
+    else: kept = ((k, _kept(ds, deidentify, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
     out = {k: v for k, v in kept if v not in (None, [], '')}
     if deidentify and deidentify.private_safe: out |= _private_safe(ds)
     return json.dumps(out, ensure_ascii=False)
@@ -115,7 +121,7 @@ def file_metadata(ds, # the file's dataset
                   days:int=0, # with `deidentify.shift_dates`: the patient's `date_offset`
                  ) -> dict:
     "The metadata columns of a file's image rows (the same for every frame)."
-    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify.keywords, days)
+    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify, days)
     row = {col: value(kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=value('Laterality') or value('ImageLaterality'))
     row |= {t: value(t) for t in tags}
     if all_tags: row['all_tags'] = _all_tags(ds, deidentify, days)
@@ -130,7 +136,8 @@ def frame_metadata(ds, # the file's dataset
                   ) -> dict:
     "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
     enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds   # else: the top level only, read once
-    g = lambda seq, kw: (enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw)
+    num = lambda v: v if numbers_only(v) else None                 # geometry is numbers: text under another VR is not kept
+    g = lambda seq, kw: num((enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw))
     ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
     return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
                             image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
@@ -161,8 +168,12 @@ def _file_ids(ds, study_id, n, src, key=None) -> dict:
                series_uid=_tag(ds, 'SeriesInstanceUID'), sop_uid=_tag(ds, 'SOPInstanceUID'), modality=_tag(ds, 'Modality'),
                num_frames=n, rows=rows, columns=cols, mosaic=tiles, photometric=_tag(ds, 'PhotometricInterpretation'),
                source_path=src, burned_in=_tag(ds, 'BurnedInAnnotation'))
-    if key: row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
+    if key:
+        row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
+        row |= {c: row[c] if Deidentify().keeps(kw, row[c], _vr(ds, kw)) else None for c, kw in _TEXT_IDS.items()}   # a name in them: dropped
     return row
+
+_TEXT_IDS = dict(modality='Modality', photometric='PhotometricInterpretation', burned_in='BurnedInAnnotation')   # text columns of every row
 
 def _open_checked(path, max_pixels, res:FileResult):
     "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream), or `res` failed with the reason."

@@ -19,7 +19,7 @@ from .core import Timer, Progress, atomic_path, clash_key, log, resume_command, 
 from .io import is_dicom, sample_data_dirs, walk_entries
 from .db import (DbBusyError, DbLock, PrivateStateError, SettingsMismatch, attach_private, batched, check_settings,
                            finish_run, get_meta, is_pseudonymised, open_db, pseudonym, set_meta, start_run, suspect_marker,
-                           Deidentify, parse_keep)
+                           Deidentify, parse_keep, without_paths)
 from .parallel import default_worker_memory, graceful_interrupts, require_dask, run_tasks
 
 # %% auto #0
@@ -326,6 +326,7 @@ def _record_end(run:Run, exc:BaseException|None):
     if run.db.conn.in_transaction: run.db.conn.rollback()     # a hard interrupt can land inside a transaction
     run.status = _ended(run, exc)
     why = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+    why = without_paths(why, run.dicom_dir, run.key)           # a pseudonymised index names no source file, not even in an error
     try: finish_run(run.db, run.run_id, run.status, dict(run.counts), sum(run.counts.values()), time.perf_counter() - run.started, why)
     except sqlite3.Error as e: log.warning(f"could not record how run {run.run_id} ended ({e}); the next run will mark it interrupted")
 

@@ -45,6 +45,7 @@ def _hostile_file(path, seed:int, planted:dict):
     ds.ReferencedPatientSequence = Sequence([Dataset()]); ds.ReferencedPatientSequence[0].PatientName = VALUES['PN']
     ds.add_new('Manufacturer', 'PN', VALUES['PN'])                                 # a kept keyword holding a name
     ds.add_new('BodyPartExamined', 'LO', MARK)                                     # ... under a VR it does not have
+    ds.add_new('BurnedInAnnotation', 'PN', VALUES['PN']); ds.add_new('PixelSpacing', 'LO', MARK)   # columns every row has
     ds.add_new(0x00110010, 'LO', MARK + ' CREATOR'); ds.add_new(0x00111001, 'LO', MARK)   # a private block named after him
     ds.add_new(0x00190010, 'LO', 'SIEMENS MR HEADER'); ds.add_new(0x0019100C, 'IS', '1000')
     ds.add_new(0x0019100E, 'LO', MARK)                                             # text where the safe table wants numbers
@@ -234,3 +235,7 @@ def test_nifti_pseudonymize_refuses_free_text_names_and_a_plain_index(tmp_path):
     assert subprocess.run(nii + ['--output-dir', str(tmp_path/'b')], capture_output=True).returncode == 0
     r = subprocess.run(nii + ['--output-dir', str(tmp_path/'b'), '--pseudonymize', '--force-reprocess'], capture_output=True, text=True)
     assert r.returncode == 2 and 'made without --pseudonymize' in r.stderr, r.stderr
+    assert subprocess.run(nii + ['--output-dir', str(tmp_path/'c'), '--pseudonymize'], capture_output=True).returncode == 0
+    r = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(src), '--output-dir', str(tmp_path/'c'), '--workers', '0'],
+                       capture_output=True, text=True)                                      # a NIfTI-only pseudonymised index
+    assert r.returncode == 2 and 'pseudonymised index' in r.stderr, r.stderr
