@@ -377,6 +377,7 @@ def attach_private(db, # the shared index
                   ) -> str:
     "Attach the private state at `path` as `private`, keeping the source-file tables there; returns the pseudonym key."
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db.execute('PRAGMA main.secure_delete = ON')     # a replaced row's old bytes are zeroed, not left in free pages of the shared file
     db.execute('attach database ? as private', [str(path)])
     with db.atomic():
         db.execute('create table if not exists private.meta (key text primary key, value text)')
@@ -459,12 +460,6 @@ class Deidentify:
     keep: tuple = ()            # further keywords kept as written (--keep, from `KEEP_OPTIONS`)
     shift_dates: bool = False   # `SHIFTED_KEYWORDS` kept, dates moved by the patient's `date_offset` (--shift-dates)
     private_safe: bool = False  # the numeric values of `SAFE_PRIVATE` kept (--keep-private-safe)
-
-    @staticmethod
-    def of(pseudonymize, # a run's `pseudonymize` argument: False, True or a `Deidentify`
-          ) -> Deidentify|None:
-        "The options `pseudonymize` asks for: None (not pseudonymised), the positive list alone (True), or `pseudonymize` itself."
-        return pseudonymize if isinstance(pseudonymize, Deidentify) else Deidentify() if pseudonymize else None
 
     @property
     def keywords(self) -> frozenset:

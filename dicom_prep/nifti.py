@@ -330,18 +330,19 @@ def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
                    spacing_tol:float=SPACING_TOL, # a slice step may deviate from the mean by this fraction
                    philips_scaling:str='precise', # Philips values: 'precise' floating point (dcm2niix's default) or 'display'
                    resample:bool=False, # write tilted or irregularly spaced stacks on an orthogonal equidistant grid (else: shear / refusal)
-                   pseudonymize:bool|Deidentify=False, # a folder safe to hand over (as `preprocess`'s); a `Deidentify`: with its options
+                   pseudonymize:bool=False, # a folder safe to hand over: names from pseudonyms, sidecars of safe attributes (`db.Deidentify`)
                    salt:str|None=None, # your pseudonym secret [default: the random key kept in the private state]
                    private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
+                   keep:str|None=None, # with `pseudonymize`: also keep these patient attributes in sidecars (age, sex, size, weight)
+                   shift_dates:bool=False, # with `pseudonymize`: keep times of day in sidecars (the Modified Dates option)
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
                    quiet:bool=False, # print nothing
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    deid = Deidentify.of(pseudonymize)
+    deid = deidentify_flags(pseudonymize, keep, shift_dates) or None
     settings = _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid)
-    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler, quiet,
-                  temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS,
-                  private=private_state_file(bool(deid), private_state, output_dir), salt=salt) as run:
+    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler, quiet, temp_dirs=('nifti',),
+                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(pseudonymize, private_state, output_dir), salt=salt) as run:
         if 'name_template' in run.pending: _forget_names(run)
         run.scan('nifti_headers', follow_symlinks)
         h = refresh_headers(run, reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
@@ -385,4 +386,4 @@ def main(
         dicom_dir, output_dir, db_path=db, workers=workers, batch_size=batch_size, force_reprocess=force_reprocess,
         analysis_only=analysis_only, reanalyze=reanalyze, sidecar=sidecar, name_template=name_template, scheduler=scheduler,
         csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample,
-        pseudonymize=deidentify_flags(pseudonymize, keep, shift_dates), salt=salt, private_state=private_state)))
+        pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, shift_dates=shift_dates)))

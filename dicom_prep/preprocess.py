@@ -480,10 +480,11 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 
-def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, pseudonymize) -> tuple:
-    "Split fractions, worker options and guarded settings, checked before any work (`UsageError` if unusable)."
+def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, deid,
+             private_state, output_dir) -> tuple:
+    "Split fractions, worker options, guarded settings and the private state file, checked before any work (`UsageError` if unusable)."
     if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
-    deid = Deidentify.of(pseudonymize)
+    deid = deid or None
     try: fractions, tags = parse_splits(splits), parse_tags(tags, deid); parse_window(window)
     except ValueError as e: raise UsageError(str(e)) from None
     if bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {bit_depth}")
@@ -492,7 +493,9 @@ def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_dep
     settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=bool(deid),
                     bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid and deid.setting)
     return fractions, dict(image_size=image_size, window=window, png_level=png_level, upscale=upscale, max_pixels=max_pixels,
-                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings
+                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings, private_state_file(bool(deid), private_state, output_dir)
+
+def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_error' else None   # an environmental failure stops the run
 
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
@@ -513,9 +516,12 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                batch_size:int=100, # files per commit
                file_timeout:float=300., # seconds before a file's worker counts as hung
                max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-               pseudonymize:bool|Deidentify=False, # a folder safe to hand over: keyed pseudonyms, only safe tags; a `Deidentify`: with its options
+               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, only attributes known to be safe (`db.Deidentify`)
                salt:str|None=None, # your pseudonym secret [default: a random 256-bit key kept in the private state]
                private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
+               keep:str|None=None, # with `pseudonymize`: also keep these patient attributes (age, sex, size, weight)
+               shift_dates:bool=False, # with `pseudonymize`: keep the study's dates, moved by a keyed per-patient offset
+               keep_private_safe:bool=False, # with `pseudonymize` and `all_tags`: keep the numeric private elements of `db.SAFE_PRIVATE`
                follow_symlinks:bool=False, # follow symlinks leaving `dicom_dir`
                scheduler:str|None=None, # Dask: 'local' or tcp://host:port
                bit_depth:int=8, # 8: windowed PNGs; 16: modality values (CT: HU + 32768)
@@ -525,24 +531,23 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                quiet:bool=False, # no progress output
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    fractions, opts, settings = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
-                                         file_timeout, pseudonymize)
-    private = private_state_file(pseudonymize, private_state, output_dir)
+    fractions, opts, settings, private = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
+        file_timeout, deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), private_state, output_dir)
     with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
                   temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory) as run:
         plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
         n = run.stream(partial(_work, out_dir=run.output_dir, opts=opts), _tasks(run),
-                       partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key),
-                       batch_size, total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status,
-                       fatal=lambda r: r.error if r.status == 'output_error' else None)
+                       partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key), batch_size,
+                       total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status, fatal=_fatal)
         return _finish(run, plan, n)
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
-def _sheets(r:RunResult) -> list[str]:
-    "Summary lines of the contact sheets written for a run (or why they could not be)."
+def _with_sheets(r:RunResult) -> RunResult:
+    "`r` after writing its contact sheets, its summary naming them (or why they could not be)."
     from dicom_prep.sheet import EmptySelection, write_sheets
-    try: return [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets')]
-    except (OSError, EmptySelection) as e: return [f"Sheets not written: {e}"]
+    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets')]
+    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
+    return r
 
 @call_parse
 def main(
@@ -579,9 +584,9 @@ def main(
 ):
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
     dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits, png_level=png_level,
-        upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size, file_timeout=file_timeout,
-        max_pixels=max_pixels, pseudonymize=deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), salt=salt, private_state=private_state,
-        follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, tags=tags, all_tags=all_tags, worker_memory=worker_memory))
-    if sheet: r.notes += _sheets(r)
-    cli_finish(r)
+    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits,
+        png_level=png_level, upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size,
+        file_timeout=file_timeout, max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep,
+        shift_dates=shift_dates, keep_private_safe=keep_private_safe, follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth,
+        tags=tags, all_tags=all_tags, worker_memory=worker_memory))
+    cli_finish(_with_sheets(r) if sheet else r)

@@ -1,9 +1,8 @@
 """What a pseudonymised folder may hold (issue 24, items 5 and 6): a positive list of attributes, tried against PHI
 planted in every VR, in names, sequences, private elements and file names; the de-identification options (--keep,
 --shift-dates, --keep-private-safe); and the NIfTI pipeline under --pseudonymize."""
-import datetime, gzip, io, json, sqlite3, subprocess, tarfile
+import datetime, gzip, json, sqlite3, subprocess, tarfile
 from contextlib import closing
-from pathlib import Path
 
 import pydicom
 from pydicom.datadict import DicomDictionary, dictionary_VR
