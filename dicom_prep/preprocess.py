@@ -85,7 +85,8 @@ def _vr(ds, keyword) -> str|None:
 
 def _shifted(ds, keyword, vr, days):
     "The JSON value of date or time `keyword` moved by `days` (`db.shifted`), or None if any of its values is no date or time."
-    v = ds.get(keyword)
+    try: v = ds.get(keyword)
+    except Exception: return None
     moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
     return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
 
@@ -99,7 +100,8 @@ def _private_safe(ds) -> dict:
     "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
     out = {}
     for p in SAFE_PRIVATE:
-        v = private_value(ds, p.group, p.creator, p.offset)
+        try: v = private_value(ds, p.group, p.creator, p.offset)
+        except Exception: continue                                    # a broken element is no number
         if isinstance(v, (bytes, bytearray)): v = v.decode('latin-1').strip(' \x00').split('\\')   # an implicit-VR element pydicom left raw
         vals = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
         if vals and (nums := num_value(vals, len(vals))): out[p.name] = json_value(nums[0] if len(nums) == 1 else list(nums))
