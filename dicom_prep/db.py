@@ -10,20 +10,28 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
 import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, stat, sys
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 from .core import atomic_path, stable_hash, log, resume_command
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
            'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'OWNER_FILE', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'PRIVATE_TABLES',
-           'SOURCE_COLUMNS', 'SPLIT_NAME', 'now', 'get_meta', 'set_meta', 'UnsafePath', 'db_file', 'inside',
-           'folder_owner', 'owns', 'mark_owner', 'index_path', 'record_output_dir', 'output_dir_of', 'CorruptDbError',
-           'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock',
-           'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'PrivateStateError', 'pseudonym',
-           'source_id', 'private_key', 'attach_private', 'relativize_sources', 'connect_ro', 'export_csv', 'batched',
+           'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE',
+           'NUMERIC_VRS', 'SHIFT_DAYS', 'SOURCE_COLUMNS', 'SPLIT_NAME', 'now', 'get_meta', 'set_meta', 'UnsafePath',
+           'db_file', 'inside', 'folder_owner', 'owns', 'mark_owner', 'index_path', 'record_output_dir',
+           'output_dir_of', 'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint',
+           'DbBusyError', 'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run',
+           'PrivateStateError', 'pseudonym', 'source_id', 'private_key', 'without_paths', 'is_pseudonymised',
+           'replace_rows', 'attach_private', 'SafePrivate', 'deidentified_keywords', 'numbers_only', 'Deidentify',
+           'parse_keep', 'date_offset', 'shifted', 'relativize_sources', 'connect_ro', 'export_csv', 'batched',
            'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
@@ -466,16 +474,19 @@ def source_id(path, # a source file, relative to the source root
     "What `images.source_path` holds for `path`: the path, or its keyed pseudonym."
     return pseudonym(str(path), key, 'src_') if key else str(path)
 
-PRIVATE_TABLES = ('files',)   # tables whose rows name source files
+PRIVATE_TABLES = ('files', 'nifti_headers', 'volume_files')   # tables whose rows name source files
 
 def _to_private(db, table):
-    "Create `private.<table>` like the main one and drop the main one (which must hold no rows)."
+    "Create `private.<table>` (and its indexes) like the main one and drop the main one (which must hold no rows)."
     sql = db.execute("select sql from main.sqlite_master where type='table' and name=?", [table]).fetchone()
     if sql and db.execute(f'select count(*) from main.[{table}]').fetchone()[0]:
         raise PrivateStateError(f"this index was made without --pseudonymize (its {table} table names source files): "
                                 "pseudonymise into a new --output-dir")
-    if sql: db.execute(sql[0].replace(f'CREATE TABLE "{table}"', f'CREATE TABLE IF NOT EXISTS private."{table}"', 1))
-    if sql: db.execute(f'drop table main.[{table}]')
+    if sql:
+        indexes = db.execute("select sql from main.sqlite_master where type='index' and tbl_name=? and sql is not null", [table]).fetchall()
+        for s in [sql[0]] + [i for (i,) in indexes]:
+            db.execute(re.sub(r'^CREATE (TABLE|UNIQUE INDEX|INDEX) ', r'CREATE \1 IF NOT EXISTS private.', s, count=1))
+        db.execute(f'drop table main.[{table}]')
     if not db.execute("select 1 from private.sqlite_master where name=?", [table]).fetchone():
         raise PrivateStateError(f"the private state does not hold this index's {table}: give the file it was made with (--private-state)")
 
@@ -500,17 +511,175 @@ def _key(db, salt) -> str:
     elif salt: db.execute("insert or replace into private.meta values ('check', ?)", [pseudonym('check', salt)])
     return key
 
+def without_paths(text:str|None, # an error message
+                  root, # the source root
+                  key:str|None, # the pseudonym key (None: `text` is returned as it is)
+                 ) -> str|None:
+    "`text` with each mention of a path under `root`, to the end of its line, replaced by its keyed pseudonym: an error a shared index may keep."
+    if not (key and text): return text
+    return re.sub(re.escape(str(root)) + r'.*', lambda m: pseudonym(m[0], key, 'src_'), text)
+
+def is_pseudonymised(db, # the index
+                    ) -> bool:
+    "True if a pipeline made `db` with --pseudonymize (its source-file tables live in a private state)."
+    return any((get_meta(db, f'{kind}_settings') or {}).get('pseudonymize') for kind in ('preprocess', 'nifti'))
+
+def replace_rows(db, # the database (with its private state attached, if any)
+                 table:str, # the table; it may live in the attached private state
+                 rows:list[dict], # rows with the same columns
+                ):
+    "Insert `rows` into `table`, replacing those with the same key: plain SQL, which finds a table in `private` too."
+    if not rows: return
+    cols = list(rows[0])
+    db.conn.executemany(f"insert or replace into [{table}] ({', '.join(f'[{c}]' for c in cols)}) values ({', '.join('?' * len(cols))})",
+                        [tuple(r[c] for c in cols) for r in rows])
+
 def attach_private(db, # the shared index
                    path, # the private state file (created if missing)
                    salt:str|None=None, # the user's secret instead of a kept random key
                   ) -> str:
     "Attach the private state at `path` as `private`, keeping the source-file tables there; returns the pseudonym key."
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db.execute('PRAGMA main.secure_delete = ON')     # a replaced row's old bytes are zeroed, not left in free pages of the shared file
     db.execute('attach database ? as private', [str(path)])
     with db.atomic():
         db.execute('create table if not exists private.meta (key text primary key, value text)')
         for t in PRIVATE_TABLES: _to_private(db, t)
         return _key(db, salt)
+
+# %% ../nbs/04_db.ipynb #974f7ac1
+PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}   # identifier columns, held as keyed pseudonyms (prefix)
+
+SAFE_ATTRIBUTES = {   # what a pseudonymised index keeps of a file, by what it describes: every other attribute is dropped
+    'the image': 'Modality SOPClassUID ImageType SeriesNumber InstanceNumber AcquisitionNumber TemporalPositionIdentifier '
+                 'NumberOfTemporalPositions TemporalPositionIndex BurnedInAnnotation RecognizableVisualFeatures PresentationIntentType '
+                 'SeriesType CorrectedImage DecayCorrection Units',
+    'pixels and display': 'Rows Columns SamplesPerPixel PhotometricInterpretation BitsAllocated BitsStored HighBit PixelRepresentation '
+                          'PlanarConfiguration PixelAspectRatio NumberOfFrames SmallestImagePixelValue LargestImagePixelValue '
+                          'LossyImageCompression LossyImageCompressionRatio LossyImageCompressionMethod PresentationLUTShape '
+                          'RescaleIntercept RescaleSlope RescaleType WindowCenter WindowWidth VOILUTFunction',
+    'geometry': 'PixelSpacing ImagerPixelSpacing NominalScannedPixelSpacing PixelSpacingCalibrationType SliceThickness SpacingBetweenSlices '
+                'ImagePositionPatient ImageOrientationPatient SliceLocation NumberOfSlices PatientPosition PatientOrientation ImageLaterality '
+                'Laterality ViewPosition BodyPartExamined ReconstructionDiameter DataCollectionDiameter GantryDetectorTilt TableHeight '
+                'DistanceSourceToDetector DistanceSourceToPatient EstimatedRadiographicMagnificationFactor FieldOfViewShape FieldOfViewDimensions',
+    'equipment': 'Manufacturer ManufacturerModelName',
+    'CT and X-ray acquisition': 'KVP XRayTubeCurrent ExposureTime Exposure ExposureInuAs ConvolutionKernel FilterType FocalSpots GeneratorPower '
+                                'RevolutionTime SingleCollimationWidth TotalCollimationWidth SpiralPitchFactor TableSpeed TableFeedPerRotation '
+                                'CTDIvol RotationDirection ExposureModulationType ExposureIndex DeviationIndex TargetExposureIndex '
+                                'RelativeXRayExposure CompressionForce BodyPartThickness AnodeTargetMaterial FilterMaterial '
+                                'PositionerPrimaryAngle PositionerSecondaryAngle DetectorType Grid',
+    'MR acquisition': 'ScanningSequence SequenceVariant ScanOptions MRAcquisitionType RepetitionTime EchoTime InversionTime EchoTrainLength '
+                      'EchoNumbers FlipAngle MagneticFieldStrength ImagingFrequency ImagedNucleus NumberOfAverages PercentSampling '
+                      'PercentPhaseFieldOfView PixelBandwidth SAR dBdt AcquisitionMatrix InPlanePhaseEncodingDirection '
+                      'NumberOfPhaseEncodingSteps VariableFlipAngleFlag DiffusionBValue DiffusionGradientOrientation DiffusionDirectionality '
+                      'TriggerTime'}
+SAFE_KEYWORDS = frozenset(k for v in SAFE_ATTRIBUTES.values() for k in v.split())
+KEEP_OPTIONS = dict(age=('PatientAge',), sex=('PatientSex',), size=('PatientSize',), weight=('PatientWeight',))   # --keep NAME,...
+SHIFTED_KEYWORDS = frozenset({'StudyDate', 'SeriesDate', 'AcquisitionDate', 'ContentDate', 'AcquisitionDateTime',   # --shift-dates
+                              'StudyTime', 'SeriesTime', 'AcquisitionTime', 'ContentTime'})
+
+@dataclass(frozen=True)
+class SafePrivate:
+    "A private element that holds only numbers about the acquisition (`--keep-private-safe`)."
+    name: str      # its key where it is stored, e.g. in `images.all_tags`
+    group: int     # its group, e.g. 0x0019
+    creator: str   # its private creator
+    offset: int    # its element within the creator's block, e.g. 0x0C for (0019,xx0C)
+
+SAFE_PRIVATE = [SafePrivate(n, g, c, o) for n, g, c, o in (
+    ('SiemensNumberOfImagesInMosaic', 0x0019, 'SIEMENS MR HEADER', 0x0A), ('SiemensBValue', 0x0019, 'SIEMENS MR HEADER', 0x0C),
+    ('SiemensDiffusionGradientDirection', 0x0019, 'SIEMENS MR HEADER', 0x0E),
+    ('SiemensBandwidthPerPixelPhaseEncode', 0x0019, 'SIEMENS MR HEADER', 0x28),
+    ('SiemensMosaicRefAcqTimes', 0x0019, 'SIEMENS MR HEADER', 0x29), ('GEBValue', 0x0043, 'GEMS_PARM_01', 0x39),
+    ('GEEffectiveEchoSpacing', 0x0043, 'GEMS_PARM_01', 0x2C), ('GEAssetRFactors', 0x0043, 'GEMS_PARM_01', 0x83),
+    ('GEDiffusionGradientX', 0x0019, 'GEMS_ACQU_01', 0xBB), ('GEDiffusionGradientY', 0x0019, 'GEMS_ACQU_01', 0xBC),
+    ('GEDiffusionGradientZ', 0x0019, 'GEMS_ACQU_01', 0xBD), ('PhilipsBValue', 0x2001, 'Philips Imaging DD 001', 0x03),
+    ('PhilipsDiffusionDirectionRL', 0x2005, 'Philips MR Imaging DD 001', 0xB0),
+    ('PhilipsDiffusionDirectionAP', 0x2005, 'Philips MR Imaging DD 001', 0xB1),
+    ('PhilipsDiffusionDirectionFH', 0x2005, 'Philips MR Imaging DD 001', 0xB2),
+    ('PhilipsScaleSlope', 0x2005, 'Philips MR Imaging DD 001', 0x0E))]
+
+@lru_cache(maxsize=1)
+def deidentified_keywords() -> frozenset:
+    "Keywords of every attribute DICOM PS3.15's Basic Profile removes, blanks or replaces (dicom-anonymizer's table)."
+    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
+    return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
+
+# %% ../nbs/04_db.ipynb #0c17bf48
+NUMERIC_VRS = frozenset({'DS', 'IS', 'FL', 'FD', 'SL', 'SS', 'UL', 'US', 'SV', 'UV'})
+_FORMS = {'AS': re.compile(r'\d{3}[DWMY]'), 'CS': re.compile(r'[A-Za-z0-9 _.-]{0,16}'), 'UI': re.compile(r'[0-9.]{1,64}')}   # lowercase: seen in the wild
+
+def numbers_only(value, # a DICOM value (a multi-value too)
+                ) -> bool:
+    "True if every value of `value` is a finite number (or text that is one), as a numeric attribute's values must be."
+    def number(x):
+        try: return not isinstance(x, bool) and math.isfinite(float(x))
+        except (TypeError, ValueError): return False
+    return all(map(number, value if isinstance(value, (list, tuple, MultiValue)) else [value]))
+
+@dataclass(frozen=True)
+class Deidentify:
+    "What a pseudonymised index keeps of each file: `SAFE_KEYWORDS`, and what the user's options add back."
+    keep: tuple = ()            # further keywords kept as written (--keep, from `KEEP_OPTIONS`)
+    shift_dates: bool = False   # `SHIFTED_KEYWORDS` kept, dates moved by the patient's `date_offset` (--shift-dates)
+    private_safe: bool = False  # the numeric values of `SAFE_PRIVATE` kept (--keep-private-safe)
+
+    @property
+    def keywords(self) -> frozenset:
+        "Every keyword kept."
+        return SAFE_KEYWORDS | frozenset(self.keep) | (SHIFTED_KEYWORDS if self.shift_dates else frozenset())
+
+    def keeps(self,
+              keyword:str, # the attribute
+              value, # its value as read
+              vr:str|None=None, # the VR it was read under, when known
+             ) -> bool:
+        "True if `value` of `keyword` may be kept: a kept keyword, read under a VR of its own and not as a name, numbers where it holds numbers."
+        vrs = set(dictionary_VR(keyword).split(' or ')) if keyword in self.keywords else set()
+        if not vrs or vr == 'PN' or (vr and vr not in vrs) or isinstance(value, PersonName): return False
+        if vrs <= NUMERIC_VRS: return numbers_only(value)
+        form = _FORMS.get(vr or next(iter(vrs)))           # values of a coded VR must look like one: no free text
+        return not form or all(form.fullmatch(str(v)) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value]))
+
+    @property
+    def setting(self) -> dict:
+        "The options as a guarded setting, with a fingerprint of the lists: an index kept under other lists is rebuilt, never mixed."
+        lists = ' '.join(sorted(SAFE_KEYWORDS)) + '|' + ' '.join(p.name for p in SAFE_PRIVATE)
+        return dict(safe_list=stable_hash(lists, 8), keep=list(self.keep), shift_dates=self.shift_dates, private_safe=self.private_safe)
+
+def parse_keep(spec:str|None, # comma-separated names: age, sex, size, weight, or their keywords (PatientAge, ...)
+              ) -> tuple[str, ...]:
+    "The keywords `--keep` retains (`ValueError` naming an unknown name and the accepted ones)."
+    names = {n: kws for n, kws in KEEP_OPTIONS.items()} | {k.lower(): (k,) for kws in KEEP_OPTIONS.values() for k in kws}
+    out = set()
+    for n in (s.strip() for s in (spec or '').split(',') if s.strip()):
+        if n.lower() not in names:
+            raise ValueError(f"--keep: {n!r} is not one of {', '.join(KEEP_OPTIONS)} (or {', '.join(k for ks in KEEP_OPTIONS.values() for k in ks)})")
+        out.update(names[n.lower()])
+    return tuple(sorted(out))
+
+SHIFT_DAYS = 365   # --shift-dates moves each patient's dates back by 1 to SHIFT_DAYS days
+
+def date_offset(patient:str|None, # the patient's raw ID (or the study UID when there is none)
+                key:str, # the pseudonym key
+               ) -> int:
+    "Days `--shift-dates` moves `patient`'s dates by: keyed, the same in every run, in -SHIFT_DAYS..-1 (never 0)."
+    return -1 - int(pseudonym(f"shift-dates\0{patient or ''}", key), 16) % SHIFT_DAYS
+
+_DATE = re.compile(r'(\d{4})(\d{2})(\d{2})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?(?:[+-]\d{4})?')
+_TIME = re.compile(r'\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?')
+
+def shifted(value:str, # a DA, DT or TM value
+            vr:str, # its VR
+            days:int, # the patient's `date_offset`
+           ) -> str|None:
+    "`value` as `--shift-dates` keeps it: a date moved by `days` (a DT keeps its time, not its UTC offset), a time as is; None if malformed."
+    v = str(value).strip()
+    if vr == 'TM': return v if _TIME.fullmatch(v) else None
+    if not (m := _DATE.fullmatch(v)) or (vr == 'DA' and m[4]): return None
+    try: d = date(int(m[1]), int(m[2]), int(m[3])) + timedelta(days=days)
+    except (ValueError, OverflowError): return None
+    return f"{d.year:04d}{d.month:02d}{d.day:02d}{m[4] or ''}"
 
 # %% ../nbs/04_db.ipynb #bbbe29ad
 SOURCE_COLUMNS = {   # pipeline -> (table, column, prefix) of the source paths it stores; a `file:<path>` key names a file's own series
@@ -524,6 +693,14 @@ def _rekey(db, head:str, key:str):
     db.conn.executemany('update images set source_path = ? where source_path = ?',
                         [(source_id(p[len(head):], key), source_id(p, key)) for (p,) in rows])
 
+def _rekey_series(db, head:str, key:str):
+    "Re-key the keyed `file:<path>` series (of files without a series UID) under `head` from their absolute to their relative path."
+    rows = db.execute("select path from nifti_headers where substr(path, 1, ?) = ? and record is not null "
+                      "and coalesce(json_extract(record, '$.series_uid'), '') = ''", [len(head), head]).fetchall()
+    pairs = [(pseudonym(f'file:{p[len(head):]}', key), pseudonym(f'file:{p}', key)) for (p,) in rows]
+    for table, col in (('nifti_headers', 'series_key'), ('volumes', 'series_uid'), ('nifti_touched', 'series_key')):
+        db.conn.executemany(f'update or ignore [{table}] set [{col}] = ? where [{col}] = ?', pairs)
+
 def relativize_sources(db, # the run's index (its private state attached, if any)
                        kind:str, # the pipeline whose tables are rewritten
                        roots, # spellings of the source root that stored absolute paths may start with
@@ -536,7 +713,7 @@ def relativize_sources(db, # the run's index (its private state attached, if any
         if not db.execute(f"select 1 from [{first}] where [{path}] >= '/' and [{path}] < '0' limit 1").fetchone(): break
         head = root + '/'
         with db.atomic():
-            if key and kind == 'preprocess': _rekey(db, head, key)
+            if key: (_rekey if kind == 'preprocess' else _rekey_series)(db, head, key)
             for i, (table, col, tag) in enumerate(SOURCE_COLUMNS[kind]):
                 if key and table == 'images': continue
                 c = db.execute(f"update or ignore [{table}] set [{col}] = ? || substr([{col}], ?) where substr([{col}], 1, ?) = ?",

@@ -21,9 +21,9 @@ import sqlite_utils
 from fastcore.script import call_parse
 from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
                              stable_hash, utf8_len)
-from .db import (OWNER_FILE, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint, db_file,
-                           folder_owner, get_meta, index_path, inside, mark_owner, now, open_db, output_dir_of, owns, parse_splits, pseudonym)
-from .preprocess import PHI_KEYS
+from .db import (OWNER_FILE, PHI_KEYS, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint,
+                           db_file, folder_owner, get_meta, index_path, inside, is_pseudonymised, mark_owner, now, open_db, output_dir_of, owns,
+                           parse_splits, pseudonym)
 from .run import UsageError, cli_run
 
 # %% auto #0
@@ -133,11 +133,9 @@ def read_labels(path, # CSV file with a key column and a label column
 # %% ../nbs/12_export.ipynb #995e7136
 _KEYED = dict(PHI_KEYS, source_path='src_')   # keys a pseudonymised index holds as keyed pseudonyms
 
-def _pseudonymised(db) -> bool: return bool((get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'))
-
 def _key_of(db, salt=None, private=None, required:bool=True) -> str|None:
     "The pseudonym key of a pseudonymised index (its private state attached), else None; not at hand is an error only if `required`."
-    if not _pseudonymised(db): return None
+    if not is_pseudonymised(db): return None
     private = Path(private or f"{output_dir_of(db)}.private.db")
     try:
         if not private.is_file(): raise PrivateStateError(f"this index is pseudonymised: give its private state (--private-state; not at {private})")
@@ -422,7 +420,7 @@ def _sweep(db, out_dir:Path):
 
 def _labels_setting(db, labels, key) -> str|None:
     "What the index records of the labels file: its path; for a pseudonymised index a keyed pseudonym, the path going to the private state."
-    if not (labels and _pseudonymised(db)): return str(labels) if labels else None
+    if not (labels and is_pseudonymised(db)): return str(labels) if labels else None
     if not key: return None                         # no private state at hand: the path is recorded nowhere
     path = str(Path(labels).absolute())
     db.execute('create table if not exists private.export_labels (labels text primary key)')

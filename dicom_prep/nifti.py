@@ -8,41 +8,58 @@ Docs: https://dicom-prep.github.io/dicom_prep/nifti.html.md"""
 
 # %% ../nbs/11_nifti.ipynb #b1759d65
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from string import Formatter
 from functools import partial
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 import dicom_prep
 from .core import log, remove_output
 from .io import Found
-from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, inside, now
+from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, inside, now,
+                           pseudonym, replace_rows, without_paths)
 from .parallel import TaskFailure
-from .run import Run, RunOutcome, UsageError, open_run, summary_block, cli_source, cli_run, cli_finish
+from .run import (Run, RunOutcome, UsageError, deidentify_flags, open_run, private_state_file, summary_block, cli_source, cli_run,
+                            cli_finish)
 from .series import FileRecord, read_headers
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes
-from .niftiwrite import (DEFAULT_TEMPLATE, Converted, VolumeTask, convert_volume, output_file, render_name,
-                                   unique_name, volume_task, written_files)
+from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
+                                   output_file, render_name, unique_name, volume_task, written_files)
 
 # %% auto #0
-__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'refresh_headers', 'TakenNames', 'store_analysis',
-           'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult', 'dicom_to_nifti', 'main']
+__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'pseudonymous_record', 'refresh_headers', 'TakenNames',
+           'store_analysis', 'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult', 'dicom_to_nifti',
+           'main']
 
 # %% ../nbs/11_nifti.ipynb #0f6e0104
-def _header_row(item:Found, res) -> dict:
+def _series_key(r:FileRecord, key:str|None=None) -> str:
+    "The series header record `r` belongs to (`file:<path>` when it has none), keyed under a pseudonymised index's `key`."
+    k = r.series_uid or f"file:{r.path}"
+    return pseudonym(k, key) if key else k
+
+def pseudonymous_record(r:FileRecord, # a header record (from the private state)
+                        key:str, # the pseudonym key
+                       ) -> FileRecord:
+    "What a pseudonymised index may say of `r`: its identifiers keyed as `preprocess` keys them, its series keyed, no description."
+    return replace(r, series_uid=_series_key(r, key), study_uid=pseudonym(r.study_uid or None, key),
+                   patient_id=pseudonym(r.patient_id or None, key, PHI_KEYS['patient_id']), study_id=pseudonym(r.study_uid, key, 'study_'),
+                   series_description='', protocol_name='')
+
+def _header_row(item:Found, res, key:str|None=None) -> dict:
     "The `nifti_headers` row for a `read_headers` result (or a worker failure)."
     error = f"{res.status}: {res.message}" if isinstance(res, TaskFailure) else res.error
     return dict(path=str(item.path), study_id=item.study_id, size=item.size, mtime_ns=item.mtime_ns, error=error, read_at=now(),
-                record=None if error else res.to_json(), series_key=None if error else res.series_uid or f"file:{item.path}")
+                record=None if error else res.to_json(), series_key=None if error else _series_key(res, key))
 
 HEADER_TIMEOUT = 300   # seconds; a header read that takes longer is a hung worker (the file is recorded as failed)
 
 # %% ../nbs/11_nifti.ipynb #853990b2
-def _write_headers(db, batch):
+def _write_headers(db, batch, key=None):
     "Row writer of the header step: upsert the `nifti_headers` rows of `(Found, result)` pairs, noting their series as touched."
-    rows = [_header_row(item, res) for item, res in batch]
+    rows = [_header_row(item, res, key) for item, res in batch]
     for r in rows:
         if r['error']: log.warning(f"{r['path']}: {r['error']}")
-    db['nifti_headers'].upsert_all(rows, pk='path')
+    replace_rows(db, 'nifti_headers', rows)       # plain SQL: a pseudonymised index keeps it in its private state
     db.conn.executemany('insert or ignore into nifti_touched values (?)', [(r['series_key'],) for r in rows if r['series_key']])
 
 def _header_status(res) -> str:
@@ -77,8 +94,8 @@ def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
     "Bring `nifti_headers` up to date with the scanned tree; returns counts read/gone/unreadable/pending."
     todo, gone = _plan_headers(run.db, reanalyze)
     items = (Found(Path(p), study, size, mtime_ns) for p, study, size, mtime_ns in run.pages('todo', 'path, study_id, size, mtime_ns'))
-    n = run.stream(partial(_read_headers, root=run.dicom_dir), items, _write_headers, batch_size, phase='Headers', label='headers', timeout=HEADER_TIMEOUT,
-                   count=_header_status, total=todo)
+    n = run.stream(partial(_read_headers, root=run.dicom_dir), items, partial(_write_headers, key=run.key), batch_size, phase='Headers',
+                   label='headers', timeout=HEADER_TIMEOUT, count=_header_status, total=todo)
     return dict(read=n, gone=gone, unreadable=run.counts['headers_unreadable'], pending=todo - n)
 
 # %% ../nbs/11_nifti.ipynb #a98abd1b
@@ -114,9 +131,10 @@ def _series_order(db, series:str|None) -> list[str]:
     return [k for (k,) in db.execute(f"""select h.series_key from nifti_headers h where h.record is not null {where} group by h.series_key
         order by min(h.study_id), min(json_extract(h.record, '$.series_number')), h.series_key""")]
 
-def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philips_scaling, resample) -> tuple[list, list, list]:
-    "(volume rows, volume_files rows, ids gone) of series `key`, from its cached records."
+def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philips_scaling, resample, secret=None) -> tuple[list, list, list]:
+    "(volume rows, volume_files rows, ids gone) of series `key`, from its cached records (made pseudonymous under the pseudonym key `secret`)."
     records = [FileRecord.from_json(r) for (r,) in db.execute('select record from nifti_headers where series_key = ? and record is not null', [key])]
+    if secret: records = [pseudonymous_record(r, secret) for r in records]
     old = {r['id']: r for r in db.query('select id, status, error, output_name, converted_sig from volumes where series_uid = ?', [key])}
     analysed = sorted((analyze_volume(v, spacing_tol, philips_scaling, resample) for v in group_volumes(records)), key=lambda a: a[0]['split'])
     rows, files = [], []
@@ -131,7 +149,7 @@ def _store(db, keys:list, rows:list, files:list, gone:list):
     with db.atomic():
         for k in keys: db.execute('delete from volume_files where volume_id in (select id from volumes where series_uid = ?)', [k])
         _upsert(db, 'volumes', rows)
-        db['volume_files'].insert_all(files, batch_size=2000, replace=True)
+        replace_rows(db, 'volume_files', files)
         for batch in batched(gone, 500):
             db.execute(f"update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder' "
                        f"where id in ({','.join('?'*len(batch))})", batch)
@@ -144,6 +162,7 @@ def store_analysis(db, # the open database
                    resample:bool=False, # tilted or irregular stacks go onto an orthogonal equidistant grid, not refused
                    series:str|None=None, # a table of the series keys to analyse (`nifti_touched`); None: every series
                    batch_files:int=5000, # commit once this many frames of analysis are pending
+                   key:str|None=None, # a pseudonymised index's key: its volumes hold keyed identifiers and no description
                   ) -> int:
     "Group the cached header records of `series` into volumes and write `volumes` and `volume_files`, a series at a time; returns how many series."
     within = f"series_uid in (select series_key from {series}) and" if series else ''
@@ -154,7 +173,7 @@ def store_analysis(db, # the open database
             where verdict != 'gone' and {vanished}""")
     keys, taken, pending = _series_order(db, series), TakenNames(db), ([], [], [], [])
     for k in keys:
-        rows, files, gone = _analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample)
+        rows, files, gone = _analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample, key)
         for acc, part in zip(pending, ([k], rows, files, gone)): acc += part
         if len(pending[2]) >= batch_files: _store(db, *pending); pending, taken.new = ([], [], [], []), set()
     _store(db, *pending)
@@ -189,27 +208,29 @@ def plan_conversions(db, # the open database
 def conversion_tasks(run:Run, # the open run, after `plan_conversions`
                      sidecar:bool=False, # write JSON sidecars
                      follow_symlinks:bool=False, # the tree was read following symlinks out of it
+                     deidentify:Deidentify|None=None, # a pseudonymised index's options: what its sidecars may hold
                     ):
     "Yield the `VolumeTask` of each volume in `temp.convert`, reading its row and frames (paths resolved under the source root) when it is its turn."
     version = dicom_prep.__version__
     for (vid,) in run.pages('convert', 'id'):
         [v], files = run.db.query('select * from volumes where id = ?', [vid]), list(run.db.query('select * from volume_files where volume_id = ?', [vid]))
         files = [dict(f, path=str(inside(run.dicom_dir, f['path'], f"volume_files row {vid!r}: path", follow_symlinks))) for f in files]
-        yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, run.output_dir)
+        yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, run.output_dir, deidentify)
+
 
 # %% ../nbs/11_nifti.ipynb #0c8cd652
-def _conversion_row(task:VolumeTask, res, output_dir, run_id) -> dict:
-    "The `volumes` update recording how converting `task` went."
+def _conversion_row(task:VolumeTask, res, output_dir, run_id, key=None, root=None) -> dict:
+    "The `volumes` update recording how converting `task` went (its error naming no file under the source `root` when pseudonymised)."
     if isinstance(res, TaskFailure): res = Converted('error', f"{res.status}: {res.message}")
-    row = dict(id=task.id, status=res.status, error=res.error, converted_sig=task.sig, converted_at=now(), run_id=run_id)
+    row = dict(id=task.id, status=res.status, error=without_paths(res.error, root, key), converted_sig=task.sig, converted_at=now(), run_id=run_id)
     rel = lambda p: str(Path(p).relative_to(output_dir))
     if res.status == 'ok': row.update(output_path=rel(task.out), sidecar_path=rel(res.sidecar) if res.sidecar else None)
     else: log.warning(f"volume {task.id} ({Path(task.out).name}): {res.error}")
     return row
 
-def _write_conversions(db, batch, output_dir, run_id):
+def _write_conversions(db, batch, output_dir, run_id, key=None, root=None):
     "Row writer of the conversion step: record how each `(VolumeTask, result)` went."
-    _upsert(db, 'volumes', [_conversion_row(task, res, output_dir, run_id) for task, res in batch])
+    _upsert(db, 'volumes', [_conversion_row(task, res, output_dir, run_id, key, root) for task, res in batch])
 
 def _conversion_status(res) -> str:
     "The counter a conversion result adds to."
@@ -220,11 +241,13 @@ def convert_volumes(run:Run, # the open run
                     batch_size:int=30, # volumes per commit
                     sidecar:bool=False, # write JSON sidecars
                     follow_symlinks:bool=False, # the tree was read following symlinks out of it
+                    deidentify:Deidentify|None=None, # a pseudonymised index's options: what its sidecars may hold
                    ) -> dict:
     "Convert the volumes that need it in parallel, committing every `batch_size`; returns counts."
     todo, done = plan_conversions(run.db, run.output_dir, get_meta(run.db, 'nifti_rebuild_since'), sidecar)
     run.say(f"Converting with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
-    n = run.stream(convert_volume, conversion_tasks(run, sidecar, follow_symlinks), partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id),
+    n = run.stream(convert_volume, conversion_tasks(run, sidecar, follow_symlinks, deidentify),
+                   partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id, key=run.key, root=run.dicom_dir),
                    batch_size, phase='Conversion', label='volumes', count=_conversion_status, total=todo)
     counts = dict(already_done=done, converted=run.counts['converted'], error=run.counts['error'], pending=todo - n)
     return {k: v for k, v in counts.items() if v}
@@ -242,10 +265,23 @@ class NiftiResult(RunOutcome):
         return summary_block(self.timers, [f"Volumes: {fmt(self.verdicts)}", f"Conversion: {fmt(self.counts)}", *self.notes,
                                            f"NIfTI: {self.output_dir/'nifti'}", f"Database: {self.db_path}"])
 
-def _check_template(template:str):
-    "Raise `UsageError` unless `template` renders a name."
+def _check_template(template:str, pseudonymised:bool=False):
+    "Raise `UsageError` unless `template` renders a name (without a free-text field when the index is pseudonymised)."
     try: render_name(template, dict.fromkeys({**VOLUME_COLUMNS, **VOLUME_COLUMNS_V4}, None) | dict(id='x'))
     except ValueError as e: raise UsageError(str(e)) from None
+    fields = {f.split('.')[0].split('[')[0] for _, f, _, _ in Formatter().parse(template) if f}
+    if pseudonymised and (free := sorted(fields & set(FREE_TEXT_FIELDS))):
+        raise UsageError(f"--name-template: {', '.join(free)} is free text, which --pseudonymize keeps out of names (e.g. {PSEUDONYMOUS_TEMPLATE})")
+
+def _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid) -> dict:
+    "The guarded settings of a run (the name template resolved), checked before any work (`UsageError` if unusable)."
+    template = name_template or (PSEUDONYMOUS_TEMPLATE if deid else DEFAULT_TEMPLATE)
+    _check_template(template, deid is not None)
+    if batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
+    if csv_path and Path(csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {csv_path}")
+    if philips_scaling not in PHILIPS_SCALINGS: raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {philips_scaling!r}")
+    return dict(name_template=template, spacing_tol=spacing_tol, philips_scaling=philips_scaling, resample=resample,
+                pseudonymize=bool(deid), deidentify=deid and deid.setting)
 
 def _remove_outputs(run:Run, where:str):
     "Delete the files written for the volumes matching SQL `where` (image, sidecar, .bval/.bvec)."
@@ -269,7 +305,7 @@ def _drop_unusable(run:Run):
     with run.db.atomic(): run.db.execute(f"update volumes set output_path = null, sidecar_path = null where output_path is not null and {unusable}")
 
 ANALYSIS_SETTINGS = {'spacing_tol', 'philips_scaling', 'resample'}   # settings whose change means analysing again
-SETTING_DEFAULTS = dict(philips_scaling='display', resample=False)   # what databases made before these settings existed used
+SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None)   # what databases made before these settings existed used
 
 def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, philips_scaling:str, resample:bool) -> dict:
     "Analyse the series whose files changed (every series if asked, or the first time); returns verdict counts of the table."
@@ -280,7 +316,7 @@ def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, p
     if h['pending']: n = 0
     elif reanalyze or not db['volumes'].count or touched or h['gone']:
         every = reanalyze or not db['volumes'].count
-        n = store_analysis(db, template, spacing_tol, philips_scaling, resample, None if every else 'nifti_touched')
+        n = store_analysis(db, template, spacing_tol, philips_scaling, resample, None if every else 'nifti_touched', key=run.key)
         for k in ANALYSIS_SETTINGS & run.pending: run.done_with(k)
         run.notes.append(f"Analysis: {n:,} series analysed" + ('' if every else ' (those whose files changed)'))
     else:
@@ -291,6 +327,12 @@ def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, p
     return verdicts
 
 # %% ../nbs/11_nifti.ipynb #deaf9114
+def _finish(run:Run, h:dict, verdicts:dict, counts:dict):
+    "Count the verdicts into `run` and finish it: on the headers while some are pending, else on the volumes."
+    run.counts.update({f'verdict_{k}': v for k, v in verdicts.items()})
+    if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
+    else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
+
 def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
                    output_dir='dicom_prep_out', # volumes go to OUTPUT_DIR/nifti
                    db_path=None, # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
@@ -300,34 +342,35 @@ def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
                    analysis_only:bool=False, # stop after the analysis (the volumes table)
                    reanalyze:bool=False, # re-read every header and redo the analysis even if no file changed
                    sidecar:bool=False, # write a BIDS-style JSON sidecar next to each volume
-                   name_template:str=DEFAULT_TEMPLATE, # output name under OUTPUT_DIR/nifti (fields: `NAME_FIELDS`)
+                   name_template:str|None=None, # output name under OUTPUT_DIR/nifti (fields: `NAME_FIELDS`) [default: `DEFAULT_TEMPLATE`, pseudonymised: `PSEUDONYMOUS_TEMPLATE`]
                    scheduler:str|None=None, # run on Dask: 'local' or a scheduler address
                    csv_path=None, # also export the analysis table to this CSV file
                    follow_symlinks:bool=False, # follow symlinks that point outside `dicom_dir`
                    spacing_tol:float=SPACING_TOL, # a slice step may deviate from the mean by this fraction
                    philips_scaling:str='precise', # Philips values: 'precise' floating point (dcm2niix's default) or 'display'
                    resample:bool=False, # write tilted or irregularly spaced stacks on an orthogonal equidistant grid (else: shear / refusal)
+                   pseudonymize:bool=False, # a folder safe to hand over: names from pseudonyms, sidecars of safe attributes (`db.Deidentify`)
+                   salt:str|None=None, # your pseudonym secret [default: the random key kept in the private state]
+                   private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
+                   keep:str|None=None, # with `pseudonymize`: also keep these patient attributes in sidecars (age, sex, size, weight)
+                   shift_dates:bool=False, # with `pseudonymize`: keep times of day in sidecars (the Modified Dates option)
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
                    rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
                    quiet:bool=False, # print nothing
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    _check_template(name_template)
-    if batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    if csv_path and Path(csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {csv_path}")
-    if philips_scaling not in PHILIPS_SCALINGS: raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {philips_scaling!r}")
-    settings = dict(name_template=name_template, spacing_tol=spacing_tol, philips_scaling=philips_scaling, resample=resample)
-    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler,
-                  quiet, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS, rebase=rebase) as run:
+    deid = deidentify_flags(pseudonymize, keep, shift_dates) or None
+    settings = _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid)
+    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler, quiet, temp_dirs=('nifti',),
+                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(pseudonymize, private_state, output_dir), salt=salt,
+                  rebase=rebase) as run:
         if 'name_template' in run.pending: _forget_names(run)
         run.scan('nifti_headers', follow_symlinks)
         h = refresh_headers(run, reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
         if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
-        verdicts = _analyse(run, h, reanalyze or bool(ANALYSIS_SETTINGS & run.pending), name_template, spacing_tol, philips_scaling, resample)
-        counts = convert_volumes(run, batch_size, sidecar, follow_symlinks) if not (h['pending'] or analysis_only) else {}
-        run.counts.update({f'verdict_{k}': v for k, v in verdicts.items()})
-        if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
-        else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
+        verdicts = _analyse(run, h, reanalyze or bool(ANALYSIS_SETTINGS & run.pending), settings['name_template'], spacing_tol, philips_scaling, resample)
+        counts = convert_volumes(run, batch_size, sidecar, follow_symlinks, deid) if not (h['pending'] or analysis_only) else {}
+        _finish(run, h, verdicts, counts)
         if csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, csv_path, table='volumes'):,} volumes written to {csv_path}")
         return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
 
@@ -343,13 +386,18 @@ def main(
     analysis_only:store_true=False,   # Stop after the analysis (the volumes table); convert nothing
     reanalyze:store_true=False,       # Re-read every header and redo the analysis even if no file changed
     sidecar:store_true=False,         # Write a BIDS-style JSON sidecar next to each volume
-    name_template:str=DEFAULT_TEMPLATE, # Output name under OUTPUT_DIR/nifti; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
+    name_template:str=None,   # Output name under OUTPUT_DIR/nifti [default: {study_id}/{series_number:03d}_{series_description}; with --pseudonymize {study_id}/{series_number:03d}_{modality}]; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
     csv:Path=None,            # Also export the analysis table (volumes) to this CSV file
     scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
     follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
     rebase:store_true=False,  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     philips_scaling:str='precise', # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
     resample:store_true=False,        # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
+    pseudonymize:store_true=False, # A folder safe to hand over: names from pseudonyms, sidecars with safe attributes only (as dicom_prep_preprocess's)
+    salt:str=None,            # Your secret for --pseudonymize [default: the random key kept in the private state]
+    private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
+    keep:str=None,            # With --pseudonymize: also keep these patient attributes in sidecars: age, sex, size, weight (or PatientAge, ...)
+    shift_dates:store_true=False, # With --pseudonymize: keep times of day in sidecars (the Modified Dates option; sidecars hold no date)
     test:store_true=False,    # Run on the bundled sample data (no data of yours needed)
 ):
     "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
@@ -357,4 +405,6 @@ def main(
     cli_finish(cli_run(lambda: dicom_to_nifti(
         dicom_dir, output_dir, db_path=db, workers=workers, batch_size=batch_size, force_reprocess=force_reprocess,
         analysis_only=analysis_only, reanalyze=reanalyze, sidecar=sidecar, name_template=name_template, scheduler=scheduler,
-        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample, rebase=rebase)))
+        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample, rebase=rebase,
+        pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, shift_dates=shift_dates)))
+

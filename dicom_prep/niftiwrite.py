@@ -17,14 +17,15 @@ import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .io import read_dicom
+from .db import Deidentify
 from .pixels import maker, text_value, untile
 from .series import EpiFields, epi_fields, is_enhanced, tag_value
 
 # %% auto #0
-__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar',
-           'image_type', 'acquisition_time', 'g6', 'phase_encoding', 'uncompressed_frames', 'SourceFrame', 'Grid',
-           'VolumeTask', 'volume_task', 'written_files', 'resample_stack', 'Converted', 'convert_volume', 'name_fields',
-           'render_name', 'unique_name', 'output_file']
+__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS',
+           'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding',
+           'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task', 'written_files', 'resample_stack',
+           'Converted', 'convert_volume', 'name_fields', 'render_name', 'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -109,11 +110,13 @@ def _json_value(v, scale=None):
     if isinstance(v, (int, float)): x = float(f'{v * scale:.12g}') if scale else v; return int(x) if float(x).is_integer() else float(x)
     return text_value(v)
 
-def _tag_keys(ds, frame) -> dict:
-    "The sidecar keys read straight from tags (`SIDECAR_KEYS`), for frame `frame` (its own echo time in an enhanced file)."
+def _tag_keys(ds, frame, keys:list, deidentify:Deidentify|None=None) -> dict:
+    "The sidecar `keys` read straight from tags, for frame `frame` (its own echo time in an enhanced file); only values `deidentify` keeps, if given."
     out = {}
-    for key, kw, scale in SIDECAR_KEYS:
+    for key, kw, scale in keys:
+        if deidentify and kw not in deidentify.keywords: continue
         v = tag_value(ds, 'EffectiveEchoTime' if kw == 'EchoTime' and is_enhanced(ds) else kw, frame, fast=False)
+        if deidentify and not deidentify.keeps(kw, v): continue           # a name, or text where a number belongs
         if v not in (None, '') and _json_value(v) not in ('', []): out[key] = _json_value(v, scale)
     return out
 
@@ -123,13 +126,14 @@ def sidecar(ds, # dataset of the volume's first frame
             frame:int=0, # the frame of `ds` the volume starts with (enhanced files)
             shape:tuple|None=None, # (rows, cols) of a slice as written, for the phase-encoding matrix
             slice_timing:list|None=None, # acquisition time of each slice as written (s)
+            deidentify:Deidentify|None=None, # a pseudonymised index's options: only the attributes they keep (and `keep`'s own)
            ) -> dict:
     "BIDS-style sidecar of a volume whose first frame is frame `frame` of `ds`, with dcm2niix's keys and values."
-    out = _tag_keys(ds, frame)
+    out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], deidentify)
     e = epi_fields(ds, frame)
     if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
     if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)
-    if (t := acquisition_time(ds, frame)): out['AcquisitionTime'] = t
+    if (t := acquisition_time(ds, frame)) and (not deidentify or 'AcquisitionTime' in deidentify.keywords): out['AcquisitionTime'] = t
     if slice_timing: out['SliceTiming'] = [g6(s) for s in slice_timing]
     if orientation: out['ImageOrientationPatientDICOM'] = orientation
     return {**out, **phase_encoding(e, *(shape or (0, 0))), 'ConversionSoftware': 'dicom_prep', 'ConversionSoftwareVersion': version}
@@ -253,6 +257,8 @@ class VolumeTask:
     bvecs: list|None = None # FSL gradient direction of each time point
     grid: Grid|None = None # the grid to resample onto (None: the frames are the grid)
     root: str|None = None # the output folder `out` lies in: nothing below it is written through a symlink [default: the folder of `out`]
+    deidentify: Deidentify|None = None # a pseudonymised index's options: what its sidecar may hold
+
 
 # %% ../nbs/10_niftiwrite.ipynb #4077cf93
 def volume_task(v:dict, # a `volumes` row
@@ -261,6 +267,7 @@ def volume_task(v:dict, # a `volumes` row
                 sidecar:bool=False, # also write the JSON sidecar
                 version:str='', # dicom_prep's version, for the sidecar
                 root=None, # the output folder `out` lies in (see `VolumeTask.root`)
+                deidentify:Deidentify|None=None, # a pseudonymised index's options, for the sidecar
                ) -> VolumeTask:
     "The conversion task of `volumes` row `v` with its `volume_files` rows `files`, written to `out`."
     files = sorted(files, key=lambda f: (f['time_index'], f['slice_index']))
@@ -270,6 +277,7 @@ def volume_task(v:dict, # a `volumes` row
                       orientation=json.loads(v['orientation']), version=version, sig=v['sources_sig'],
                       slice_timing=js('slice_timing'), bvals=js('bvals'), bvecs=js('bvecs'),
                       grid=Grid(**js('resample')) if v.get('resample') else None, root=None if root is None else str(root),
+                      deidentify=deidentify,
                       frames=[SourceFrame(f['path'], f['frame'], f['slope'], f['intercept'], f['size'], f['mtime_ns'], f['transfer_syntax'],
                                           f['n_frames'], f['bits_allocated'], f['bits_stored'], f['signed'], f.get('mosaic') or 0,
                                           f['position'] or 0., f.get('row_offset') or 0., f.get('col_offset') or 0.)
@@ -313,7 +321,7 @@ def _write_sidecar(task:VolumeTask, out:Path) -> Path:
     "Write the JSON sidecar of `task` next to `out`; its path."
     side, f0 = _beside(out, '.json'), task.frames[0]
     meta = sidecar(read_dicom(f0.path, headers_only=True), task.orientation, task.version, 0 if f0.mosaic else f0.frame,
-                   (task.rows, task.cols), task.slice_timing)
+                   (task.rows, task.cols), task.slice_timing, task.deidentify)
     with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
     return side
 
@@ -388,6 +396,8 @@ def convert_volume(task:VolumeTask, # the volume to write
 
 # %% ../nbs/10_niftiwrite.ipynb #2a0acdf4
 DEFAULT_TEMPLATE = '{study_id}/{series_number:03d}_{series_description}'
+PSEUDONYMOUS_TEMPLATE = '{study_id}/{series_number:03d}_{modality}'   # --pseudonymize: the study's pseudonym, no free text
+FREE_TEXT_FIELDS = ('series_description', 'protocol_name')             # fields a pseudonymised index has no value for
 NAME_FIELDS = ('study_id', 'patient_id', 'study_uid', 'series_uid', 'modality', 'series_number', 'series_description',
                'protocol_name', 'echo_number', 'volume_id', 'suffix')
 

@@ -12,25 +12,28 @@ from __future__ import annotations
 import json, os, stat
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from fastcore.basics import chunked
 from fastcore.script import call_parse, store_true
 from PIL import Image
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
-from .pixels import frame_group, frame_image, frame_image16, image_count, maker, save_png, parse_window, tile_size, PixelDecodeError
-from .db import get_meta, inside, parse_splits, assign_split, now, pseudonym, source_id, FAILED
+from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
+                               parse_window, tile_size, PixelDecodeError)
+from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
+                           SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
 from .parallel import TaskFailure
-from .run import PAGE, RunOutcome, UsageError, env_error, open_run, summary_block, cli_source, cli_run, cli_finish
+from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
+                            cli_source, cli_run, cli_finish)
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PHI_KEYS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'deidentified_keywords', 'parse_tags', 'json_value',
-           'file_metadata', 'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run',
-           'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'RunResult', 'preprocess', 'main']
+__all__ = ['METADATA_TAGS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'parse_tags', 'json_value', 'file_metadata', 'frame_metadata',
+           'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'private_name', 'write_batch',
+           'sweep_orphans', 'RunResult', 'preprocess', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #d9868af6
 METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
@@ -40,14 +43,8 @@ METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='Manufactur
 _BINARY_VRS = {'OB', 'OD', 'OF', 'OL', 'OV', 'OW', 'SQ', 'UN'}
 _BUILTIN_COLUMNS = {*METADATA_TAGS, 'laterality', 'modality', 'rows', 'columns', 'window', 'split', 'filename', 'all_tags'}
 
-@lru_cache(maxsize=1)
-def deidentified_keywords() -> frozenset:
-    "Keywords of every attribute DICOM PS3.15's Basic Profile removes, blanks or replaces (dicom-anonymizer's table)."
-    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
-    return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
-
 def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,RepetitionTime'
-               deidentify:bool=False, # refuse keywords the basic profile removes
+               deidentify:Deidentify|None=None, # a pseudonymised run's options: refuse keywords it does not keep
               ) -> list[str]:
     "Validated keywords for `--tags` (`ValueError` naming the first bad one)."
     tags = [t.strip() for t in (spec or '').split(',') if t.strip()]
@@ -55,7 +52,8 @@ def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,R
         if t.lower() in _BUILTIN_COLUMNS: raise ValueError(f"--tags: {t} is already a column ({t.lower()}) of every image")
         if tag_for_keyword(t) is None: raise ValueError(f"--tags: {t!r} is not a DICOM keyword (e.g. EchoTime, RepetitionTime)")
         if set(dictionary_VR(t).split(' or ')) & _BINARY_VRS: raise ValueError(f"--tags: {t} is binary ({dictionary_VR(t)}); only values can be columns")
-        if deidentify and t in deidentified_keywords(): raise ValueError(f"--tags: {t} identifies people and --pseudonymize removes it")
+        if deidentify and t not in deidentify.keywords:
+            raise ValueError(f"--tags: --pseudonymize keeps only attributes known to be safe, and {t} is not one (see --keep, --shift-dates)")
     return tags
 
 # %% ../nbs/07_preprocess.ipynb #cdaa62b5
@@ -68,35 +66,66 @@ def json_value(v, # a DICOM element value
     if isinstance(v, float): return int(v) if v.is_integer() else float(v)
     return str(v).strip()
 
+def _iso_date(keyword, v):
+    "`v` as YYYY-MM-DD when `keyword` is a date and `v` one date in DICOM's YYYYMMDD."
+    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit() else v
+
 def _value(ds, keyword):
     "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
     if (v := raw_value(ds, keyword)) is None:
         try: v = ds.get(keyword)
         except Exception: return None
-    v = None if v is None or v == '' else json_value(v)
-    if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit(): v = f"{v[:4]}-{v[4:6]}-{v[6:]}"
-    return v
+    return _iso_date(keyword, None if v is None or v == '' else json_value(v))
 
-def _all_tags(ds, drop:frozenset) -> str:
-    "Every non-binary top-level element as JSON text, keyed by keyword; elements in `drop` and private ones left out if `drop`."
+def _vr(ds, keyword) -> str|None:
+    "The VR element `keyword` of `ds` was read under (None when absent or unreadable)."
+    try: return ds[keyword].VR
+    except Exception: return None
+
+def _shifted(ds, keyword, vr, days):
+    "The JSON value of date or time `keyword` moved by `days` (`db.shifted`), or None if any of its values is no date or time."
+    try: v = ds.get(keyword)
+    except Exception: return None
+    moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
+    return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
+
+def _kept(ds, deidentify:Deidentify, days:int, keyword:str):
+    "The JSON value of `keyword` as a pseudonymised index keeps it (`Deidentify.keeps`), else None; dates shifted by `days`."
+    if keyword not in deidentify.keywords or (vr := _vr(ds, keyword)) is None: return None
+    v = _shifted(ds, keyword, vr, days) if vr in ('DA', 'DT', 'TM') else _value(ds, keyword)
+    return v if deidentify.keeps(keyword, v, vr) else None
+
+def _private_safe(ds) -> dict:
+    "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
     out = {}
-    for elem in ds:
-        if elem.VR in _BINARY_VRS or not elem.keyword or elem.keyword in drop: continue
-        if (v := _value(ds, elem.keyword)) not in (None, [], ''): out[elem.keyword] = v
+    for p in SAFE_PRIVATE:
+        try: v = private_value(ds, p.group, p.creator, p.offset)
+        except Exception: continue                                    # a broken element is no number
+        if isinstance(v, (bytes, bytearray)): v = v.decode('latin-1').strip(' \x00').split('\\')   # an implicit-VR element pydicom left raw
+        vals = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
+        if vals and (nums := num_value(vals, len(vals))): out[p.name] = json_value(nums[0] if len(nums) == 1 else list(nums))
+    return out
+
+def _all_tags(ds, deidentify:Deidentify|None=None, days:int=0) -> str:
+    "Every non-binary top-level element as JSON text, keyed by keyword; with `deidentify`, only those it keeps."
+    if deidentify is None: kept = ((e.keyword, _value(ds, e.keyword)) for e in ds if e.keyword and e.VR not in _BINARY_VRS)
+    else: kept = ((k, _kept(ds, deidentify, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
+    out = {k: v for k, v in kept if v not in (None, [], '')}
+    if deidentify and deidentify.private_safe: out |= _private_safe(ds)
     return json.dumps(out, ensure_ascii=False)
 
 # %% ../nbs/07_preprocess.ipynb #91314e3a
 def file_metadata(ds, # the file's dataset
                   tags:list=(), # extra keywords, each its own column
                   all_tags:bool=False, # also every non-binary top-level element, as JSON
-                  deidentify:bool=False, # drop every attribute the PS3.15 basic profile removes
+                  deidentify:Deidentify|None=None, # a pseudonymised index's options: only what they keep is kept
+                  days:int=0, # with `deidentify.shift_dates`: the patient's `date_offset`
                  ) -> dict:
     "The metadata columns of a file's image rows (the same for every frame)."
-    drop = deidentified_keywords() if deidentify else frozenset()
-    lat = _value(ds, 'Laterality') or _value(ds, 'ImageLaterality')
-    row = {col: None if kw in drop else _value(ds, kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=lat)
-    row |= {t: _value(ds, t) for t in tags if t not in drop}
-    if all_tags: row['all_tags'] = _all_tags(ds, drop)
+    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify, days)
+    row = {col: value(kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=value('Laterality') or value('ImageLaterality'))
+    row |= {t: value(t) for t in tags}
+    if all_tags: row['all_tags'] = _all_tags(ds, deidentify, days)
     return _as_columns(row)
 
 def _as_columns(row:dict) -> dict:
@@ -108,7 +137,8 @@ def frame_metadata(ds, # the file's dataset
                   ) -> dict:
     "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
     enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds   # else: the top level only, read once
-    g = lambda seq, kw: (enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw)
+    num = lambda v: v if numbers_only(v) else None                 # geometry is numbers: text under another VR is not kept
+    g = lambda seq, kw: num((enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw))
     ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
     return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
                             image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
@@ -139,8 +169,12 @@ def _file_ids(ds, study_id, n, src, key=None) -> dict:
                series_uid=_tag(ds, 'SeriesInstanceUID'), sop_uid=_tag(ds, 'SOPInstanceUID'), modality=_tag(ds, 'Modality'),
                num_frames=n, rows=rows, columns=cols, mosaic=tiles, photometric=_tag(ds, 'PhotometricInterpretation'),
                source_path=src, burned_in=_tag(ds, 'BurnedInAnnotation'))
-    if key: row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
+    if key:
+        row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
+        row |= {c: row[c] if Deidentify().keeps(kw, row[c], _vr(ds, kw)) else None for c, kw in _TEXT_IDS.items()}   # a name in them: dropped
     return row
+
+_TEXT_IDS = dict(modality='Modality', photometric='PhotometricInterpretation', burned_in='BurnedInAnnotation')   # text columns of every row
 
 def _open_checked(path, max_pixels, res:FileResult):
     "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream), or `res` failed with the reason."
@@ -178,7 +212,7 @@ def process_dicom(dcm_path, # the source file
                   bit_depth:int=8, # 8: windowed PNGs; 16: modality values (see `frame_image16`)
                   tags:list=(), # extra DICOM keywords, each a column
                   all_tags:bool=False, # every non-binary top-level element as a JSON column
-                  deidentify:bool=False, # leave out every attribute the PS3.15 basic profile removes
+                  deidentify:Deidentify|None=None, # with `key`: keep only what these options keep of each file
                   key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
                   in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
                   source:str|None=None, # the path the index records (relative to the source root) [default: `dcm_path`]
@@ -190,7 +224,8 @@ def process_dicom(dcm_path, # the source file
         if isinstance(ds := _open_checked(dcm_path, max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
         n = res.n_frames
-        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify) | dict(bit_depth=bit_depth)
+        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deidentify and deidentify.shift_dates else 0
+        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify, days) | dict(bit_depth=bit_depth)
         for i in range(n):
             if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, out_dir, window, image_size,
                                        upscale, bit_depth, png_level, in_place)): return failed
@@ -284,8 +319,6 @@ def file_stems(db, # the run's database, after `Run.scan`
             for (path, _, m), stem, pair in zip(files, stems, names, strict=True)]
 
 # %% ../nbs/07_preprocess.ipynb #918fb85f
-PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}
-
 def private_name(ds, # the file's dataset
                  src:str, # its path relative to the source root
                  key:str, # the pseudonym key
@@ -340,8 +373,7 @@ def write_batch(db, # the run's database
     with db.atomic():
         _remove_images(db, out_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
         _upsert_images(db, images)
-        if files: db.conn.executemany(f"insert or replace into files ({', '.join(files[0])}) values ({', '.join('?' * len(files[0]))})",
-                            [tuple(f.values()) for f in files])   # plain SQL: `files` may live in the attached private state
+        replace_rows(db, 'files', files)      # plain SQL: `files` may live in the attached private state
     return len(images)
 
 def _upsert_images(db, rows:list):
@@ -475,26 +507,30 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 
-def _private_state(pseudonymize, private_state, output_dir):
-    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
-    if not pseudonymize: return None
-    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
-    if private.resolve().is_relative_to(Path(output_dir).resolve()):
-        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
-    return private
-
-def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, pseudonymize) -> tuple:
-    "Split fractions, worker options and guarded settings, checked before any work (`UsageError` if unusable)."
-    try: fractions, tags = parse_splits(splits), parse_tags(tags, pseudonymize); parse_window(window)
+def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, deid,
+             private_state, output_dir) -> tuple:
+    "Split fractions, worker options, guarded settings and the private state file, checked before any work (`UsageError` if unusable)."
+    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
+    deid = deid or None
+    try: fractions, tags = parse_splits(splits), parse_tags(tags, deid); parse_window(window)
     except ValueError as e: raise UsageError(str(e)) from None
     if bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {bit_depth}")
     if not 0 <= png_level <= 9: raise UsageError(f"--png-level must be 0..9, not {png_level}")
-    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=pseudonymize,
-                    bit_depth=bit_depth, tags=tags, all_tags=all_tags)
+    if deid and deid.private_safe and not all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
+    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=bool(deid),
+                    bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid and deid.setting)
     return fractions, dict(image_size=image_size, window=window, png_level=png_level, upscale=upscale, max_pixels=max_pixels,
-                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=pseudonymize), settings
+                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings, private_state_file(bool(deid), private_state, output_dir)
 
-SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False)   # settings added later: an older DB was made with these
+def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_error' else None   # an environmental failure stops the run
+
+def _process(run, plan:Plan, opts:dict, fractions, batch_size:int, file_timeout:float) -> int:
+    "Process the planned files in parallel, writing their rows a batch at a time; returns how many files were done."
+    return run.stream(partial(_work, root=run.dicom_dir, out_dir=run.output_dir, opts=opts), _tasks(run),
+                      partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key), batch_size,
+                      total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status, fatal=_fatal)
+
+SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
 def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
@@ -513,9 +549,12 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                batch_size:int=100, # files per commit
                file_timeout:float=300., # seconds before a file's worker counts as hung
                max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, no identifying tag, path or name
+               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, only attributes known to be safe (`db.Deidentify`)
                salt:str|None=None, # your pseudonym secret [default: a random 256-bit key kept in the private state]
                private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
+               keep:str|None=None, # with `pseudonymize`: also keep these patient attributes (age, sex, size, weight)
+               shift_dates:bool=False, # with `pseudonymize`: keep the study's dates, moved by a keyed per-patient offset
+               keep_private_safe:bool=False, # with `pseudonymize` and `all_tags`: keep the numeric private elements of `db.SAFE_PRIVATE`
                follow_symlinks:bool=False, # follow symlinks leaving `dicom_dir`
                scheduler:str|None=None, # Dask: 'local' or tcp://host:port
                bit_depth:int=8, # 8: windowed PNGs; 16: modality values (CT: HU + 32768)
@@ -526,24 +565,20 @@ def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
                quiet:bool=False, # no progress output
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
-    fractions, opts, settings = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, pseudonymize)
+    fractions, opts, settings, private = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
+        file_timeout, deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), private_state, output_dir)
     with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
-                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=_private_state(pseudonymize, private_state, output_dir),
-                  salt=salt, worker_memory=worker_memory, rebase=rebase) as run:
+                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory, rebase=rebase) as run:
         plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
-        n = run.stream(partial(_work, root=run.dicom_dir, out_dir=run.output_dir, opts=opts), _tasks(run),
-                       partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key),
-                       batch_size, total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status,
-                       fatal=lambda r: r.error if r.status == 'output_error' else None)
-        return _finish(run, plan, n)
+        return _finish(run, plan, _process(run, plan, opts, fractions, batch_size, file_timeout))
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
-def _sheets(r:RunResult) -> list[str]:
-    "Summary lines of the contact sheets written for a run (or why they could not be)."
+def _with_sheets(r:RunResult) -> RunResult:
+    "`r` after writing its contact sheets, its summary naming them (or why they could not be)."
     from dicom_prep.sheet import EmptySelection, write_sheets
-    try: return [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
-    except (OSError, EmptySelection) as e: return [f"Sheets not written: {e}"]
+    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
+    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
+    return r
 
 @call_parse
 def main(
@@ -566,6 +601,9 @@ def main(
     pseudonymize:store_true=False, # An output folder safe to hand over: keyed pseudonyms, no identifying tag, path or file name
     salt:str=None,            # Your secret for --pseudonymize [default: a random 256-bit key kept in the private state]
     private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
+    keep:str=None,            # With --pseudonymize: also keep these patient attributes: age, sex, size, weight (or PatientAge, ...)
+    shift_dates:store_true=False, # With --pseudonymize: keep the study's dates and times, dates moved back 1-365 days per patient (keyed)
+    keep_private_safe:store_true=False, # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
     follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
     scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
     bit_depth:int=8,          # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
@@ -578,11 +616,9 @@ def main(
 ):
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
     dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    r = cli_run(lambda: preprocess(
-        dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits,
-        png_level=png_level, upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune,
-        batch_size=batch_size, file_timeout=file_timeout, max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state,
-        follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, tags=tags, all_tags=all_tags,
-        worker_memory=worker_memory, rebase=rebase))
-    if sheet: r.notes += _sheets(r)
-    cli_finish(r)
+    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits, png_level=png_level,
+        upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size, rebase=rebase, file_timeout=file_timeout,
+        max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, tags=tags, shift_dates=shift_dates,
+        keep_private_safe=keep_private_safe, follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, all_tags=all_tags, worker_memory=worker_memory))
+    cli_finish(_with_sheets(r) if sheet else r)
+

@@ -18,15 +18,18 @@ from typing import Callable
 from fastcore.basics import patch
 from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
 from .io import is_dicom, sample_data_dirs, walk_entries
-from .db import (DbBusyError, DbLock, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath, attach_private, batched,
-                           check_settings, checkpoint, finish_run, folder_owner, get_meta, mark_owner, open_db, owns, pseudonym,
-                           record_output_dir, relativize_sources, set_meta, start_run, suspect_marker)
+from .db import (DbBusyError, DbLock, Deidentify, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath,
+                           attach_private, batched, check_settings, checkpoint, finish_run, folder_owner, get_meta, is_pseudonymised,
+                           mark_owner, open_db, owns, parse_keep, pseudonym, record_output_dir, relativize_sources, set_meta, start_run,
+                           suspect_marker, without_paths)
 from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
+
 
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint', 'RunFailed',
            'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
-           'claim_output', 'sample_tree', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
+           'claim_output', 'private_state_file', 'deidentify_flags', 'sample_tree', 'cli_error', 'cli_source',
+           'cli_run', 'cli_finish']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -289,11 +292,34 @@ def _spellings(db, kind, roots:tuple) -> list[str]:
     runs = [r for (r,) in db.execute('select distinct source_root from runs where kind = ?', [kind]) if r]
     return [*map(str, roots), *(s for s in [old, *runs] if old and os.path.realpath(s) == os.path.realpath(old))]
 
+def private_state_file(pseudonymize:bool, # the run's --pseudonymize
+                       private_state, # its --private-state, if given
+                       output_dir, # its output folder
+                      ) -> Path|None:
+    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
+    if not pseudonymize: return None
+    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
+    if private.resolve().is_relative_to(Path(output_dir).resolve()):
+        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
+    return private
+
+def deidentify_flags(pseudonymize:bool, # --pseudonymize
+                     keep:str|None=None, # --keep NAME,...
+                     shift_dates:bool=False, # --shift-dates
+                     keep_private_safe:bool=False, # --keep-private-safe
+                    ) -> Deidentify|bool:
+    "What a console script's de-identification flags ask for: False, or `Deidentify` with the options of --pseudonymize (`UsageError` if unusable)."
+    if not pseudonymize:
+        if keep or shift_dates or keep_private_safe: raise UsageError("--keep, --shift-dates and --keep-private-safe are options of --pseudonymize")
+        return False
+    try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
+    except ValueError as e: raise UsageError(str(e)) from None
+
 def _setup(kind, db_path, roots, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt, rebase) -> tuple:
     "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
     taken_over = claim_output(output_dir, db_path, force, force_flag)
     db = open_db(db_path)
-    if not private and (get_meta(db, 'preprocess_settings') or {}).get('pseudonymize'):
+    if not private and is_pseudonymised(db):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
     key = attach_private(db, private, salt) if private else None
@@ -333,11 +359,17 @@ def _as_run_failure(e:BaseException, db_path) -> BaseException:
     if isinstance(e, sqlite3.OperationalError): return RunFailed(f"database {db_path}: {e}")
     return RunFailed(why) if (why := env_error(e)) else e
 
+def _recorded_error(run:Run, exc:BaseException|None) -> str|None:
+    "What `runs.error` keeps of why `run` ended: a pseudonymised index names no source file, not even in an error."
+    if exc is None or isinstance(exc, KeyboardInterrupt): return None
+    if run.key and isinstance(exc, UnsafePath): return "UnsafePath: a path read from the private state was refused (the console named it)"
+    return without_paths(str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}", run.dicom_dir, run.key)
+
 def _record_end(run:Run, exc:BaseException|None):
     "Record the run's end in `runs` (a database that cannot be written is reported; the next run marks this one interrupted)."
     if run.db.conn.in_transaction: run.db.conn.rollback()     # a hard interrupt can land inside a transaction
     run.status = _ended(run, exc)
-    why = None if exc is None or isinstance(exc, KeyboardInterrupt) else str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+    why = _recorded_error(run, exc)
     try: finish_run(run.db, run.run_id, run.status, dict(run.counts), sum(run.counts.values()), time.perf_counter() - run.started, why)
     except sqlite3.Error as e: log.warning(f"could not record how run {run.run_id} ended ({e}); the next run will mark it interrupted")
 
