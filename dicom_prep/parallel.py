@@ -161,6 +161,7 @@ class _Pool:
             if p.exitcode is None: p.kill()
         for p in procs.values(): p.join(5)
         self.ex.shutdown(wait=False, cancel_futures=True)
+        if manager: manager.join(5)                # closes its wake-up pipe now, not while Python exits (see below)
         if self.thaw: gc.unfreeze(); self.thaw = False
         return died
 
