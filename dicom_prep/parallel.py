@@ -161,6 +161,7 @@ class _Pool:
             if p.exitcode is None: p.kill()
         for p in procs.values(): p.join(5)
         self.ex.shutdown(wait=False, cancel_futures=True)
+        if manager: manager.join(5)                # closes its wake-up pipe now, not while Python exits (see below)
         if self.thaw: gc.unfreeze(); self.thaw = False
         return died
 
@@ -275,6 +276,8 @@ def require_dask():
     "Raise a clear ImportError unless `dask.distributed` is installed."
     if importlib.util.find_spec('distributed') is None: raise ImportError("--scheduler needs Dask: pip install 'dicom_prep[dask]'")
 
+_KEEP_LOST_WORKERS = {'distributed.deploy.lost-worker-timeout': '3650 days'}   # a LocalCluster's nannies bring its workers back
+
 @contextmanager
 def dask_client(scheduler:str, # 'local', or the address of a running scheduler
                 workers:int=2, # worker processes of a local cluster
@@ -287,7 +290,9 @@ def dask_client(scheduler:str, # 'local', or the address of a running scheduler
         "Leave Ctrl+C to the driver: a LocalCluster's workers share the terminal's process group."
         def setup(self, worker): signal.signal(signal.SIGINT, signal.SIG_IGN)
     if scheduler == 'local':
-        with LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True, dashboard_address=None,
+        import dask
+        with dask.config.set(_KEEP_LOST_WORKERS), \
+             LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True, dashboard_address=None,
                           memory_limit=memory or 'auto') as cl, Client(cl) as c:
             c.register_plugin(IgnoreSigint(), name='dicom_prep-ignore-sigint')
             yield c
@@ -326,13 +331,26 @@ def _run_chunk(fn, chunk:list) -> tuple[list, float]:
     try: return _run_timed(fn, chunk, starting)
     finally: _ITEM_START.pop(key, None)
 
+# %% ../nbs/05_parallel.ipynb #902631e8
+def _fetch(f, waits:dict, wait:float):
+    "`(results, seconds)` of Dask future `f`, or None if they do not come within `wait` seconds (doubled per retry of a result on its way)."
+    from asyncio import TimeoutError as Late                     # what Dask's `result(timeout=)` raises
+    n = waits.get(f.key, 0)
+    try: out = f.result(timeout=wait * 2**n)
+    except Late:
+        if f.status == 'error': raise                            # the task's own error, not our wait
+        if f.status == 'finished': waits[f.key] = n + 1          # still on its way: wait longer next time
+        return None                                              # else lost with its worker: recomputed, it comes back
+    waits.pop(f.key, None)
+    return out
+
 # %% ../nbs/05_parallel.ipynb #525c4804
-def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, poll=0.2, grace=5., chunk_seconds=0.2):
+def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, poll=0.2, grace=5., chunk_seconds=0.2, fetch=1.):
     "Run `fn` over `items` on a Dask cluster in adaptive chunks, yielding `(item, result)` as tasks complete."
     with dask_client(scheduler, workers, memory) as client:
         from distributed import as_completed
         window = 2 * max(sum(client.nthreads().values()), 1)
-        items, sizer, singles, futs, retried = iter(items), Chunker(chunk_seconds), deque(), {}, set()
+        items, sizer, singles, futs, retried, waits = iter(items), Chunker(chunk_seconds), deque(), {}, set(), {}
         ac, checked, stop_at = as_completed(raise_errors=False), 0., None
         def fill():
             while stop_at is None and len(futs) < window:
@@ -350,9 +368,10 @@ def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, 
             for f in ac.next_batch(block=False):
                 if f.key not in futs: continue
                 if f.status not in ('finished', 'error'): ac.add(f); continue    # its result was lost with a worker: Dask recomputes it
-                c = futs.pop(f.key)[1]
-                try: results, seconds = f.result()      # waits while a result lost since is recomputed
-                except Exception as e: yield from failed(c, _dask_failure(e)); continue
+                try: got = _fetch(f, waits, fetch)
+                except Exception as e: yield from failed(futs.pop(f.key)[1], _dask_failure(e)); continue
+                if got is None: ac.add(f); continue             # lost since (or still on its way): back when done again
+                (results, seconds), c = got, futs.pop(f.key)[1]
                 sizer.note(len(results), seconds)
                 yield from zip(c, results, strict=True)
             if timeout and time.time() - checked > poll:

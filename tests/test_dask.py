@@ -1,14 +1,15 @@
 """The Dask executor end to end, on a real LocalCluster (2 worker processes, 1 thread each): same DB and images as
 the fastcore path, lost workers retried, a worker-killing file recorded `crashed`, hung files, back-pressure,
-interrupt + resume through the CLI, and a library that imports without Dask."""
-import hashlib, itertools, os, signal, sqlite3, subprocess, sys, time
+interrupt + resume through the CLI, and a library that imports without Dask. Every test runs under a deadline:
+past it, it fails, and the processes it started and the cluster's workers are killed (section "no test hangs the suite")."""
+import faulthandler, hashlib, itertools, os, signal, sqlite3, subprocess, sys, tempfile, threading, time, uuid
 from collections import Counter
 from functools import partial
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import ExitStack, closing, contextmanager, suppress
 from pathlib import Path
 
-import cloudpickle, dask, numpy as np, pydicom, pytest
+import cloudpickle, dask, numpy as np, psutil, pydicom, pytest
 import nibabel as nib
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -16,7 +17,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from dicom_prep.nifti import dicom_to_nifti
 from conftest import console_script, query
 from dicom_prep.synth import synth_series
-from dicom_prep.parallel import Chunker, TaskFailure, run_tasks
+from dicom_prep.parallel import _KEEP_LOST_WORKERS, Chunker, TaskFailure, dask_client, run_tasks
 from dicom_prep.preprocess import preprocess
 from dicom_prep.synth import synth_dicom
 
@@ -72,11 +73,127 @@ def fastcore_out(corpus, tmp_path_factory):
     assert preprocess(corpus, out, quiet=True).status == 'completed'
     return out
 
+# ---------------------------------------------------------------- no test hangs the suite
+# Each test runs under a deadline (the autouse `_deadline`). Past it the watchdog, a SIGALRM handler, prints every
+# thread's stack to the test's stderr, SIGKILLs the processes the test started and this process's Dask workers, condemns
+# the module's cluster (the next test gets a fresh one) and raises `DeadlineExceeded` in the test, again every few
+# seconds should a `finally` on its way out block too. A test still not unwound `LAST_RESORT` s later (its main thread
+# deaf to signals) ends the session, as pytest-timeout would: the stacks go to the terminal, the processes are killed.
+
+DEADLINE = float(os.environ.get('DICOM_PREP_TEST_DEADLINE', 120))       # seconds per test, about 10x the slowest's
+LAST_RESORT = float(os.environ.get('DICOM_PREP_TEST_LAST_RESORT', 60))  # then the session ends
+CLOSE_WITHIN = 30.                                                      # seconds Dask gets to close the module's cluster
+
+class DeadlineExceeded(SystemExit):
+    "A test ran past its deadline. A SystemExit, which pytest reports as the test's failure, and which neither an"
+    " `except Exception` nor the product's catch-alls (`except (KeyboardInterrupt, SystemExit): raise`) swallow."
+
+def _has(p, word) -> bool:
+    "Does a word of process `p`'s command line contain `word`?"
+    try: return any(word in a for a in p.cmdline())
+    except psutil.Error: return False
+
+def dask_workers() -> list:
+    "The Dask worker processes of the LocalClusters this process runs (their nannies spawn them)."
+    return [p for p in psutil.Process().children() if _has(p, 'spawn_main')]
+
+def descendants() -> dict:
+    "This process's descendants, by (pid, start time)."
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        with suppress(psutil.Error): out[p.pid, p.create_time()] = p
+    return out
+
+def started_since(before:dict) -> list:
+    "This process's descendants not in `before` (a test's CLI runs, pools, clusters' workers), but multiprocessing's resource tracker."
+    return [p for k, p in descendants().items() if k not in before and not _has(p, 'resource_tracker')]
+
+def alive(p) -> bool:
+    "Is psutil process `p` running (not dead, not a zombie waiting for its parent to reap it)?"
+    try: return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error: return False
+
+def kill(procs) -> int:
+    "SIGKILL `procs` (psutil processes) and wait until they are dead (10 s at most); how many. Their parents reap them."
+    procs = list({p.pid: p for p in procs}.values())
+    for p in procs:
+        with suppress(psutil.Error): p.kill()
+    t_end = time.time() + 10
+    while time.time() < t_end and any(map(alive, procs)): time.sleep(0.01)
+    return len(procs)
+
+def stacks() -> str:
+    "Every thread's stack, as faulthandler prints them."
+    with tempfile.TemporaryFile('w+') as f:
+        faulthandler.dump_traceback(f, all_threads=True); f.seek(0)
+        return f.read()
+
+@contextmanager
+def watchdog(seconds, what, on_expiry=lambda: None, capman=None):
+    "Run the block under a deadline of `seconds`, as above; `what` names it, `on_expiry()` runs before the kills."
+    t0, before = time.time(), descendants()
+    def cleanup() -> int: on_expiry(); return kill(dask_workers() + started_since(before))
+    def expire(signum, frame):
+        print(f"+++ {what}: past its {seconds:g} s deadline; every thread's stack:\n{stacks()}", file=sys.stderr, flush=True)
+        n = cleanup()
+        signal.setitimer(signal.ITIMER_REAL, 5)                     # again in 5 s, should the way out block too
+        raise DeadlineExceeded(f"{what} did not finish within its {seconds:g} s deadline; killed {n} processes "
+                               "(its own and the Dask workers); stacks in its stderr")
+    def last_resort():
+        if capman: capman.suspend_global_capture(in_=True)
+        print(f"\n+++ {what}: still running {LAST_RESORT:g} s past its {seconds:g} s deadline, deaf to signals; "
+              f"ending the session\n{stacks()}", file=sys.stderr, flush=True)
+        cleanup(); os._exit(2)
+    old, timer = signal.signal(signal.SIGALRM, expire), threading.Timer(seconds + LAST_RESORT, last_resort)
+    timer.daemon = True; timer.start()
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)       # a watchdog inside another: the outer one's time left
+    try: yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0); timer.cancel(); signal.signal(signal.SIGALRM, old)
+        if outer: signal.setitimer(signal.ITIMER_REAL, max(outer - (time.time() - t0), 0.01))
+
+class ModuleCluster:
+    "The module's LocalCluster, a stand-in for a remote cluster: started on first use, replaced once a deadline condemned it,"
+    " and ended within `CLOSE_WITHIN` s, its surviving workers killed, whatever state it is in."
+    def __init__(self): self.stack, self.client, self.condemned = None, None, False
+    def condemn(self): self.condemned = True
+    def get(self):
+        if self.condemned: self.end()
+        if self.client is None:
+            with ExitStack() as stack:
+                stack.enter_context(dask.config.set(_KEEP_LOST_WORKERS))    # configured as the product's own: see `dask_client`
+                cl = stack.enter_context(LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=':0'))
+                self.client = stack.enter_context(Client(cl))
+                self.stack = stack.pop_all()
+        return self.client
+    def end(self) -> int:
+        "Close the cluster (Dask's close, in a thread given `CLOSE_WITHIN` s), then SIGKILL any worker that outlived it."
+        stack, condemned, self.stack, self.client, self.condemned = self.stack, self.condemned, None, None, False
+        def close():
+            with suppress(Exception): stack.close()
+        if stack is not None:
+            closing = threading.Thread(target=close, daemon=True, name='close-module-cluster'); closing.start()
+            closing.join(1 if condemned else CLOSE_WITHIN)      # a condemned cluster gets no grace: its workers die,
+            kill(dask_workers()); closing.join(CLOSE_WITHIN)    # and its nannies, closing, restart none
+        return kill(dask_workers())
+
 @pytest.fixture(scope='module')
-def cluster():
-    "One LocalCluster of 2 single-threaded worker processes shared by the tests that pass its address as `scheduler`."
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=':0') as cl, Client(cl) as client:
-        yield client
+def _module_cluster():
+    mc = ModuleCluster()
+    yield mc
+    mc.end()
+
+@pytest.fixture(autouse=True)
+def _deadline(request, _module_cluster):
+    "Every test under its deadline (the cluster's start included); past it the module's cluster is condemned."
+    capman = request.config.pluginmanager.getplugin('capturemanager')
+    with watchdog(DEADLINE, request.node.nodeid, _module_cluster.condemn, capman):
+        yield
+
+@pytest.fixture
+def cluster(_module_cluster):
+    "A Client of the module's LocalCluster of 2 single-threaded worker processes, for the tests that pass its address as `scheduler`."
+    return _module_cluster.get()
 
 def worker_pids(client) -> dict: return client.run(os.getpid)
 
@@ -203,6 +320,22 @@ def test_file_killing_every_worker_is_crashed(cluster, tmp_path):
     assert len(pids) == len(set(pids)) >= dask.config.get('distributed.scheduler.allowed-failures') + 1, 'each try killed a fresh worker'
     assert set(cluster.run(_reader_name).values()) == {'read_dicom'}
 
+def test_local_cluster_keeps_a_worker_slow_to_come_back():
+    "Dask closes for good the nanny of a worker not registered again `lost-worker-timeout` after it was lost. With that timer"
+    " far shorter than a restart (as it was on a busy machine, where a restart takes seconds and a poison file causes one"
+    " after another), the product's LocalCluster still gets its worker back."
+    with dask.config.set({'distributed.deploy.lost-worker-timeout': '50ms'}), dask_client('local', workers=1) as c:
+        (addr, first), = worker_pids(c).items()
+        os.kill(first, signal.SIGKILL)
+        t_end = time.time() + 30
+        while addr in c.scheduler_info()['workers']:      # the scheduler saw it go: Dask's timer starts now
+            assert time.time() < t_end, 'the killed worker was never removed'
+            time.sleep(0.02)
+        c.wait_for_workers(1, timeout=30)
+        time.sleep(0.2)                                     # well past Dask's timer
+        assert len(c.cluster.workers) == 1, 'the nanny is still there'
+        assert first not in worker_pids(c).values()
+
 def _lock_for_12(x):
     "Item 12 gives a result that cannot travel back to the driver; the others their negation."
     import threading
@@ -326,3 +459,45 @@ print('modules:', *mods)
     r = subprocess.run([sys.executable, cli, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--scheduler', 'local'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and DASK_EXTRA in r.stderr and 'Traceback' not in r.stderr, r.stderr
+
+# ---------------------------------------------------------------- the watchdog itself
+
+DEAF = """
+import signal, subprocess, time
+from test_dask import watchdog
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})     # a main thread deaf to signals, as in C code that ignores them
+with watchdog(1, 'a deaf test'):
+    subprocess.Popen(['sleep', '600'])                          # and a process it started
+    time.sleep(600)
+"""
+
+def _tagged(tag) -> list:
+    "Live processes whose environment carries `WATCHDOG_TAG=tag`."
+    def has(p):
+        try: return p.environ().get('WATCHDOG_TAG') == tag and alive(p)
+        except psutil.Error: return False
+    return [p for p in psutil.process_iter() if has(p)]
+
+def test_watchdog_ends_a_test_hung_on_dask(cluster, _module_cluster, tmp_path):
+    "Past its deadline a test blocked on Dask fails, named (`DeadlineExceeded`); the cluster's workers are killed, the cluster"
+    " condemned and then ended at once. A test deaf to signals ends the session (a subprocess). Neither leaves a process."
+    tag, log = uuid.uuid4().hex, tmp_path/'deaf.log'
+    with open(log, 'w') as f:
+        deaf = subprocess.Popen([sys.executable, '-c', DEAF], stdout=f, stderr=f, env={**os.environ, 'WATCHDOG_TAG': tag,
+                                'PYTHONPATH': str(Path(__file__).parent), 'DICOM_PREP_TEST_LAST_RESORT': '1'})
+    try:
+        t_end = time.time() + 60                   # its `sleep` is running (so the watchdog below does not count it its own)
+        while not any(_has(p, 'sleep') for p in _tagged(tag)): assert deaf.poll() is None and time.time() < t_end; time.sleep(0.05)
+        workers = [psutil.Process(pid) for pid in worker_pids(cluster).values()]
+        with pytest.raises(DeadlineExceeded, match=r"^a test hung on Dask did not finish within its 1 s deadline; killed [2-9] processes"):
+            with watchdog(1, 'a test hung on Dask', _module_cluster.condemn):
+                cluster.submit(time.sleep, 600, pure=False).result()
+        assert _module_cluster.condemned and not any(map(alive, workers)), 'its workers killed, the cluster condemned'
+        t0 = time.time(); _module_cluster.end()
+        assert time.time() - t0 < 10 and not dask_workers(), 'a condemned cluster ends at once, with every worker'
+        assert deaf.wait(timeout=60) == 2, log.read_text()[-3000:]
+        assert not _tagged(tag), 'the process it started was killed'
+        err = log.read_text()
+        assert "+++ a deaf test: still running 1 s past its 1 s deadline, deaf to signals; ending the session" in err, err[-3000:]
+        assert 'most recent call first' in err, 'its stacks shown'
+    finally: kill(_tagged(tag))
