@@ -13,7 +13,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 # %% ../nbs/12_export.ipynb #d7dea145
 from __future__ import annotations
 import errno, io, json, os, re, tarfile
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
@@ -87,11 +87,12 @@ class LabelReport:
     n_labelled: int                                    # images that got a label
     unmatched: list = field(default_factory=list)      # label keys that matched no image (keyed pseudonyms, for a pseudonymised index)
     unlabelled: list = field(default_factory=list)     # images (filenames) or volumes (output names) with no label
+    withheld: int = 0                                  # unmatched keys not listed: a pseudonymised index's report names no key as written
 
     def lines(self) -> list[str]:
         "Summary lines."
         return [f"Labels: {self.n_labels:,} rows joined on {self.on}; {self.n_labelled:,} images labelled, "
-                f"{len(self.unlabelled):,} without a label, {len(self.unmatched):,} labels matched no image"]
+                f"{len(self.unlabelled):,} without a label, {len(self.unmatched) + self.withheld:,} labels matched no image"]
 
 def _first_undecodable_line(path, encoding) -> int|None:
     "The number of the first line of `path` that is not `encoding` text, or None if it all is."
@@ -148,14 +149,17 @@ def _label_key(db, salt, private):
     "The pseudonym key to key labels with (None for an index that is not pseudonymised)."
     with _opened(db) as d: return _key_of(d, salt, private)
 
-def _join(df:pd.DataFrame, labels:pd.DataFrame, key:str|None) -> tuple[pd.DataFrame, LabelReport]:
-    "`join_labels`, given the index's pseudonym key (None: keys are compared as written)."
+def _join(df:pd.DataFrame, labels:pd.DataFrame, key:str|None, withhold:bool=False) -> tuple[pd.DataFrame, LabelReport]:
+    "`join_labels`, given the index's pseudonym key (None: keys are compared as written); `withhold` lists no unmatched key as written."
     on = labels.columns[0]
     if key and on in _KEYED: labels = labels.assign(**{on: [pseudonym(v, key, _KEYED[on]) for v in labels[on]]})   # as the index holds them
     out = df.drop(columns=['label'], errors='ignore').merge(labels, on=on, how='left')
     out['label'] = out['label'].astype(object).where(out['label'].notna(), None)
-    rep = LabelReport(on, len(labels), int(out['label'].notna().sum()), sorted(set(labels[on]) - set(df[on].dropna())),
-                      sorted(out.loc[out['label'].isna(), 'filename' if 'filename' in out else 'output_name']))
+    unmatched = sorted(set(labels[on]) - set(df[on].dropna()))
+    if withhold and not (key and on in _KEYED): unmatched, withheld = [], len(unmatched)     # the user's own spelling may be PHI
+    else: withheld = 0
+    rep = LabelReport(on, len(labels), int(out['label'].notna().sum()), unmatched,
+                      sorted(out.loc[out['label'].isna(), 'filename' if 'filename' in out else 'output_name']), withheld)
     return out, rep
 
 def join_labels(df:pd.DataFrame, # images, from `images_df`
@@ -165,7 +169,8 @@ def join_labels(df:pd.DataFrame, # images, from `images_df`
                 private=None, # the private state of a pseudonymised index [default: beside its output folder]
                ) -> tuple[pd.DataFrame, LabelReport]:
     "`df` with a `label` column (None where no label), and the report of the join (unmatched keys as the index would hold them)."
-    return _join(df, labels, _label_key(db, salt, private) if db is not None and labels.columns[0] in _KEYED else None)
+    with _opened(db) if db is not None else nullcontext() as d: withhold = d is not None and is_pseudonymised(d)
+    return _join(df, labels, _label_key(db, salt, private) if db is not None and labels.columns[0] in _KEYED else None, withhold)
 
 # %% ../nbs/12_export.ipynb #2a7e12dd
 @dataclass
@@ -373,9 +378,9 @@ class ExportResult:
         return '\n'.join([f"{self.fmt}: {self.n_items:,} items in {self.out_dir} ({self.written:,} written, {self.removed:,} removed)",
                           *(self.report.lines() if self.report else [])])
 
-def _labelled(df, labels, on, label_col, key=None, encoding='utf-8') -> tuple[pd.DataFrame, LabelReport|None]:
+def _labelled(df, labels, on, label_col, key=None, encoding='utf-8', withhold=False) -> tuple[pd.DataFrame, LabelReport|None]:
     "`df` with labels from a CSV (keyed with `key` for a pseudonymised index), or from one of its own columns (`label_col`), or unlabelled."
-    if labels: return _join(df, read_labels(labels, on, label_col, encoding), key)
+    if labels: return _join(df, read_labels(labels, on, label_col, encoding), key, withhold)
     if label_col:
         if label_col not in df: raise LabelError(f"--label-column {label_col!r} is not a column of the index")
         return df.assign(label=df[label_col].astype(object).where(df[label_col].notna(), None)), None
@@ -455,7 +460,7 @@ def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding) -> t
     df = volumes_df(db) if fmt in ('nnunet', 'monai') else images_df(db)
     if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in ('nnunet', 'monai') else 'no images'} in {db_path}")
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
-    return *_labelled(df, labels, on, label_col, key, encoding), key
+    return *_labelled(df, labels, on, label_col, key, encoding, is_pseudonymised(db)), key
 
 def _start(db, db_path, fmt, out_dir, labels, on, label_col, key) -> int:
     "Make `out_dir` this index's own (`_adopt`), sweep what a killed export into it left, and record this export as running; returns its id."

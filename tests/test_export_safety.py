@@ -380,6 +380,19 @@ def test_pseudonymised_label_reports_and_the_index_hold_no_raw_key_or_path(tmp_p
         assert {str(labels)} == {p for p, in c.execute('select labels from export_labels')}
 
 
+def test_pseudonymised_report_withholds_keys_it_cannot_key(tmp_path):
+    "Hostile review: `--on filename` on a pseudonymised index compared the user's own names (PHI) and listed every miss as written."
+    db = _pseudo(tmp_path)
+    name = pd.read_sql('select filename from images limit 1', sqlite3.connect(db))['filename'][0]
+    labels = tmp_path/'by_name.csv'
+    pd.DataFrame(dict(filename=[name, 'DOE_JOHN/1.2.3.dcm', 'ROE^RICHARD'], y=['a', 'b', 'c'])).to_csv(labels, index=False)
+    r = cli('--db', db, '--out', tmp_path/'e', '--labels', labels, '--on', 'filename')
+    assert r.returncode == 0 and '2 labels matched no image' in r.stdout, r.stdout + r.stderr
+    report = json.loads((tmp_path/'e/labels_report.json').read_text())
+    assert report['unmatched'] == [] and report['withheld'] == 2 and report['n_labelled'] >= 1
+    assert not any(v in (tmp_path/'e/labels_report.json').read_text() + r.stdout for v in ('DOE_JOHN', 'ROE^RICHARD'))
+
+
 # ---------------------------------------------------------------------------------------------------- item 14: label encodings
 
 def test_a_label_csv_in_another_encoding_or_binary_is_one_line(tmp_path):
