@@ -434,13 +434,13 @@ def start_run(db, # the database
               kind:str, # pipeline name
               settings:dict, # the run's settings, recorded as JSON
               source_root, # the DICOM folder of the run
-              redact=None, # text -> what is stored instead of the command line and the source root
+              redact=None, # text -> what is stored instead of the command line, the source root and the host name
              ) -> int:
     "Record the start of a run (marking runs that died without a word `interrupted`); returns its id."
     redact = redact or (lambda s: s)
     with db.atomic():
         db.execute("update runs set status='interrupted' where status='running'")
-        return db['runs'].insert(dict(kind=kind, started_at=now(), host=socket.gethostname(), pid=os.getpid(),
+        return db['runs'].insert(dict(kind=kind, started_at=now(), host=redact(socket.gethostname()), pid=os.getpid(),
             command=redact(resume_command()), source_root=redact(str(Path(source_root).absolute())), settings=json.dumps(settings),
             status='running')).last_pk
 

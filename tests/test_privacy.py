@@ -1,7 +1,7 @@
 """What a pseudonymised folder may hold (issue 24, items 5 and 6): a positive list of attributes, tried against PHI
 planted in every VR, in names, sequences, private elements and file names; the de-identification options (--keep,
 --shift-dates, --keep-private-safe); and the NIfTI pipeline under --pseudonymize."""
-import datetime, gzip, json, sqlite3, subprocess, tarfile
+import datetime, gzip, json, socket, sqlite3, subprocess, tarfile
 from contextlib import closing
 
 import pydicom
@@ -96,6 +96,7 @@ def test_pseudonymized_all_tags_keep_a_positive_list(tmp_path):
     assert set(tags) - SAFE_KEYWORDS == {'SiemensBValue', 'GEBValue'}             # the safe list, and the safe private numbers
     assert (tags['SiemensBValue'], tags['GEBValue'], tags['Modality']) == (1000, [1000, 8, 0, 0], 'CT')
     assert query(out, 'select distinct manufacturer, body_part, study_date, patient_sex from images') == [(None, None, None, None)]
+    assert query(out, 'select count(*) from runs where host = ?', [socket.gethostname()]) == [(0,)]   # the machine's name is a pseudonym too
 
 
 def test_pseudonymize_refuses_tags_off_the_list(tmp_path):
