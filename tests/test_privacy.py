@@ -148,7 +148,7 @@ def test_shift_dates_moves_each_patient_by_one_keyed_offset(tmp_path):
     _run(src, tmp_path/'a', '--salt', 's' * 32, '--shift-dates')
     a = _dates(tmp_path/'a', 's' * 32)
     day = lambda s: datetime.date.fromisoformat(s if '-' in s else f"{s[:4]}-{s[4:6]}-{s[6:]}")
-    offsets = {p: {(day(x) - day(y)).days for x, y in zip(a[p], raw[p])} for p in raw}
+    offsets = {p: {(day(x) - day(y)).days for x, y in zip(a[p], raw[p], strict=True)} for p in raw}
     assert all(len(o) == 1 and -SHIFT_DAYS <= min(o) <= -1 for o in offsets.values()), offsets   # one offset per patient, never 0
     _run(src, tmp_path/'b', '--salt', 's' * 32, '--shift-dates')
     assert _dates(tmp_path/'b', 's' * 32) == a                                   # the same key: the same dates, run after run
