@@ -17,8 +17,8 @@ from pathlib import Path, PurePath
 __all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FILE_MODE', 'MAX_OPEN_FOLDERS', 'RECHECK_AFTER',
            'log', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
            'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
-           'folder_fd', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging', 'Progress',
-           'resume_command']
+           'folder_fd', 'temp_of', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging',
+           'Progress', 'resume_command']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -234,6 +234,13 @@ def _temp_name(name:str) -> str:
     "A hidden temporary name for `name`, unique to this process and call, keeping its last suffixes where short (within `NAME_MAX`)."
     ext = ''.join(PurePath(name).suffixes[-2:])
     return f".{cap_bytes(name, 100)}.{os.getpid()}-{next(_TEMPS)}{ext if 0 < utf8_len(ext) <= 24 else '.tmp'}"
+
+_TEMP = re.compile(r'\.(?P<name>.+)\.\d+-\d+(\..+)?')     # what `_temp_name` makes: .{name}.{pid}-{n}{suffixes}
+
+def temp_of(entry:str, # a file name found in an output folder
+           ) -> str|None:
+    "The name (capped at 100 bytes) that `entry` is one of our temporaries for, or None if it is none."
+    return m['name'] if (m := _TEMP.fullmatch(entry)) else None
 
 def _new_temp(dfd:int, name:str) -> tuple[int, str]:
     "(descriptor, name) of a new temporary for `name` in the folder `dfd`, passing over names a killed process left."

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import sqlite_utils
 from fastcore.script import call_parse
-from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component,
+from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component, temp_of,
                              stable_hash, utf8_len)
 from .db import (OWNER_FILE, PHI_KEYS, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint,
                            db_file, folder_owner, get_meta, index_path, inside, is_pseudonymised, mark_owner, now, open_db, output_dir_of, owns,
@@ -56,7 +56,7 @@ def _root(db, kind='preprocess') -> Path:
 def _paths(root:Path, rows, rels, table:str, col:str, within:str) -> list[str]:
     "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root/within`."
     folders = {}     # each folder's real path looked up once
-    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within)) for row, rel in zip(rows, rels)]
+    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within)) for row, rel in zip(rows, rels, strict=True)]
 
 def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
     "`df` if every split it read from the index is a safe split name, else `IndexValueError` naming the first row that is not."
@@ -403,12 +403,7 @@ def _adopt(db, db_path, out_dir:Path):
         with db.atomic(): db.execute('delete from export_items where out_dir = ?', [index_path(db, out_dir)])
     mark_owner(out_dir, db_path)
 
-_TEMP = re.compile(r'\.(?P<name>.+)\.\d+-\d+(\..+)?')   # `atomic_path`'s temporaries: .{name capped at 100 bytes}.{pid}-{n}{suffixes} (`core._temp_name`)
 _BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json', OWNER_FILE)   # what an export writes beside its items
-
-def _temp_of(entry:str) -> str|None:
-    "The (shortened) name of the file that `entry` is an `atomic_path` temporary of, or None if it is none."
-    return m['name'] if (m := _TEMP.fullmatch(entry)) else None
 
 def _sweep(db, out_dir:Path):
     "If the last export into `out_dir` did not complete, remove its temporaries: beside the files it records, of those files' names."
@@ -421,7 +416,7 @@ def _sweep(db, out_dir:Path):
         try: entries = list(os.scandir(d))
         except FileNotFoundError: continue
         for e in entries:
-            if _temp_of(e.name) in names and e.is_file(follow_symlinks=False): os.unlink(e.path)
+            if temp_of(e.name) in names and e.is_file(follow_symlinks=False): os.unlink(e.path)
 
 def _labels_setting(db, labels, key) -> str|None:
     "What the index records of the labels file: its path; for a pseudonymised index a keyed pseudonym, the path going to the private state."

@@ -15,7 +15,7 @@ import pytest
 
 import dicom_prep.export as ex
 from conftest import console_script, query
-from dicom_prep.core import UnsafeOutput, atomic_path
+from dicom_prep.core import UnsafeOutput, atomic_path, temp_of
 from dicom_prep.db import OWNER_FILE, UnsafePath, open_db, owns, parse_splits, pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
@@ -317,9 +317,9 @@ def test_temp_names_are_recognised_exactly():
     "The sweep after a killed export removes our temporaries (as `atomic_path` names them) and nothing a user keeps."
     from dicom_prep.core import _temp_name, cap_bytes
     for name in ('train-000001.tar', 'IM.1.2-3_frame0003.png', 'labels_report.json', 'x' * 90 + '.nii.gz', 'noext', '𝔸' * 60 + '.png'):
-        assert ex._temp_of(_temp_name(name)) == cap_bytes(name, 100), name
+        assert temp_of(_temp_name(name)) == cap_bytes(name, 100), name
     for name in ('.DS_Store', '.gitignore', 'train-000001.tar', '.hidden.png', 'a.123-4.png', '.keep.1-x.txt'):
-        assert ex._temp_of(name) is None, name
+        assert temp_of(name) is None, name
 
 
 def test_a_symlinked_folder_inside_the_export_is_refused(tmp_path):
