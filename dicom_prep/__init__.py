@@ -9,8 +9,10 @@ Modules:
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
+- `dicom_prep.paths`: Where an index's outputs live: every path it stores is relative, every path read back is resolved strictly under its root, and each output folder names the index it belongs to.
 - `dicom_prep.pixels`: One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 - `dicom_prep.preprocess`: The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per source file out. Parallel, idempotent, resumable after any crash.
+- `dicom_prep.privacy`: What a shared index may hold: keyed pseudonyms, a private state for the source paths and the key, and a positive list of the attributes a pseudonymised index keeps.
 - `dicom_prep.run`: The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.

@@ -21,9 +21,10 @@ import sqlite_utils
 from fastcore.script import call_parse
 from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, forget_folders, link_output, remove_output, safe_component, temp_of,
                              stable_hash, utf8_len)
-from .db import (OWNER_FILE, PHI_KEYS, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint,
-                           db_file, folder_owner, get_meta, index_path, inside, is_pseudonymised, mark_owner, now, open_db, output_dir_of, owns,
-                           parse_splits, pseudonym)
+from .paths import OWNER_FILE, UnsafePath, db_file, folder_owner, index_path, inside, mark_owner, owns
+from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
+from .db import (DbLock, assign_split, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of,
+                           parse_splits)
 from .run import UsageError, cli_run
 
 # %% auto #0

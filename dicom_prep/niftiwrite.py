@@ -17,7 +17,7 @@ import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .io import read_dicom
-from .db import Deidentify
+from .privacy import Deidentify
 from .pixels import maker, text_value, untile
 from .series import EpiFields, epi_fields, is_enhanced, tag_value
 

@@ -24,8 +24,10 @@ from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated,
                            CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
 from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
                                parse_window, tile_size, PixelDecodeError)
-from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
-                           SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
+from .db import get_meta, parse_splits, assign_split, now, FAILED
+from .paths import inside
+from .privacy import (pseudonym, replace_rows, source_id, PHI_KEYS, SAFE_PRIVATE, Deidentify, date_offset,
+                                numbers_only, shifted)
 from .parallel import TaskFailure
 from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
                             cli_source, cli_run, cli_finish)

@@ -16,7 +16,9 @@ import pytest
 import dicom_prep.export as ex
 from conftest import console_script, query
 from dicom_prep.core import UnsafeOutput, atomic_path, temp_of
-from dicom_prep.db import OWNER_FILE, UnsafePath, open_db, owns, parse_splits, pseudonym
+from dicom_prep.paths import OWNER_FILE, UnsafePath, owns
+from dicom_prep.db import open_db, parse_splits
+from dicom_prep.privacy import pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
 from dicom_prep.run import UsageError
