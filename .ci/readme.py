@@ -6,7 +6,7 @@ outputs (markdown as is, plain text fenced). `--check` fails if README.md is not
 import os, re, sys
 from pathlib import Path
 from execnb.shell import CaptureShell, read_nb
-from dicom_prep.synth import block_network   # the index notebook runs offline, as nbdev-test runs it
+from dicom_prep.faults import block_network   # the index notebook runs offline, as nbdev-test runs it
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,6 +5,7 @@ Modules:
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
 - `dicom_prep.export`: From the index to a training loop: the images as a DataFrame with your labels joined, and exports every framework reads — CSV/Parquet manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json.
+- `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.io`: Discovery of DICOM files in a tree, and reading them with clear errors.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
@@ -17,7 +18,7 @@ Modules:
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
 - `dicom_prep.status`: `dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their reasons, the last runs — without touching it.
-- `dicom_prep.synth`: Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets, fast bulk corpora, and the offline guard every test runs under.
+- `dicom_prep.synth`: Every well-formed synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, Siemens mosaic and UIH grids, in-memory datasets and fast bulk corpora.
 - `dicom_prep.volumes`: Records → volumes: which frames form one volume, its measured geometry, and a verdict from one table of rules."""
 
 __version__ = "0.0.1"
