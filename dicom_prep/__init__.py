@@ -4,9 +4,10 @@ Modules:
 
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
-- `dicom_prep.export`: From the index to a training loop: the images as a DataFrame with your labels joined, and exports every framework reads — CSV/Parquet manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json.
+- `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.io`: Discovery of DICOM files in a tree, and reading them with clear errors.
+- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
