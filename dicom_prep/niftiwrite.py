@@ -1,6 +1,7 @@
 """One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 
-`convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
+`convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional
+BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
 
 Docs: https://dicom-prep.github.io/dicom_prep/niftiwrite.html.md"""
 
