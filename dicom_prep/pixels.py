@@ -1,6 +1,7 @@
 """One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 
-`frame_image` turns frame *i* of a dataset into a PIL image: decode one frame, apply the modality LUT, a VOI window (the file's, a preset, `C,W`, percentiles or three windows as RGB), invert MONOCHROME1, convert colour, and resize; `save_png` writes it atomically without metadata. The images of a Siemens mosaic or UIH grid are its slices: `image_count` says how many, `decode_image` gives one.
+`frame_image` turns frame *i* of a dataset into a PIL image: decode, modality LUT, a VOI window, MONOCHROME1
+inversion, colour, resize. `save_png` writes it atomically without metadata. A mosaic's images are its slices.
 
 Docs: https://dicom-prep.github.io/dicom_prep/pixels.html.md"""
 
