@@ -274,7 +274,7 @@ def header_record(ds, # a dataset, read without its pixel data
                       phase_dir=text_value(get('InPlanePhaseEncodingDirection')).upper(),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 
-def read_headers(item:Found|tuple, # the file: a `Found` from `scan_dicoms`, or `(path, study_id, size, mtime_ns)`
+def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)
                 ) -> FileRecord:
     "The header record of `item`; a reading problem is returned as `error`, never raised."
     f = Found(*item) if isinstance(item, tuple) else item
