@@ -15,7 +15,7 @@ from pathlib import Path
 from fastcore.script import call_parse, store_true
 import dicom_prep
 from .core import log, remove_output
-from .io import Found
+from .sources import Found
 from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, inside, now,
                            pseudonym, replace_rows, without_paths)
 from .parallel import TaskFailure

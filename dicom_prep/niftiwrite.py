@@ -17,10 +17,11 @@ import numpy as np
 import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
-from .io import read_dicom
+from .read import read_dicom
 from .db import Deidentify
-from .pixels import maker, text_value, untile
-from .series import EpiFields, epi_fields, is_enhanced, tag_value
+from .tags import tag_value, text_value
+from .vendor import maker, untile
+from .series import EpiFields, epi_fields, is_enhanced
 
 # %% auto #0
 __all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS',
