@@ -1,6 +1,9 @@
 """Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 
-Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` writes a file all or nothing and `write_output` writes many small ones cheaply, neither through a symlink inside the output folder (`folder_fd`), and `Progress` shows a bar on a terminal and plain lines elsewhere.
+The small pieces every layer uses, none of which knows about DICOM: `Timer` times a phase; `safe_component`,
+`readable_component`, `frame_filename` and `source_stem` make unique, filesystem-safe output names; `atomic_path`,
+`write_output` and `folder_fd` write files all or nothing, never through a symlink inside the output folder; and
+`Progress` reports progress.
 
 Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastcore.script import call_parse, store_true
 import dicom_prep
 from .core import log, remove_output
-from .io import Found
+from .sources import Found
 from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
 from .privacy import PHI_KEYS, Deidentify, pseudonym, replace_rows, without_paths
 from .paths import inside

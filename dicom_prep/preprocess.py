@@ -20,10 +20,12 @@ from PIL import Image
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
-from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
-                           CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
-from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
-                               parse_window, tile_size, PixelDecodeError)
+from .sources import Found
+from .guards import frame_count, check_size, CodestreamMismatch, TooLargeError, MAX_PIXELS
+from .read import read_dicom, DicomReadError, has_pixels
+from .tags import frame_group, num_value, values_unvalidated, raw_texts, raw_value
+from .vendor import maker, private_value, tile_size
+from .pixels import frame_image, frame_image16, image_count, save_png, parse_window, PixelDecodeError
 from .db import get_meta, parse_splits, assign_split, now, FAILED
 from .paths import inside
 from .privacy import (pseudonym, replace_rows, source_id, PHI_KEYS, SAFE_PRIVATE, Deidentify, date_offset,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
 from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
-from .io import is_dicom, sample_data_dirs, walk_entries
+from .sources import LocalFolder, is_dicom, sample_data_dirs
 from .db import (DbBusyError, DbLock, NewerIndexError, SettingsMismatch, batched, check_settings, checkpoint,
                            finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker)
 from .privacy import (Deidentify, PrivateStateError, attach_private, is_pseudonymised, parse_keep, pseudonym,
@@ -427,7 +427,7 @@ def scan(self:Run,
     self.say(f"Scanning {self.dicom_dir} for DICOM files...")
     db.execute('drop table if exists temp.scan')
     db.execute('create temp table scan (path text primary key, study_id text, size int, mtime_ns int, clash_key text, dicom int)')
-    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in walk_entries(root, follow_symlinks, stats))
+    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in LocalFolder(root, follow_symlinks, stats).entries())
     for i, batch in enumerate(batched(rows, SCAN_BATCH), 1):
         with db.atomic(): db.conn.executemany('insert or ignore into temp.scan values (?, ?, ?, ?, ?, null)', batch)
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")

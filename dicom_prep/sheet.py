@@ -1,6 +1,8 @@
 """Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
 
-`contact_sheet` draws a reproducible, captioned sample of the prepared images (filtered by split, modality, study, status or window) and `failures_sheet` the files that failed, with their reasons; `dicom_prep_sheet` is the console script.
+`contact_sheet` draws a reproducible, captioned sample of the prepared images (filtered by split, modality, study,
+status or window) and `failures_sheet` the files that failed, with their reasons; `dicom_prep_sheet` is the console
+script.
 
 Docs: https://dicom-prep.github.io/dicom_prep/sheet.html.md"""
 

@@ -1,7 +1,8 @@
 """`dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their
 reasons, the last runs — without touching it.
 
-`status_report` summarises a database read-only (files by status, images by split and modality, volumes by verdict, recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
+`status_report` summarises a database read-only (files by status, images by split and modality, volumes by verdict,
+recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
 
 Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
