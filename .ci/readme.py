@@ -10,7 +10,7 @@ outputs (markdown as is, plain text fenced).
 import os, re, sys
 from pathlib import Path
 from execnb.shell import CaptureShell, read_nb
-from dicom_prep.synth import block_network   # the notebooks run offline, as nbdev-test runs them
+from dicom_prep.faults import block_network   # the notebooks run offline, as nbdev-test runs them
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,9 @@ from fastcore.script import call_parse, store_true
 import dicom_prep
 from .core import log, remove_output
 from .sources import Found
-from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, inside, now,
-                           pseudonym, replace_rows, without_paths)
+from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
+from .privacy import PHI_KEYS, Deidentify, pseudonym, replace_rows, without_paths
+from .paths import inside
 from .parallel import TaskFailure
 from .run import (Run, RunOutcome, UsageError, deidentify_flags, open_run, private_state_file, summary_block, cli_source, cli_run,
                             cli_finish)

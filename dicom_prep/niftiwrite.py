@@ -18,7 +18,7 @@ import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
-from .db import Deidentify
+from .privacy import Deidentify
 from .tags import tag_value, text_value
 from .vendor import maker, untile
 from .series import EpiFields, epi_fields, is_enhanced

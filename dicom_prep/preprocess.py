@@ -26,8 +26,10 @@ from .read import read_dicom, DicomReadError, has_pixels
 from .tags import frame_group, num_value, values_unvalidated, raw_texts, raw_value
 from .vendor import maker, private_value, tile_size
 from .pixels import frame_image, frame_image16, image_count, save_png, parse_window, PixelDecodeError
-from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
-                           SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
+from .db import get_meta, parse_splits, assign_split, now, FAILED
+from .paths import inside
+from .privacy import (pseudonym, replace_rows, source_id, PHI_KEYS, SAFE_PRIVATE, Deidentify, date_offset,
+                                numbers_only, shifted)
 from .parallel import TaskFailure
 from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
                             cli_source, cli_run, cli_finish)

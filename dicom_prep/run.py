@@ -18,10 +18,11 @@ from typing import Callable
 from fastcore.basics import patch
 from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
 from .sources import LocalFolder, is_dicom, sample_data_dirs
-from .db import (DbBusyError, DbLock, Deidentify, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath,
-                           attach_private, batched, check_settings, checkpoint, finish_run, folder_owner, get_meta, is_pseudonymised,
-                           mark_owner, open_db, owns, parse_keep, pseudonym, record_output_dir, relativize_sources, set_meta, start_run,
-                           suspect_marker, without_paths)
+from .db import (DbBusyError, DbLock, NewerIndexError, SettingsMismatch, batched, check_settings, checkpoint,
+                           finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker)
+from .privacy import (Deidentify, PrivateStateError, attach_private, is_pseudonymised, parse_keep, pseudonym,
+                                relativize_sources, without_paths)
+from .paths import UnsafePath, folder_owner, mark_owner, owns
 from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
 
 

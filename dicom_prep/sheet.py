@@ -22,7 +22,8 @@ from fastcore.script import call_parse
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
-from .db import FINAL_OK, db_file, inside, output_dir_of
+from .db import FINAL_OK, output_dir_of
+from .paths import db_file, inside
 from .run import UsageError, cli_run
 
 # %% auto #0

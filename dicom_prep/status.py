@@ -15,7 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
-from .db import FAILED, UnsafePath, connect_ro, export_csv, output_dir_of, private_key, source_id
+from .db import FAILED, connect_ro, export_csv, output_dir_of
+from .paths import UnsafePath
+from .privacy import private_key, source_id
 from .run import cli_run
 
 # %% auto #0

@@ -21,7 +21,8 @@ from dicom_prep.guards import check_size, codestream_size
 from dicom_prep.read import read_dicom
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.pixels import decode_frame
-from dicom_prep.synth import BOMB_SIZE, BOMBS, cine_bomb, codestream_bomb, deflate_bomb, synth_clones, synth_dicom, synth_series
+from dicom_prep.faults import BOMB_SIZE, BOMBS, cine_bomb, codestream_bomb, deflate_bomb
+from dicom_prep.synth import synth_clones, synth_dicom, synth_series
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_prep.synth import NetworkBlocked
+from dicom_prep.faults import NetworkBlocked
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [*ROOT.glob('nbs/*.ipynb'), *ROOT.glob('tests/*.py'), *ROOT.glob('bench/*.py'), *ROOT.glob('dicom_prep/*.py')]
