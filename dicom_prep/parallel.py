@@ -348,8 +348,7 @@ def require_dask():
 def _backend(scheduler:str|None, workers:int, memory:int|None) -> Backend:
     "The process pool, or for a `scheduler` the Dask backend (its module imported only now)."
     if not scheduler: return _Pool(workers, memory)
-    require_dask()
-    return importlib.import_module('dicom_prep.dask_backend').DaskBackend(scheduler, workers, memory)
+    return importlib.import_module('dicom_prep.dask_backend').DaskBackend(scheduler, workers, memory)   # it checks for Dask
 
 def run_tasks(fn, # called as `fn(item)`; must pickle
               items, # an iterable of task inputs (consumed lazily)
