@@ -1,7 +1,9 @@
 """Run a per-file function over many files, streaming results back as they complete; a worker that
-crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
+crashes or hangs costs only the file it was on. One driver loop over two backends: fastcore's process pool, or Dask.
 
-`run_tasks` runs a per-item function over a stream of items on a process pool (or Dask), yielding results as they complete; a worker that crashes, hangs or runs out of its memory cap is replaced and costs only its item, recorded as a `TaskFailure`; workers die with their driver.
+`run_tasks` runs a per-item function over a stream of items and yields results as they complete. One driver loop
+(`drive`) owns chunking, retries, hang checks and the graceful stop; a backend only starts, watches and kills tasks.
+The process pool here is one backend; Dask (`dicom_prep.dask_backend`) is the other, imported only when asked for.
 
 Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
@@ -9,19 +11,21 @@ Docs: https://dicom-prep.github.io/dicom_prep/parallel.html.md"""
 
 # %% ../nbs/05_parallel.ipynb #51ec044a
 from __future__ import annotations
-import ctypes, gc, importlib.util, os, re, signal, sys, threading, time, warnings
+import ctypes, gc, importlib, importlib.util, multiprocessing, os, signal, sys, threading, time, warnings
 from collections import deque
 from itertools import islice
 from concurrent.futures import wait, FIRST_COMPLETED
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing import Array, Value
+from typing import Any, Protocol
+from fastcore.basics import patch
 from fastcore.parallel import ProcessPoolExecutor
 
 # %% auto #0
-__all__ = ['TaskFailure', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory', 'Chunker',
-           'graceful_interrupts', 'require_dask', 'dask_client', 'run_tasks']
+__all__ = ['RETRIES', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory',
+           'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask', 'run_tasks']
 
 # %% ../nbs/05_parallel.ipynb #ee267cc9
 @dataclass
@@ -43,45 +47,17 @@ def _guarded(fn, item):
     except MemoryError as e: return TaskFailure('too_large', f"{_memory_text()}: MemoryError: {e}")
     except BaseException as e: return TaskFailure('error', f"{type(e).__name__}: {e}")
 
-# %% ../nbs/05_parallel.ipynb #a5befc21
-_SLOTS = _HALT = None
-
-def _init_worker(slots, memory:int|None=None, driver:int|None=None, pdeathsig:bool=True, halt=None):
-    "Pool initializer: remember the slot array and halt flag; die with the driver; cap memory; leave interrupts to the driver."
-    global _SLOTS, _MEMORY, _HALT
-    _SLOTS, _MEMORY, _HALT = slots, memory, halt
-    if driver: die_with_parent(driver, pdeathsig)
-    if memory: limit_memory(memory)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    warnings.simplefilter('ignore')
-
-_SLOT = 3   # numbers per slot: the worker's pid, when its current item started, that item's index in the chunk
-
-def _run_timed(fn, chunk:list, starting) -> tuple[list, float]:
-    "Worker side: `_guarded(fn, item)` for each item of `chunk`, calling `starting(j)` before item `j` (False: stop there); returns (results, seconds)."
+# %% ../nbs/05_parallel.ipynb #ade4b590
+def run_chunk(fn, # called as `fn(item)`
+              chunk:list, # the items of one task
+              starting, # called as `starting(j)` before item `j`; False: stop there (the run stops, or the task was given up)
+             ) -> tuple[list, float]:
+    "Worker side: `fn(item)` (or its `TaskFailure`) for each item of `chunk` until `starting` says stop; returns (results, seconds)."
     t0, out = time.time(), []
     for j, item in enumerate(chunk):
         if not starting(j): break
         out.append(_guarded(fn, item))
     return out, time.time() - t0
-
-def _run_chunk_in_slot(fn, chunk:list, slot:int) -> tuple[list, float]:
-    "Worker side: run `chunk` until the driver halts, recording pid, start time and index of each item in `slot`."
-    s = _SLOT*slot
-    def starting(j):
-        if _HALT is not None and _HALT.value: return False     # the run is stopping: the rest of the chunk is left for the next run
-        _SLOTS[s+2], _SLOTS[s+1], _SLOTS[s] = j, time.time(), os.getpid()    # start time before pid: a pid is never seen without it
-        return True
-    return _run_timed(fn, chunk, starting)
-
-def _exit_text(code) -> str:
-    "Human description of a process exit code."
-    if code is None: return 'worker process died'
-    if code < 0:
-        try: return f"worker process killed by {signal.Signals(-code).name}"
-        except ValueError: return f"worker process killed by signal {-code}"
-    return f"worker process exited with code {code}"
 
 # %% ../nbs/05_parallel.ipynb #9a6df405
 _PR_SET_PDEATHSIG = 1   # from <linux/prctl.h>
@@ -136,69 +112,6 @@ def default_worker_memory(workers:int, # worker processes sharing the machine
     "A safe memory cap for each of `workers` processes: 70% of `total_memory()` shared equally, at least 1 GiB."
     return max(int(0.7 * total_memory()) // max(workers, 1), 1 << 30)
 
-# %% ../nbs/05_parallel.ipynb #1ce2e46e
-class _Pool:
-    "A fastcore process pool plus the shared slots that tell which task each worker is on."
-    def __init__(self, workers, window, memory=None):
-        self.slots, self.memory, self.halt = Array('d', _SLOT*window, lock=False), memory, Value('b', 0, lock=False)
-        main = threading.current_thread() is threading.main_thread()    # workers fork from this thread (see `die_with_parent`)
-        self.thaw = not gc.get_freeze_count(); gc.freeze()              # the heap the workers will share: never walked
-        self.ex = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(self.slots, memory, os.getpid(), main, self.halt))
-    def submit(self, fn, chunk, slot):
-        self.slots[_SLOT*slot:_SLOT*(slot+1)] = [0.] * _SLOT
-        return self.ex.submit(_run_chunk_in_slot, fn, chunk, slot)
-    def running(self, slot) -> tuple[int, float, int]:
-        "(pid, start time, index in the chunk) of the item of `slot` now running, or (0, 0, 0) if none started."
-        s = _SLOT*slot
-        return int(self.slots[s]), self.slots[s+1], int(self.slots[s+2])
-    def kill(self, broken=False) -> dict:
-        "Kill every worker; return the exit codes of those that had already died, by pid."
-        manager = getattr(self.ex, '_executor_manager_thread', None)
-        if broken and manager: manager.join(5)     # let the executor reap the dead before we read exit codes
-        procs = dict(self.ex._processes or {})
-        died = {pid: p.exitcode for pid, p in procs.items() if p.exitcode is not None}
-        for p in procs.values():
-            if p.exitcode is None: p.kill()
-        for p in procs.values(): p.join(5)
-        self.ex.shutdown(wait=False, cancel_futures=True)
-        if manager: manager.join(5)                # closes its wake-up pipe now, not while Python exits (see below)
-        if self.thaw: gc.unfreeze(); self.thaw = False
-        return died
-
-# %% ../nbs/05_parallel.ipynb #8eed82f7
-def _hung_pids(pool, inflight:dict, timeout:float) -> dict:
-    "pid → future of each task in flight that has run for over `timeout` seconds."
-    hung = {}
-    for f, (chunk, slot) in inflight.items():
-        pid, t0, _ = pool.running(slot)
-        if pid and t0 and not f.done() and time.time() - t0 > timeout: hung[pid] = f
-    return hung
-
-def _split(chunk:list, pid:int, at:int, hung:dict, timeout, retry:deque) -> list:
-    "Break up a chunk of several items caught by a crash or hang: `(item, timeout)` for its hung item; the rest retried singly."
-    if not pid: retry.append(chunk); return []      # never started: it goes back whole
-    out = [(chunk[at], TaskFailure('timeout', f"no result after {timeout:g}s; worker killed"))] if pid in hung else []
-    retry.extend([x] for j, x in enumerate(chunk) if not (out and j == at))
-    return out
-
-def _triage(pool, inflight:dict, hung:dict, codes:dict, timeout, tries:dict, max_retries:int, retry:deque) -> list:
-    "`(item, TaskFailure)` for the tasks in flight to blame once the pool broke; the others go back on `retry`."
-    out = []
-    for f, (chunk, slot) in list(inflight.items()):
-        pid, _, at = pool.running(slot)
-        if len(chunk) > 1: out += _split(chunk, pid, at, hung, timeout, retry); continue
-        item = chunk[0]
-        if pid in hung: res = TaskFailure('timeout', f"no result after {timeout:g}s; worker killed")
-        elif pid in codes and codes[pid] != -signal.SIGTERM or tries.get(id(item), 0) >= max_retries:
-            cap = f" (its memory limit was {pool.memory >> 20:,} MiB)" if pool.memory else ''
-            res = TaskFailure('crashed', _exit_text(codes.get(pid)) + cap)
-        else: res = None
-        if res is None:
-            if pid: tries[id(item)] = tries.get(id(item), 0) + 1
-            retry.append([item])
-        else: out.append((item, res))
-    return out
-
 # %% ../nbs/05_parallel.ipynb #2cca9bd9
 class Chunker:
     "Chunk sizes that keep each chunk near `target` seconds of work, from the pace measured so far."
@@ -214,46 +127,202 @@ class Chunker:
         p = seconds / max(n, 1)
         self.pace = p if self.pace is None else 0.7 * self.pace + 0.3 * p
 
-# %% ../nbs/05_parallel.ipynb #dd1ab23c
-def _chunk_results(f, chunk:list, sizer:Chunker, retry:deque) -> list:
-    "`(item, result)` pairs of a completed chunk; a chunk whose results could not come back is retried item by item."
-    if (exc := f.exception()) is None:
-        results, seconds = f.result(); sizer.note(len(results), seconds)
-        return list(zip(chunk, results))          # a halted chunk brings back only the items it ran
-    if len(chunk) > 1: retry.extend([x] for x in chunk); return []       # e.g. a result that cannot be pickled back
-    return [(chunk[0], TaskFailure('error', f"{type(exc).__name__}: {exc}"))]
+# %% ../nbs/05_parallel.ipynb #a3e18281
+@dataclass
+class Ended:
+    "How a task ended: the results of the items it ran, or why it has none."
+    task: Any # the handle `submit` returned
+    results: list|None = None # one per item run, in order (a halted chunk runs only its first items); None: it failed
+    seconds: float = 0. # how long those items took
+    failure: TaskFailure|None = None # why it failed; None (with no results): it never started
+    sure: bool = True # False: perhaps no fault of its own (the pool broke under it; Dask's `KilledWorker`)
 
-def _run_local(fn, items, workers, timeout, should_stop, memory=None, grace=5., poll=0.2, max_retries=3, chunk_seconds=0.2):
-    "Run `fn` over `items` on an isolated process pool in adaptive chunks, yielding `(item, result)` as items complete."
-    items, window, sizer = iter(items), 2*workers, Chunker(chunk_seconds)
-    retry, tries = deque(), {}
-    free, inflight = list(range(window)), {}          # future -> (chunk, slot)
-    pool, stop_at = _Pool(workers, window, memory), None
-    try:
+class Backend(Protocol):
+    "Where tasks run. `drive` owns the algorithm; a backend starts, watches and stops tasks (a context manager: enter starts it)."
+    window: int # tasks to keep in flight (twice the workers), known once entered
+    def __enter__(self) -> Backend: "Start the workers (or connect to them)."
+    def __exit__(self, *exc): "Stop every task and worker it started; wait for them a bounded time."
+    def submit(self, fn, chunk:list) -> Any: "Start a task running `fn` over `chunk` (see `run_chunk`); return its handle."
+    def done(self, timeout:float) -> list[Ended]: "The tasks that ended, waiting at most `timeout` seconds for the first."
+    def running(self) -> dict: "task → (when its current item started, that item's index in the chunk), for started tasks."
+    def kill(self, task) -> str: "Stop a hung task, whose end is then never reported; return what was done, for the record."
+    def halt(self): "The run is stopping: tasks may end after the item they are on."
+
+# %% ../nbs/05_parallel.ipynb #e1a4d691
+RETRIES = 3   # more tries for a lone item that failed perhaps by no fault of its own, on any backend
+
+def _settle(ended:Ended, chunk:list, sizer:Chunker, retry:deque, tries:dict) -> list:
+    "`(item, result)` pairs of a task that ended; what it leaves unsettled goes back on `retry`."
+    if ended.results is not None:
+        sizer.note(len(ended.results), ended.seconds)
+        return list(zip(chunk, ended.results))                           # a halted chunk brings back only the items it ran
+    if ended.failure is None: retry.append(chunk); return []             # never started: back whole
+    if len(chunk) > 1: retry.extend([x] for x in chunk); return []       # alone, the item at fault fails again, and only it
+    n = tries.get(id(chunk[0]), 0)
+    if ended.sure or n >= RETRIES: return [(chunk[0], ended.failure)]
+    tries[id(chunk[0])] = n + 1; retry.append(chunk); return []
+
+def _timeouts(backend:Backend, chunks:dict, timeout:float, retry:deque) -> list:
+    "`(item, TaskFailure)` for each item running past `timeout`: its task is killed, its chunk's other items retried alone."
+    out, now = [], time.time()
+    for task, (started, at) in backend.running().items():
+        if now - started <= timeout: continue
+        note, chunk = backend.kill(task), chunks.pop(task)
+        retry.extend([x] for j, x in enumerate(chunk) if j != at)
+        out.append((chunk[at], TaskFailure('timeout', f"no result after {timeout:g}s" + (f"; {note}" if note else ''))))
+    return out
+
+def drive(fn, # called as `fn(item)` in the backend's workers; must pickle
+          items, # an iterable of task inputs (consumed lazily)
+          backend:Backend, # where the chunks run
+          timeout:float|None=None, # seconds one item may run before it is recorded `timeout`
+          should_stop=lambda: False, # polled; once True nothing new starts, and the tasks in flight get `grace` seconds
+          grace:float=5., # seconds the tasks in flight get to end once stopping
+          poll:float=0.2, # the longest wait for a result before checking hangs and the stop flag again
+          chunk_seconds:float=0.2, # seconds of work per chunk (see `Chunker`)
+         ):
+    "Run `fn` over `items` on `backend` in adaptive chunks, yielding `(item, result)` as items complete."
+    items, sizer, retry, tries, chunks = iter(items), Chunker(chunk_seconds), deque(), {}, {}   # chunks: task → its items
+    stop_at, checked = None, 0.
+    with backend:
         while True:
-            if stop_at is None and should_stop(): stop_at = time.time() + grace
-            pool.halt.value = stop_at is not None
-            broken, hung = False, {}
-            while stop_at is None and free:
-                chunk = retry.popleft() if retry else list(islice(items, sizer.size()))
-                if not chunk: break
-                slot = free.pop()
-                try: inflight[pool.submit(fn, chunk, slot)] = (chunk, slot)
-                except BrokenProcessPool: retry.appendleft(chunk); free.append(slot); broken = True; break   # it broke since the last wait
-            if not (inflight or broken) or (stop_at and time.time() > stop_at): return
-            done, _ = wait(list(inflight), timeout=poll, return_when=FIRST_COMPLETED)
-            for f in done:
-                if isinstance(f.exception(), BrokenProcessPool): broken = True; continue
-                chunk, slot = inflight.pop(f); free.append(slot)
-                yield from _chunk_results(f, chunk, sizer, retry)
-            if timeout:
-                hung = _hung_pids(pool, inflight, timeout)
-                for pid in hung: os.kill(pid, signal.SIGKILL)
-            if not (broken or hung): continue
-            yield from _triage(pool, inflight, hung, pool.kill(broken), timeout, tries, max_retries, retry)
-            inflight, free = {}, list(range(window))
-            pool = _Pool(workers, window, memory)
-    finally: pool.kill()
+            if stop_at is None and should_stop(): stop_at = time.time() + grace; backend.halt()
+            while stop_at is None and len(chunks) < backend.window:
+                if not (chunk := retry.popleft() if retry else list(islice(items, sizer.size()))): break
+                chunks[backend.submit(fn, chunk)] = chunk
+            if not chunks or (stop_at and time.time() > stop_at): return
+            for ended in backend.done(poll): yield from _settle(ended, chunks.pop(ended.task), sizer, retry, tries)
+            if timeout and time.time() - checked > poll:
+                checked = time.time(); yield from _timeouts(backend, chunks, timeout, retry)
+
+# %% ../nbs/05_parallel.ipynb #a5befc21
+_SLOTS = _HALT = None
+
+def _init_worker(slots, memory:int|None=None, driver:int|None=None, pdeathsig:bool=True, halt=None):
+    "Pool initializer: remember the slot array and halt flag; die with the driver; cap memory; leave interrupts to the driver."
+    global _SLOTS, _MEMORY, _HALT
+    _SLOTS, _MEMORY, _HALT = slots, memory, halt
+    if driver: die_with_parent(driver, pdeathsig)
+    if memory: limit_memory(memory)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    warnings.simplefilter('ignore')
+
+_SLOT = 3   # numbers per slot: the worker's pid, when its current item started, that item's index in the chunk
+
+def _run_in_slot(fn, chunk:list, slot:int) -> tuple[list, float]:
+    "Worker side: `run_chunk` until the driver halts, recording pid, start time and index of each item in `slot`."
+    s = _SLOT*slot
+    def starting(j):
+        if _HALT.value: return False                  # the run is stopping: the rest of the chunk is left for the next run
+        _SLOTS[s+2], _SLOTS[s+1], _SLOTS[s] = j, time.time(), os.getpid()    # start time before pid: a pid is never seen without it
+        return True
+    return run_chunk(fn, chunk, starting)
+
+def _exit_text(code) -> str:
+    "Human description of a process exit code."
+    if code is None: return 'worker process died'
+    if code < 0:
+        try: return f"worker process killed by {signal.Signals(-code).name}"
+        except ValueError: return f"worker process killed by signal {-code}"
+    return f"worker process exited with code {code}"
+
+class _Forks:
+    "The default multiprocessing context, keeping each process it starts: the pool's workers, whose pids and exit codes we read."
+    def __init__(self): self.ctx, self.procs = multiprocessing.get_context(), []
+    def Process(self, *args, **kwargs):
+        p = self.ctx.Process(*args, **kwargs)
+        self.procs.append(p); return p
+    def __getattr__(self, name): return getattr(self.ctx, name)
+
+# %% ../nbs/05_parallel.ipynb #1ce2e46e
+class _Pool:
+    "The process-pool backend: fastcore's pool, whose workers note in shared slots which item of which task they are on."
+    def __init__(self, workers:int, memory:int|None=None):
+        self.workers, self.memory, self.window = workers, memory, 2*workers
+        self.ex, self.inflight, self.ended, self.halting, self.doomed = None, {}, [], False, False   # inflight: future → slot
+    def __enter__(self): return self
+    def __exit__(self, *exc):
+        if self.ex: self._stop_workers(broken=False)
+    def _start(self):
+        "A fresh pool with fresh slots; the heap frozen first, so the forked workers share it."
+        self.slots, self.halt_flag = Array('d', _SLOT*self.window, lock=False), Value('b', self.halting, lock=False)
+        self.free, self.forks = list(range(self.window)), _Forks()
+        main = threading.current_thread() is threading.main_thread()    # workers fork from this thread (see `die_with_parent`)
+        self.thaw = not gc.get_freeze_count(); gc.freeze()
+        self.ex = ProcessPoolExecutor(self.workers, mp_context=self.forks, initializer=_init_worker,
+                                      initargs=(self.slots, self.memory, os.getpid(), main, self.halt_flag))
+    def submit(self, fn, chunk:list):
+        if self.doomed: self._break(broken=False)
+        if self.ex is None: self._start()
+        slot = self.free.pop()
+        self.slots[_SLOT*slot:_SLOT*(slot+1)] = [0.] * _SLOT
+        try: f = self.ex.submit(_run_in_slot, fn, chunk, slot)
+        except BrokenProcessPool:                      # it broke since the last `done`
+            self.free.append(slot); self._break(broken=True)
+            return self.submit(fn, chunk)
+        self.inflight[f] = slot
+        return f
+    def done(self, timeout:float) -> list[Ended]:
+        if self.inflight and not (self.doomed or self.ended): wait(list(self.inflight), timeout=timeout, return_when=FIRST_COMPLETED)
+        fs = [f for f in self.inflight if f.done()]
+        broken = any(isinstance(f.exception(), BrokenProcessPool) for f in fs)
+        if broken or self.doomed: self._break(broken)
+        else: self.ended += [self._ended(f, {}) for f in fs]
+        out, self.ended = self.ended, []
+        return out
+    def running(self) -> dict:
+        out = {}
+        for f, slot in self.inflight.items():
+            pid, t0, at = self.slots[_SLOT*slot:_SLOT*(slot+1)]
+            if pid and t0 and not f.done(): out[f] = (t0, int(at))
+        return out
+    def kill(self, task) -> str:
+        "SIGKILL the worker on `task`: the pool breaks, and the tasks beside it are settled at the next `done` or `submit`."
+        slot = self.inflight.pop(task); self.free.append(slot)
+        with suppress(ProcessLookupError): os.kill(int(self.slots[_SLOT*slot]), signal.SIGKILL)
+        self.doomed = True
+        return 'worker killed'
+    def halt(self):
+        self.halting = True
+        if self.ex: self.halt_flag.value = 1
+
+# %% ../nbs/05_parallel.ipynb #8eed82f7
+@patch
+def _ended(self:_Pool, f, codes:dict) -> Ended:
+    "How task `f` ended, freeing its slot; `codes`: exit codes by pid of the workers that died, once the pool broke."
+    slot = self.inflight.pop(f); self.free.append(slot)
+    exc = f.exception() if f.done() and not f.cancelled() else BrokenProcessPool()
+    if exc is None: return Ended(f, *f.result())
+    if not isinstance(exc, BrokenProcessPool): return Ended(f, failure=TaskFailure('error', f"{type(exc).__name__}: {exc}"))
+    pid = int(self.slots[_SLOT*slot])
+    if not pid: return Ended(f)                                              # never started: it goes back whole
+    cap = f" (its memory limit was {self.memory >> 20:,} MiB)" if self.memory else ''
+    own = pid in codes and codes[pid] != -signal.SIGTERM                     # its own worker died (not ended by the pool)
+    return Ended(f, failure=TaskFailure('crashed', _exit_text(codes.get(pid)) + cap), sure=own)
+
+@patch
+def _break(self:_Pool, broken:bool):
+    "Settle every task in flight, once the pool broke (`broken`) or a hung worker was killed; the next `submit` starts afresh."
+    codes = self._stop_workers(broken)
+    self.ended += [self._ended(f, codes) for f in list(self.inflight)]
+    self.doomed = False
+
+@patch
+def _stop_workers(self:_Pool, broken:bool) -> dict:
+    "Kill every worker and end the pool; return the exit codes of the workers that had already died, by pid."
+    manager = getattr(self.ex, '_executor_manager_thread', None)
+    if broken and manager: manager.join(5)         # let the executor reap the dead before we read exit codes
+    procs = [p for p in self.forks.procs if p.pid is not None]
+    died = {p.pid: p.exitcode for p in procs if p.exitcode is not None}
+    for p in procs:
+        if p.exitcode is None: p.kill()
+    for p in procs: p.join(5)
+    self.ex.shutdown(wait=False, cancel_futures=True)
+    if manager: manager.join(5)                    # closes its wake-up pipe now, not while Python exits
+    if self.thaw: gc.unfreeze(); self.thaw = False
+    self.ex = None
+    return died
 
 # %% ../nbs/05_parallel.ipynb #0a711080
 @contextmanager
@@ -271,122 +340,16 @@ def graceful_interrupts():
     finally:
         for s, h in old.items(): signal.signal(s, h)
 
-# %% ../nbs/05_parallel.ipynb #072bdc43
+# %% ../nbs/05_parallel.ipynb #8cbd68b1
 def require_dask():
     "Raise a clear ImportError unless `dask.distributed` is installed."
     if importlib.util.find_spec('distributed') is None: raise ImportError("--scheduler needs Dask: pip install 'dicom_prep[dask]'")
 
-_KEEP_LOST_WORKERS = {'distributed.deploy.lost-worker-timeout': '3650 days'}   # a LocalCluster's nannies bring its workers back
+def _backend(scheduler:str|None, workers:int, memory:int|None) -> Backend:
+    "The process pool, or for a `scheduler` the Dask backend (its module imported only now)."
+    if not scheduler: return _Pool(workers, memory)
+    return importlib.import_module('dicom_prep.dask_backend').DaskBackend(scheduler, workers, memory)   # it checks for Dask
 
-@contextmanager
-def dask_client(scheduler:str, # 'local', or the address of a running scheduler
-                workers:int=2, # worker processes of a local cluster
-                memory:int|None=None, # bytes each local worker may use (Dask's `memory_limit`); None: Dask's default share
-               ):
-    "A `distributed.Client` for `scheduler` ('local' starts a LocalCluster of `workers` processes)."
-    require_dask()
-    from distributed import Client, LocalCluster, WorkerPlugin
-    class IgnoreSigint(WorkerPlugin):
-        "Leave Ctrl+C to the driver: a LocalCluster's workers share the terminal's process group."
-        def setup(self, worker): signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if scheduler == 'local':
-        import dask
-        with dask.config.set(_KEEP_LOST_WORKERS), \
-             LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True, dashboard_address=None,
-                          memory_limit=memory or 'auto') as cl, Client(cl) as c:
-            c.register_plugin(IgnoreSigint(), name='dicom_prep-ignore-sigint')
-            yield c
-    else:
-        with Client(scheduler) as c: yield c
-
-# %% ../nbs/05_parallel.ipynb #48c0319a
-_ITEM_START = {}   # worker side: task key -> (when its chunk's current file started, that file's index in the chunk)
-
-def _executing(dask_worker) -> dict:
-    "Worker side: (seconds its current file has been running, that file's index in the chunk) of each executing task, by key."
-    now, tasks = time.time(), dask_worker.state.tasks
-    return {k: (now - t0, at) for k in list(dask_worker.active_keys) if k in tasks
-            for t0, at in [_ITEM_START.get(k, (tasks[k].start_time, 0))]}
-
-def _hung(client, keys, timeout) -> dict:
-    "Index of the hung file in its chunk, for each of `keys` whose current file has been running for over `timeout` seconds."
-    return {k: at for running in client.run(_executing, on_error='ignore').values() if isinstance(running, dict)
-            for k, (s, at) in running.items() if k in keys and s > timeout}
-
-def _dask_failure(e) -> TaskFailure:
-    "A task's exception on Dask as a one-line `TaskFailure` (`KilledWorker`: the file kept killing workers)."
-    if type(e).__name__ == 'KilledWorker': return TaskFailure('crashed', 'KilledWorker: every Dask worker that ran it died')
-    first, *rest = str(e).splitlines() or ['']
-    cause = next((l for l in reversed(rest) if re.match(r'\w+(Error|Exception): ', l)), None)   # Dask quotes the root cause's traceback
-    return TaskFailure('error', f"{type(e).__name__}: {first}" + (f" ({cause})" if cause else ''))
-
-def _run_chunk(fn, chunk:list) -> tuple[list, float]:
-    "Worker side: `_run_timed` over `chunk`, noting when each item starts for `_executing`; stops once the driver cancelled it."
-    from distributed import get_worker
-    from distributed.worker import thread_state
-    key, tasks = thread_state.key, get_worker().state.tasks
-    def starting(j):
-        if (ts := tasks.get(key)) is None or ts.state == 'cancelled': return False   # given up (a hung file): its files run elsewhere
-        _ITEM_START[key] = (time.time(), j); return True
-    try: return _run_timed(fn, chunk, starting)
-    finally: _ITEM_START.pop(key, None)
-
-# %% ../nbs/05_parallel.ipynb #902631e8
-def _fetch(f, waits:dict, wait:float):
-    "`(results, seconds)` of Dask future `f`, or None if they do not come within `wait` seconds (doubled per retry of a result on its way)."
-    from asyncio import TimeoutError as Late                     # what Dask's `result(timeout=)` raises
-    n = waits.get(f.key, 0)
-    try: out = f.result(timeout=wait * 2**n)
-    except Late:
-        if f.status == 'error': raise                            # the task's own error, not our wait
-        if f.status == 'finished': waits[f.key] = n + 1          # still on its way: wait longer next time
-        return None                                              # else lost with its worker: recomputed, it comes back
-    waits.pop(f.key, None)
-    return out
-
-# %% ../nbs/05_parallel.ipynb #525c4804
-def _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory=None, poll=0.2, grace=5., chunk_seconds=0.2, fetch=1.):
-    "Run `fn` over `items` on a Dask cluster in adaptive chunks, yielding `(item, result)` as tasks complete."
-    with dask_client(scheduler, workers, memory) as client:
-        from distributed import as_completed
-        window = 2 * max(sum(client.nthreads().values()), 1)
-        items, sizer, singles, futs, retried, waits = iter(items), Chunker(chunk_seconds), deque(), {}, set(), {}
-        ac, checked, stop_at = as_completed(raise_errors=False), 0., None
-        def fill():
-            while stop_at is None and len(futs) < window:
-                c = [singles.popleft()] if singles else list(islice(items, sizer.size()))
-                if not c: return
-                f = client.submit(_run_chunk, fn, c, pure=False); futs[f.key] = (f, c); ac.add(f)
-        def failed(c, failure):
-            "A chunk that failed as a whole: retry its files one by one; a lone file that crashed is retried once."
-            if len(c) > 1: singles.extend(c); return []
-            if failure.status == 'crashed' and id(c[0]) not in retried: retried.add(id(c[0])); singles.append(c[0]); return []
-            return [(c[0], failure)]
-        fill()
-        while futs:
-            with ac.thread_condition: ac.thread_condition.wait_for(ac.has_ready, timeout=poll)
-            for f in ac.next_batch(block=False):
-                if f.key not in futs: continue
-                if f.status not in ('finished', 'error'): ac.add(f); continue    # its result was lost with a worker: Dask recomputes it
-                try: got = _fetch(f, waits, fetch)
-                except Exception as e: yield from failed(futs.pop(f.key)[1], _dask_failure(e)); continue
-                if got is None: ac.add(f); continue             # lost since (or still on its way): back when done again
-                (results, seconds), c = got, futs.pop(f.key)[1]
-                sizer.note(len(results), seconds)
-                yield from zip(c, results, strict=True)
-            if timeout and time.time() - checked > poll:
-                hung, checked = _hung(client, futs, timeout), time.time()
-                for k, at in hung.items():
-                    f, c = futs.pop(k); f.cancel()
-                    singles.extend(c[:at] + c[at + 1:])        # the chunk's other files are retried one by one
-                    yield c[at], TaskFailure('timeout', f"no result after {timeout:g}s")
-            if stop_at is None and should_stop(): stop_at = time.time() + grace
-            if stop_at and time.time() > stop_at:
-                for f, _ in futs.values(): f.cancel()
-                return
-            fill()
-
-# %% ../nbs/05_parallel.ipynb #8cbd68b1
 def run_tasks(fn, # called as `fn(item)`; must pickle
               items, # an iterable of task inputs (consumed lazily)
               workers:int=2, # worker processes (0: run serially in this process)
@@ -397,6 +360,5 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
              ):
     "Yield `(item, fn(item) or TaskFailure)` for each item as it completes."
     should_stop = should_stop or (lambda: False)
-    if scheduler: return _run_dask(fn, items, workers, timeout, should_stop, scheduler, memory)
-    if workers == 0: return ((i, _guarded(fn, i)) for i in items if not should_stop())
-    return _run_local(fn, items, workers, timeout, should_stop, memory)
+    if workers == 0 and not scheduler: return ((i, _guarded(fn, i)) for i in items if not should_stop())
+    return drive(fn, items, _backend(scheduler, workers, memory), timeout, should_stop)

@@ -17,7 +17,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from dicom_prep.nifti import dicom_to_nifti
 from conftest import console_script, query
 from dicom_prep.synth import synth_series
-from dicom_prep.parallel import _KEEP_LOST_WORKERS, Chunker, TaskFailure, dask_client, run_tasks
+from dicom_prep.dask_backend import _KEEP_LOST_WORKERS, dask_client
+from dicom_prep.parallel import Chunker, TaskFailure, run_tasks
 from dicom_prep.preprocess import preprocess
 from dicom_prep.synth import synth_dicom
 

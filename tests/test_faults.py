@@ -241,7 +241,7 @@ def test_worker_memory_cap_fails_only_that_item(tmp_path):
 def test_dask_local_cluster_gets_the_memory_limit():
     "On Dask, `memory` becomes the LocalCluster workers' memory_limit."
     pytest.importorskip('distributed')
-    from dicom_prep.parallel import dask_client
+    from dicom_prep.dask_backend import dask_client
     with dask_client('local', 1, memory=700 * MIB) as c:
         assert {w['memory_limit'] for w in c.scheduler_info()['workers'].values()} == {700 * MIB}
 

@@ -839,10 +839,10 @@ def test_a_crash_between_submissions_loses_nothing(monkeypatch):
     escapes, and every item comes back once. The death is real; the driver's fifth submission is only delayed so
     that it lands after the pool broke, the interleaving that quick tasks hit about once in 200 runs."""
     real, calls = dicom_prep.parallel._Pool.submit, []
-    def late_submit(self, fn, item, slot):
-        calls.append(item)
+    def late_submit(self, fn, chunk):
+        calls.append(chunk)
         if len(calls) == 5: time.sleep(1.0)
-        return real(self, fn, item, slot)
+        return real(self, fn, chunk)
     monkeypatch.setattr(dicom_prep.parallel._Pool, 'submit', late_submit)
     items = [1, 13, *range(2, 13), *range(14, 30)]
     res = dict(run_tasks(_dies_late_on_13, items, workers=2))
