@@ -2,12 +2,14 @@
 
 Modules:
 
+- `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
 - `dicom_prep.export`: From the index to a training loop: the images as a DataFrame with your labels joined, and exports every framework reads — CSV/Parquet manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json.
 - `dicom_prep.io`: Discovery of DICOM files in a tree, and reading them with clear errors.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
+- `dicom_prep.options`: Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
 - `dicom_prep.pixels`: One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 - `dicom_prep.preprocess`: The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per source file out. Parallel, idempotent, resumable after any crash.

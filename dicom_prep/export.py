@@ -24,7 +24,7 @@ from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, fo
 from .db import (OWNER_FILE, PHI_KEYS, DbLock, PrivateStateError, UnsafePath, assign_split, attach_private, check_split_name, checkpoint,
                            db_file, folder_owner, get_meta, index_path, inside, is_pseudonymised, mark_owner, now, open_db, output_dir_of, owns,
                            parse_splits, pseudonym)
-from .run import UsageError, cli_run
+from .cli import UsageError, cli_run
 
 # %% auto #0
 __all__ = ['KEYS', 'FORMATS', 'IndexValueError', 'images_df', 'LabelError', 'LabelReport', 'read_labels', 'join_labels', 'Item',

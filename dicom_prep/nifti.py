@@ -12,24 +12,25 @@ from dataclasses import dataclass, replace
 from string import Formatter
 from functools import partial
 from pathlib import Path
-from fastcore.script import call_parse, store_true
+from fastcore.meta import delegates
 import dicom_prep
 from .core import log, remove_output
 from .io import Found
 from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, inside, now,
                            pseudonym, replace_rows, without_paths)
 from .parallel import TaskFailure
-from .run import (Run, RunOutcome, UsageError, deidentify_flags, open_run, private_state_file, summary_block, cli_source, cli_run,
-                            cli_finish)
+from .options import RunOptions, UsageError, derived, flag
+from .run import Run, RunOutcome, deidentify_flags, open_run, private_state_file, summary_block
+from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
 # %% auto #0
-__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'pseudonymous_record', 'refresh_headers', 'TakenNames',
-           'store_analysis', 'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult', 'dicom_to_nifti',
-           'main']
+__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'EXAMPLE', 'pseudonymous_record', 'refresh_headers',
+           'TakenNames', 'store_analysis', 'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult',
+           'NiftiOptions', 'dicom_to_nifti', 'main']
 
 # %% ../nbs/11_nifti.ipynb #0f6e0104
 def _series_key(r:FileRecord, key:str|None=None) -> str:
@@ -273,15 +274,34 @@ def _check_template(template:str, pseudonymised:bool=False):
     if pseudonymised and (free := sorted(fields & set(FREE_TEXT_FIELDS))):
         raise UsageError(f"--name-template: {', '.join(free)} is free text, which --pseudonymize keeps out of names (e.g. {PSEUDONYMOUS_TEMPLATE})")
 
-def _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid) -> dict:
-    "The guarded settings of a run (the name template resolved), checked before any work (`UsageError` if unusable)."
-    template = name_template or (PSEUDONYMOUS_TEMPLATE if deid else DEFAULT_TEMPLATE)
-    _check_template(template, deid is not None)
-    if batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    if csv_path and Path(csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {csv_path}")
-    if philips_scaling not in PHILIPS_SCALINGS: raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {philips_scaling!r}")
-    return dict(name_template=template, spacing_tol=spacing_tol, philips_scaling=philips_scaling, resample=resample,
-                pseudonymize=bool(deid), deidentify=deid and deid.setting)
+@dataclass(frozen=True)
+class NiftiOptions(RunOptions):
+    "Every option of a `dicom_to_nifti` run: the run's (`RunOptions`), the analysis and the names."
+    batch_size: int = flag(30, 'run control')  # Volumes per database commit
+    analysis_only: bool = flag(False, 'run control')  # Stop after the analysis (the volumes table); convert nothing
+    reanalyze: bool = flag(False, 'run control')  # Re-read every header and redo the analysis even if no file changed
+    sidecar: bool = flag(False, 'output')  # Write a BIDS-style JSON sidecar next to each volume
+    name_template: str|None = flag(None, 'output')  # Output name under OUTPUT_DIR/nifti [default: {study_id}/{series_number:03d}_{series_description}; with --pseudonymize {study_id}/{series_number:03d}_{modality}]; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
+    csv_path: Path|None = flag(None, 'output', cli='csv')  # Also export the analysis table (volumes) to this CSV file
+    spacing_tol: float = flag(SPACING_TOL, 'image', cli='', guard=True)  # a slice step may deviate from the mean by this fraction
+    philips_scaling: str = flag('precise', 'image', guard=True)  # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
+    resample: bool = flag(False, 'image', guard=True)  # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
+    template: str = derived()  # the name template, resolved
+    deidentify: Deidentify|None = derived()  # what a pseudonymised index's sidecars may hold
+
+    def __post_init__(self):
+        super().__post_init__()
+        deid = deidentify_flags(self.pseudonymize, self.keep, self.shift_dates) or None
+        template = self.name_template or (PSEUDONYMOUS_TEMPLATE if deid else DEFAULT_TEMPLATE)
+        _check_template(template, deid is not None)
+        if self.csv_path and Path(self.csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {self.csv_path}")
+        if self.philips_scaling not in PHILIPS_SCALINGS:
+            raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {self.philips_scaling!r}")
+        self._set(template=template, deidentify=deid)
+
+    def guarded(self) -> dict:
+        "The settings the guard records: the guarded fields, the name template resolved, and what a pseudonymised index keeps."
+        return super().guarded() | dict(name_template=self.template, deidentify=self.deidentify and self.deidentify.setting)
 
 def _remove_outputs(run:Run, where:str):
     "Delete the files written for the volumes matching SQL `where` (image, sidecar, .bval/.bvec)."
@@ -333,78 +353,38 @@ def _finish(run:Run, h:dict, verdicts:dict, counts:dict):
     if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
     else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
 
-def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
-                   output_dir='dicom_prep_out', # volumes go to OUTPUT_DIR/nifti
-                   db_path=None, # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-                   workers:int=2, # parallel worker processes (0: serial, in-process)
-                   batch_size:int=30, # volumes per database commit
-                   force_reprocess:bool=False, # convert every ok volume again (also after a settings change)
-                   analysis_only:bool=False, # stop after the analysis (the volumes table)
-                   reanalyze:bool=False, # re-read every header and redo the analysis even if no file changed
-                   sidecar:bool=False, # write a BIDS-style JSON sidecar next to each volume
-                   name_template:str|None=None, # output name under OUTPUT_DIR/nifti (fields: `NAME_FIELDS`) [default: `DEFAULT_TEMPLATE`, pseudonymised: `PSEUDONYMOUS_TEMPLATE`]
-                   scheduler:str|None=None, # run on Dask: 'local' or a scheduler address
-                   csv_path=None, # also export the analysis table to this CSV file
-                   follow_symlinks:bool=False, # follow symlinks that point outside `dicom_dir`
-                   spacing_tol:float=SPACING_TOL, # a slice step may deviate from the mean by this fraction
-                   philips_scaling:str='precise', # Philips values: 'precise' floating point (dcm2niix's default) or 'display'
-                   resample:bool=False, # write tilted or irregularly spaced stacks on an orthogonal equidistant grid (else: shear / refusal)
-                   pseudonymize:bool=False, # a folder safe to hand over: names from pseudonyms, sidecars of safe attributes (`db.Deidentify`)
-                   salt:str|None=None, # your pseudonym secret [default: the random key kept in the private state]
-                   private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
-                   keep:str|None=None, # with `pseudonymize`: also keep these patient attributes in sidecars (age, sex, size, weight)
-                   shift_dates:bool=False, # with `pseudonymize`: keep times of day in sidecars (the Modified Dates option)
+@delegates(NiftiOptions)
+def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
+                   output_dir=None, # volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
+                   options:NiftiOptions|None=None, # every option at once
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
-                   rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
-                   quiet:bool=False, # print nothing
+                   **kwargs, # any field of `NiftiOptions`, e.g. `n_workers=0`; an old spelling warns
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    deid = deidentify_flags(pseudonymize, keep, shift_dates) or None
-    settings = _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid)
-    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler, quiet, temp_dirs=('nifti',),
-                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(pseudonymize, private_state, output_dir), salt=salt,
-                  rebase=rebase) as run:
+    given = {k: v for k, v in dict(dicom_dir=dicom_dir, output_dir=output_dir).items() if v is not None}
+    o = (type(options) if options else NiftiOptions).make(options, **given, **kwargs)
+    if o.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
+    out = o.output_dir or 'dicom_prep_out'
+    with open_run('nifti', o.dicom_dir, out, o.db_path, o.guarded(), o.force, '--force', o.n_workers, o.scheduler, o.quiet, temp_dirs=('nifti',),
+                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(o.pseudonymize, o.private_state, out), salt=o.salt,
+                  worker_memory=o.worker_memory, rebase=o.rebase) as run:
         if 'name_template' in run.pending: _forget_names(run)
-        run.scan('nifti_headers', follow_symlinks)
-        h = refresh_headers(run, reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
+        run.scan('nifti_headers', o.follow_symlinks)
+        h = refresh_headers(run, o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
         if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
-        verdicts = _analyse(run, h, reanalyze or bool(ANALYSIS_SETTINGS & run.pending), settings['name_template'], spacing_tol, philips_scaling, resample)
-        counts = convert_volumes(run, batch_size, sidecar, follow_symlinks, deid) if not (h['pending'] or analysis_only) else {}
+        verdicts = _analyse(run, h, o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending), o.template, o.spacing_tol, o.philips_scaling, o.resample)
+        counts = convert_volumes(run, o.batch_size, o.sidecar, o.follow_symlinks, o.deidentify) if not (h['pending'] or o.analysis_only) else {}
         _finish(run, h, verdicts, counts)
-        if csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, csv_path, table='volumes'):,} volumes written to {csv_path}")
+        if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
         return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
 
-# %% ../nbs/11_nifti.ipynb #fbc3fd57
-@call_parse
-def main(
-    dicom_dir:Path=None,      # Folder of DICOM files (searched recursively)
-    output_dir:Path=None,     # Output folder; volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
-    db:Path=None,             # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    workers:int=2,            # Parallel worker processes (0: serial, in-process, for debugging)
-    batch_size:int=30,        # Volumes per database commit
-    force_reprocess:store_true=False, # Convert every ok volume again (also after a settings change: a new name template renames all)
-    analysis_only:store_true=False,   # Stop after the analysis (the volumes table); convert nothing
-    reanalyze:store_true=False,       # Re-read every header and redo the analysis even if no file changed
-    sidecar:store_true=False,         # Write a BIDS-style JSON sidecar next to each volume
-    name_template:str=None,   # Output name under OUTPUT_DIR/nifti [default: {study_id}/{series_number:03d}_{series_description}; with --pseudonymize {study_id}/{series_number:03d}_{modality}]; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
-    csv:Path=None,            # Also export the analysis table (volumes) to this CSV file
-    scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
-    follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
-    rebase:store_true=False,  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
-    philips_scaling:str='precise', # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
-    resample:store_true=False,        # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
-    pseudonymize:store_true=False, # A folder safe to hand over: names from pseudonyms, sidecars with safe attributes only (as dicom_prep_preprocess's)
-    salt:str=None,            # Your secret for --pseudonymize [default: the random key kept in the private state]
-    private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
-    keep:str=None,            # With --pseudonymize: also keep these patient attributes in sidecars: age, sex, size, weight (or PatientAge, ...)
-    shift_dates:store_true=False, # With --pseudonymize: keep times of day in sidecars (the Modified Dates option; sidecars hold no date)
-    test:store_true=False,    # Run on the bundled sample data (no data of yours needed)
-):
-    "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
-    dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    cli_finish(cli_run(lambda: dicom_to_nifti(
-        dicom_dir, output_dir, db_path=db, workers=workers, batch_size=batch_size, force_reprocess=force_reprocess,
-        analysis_only=analysis_only, reanalyze=reanalyze, sidecar=sidecar, name_template=name_template, scheduler=scheduler,
-        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample, rebase=rebase,
-        pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, shift_dates=shift_dates)))
 
+# %% ../nbs/11_nifti.ipynb #fbc3fd57
+EXAMPLE = "dicom_prep_nifti --dicom-dir scans --output-dir prepared --sidecar --workers 8"
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
+    "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
+    kw, cli = cli_args(NiftiOptions, main.__doc__, EXAMPLE, argv)
+    kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    cli_finish(cli_run(lambda: dicom_to_nifti(**kw)))

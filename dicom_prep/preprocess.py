@@ -11,29 +11,32 @@ Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 from __future__ import annotations
 import json, os, stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from fastcore.basics import chunked
-from fastcore.script import call_parse, store_true
+from fastcore.meta import delegates
 from PIL import Image
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.multival import MultiValue
 from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
-                           CodestreamMismatch, DicomReadError, TooLargeError, MAX_PIXELS, has_pixels)
+                           CodestreamMismatch, DicomReadError, TooLargeError, has_pixels)
 from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
-                               parse_window, tile_size, PixelDecodeError)
+                               tile_size, PixelDecodeError)
 from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
                            SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
 from .parallel import TaskFailure
-from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
-                            cli_source, cli_run, cli_finish)
+from .options import ImageOptions, RunOptions, UsageError, derived, flag
+from .run import PAGE, RunOutcome, deidentify_flags, env_error, open_run, private_state_file, summary_block
+from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish
+
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'parse_tags', 'json_value', 'file_metadata', 'frame_metadata',
-           'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'private_name', 'write_batch',
-           'sweep_orphans', 'RunResult', 'preprocess', 'main']
+__all__ = ['METADATA_TAGS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'parse_tags', 'json_value', 'file_metadata',
+           'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems',
+           'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult', 'preprocess',
+           'PreprocessScript', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #d9868af6
 METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
@@ -188,10 +191,10 @@ def _open_checked(path, max_pixels, res:FileResult):
     except Exception as e: return _fail(res, 'unreadable', f"bad image header: {type(e).__name__}: {e}")
     return ds
 
-def _render(ds, i, window, image_size, upscale, bit_depth) -> tuple:
+def _render(ds, i, opts:ImageOptions) -> tuple:
     "(image, window label, offset of 16-bit values or None) of frame `i`."
-    if bit_depth == 16: img, offset, label = frame_image16(ds, i, image_size, upscale); return img, label, offset
-    return (*frame_image(ds, i, window=window, image_size=image_size, upscale=upscale), None)
+    if opts.bit_depth == 16: img, offset, label = frame_image16(ds, i, opts.image_size, opts.upscale); return img, label, offset
+    return (*frame_image(ds, i, window=opts.voi, image_size=opts.image_size, upscale=opts.upscale), None)
 
 def _fail(res, status, why):
     "Mark `res` failed with `status`, log one line naming the file, return it."
@@ -202,43 +205,33 @@ def _fail(res, status, why):
 # %% ../nbs/07_preprocess.ipynb #eccbd412
 def process_dicom(dcm_path, # the source file
                   study_id:str, # its study (the first folder of image names)
-                  out_dir, # the output folder; PNGs go to OUT_DIR/images
+                  output_dir, # the output folder; PNGs go to OUTPUT_DIR/images
+                  opts:ImageOptions=ImageOptions(), # size, window, bit depth, tags, limits, and the pseudonym key
                   stem:str|None=None, # the file's unique stem [default: its sanitised stem]
-                  image_size:int=256, # longest side of the written images
-                  window:str='auto', # VOI window, as `frame_image` takes it
-                  png_level:int=6, # PNG zlib level
-                  upscale:bool=False, # enlarge images smaller than `image_size`
-                  max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-                  bit_depth:int=8, # 8: windowed PNGs; 16: modality values (see `frame_image16`)
-                  tags:list=(), # extra DICOM keywords, each a column
-                  all_tags:bool=False, # every non-binary top-level element as a JSON column
-                  deidentify:Deidentify|None=None, # with `key`: keep only what these options keep of each file
-                  key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
                   in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
                   source:str|None=None, # the path the index records (relative to the source root) [default: `dcm_path`]
                  ) -> FileResult:
-    "Write one PNG per frame of `dcm_path` under `out_dir/images`; return the `FileResult` (never raises)."
-    src, stem = source or str(dcm_path), stem or safe_component(Path(dcm_path).stem)
+    "Write one PNG per frame of `dcm_path` under `output_dir/images`; return the `FileResult` (never raises)."
+    src, stem, key, deid = source or str(dcm_path), stem or safe_component(Path(dcm_path).stem), opts.key, opts.deidentify
     res = FileResult(str(dcm_path), 'ok')
     with values_unvalidated():
-        if isinstance(ds := _open_checked(dcm_path, max_pixels, res), FileResult): return ds
+        if isinstance(ds := _open_checked(dcm_path, opts.max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
         n = res.n_frames
-        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deidentify and deidentify.shift_dates else 0
-        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify, days) | dict(bit_depth=bit_depth)
+        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deid and deid.shift_dates else 0
+        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, list(opts.tags), opts.all_tags, deid, days) | dict(bit_depth=opts.bit_depth)
         for i in range(n):
-            if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, out_dir, window, image_size,
-                                       upscale, bit_depth, png_level, in_place)): return failed
+            if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, opts, output_dir, in_place)): return failed
     return res
 
-def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale, bit_depth, png_level, in_place) -> FileResult|None:
-    "Render frame `i` of `ds` to `out_dir/images/NAME.png` and add its row to `res`; returns `res` failed if it could not be."
-    dest = Path(out_dir)/f"images/{name}.png"
+def _write_frame(ds, i, name, shared, res, opts:ImageOptions, output_dir, in_place) -> FileResult|None:
+    "Render frame `i` of `ds` to `output_dir/images/NAME.png` and add its row to `res`; returns `res` failed if it could not be."
+    dest = Path(output_dir)/f"images/{name}.png"
     try:
-        img, win, offset = _render(ds, i, window, image_size, upscale, bit_depth)
+        img, win, offset = _render(ds, i, opts)
         row = dict(filename=name, frame_number=i, window=win, thumbnail_path=f"images/{name}.png", png_offset=offset) | shared | frame_metadata(ds, i)
         if shared['mosaic']: row['image_position'] = None       # the mosaic's position is not its slices' (see `series`)
-        save_png(img, dest, compress_level=png_level, in_place=in_place, root=out_dir)
+        save_png(img, dest, compress_level=opts.png_level, in_place=in_place, root=output_dir)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except PixelDecodeError as e: return _fail(res, 'decode_error', str(e))
     except OSError as e:
@@ -334,31 +327,31 @@ def _file_row(res, f, study_id, run_id, stamp:str):
     return dict(path=str(f.path), study_id=study_id, size=f.size, mtime_ns=f.mtime_ns, status=res.status,
                 error=res.error, n_frames=res.n_frames, processed_at=stamp, run_id=run_id)
 
-def _png(out_dir, r:dict) -> Path:
-    "The PNG of `images` row `r` under `out_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
-    return inside(out_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images',
+def _png(output_dir, r:dict) -> Path:
+    "The PNG of `images` row `r` under `output_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
+    return inside(output_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images',
                   follow=True)     # symlinks: it is read and deleted only through the folder's checked descriptors (`folder_fd`)
 
-def _remove_images(db, out_dir, paths, keep=frozenset()):
+def _remove_images(db, output_dir, paths, keep=frozenset()):
     "Delete image rows (and PNGs not in `keep`) of the source `paths`."
     for p in paths:
         for r in db.query('select filename, thumbnail_path from images where source_path=?', [p]):
-            png = _png(out_dir, r)         # every path read is checked, kept or not
-            if r['filename'] not in keep: remove_output(png, out_dir)
+            png = _png(output_dir, r)         # every path read is checked, kept or not
+            if r['filename'] not in keep: remove_output(png, output_dir)
         db.execute('delete from images where source_path=?', [p])
 
-def _as_result(task:FileTask, res, out_dir) -> FileResult:
+def _as_result(task:FileTask, res, output_dir) -> FileResult:
     "A worker's result, or its `TaskFailure` as the file's failed result (logged; any PNG its dead worker left removed)."
     if not isinstance(res, TaskFailure): return res
     log.warning(f"{task.found.path}: {res.status}: {res.message}")
-    base = Path(out_dir)/'images'/task.study_id/task.stem
-    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, out_dir)
+    base = Path(output_dir)/'images'/task.study_id/task.stem
+    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, output_dir)
     return FileResult(str(task.found.path), res.status, res.message)
 
 # %% ../nbs/07_preprocess.ipynb #9b2920f2
 def write_batch(db, # the run's database
                 batch:list, # `(FileTask, FileResult | TaskFailure)` pairs
-                out_dir, # the output folder
+                output_dir, # the output folder
                 run_id:int, # the run writing them
                 fractions:dict, # split fractions
                 key:str|None=None, # the pseudonym key of a pseudonymised index
@@ -366,12 +359,12 @@ def write_batch(db, # the run's database
     "Commit one batch of results in a single transaction; returns the number of image rows."
     images, files, stamp = [], [], now()          # one batch, one commit, one time
     for task, res in batch:
-        res = _as_result(task, res, out_dir)
+        res = _as_result(task, res, output_dir)
         files.append(_file_row(res, task.found, task.study_id, run_id, stamp))
         for fr in res.frames:
             images.append(dict(fr, split=assign_split(fr['patient_id'] or task.found.study_id, fractions), created_at=stamp))
     with db.atomic():
-        _remove_images(db, out_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
+        _remove_images(db, output_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
         _upsert_images(db, images)
         replace_rows(db, 'files', files)      # plain SQL: `files` may live in the attached private state
     return len(images)
@@ -387,9 +380,9 @@ def _upsert_images(db, rows:list):
                         [tuple(map(r.get, cols)) for r in rows])
 
 # %% ../nbs/07_preprocess.ipynb #30cb4d98
-def _decodes(out_dir, png:Path) -> bool:
-    "True if the PNG `png` (under `out_dir`) is a file that decodes; read following no symlink: one planted at a folder fails the run (`UnsafeOutput`)."
-    if (dfd := folder_fd(out_dir, png.parent, create=False)) is None: return False
+def _decodes(output_dir, png:Path) -> bool:
+    "True if the PNG `png` (under `output_dir`) is a file that decodes; read following no symlink: one planted at a folder fails the run (`UnsafeOutput`)."
+    if (dfd := folder_fd(output_dir, png.parent, create=False)) is None: return False
     try: fd = os.open(png.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError: return False                  # missing, or a symlink at its name: it is written again
     finally: os.close(dfd)
@@ -400,26 +393,26 @@ def _decodes(out_dir, png:Path) -> bool:
     except Exception: return False
     return True
 
-def _verify_images(db, out_dir, key=None) -> int:
+def _verify_images(db, output_dir, key=None) -> int:
     "Put in `temp.bad` the source files having an image row whose PNG is missing or does not decode; returns how many are still in the tree."
     bad = set()
     for r in db.query('select filename, source_path, thumbnail_path from images'):
-        if not _decodes(out_dir, _png(out_dir, r)): bad.add(r['source_path'])
+        if not _decodes(output_dir, _png(output_dir, r)): bad.add(r['source_path'])
     paths = (p for (p,) in db.execute('select path from files').fetchall() if source_id(p, key) in bad) if key else iter(bad)
     db.execute('create temp table if not exists bad (path text primary key)'); db.execute('delete from temp.bad')
     with db.atomic(): db.conn.executemany('insert or ignore into temp.bad values (?)', ((p,) for p in paths))
     return db.execute('select count(*) from temp.bad b join temp.scan s on s.path = b.path and s.dicom = 1').fetchone()[0]
 
 def sweep_orphans(db, # the run's database
-                  out_dir, # the output folder
+                  output_dir, # the output folder
                  ) -> int:
-    "Delete every PNG under `out_dir/images` that no `images` row names (left by killed runs); returns how many."
-    rel = ((str(p.relative_to(out_dir)),) for p in (Path(out_dir)/'images').rglob('*.png') if not p.name.startswith('.'))  # temp files: `sweep_temps`
+    "Delete every PNG under `output_dir/images` that no `images` row names (left by killed runs); returns how many."
+    rel = ((str(p.relative_to(output_dir)),) for p in (Path(output_dir)/'images').rglob('*.png') if not p.name.startswith('.'))  # temp files: `sweep_temps`
     with db.atomic():
         db.execute('create temp table if not exists on_disk (path text primary key)'); db.execute('delete from on_disk')
         db.conn.executemany('insert or ignore into on_disk values (?)', rel)
         orphans = [r[0] for r in db.execute('select path from on_disk where path not in (select thumbnail_path from images)')]
-    for p in orphans: remove_output(Path(out_dir)/p, out_dir)
+    for p in orphans: remove_output(Path(output_dir)/p, output_dir)
     return len(orphans)
 
 PRUNE_SHARE = 0.5   # --prune forgets at most this share of the recorded files, unless --force is given too
@@ -433,12 +426,12 @@ def _check_prune(plan:Plan, recorded:int, root, force:bool):
         raise UsageError(f"--prune would forget {plan.gone:,} of the {recorded:,} recorded files (more than {PRUNE_SHARE:.0%}); "
                          f"check that {root} is complete (mounted), then use --prune --force")
 
-def _prune(db, out_dir, key=None):
+def _prune(db, output_dir, key=None):
     "Forget the recorded files that left the source tree, with their images, a page at a time."
     gone_sql = 'select path from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1) limit ?'
     while gone := [p for (p,) in db.execute(gone_sql, [PAGE]).fetchall()]:
         with db.atomic():
-            _remove_images(db, out_dir, [source_id(p, key) for p in gone])
+            _remove_images(db, output_dir, [source_id(p, key) for p in gone])
             db.conn.executemany('delete from files where path = ?', [(p,) for p in gone])
 
 def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
@@ -451,14 +444,14 @@ def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
     return notes
 
 # %% ../nbs/07_preprocess.ipynb #945e931a
-def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
+def _discover(run, opts:PreprocessOptions) -> Plan:
     "Scan the tree and plan the run against the `files` table (the files to process wait in `temp.todo`)."
-    stats, db = run.scan('files', follow_symlinks), run.db
+    stats, db, verify, prune = run.scan('files', opts.follow_symlinks), run.db, opts.verify, opts.prune
     t = run.phase('Plan')
     if (run.unfinished or verify) and (n := sweep_orphans(db, run.output_dir)):
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
     n_bad = _verify_images(db, run.output_dir, run.key) if verify else 0
-    plan = plan_run(db, force=run.rebuild, retry_failed=retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
+    plan = plan_run(db, force=run.rebuild, retry_failed=opts.retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
     if plan.gone and prune:
         _check_prune(plan, db.execute('select count(*) from files').fetchone()[0], run.dicom_dir, run.rebuild)
         _prune(db, run.output_dir, run.key)
@@ -477,10 +470,34 @@ def _tasks(run):
         for (path, study, size, mtime_ns, overwrite, _), stem in zip(page, stems, strict=True):
             yield FileTask(Found(Path(path), study, size, mtime_ns), bool(overwrite), '' if run.key else study, stem)
 
-def _work(task:FileTask, root, out_dir, opts) -> FileResult:
-    "Worker entry point: process one planned file (new PNGs in place unless the index holds the file: a row may name them)."
-    return process_dicom(Path(root)/task.found.path, task.study_id, out_dir, stem=task.stem, in_place=not task.overwrite,
-                         source=str(task.found.path), **opts)
+def _work(task:FileTask, opts:ImageOptions, root, output_dir) -> FileResult:
+    "Worker entry point: process one planned file with `opts` (new PNGs in place unless the index holds the file: a row may name them)."
+    return process_dicom(Path(root)/task.found.path, task.study_id, output_dir, opts, stem=task.stem, in_place=not task.overwrite,
+                         source=str(task.found.path))
+
+# %% ../nbs/07_preprocess.ipynb #46ba3f10
+@dataclass(frozen=True)
+class PreprocessOptions(ImageOptions, RunOptions):
+    "Every option of a `preprocess` run: the image worker's (`ImageOptions`), the run's (`RunOptions`), and what to redo."
+    splits: str = flag('80/10/10', 'output', guard=True)  # Split fractions train/valid/test, or name:frac,name:frac
+    retry_failed: bool = flag(False, 'run control')  # Retry files that failed in earlier runs
+    verify: bool = flag(False, 'run control')  # Check every recorded image exists and decodes; redo those that don't
+    prune: bool = flag(False, 'run control')  # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
+    file_timeout: float = flag(300., 'run control')  # Seconds before a file's worker is considered hung and replaced
+    keep_private_safe: bool = flag(False, 'privacy')  # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
+    fractions: dict = derived()  # `splits`, parsed
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.file_timeout > 0: raise UsageError(f"--file-timeout must be > 0, not {self.file_timeout}")
+        deid = deidentify_flags(self.pseudonymize, self.keep, self.shift_dates, self.keep_private_safe) or None
+        if deid and deid.private_safe and not self.all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
+        try: self._set(fractions=parse_splits(self.splits), tags=tuple(parse_tags(','.join(self.tags), deid)), deidentify=deid)
+        except ValueError as e: raise UsageError(str(e)) from None
+
+    def guarded(self) -> dict:
+        "The settings the guard records: the guarded fields, the image format, and what a pseudonymised index keeps."
+        return super().guarded() | dict(format='png', deidentify=self.deidentify and self.deidentify.setting)
 
 # %% ../nbs/07_preprocess.ipynb #d1c3f014
 @dataclass
@@ -507,70 +524,33 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 
-def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, deid,
-             private_state, output_dir) -> tuple:
-    "Split fractions, worker options, guarded settings and the private state file, checked before any work (`UsageError` if unusable)."
-    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
-    deid = deid or None
-    try: fractions, tags = parse_splits(splits), parse_tags(tags, deid); parse_window(window)
-    except ValueError as e: raise UsageError(str(e)) from None
-    if bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {bit_depth}")
-    if not 0 <= png_level <= 9: raise UsageError(f"--png-level must be 0..9, not {png_level}")
-    if deid and deid.private_safe and not all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
-    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=bool(deid),
-                    bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid and deid.setting)
-    return fractions, dict(image_size=image_size, window=window, png_level=png_level, upscale=upscale, max_pixels=max_pixels,
-                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings, private_state_file(bool(deid), private_state, output_dir)
-
 def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_error' else None   # an environmental failure stops the run
 
-def _process(run, plan:Plan, opts:dict, fractions, batch_size:int, file_timeout:float) -> int:
+def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
     "Process the planned files in parallel, writing their rows a batch at a time; returns how many files were done."
-    return run.stream(partial(_work, root=run.dicom_dir, out_dir=run.output_dir, opts=opts), _tasks(run),
-                      partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key), batch_size,
-                      total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status, fatal=_fatal)
+    return run.stream(partial(_work, opts=opts, root=run.dicom_dir, output_dir=run.output_dir), _tasks(run),
+                      partial(write_batch, output_dir=run.output_dir, run_id=run.run_id, fractions=opts.fractions, key=run.key), opts.batch_size,
+                      total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal)
 
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
-def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
-               output_dir='dicom_prep_out', # images go to OUTPUT_DIR/images
-               db_path=None, # SQLite index [default: OUTPUT_DIR/dicom_prep.db]
-               n_workers:int=2, # worker processes (0: serial, in-process)
-               image_size:int=256, # longest side of the written images
-               window:str='auto', # auto | minmax | a preset | C,W | multi[:a,b,c]
-               splits:str='80/10/10', # train/valid/test fractions, or name:frac,...
-               png_level:int=6, # PNG zlib level
-               upscale:bool=False, # enlarge images smaller than `image_size`
-               force:bool=False, # redo every file (also after a settings change)
-               retry_failed:bool=False, # redo files that failed before
-               verify:bool=False, # redo files whose recorded images are missing or broken
-               prune:bool=False, # forget files gone from the tree
-               batch_size:int=100, # files per commit
-               file_timeout:float=300., # seconds before a file's worker counts as hung
-               max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, only attributes known to be safe (`db.Deidentify`)
-               salt:str|None=None, # your pseudonym secret [default: a random 256-bit key kept in the private state]
-               private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
-               keep:str|None=None, # with `pseudonymize`: also keep these patient attributes (age, sex, size, weight)
-               shift_dates:bool=False, # with `pseudonymize`: keep the study's dates, moved by a keyed per-patient offset
-               keep_private_safe:bool=False, # with `pseudonymize` and `all_tags`: keep the numeric private elements of `db.SAFE_PRIVATE`
-               follow_symlinks:bool=False, # follow symlinks leaving `dicom_dir`
-               scheduler:str|None=None, # Dask: 'local' or tcp://host:port
-               bit_depth:int=8, # 8: windowed PNGs; 16: modality values (CT: HU + 32768)
-               tags:str|None=None, # extra DICOM keywords as columns, comma-separated
-               all_tags:bool=False, # every non-binary top-level element as a JSON column
-               worker_memory:int|None=None, # MiB each worker (n_workers=0: each file, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
-               rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
-               quiet:bool=False, # no progress output
+@delegates(PreprocessOptions)
+def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
+               output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
+               options:PreprocessOptions|None=None, # every option at once (a subclass brings its own)
+               **kwargs, # any field of `PreprocessOptions`, e.g. `n_workers=0`; an old spelling warns
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    fractions, opts, settings, private = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
-        file_timeout, deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), private_state, output_dir)
-    with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
-                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory, rebase=rebase) as run:
-        plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
-        return _finish(run, plan, _process(run, plan, opts, fractions, batch_size, file_timeout))
+    given = {k: v for k, v in dict(dicom_dir=dicom_dir, output_dir=output_dir).items() if v is not None}
+    opts = (type(options) if options else PreprocessOptions).make(options, **given, **kwargs)
+    if opts.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
+    out = opts.output_dir or 'dicom_prep_out'
+    with open_run('preprocess', opts.dicom_dir, out, opts.db_path, opts.guarded(), opts.force, workers=opts.n_workers, scheduler=opts.scheduler,
+                  quiet=opts.quiet, temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private_state_file(opts.pseudonymize, opts.private_state, out),
+                  salt=opts.salt, worker_memory=opts.worker_memory, rebase=opts.rebase) as run:
+        plan = _discover(run, opts)
+        return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
 def _with_sheets(r:RunResult) -> RunResult:
@@ -580,45 +560,17 @@ def _with_sheets(r:RunResult) -> RunResult:
     except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
     return r
 
-@call_parse
-def main(
-    dicom_dir:Path=None,      # Folder of DICOM files (searched recursively)
-    output_dir:Path=None,     # Output folder for images and the database [default: ./dicom_prep_out]
-    db:Path=None,             # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    workers:int=2,            # Parallel worker processes (0: serial, in-process, for debugging)
-    image_size:int=256,       # Longest side of the written images
-    window:str='auto',        # auto | minmax | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
-    splits:str='80/10/10',    # Split fractions train/valid/test, or name:frac,name:frac
-    png_level:int=6,          # PNG zlib compression level (1 fast .. 9 small)
-    upscale:store_true=False,   # Enlarge images smaller than IMAGE_SIZE
-    force:store_true=False,     # Reprocess every file (also after a settings change)
-    retry_failed:store_true=False, # Retry files that failed in earlier runs
-    verify:store_true=False,    # Check every recorded image exists and decodes; redo those that don't
-    prune:store_true=False,     # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
-    batch_size:int=100,       # Files per database commit
-    file_timeout:float=300,   # Seconds before a file's worker is considered hung and replaced
-    max_pixels:int=MAX_PIXELS, # Refuse files declaring more pixels (rows x cols x frames x samples); a deflated file inflates to at most 8 bytes each + 64 MiB
-    pseudonymize:store_true=False, # An output folder safe to hand over: keyed pseudonyms, no identifying tag, path or file name
-    salt:str=None,            # Your secret for --pseudonymize [default: a random 256-bit key kept in the private state]
-    private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
-    keep:str=None,            # With --pseudonymize: also keep these patient attributes: age, sex, size, weight (or PatientAge, ...)
-    shift_dates:store_true=False, # With --pseudonymize: keep the study's dates and times, dates moved back 1-365 days per patient (keyed)
-    keep_private_safe:store_true=False, # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
-    follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
-    scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
-    bit_depth:int=8,          # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
-    tags:str=None,            # Extra DICOM keywords as image columns, comma-separated (e.g. EchoTime,RepetitionTime)
-    all_tags:store_true=False,  # Store every non-binary top-level element of each file as one JSON column (images.all_tags)
-    worker_memory:int=None,   # MiB each worker (--workers 0: each file, in the driver) may allocate; a file that needs more is recorded too_large [default: 70% of RAM / workers; 0: no cap]
-    rebase:store_true=False,    # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
-    sheet:store_true=False,     # Write contact sheets (one per modality, and failures) at the end
-    test:store_true=False,      # Run on the bundled sample data (no data of yours needed)
-):
-    "Preprocess DICOM files into normalised PNGs and a SQLite index."
-    dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits, png_level=png_level,
-        upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size, rebase=rebase, file_timeout=file_timeout,
-        max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, tags=tags, shift_dates=shift_dates,
-        keep_private_safe=keep_private_safe, follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, all_tags=all_tags, worker_memory=worker_memory))
-    cli_finish(_with_sheets(r) if sheet else r)
+@dataclass(frozen=True)
+class PreprocessScript(ScriptFlags):
+    "`dicom_prep_preprocess`'s own flags."
+    sheet: bool = flag(False, 'output')  # Write contact sheets (one per modality, and failures) at the end
 
+EXAMPLE = "dicom_prep_preprocess --dicom-dir scans --output-dir prepared --window lungs --workers 8"
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
+    "Preprocess DICOM files into normalised PNGs and a SQLite index."
+    kw, cli = cli_args(PreprocessOptions, main.__doc__, EXAMPLE, argv, PreprocessScript)
+    kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    r = cli_run(lambda: preprocess(**kw))
+    cli_finish(_with_sheets(r) if cli['sheet'] else r)

@@ -1,6 +1,6 @@
 """The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 
-A pipeline supplies its plan (the tasks), its per-item worker and its row writer; `open_run` and `Run.stream` do the rest, and `cli_source`, `cli_run` and `cli_finish` give every console script the same `--test`, error style and exit codes.
+A pipeline supplies its plan (the tasks), its per-item worker and its row writer; `open_run` and `Run.stream` do the rest. The console scripts' plumbing is the `cli` room's.
 
 Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
 # %% ../nbs/06_run.ipynb #92ddc523
 from __future__ import annotations
-import errno, gc, io, os, shlex, sqlite3, sys, tempfile, time
+import errno, io, os, shlex, sqlite3, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -16,9 +16,10 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 from fastcore.basics import patch
-from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
+from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command
+from .options import UsageError
 from .io import is_dicom, sample_data_dirs, walk_entries
-from .db import (DbBusyError, DbLock, Deidentify, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath,
+from .db import (DbLock, Deidentify, UnsafePath,
                            attach_private, batched, check_settings, checkpoint, finish_run, folder_owner, get_meta, is_pseudonymised,
                            mark_owner, open_db, owns, parse_keep, pseudonym, record_output_dir, relativize_sources, set_meta, start_run,
                            suspect_marker, without_paths)
@@ -26,10 +27,9 @@ from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, l
 
 
 # %% auto #0
-__all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint', 'RunFailed',
-           'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
-           'claim_output', 'private_state_file', 'deidentify_flags', 'sample_tree', 'cli_error', 'cli_source',
-           'cli_run', 'cli_finish']
+__all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'env_error',
+           'check_folders', 'Run', 'memory_capped', 'process_age', 'console_started', 'sweep_temps', 'open_run',
+           'claim_output', 'private_state_file', 'deidentify_flags', 'sample_tree']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -52,8 +52,6 @@ def summary_block(timers:list, # Timer per phase, in order
     return '\n'.join([bar, 'SUMMARY', bar, *(f"  {t}" for t in timers), *(f"  {l}" for l in total + lines), bar])
 
 # %% ../nbs/06_run.ipynb #15fb3e1c
-class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
-
 def resume_hint() -> str:
     "The command that resumes this run: its own command line without `--force`/`--force-reprocess` (a pending rebuild goes on by itself)."
     return shlex.join([a for a in shlex.split(resume_command()) if a not in ('--force', '--force-reprocess')])
@@ -194,7 +192,7 @@ def finish(self:Run,
     return self.status
 
 # %% ../nbs/06_run.ipynb #01e09410
-_CLI_T0 = None   # perf_counter() value when this console-script process started (set by `cli_source`); None in a library call
+_CLI_T0 = None   # perf_counter() value when this console-script process started (set by `console_started`); None in a library call
 
 def process_age() -> float|None:
     "Seconds since this process started (from Linux's /proc), or None where that is unknown."
@@ -203,6 +201,11 @@ def process_age() -> float|None:
         with open('/proc/uptime') as f: up = float(f.read().split()[0])
     except (OSError, ValueError, IndexError): return None
     return max(up - started / os.sysconf('SC_CLK_TCK'), 0.)
+
+def console_started():
+    "Count this console-script process's start as the start of its next run's `Start-up` phase (`cli.cli_source` calls it)."
+    global _CLI_T0
+    age = process_age(); _CLI_T0 = None if age is None else time.perf_counter() - age
 
 def _startup_timer() -> Timer:
     "The `Start-up` phase: from the console script's start (or now, in a library call) until the run is open."
@@ -462,47 +465,3 @@ def sample_tree(dest, # folder to create the links in
         if not link.is_symlink(): link.symlink_to(d, target_is_directory=True)
     return dest
 
-def cli_error(msg, # what is wrong, in one line
-              code:int=2, # exit code
-             ):
-    "Print a one-line error naming the program, and exit."
-    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr); sys.exit(code)
-
-def _console_script() -> bool:
-    "True when this process runs one of dicom_prep's console scripts (named `dicom_prep_*`), not a library call."
-    return Path(sys.argv[0]).name.startswith('dicom_prep_')
-
-def cli_source(dicom_dir, # the CLI's --dicom-dir
-               output_dir, # the CLI's --output-dir
-               test:bool, # --test: use the bundled sample data
-               follow_symlinks:bool, # --follow-symlinks
-              ) -> tuple:
-    "Resolve a CLI's `(dicom_dir, output_dir, follow_symlinks)`; `--test` uses the bundled sample data."
-    global _CLI_T0
-    age = process_age(); _CLI_T0 = None if age is None else time.perf_counter() - age
-    setup_logging()
-    if _console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)
-    output_dir = output_dir or Path('dicom_prep_sample' if test else 'dicom_prep_out')
-    if test: dicom_dir, follow_symlinks = sample_tree(Path(output_dir)/'sample_data'), True
-    if dicom_dir is None: cli_error("give --dicom-dir FOLDER (or --test to try the bundled sample data)")
-    return dicom_dir, output_dir, follow_symlinks
-
-# %% ../nbs/06_run.ipynb #9650a17b
-def cli_run(run:Callable, # the call the console script makes
-            usage:tuple=(), # further exception types that mean unusable arguments (exit 2)
-            failed:tuple=(), # further exception types that mean the request could not be met (exit 1)
-           ):
-    "Call `run()` for a CLI: exit 2 on unusable arguments, 1 when the run failed, 130 on a hard interrupt."
-    try: return run()
-    except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, NewerIndexError, UnsafePath, ImportError, *usage) as e: cli_error(e)
-    except RunFailed as e: cli_error(f"run failed: {e}", 1)
-    except failed as e: cli_error(e, 1)
-    except (OSError, sqlite3.Error) as e: cli_error(f"run failed: {e}", 1)
-    except KeyboardInterrupt:
-        print(f"\nQuit at once. Completed batches are saved; resume with:\n    {resume_hint()}", file=sys.stderr); sys.exit(130)
-
-def cli_finish(r:RunOutcome, # what the run returned
-              ):
-    "Print a run's summary and exit 130 if it was interrupted."
-    print(r.summary())
-    if r.status == 'interrupted': sys.exit(130)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
 from .db import FINAL_OK, db_file, inside, output_dir_of
-from .run import UsageError, cli_run
+from .cli import UsageError, cli_run
 
 # %% auto #0
 __all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'output_dir', 'sample_key', 'describe_filters',

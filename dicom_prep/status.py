@@ -15,7 +15,7 @@ from pathlib import Path
 from fastcore.script import call_parse, store_true
 from .core import atomic_path
 from .db import FAILED, UnsafePath, connect_ro, export_csv, output_dir_of, private_key, source_id
-from .run import cli_run
+from .cli import cli_run
 
 # %% auto #0
 __all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook', 'main']
