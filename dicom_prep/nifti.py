@@ -20,7 +20,7 @@ from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batche
                            pseudonym, replace_rows, without_paths)
 from .parallel import TaskFailure
 from .options import RunOptions, UsageError, derived, flag
-from .run import Run, RunOutcome, deidentify_flags, open_run, private_state_file, summary_block
+from .run import Diff, Run, RunOutcome, deidentify_flags, open_run, summary_block
 from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes
@@ -67,12 +67,9 @@ def _header_status(res) -> str:
     "The counter a header result adds to."
     return 'headers_unreadable' if isinstance(res, TaskFailure) or res.error else 'headers_read'
 
-def _plan_headers(db, reanalyze:bool) -> tuple[int, int]:
-    "Put the files whose header must be read in `temp.todo`, forget vanished ones, note their series in `nifti_touched`; returns (to read, gone)."
-    db.execute('drop table if exists temp.todo')
-    db.execute("""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns from temp.scan s
-        left join nifti_headers h on h.path = s.path
-        where s.dicom = 1 and (:all or h.path is null or h.size != s.size or h.mtime_ns != s.mtime_ns) order by s.path""", dict(all=reanalyze))
+def _plan_headers(run:Run, reanalyze:bool) -> tuple[Diff, int]:
+    "The files whose header must be read (`Run.diff`); forget vanished ones, note their series in `nifti_touched`; returns (the diff, gone)."
+    db, changes = run.db, run.diff('nifti_headers', ':all', all=reanalyze)
     vanished = 'from nifti_headers h where not exists (select 1 from temp.scan s where s.path = h.path and s.dicom = 1)'
     with db.atomic():
         db.execute('insert or ignore into nifti_touched select h.series_key from nifti_headers h join temp.todo t on t.path = h.path '
@@ -80,7 +77,7 @@ def _plan_headers(db, reanalyze:bool) -> tuple[int, int]:
         db.execute(f'insert or ignore into nifti_touched select h.series_key {vanished} and h.series_key is not null')
         gone = db.execute(f'select count(*) {vanished}').fetchone()[0]
         db.execute(f'delete from nifti_headers where path in (select h.path {vanished})')
-    return db.execute('select count(*) from temp.todo').fetchone()[0], gone
+    return changes, gone
 
 def _read_headers(item:Found, root) -> FileRecord:
     "Worker: the header record of `item` (its path relative to `root`), recording that relative path."
@@ -93,8 +90,8 @@ def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
                     batch_size:int=500, # headers per commit
                    ) -> dict:
     "Bring `nifti_headers` up to date with the scanned tree; returns counts read/gone/unreadable/pending."
-    todo, gone = _plan_headers(run.db, reanalyze)
-    items = (Found(Path(p), study, size, mtime_ns) for p, study, size, mtime_ns in run.pages('todo', 'path, study_id, size, mtime_ns'))
+    changes, gone = _plan_headers(run, reanalyze)
+    todo, items = len(changes), (Found(Path(c.path), c.study_id, c.size, c.mtime_ns) for c in changes)
     n = run.stream(partial(_read_headers, root=run.dicom_dir), items, partial(_write_headers, key=run.key), batch_size, phase='Headers',
                    label='headers', timeout=HEADER_TIMEOUT, count=_header_status, total=todo)
     return dict(read=n, gone=gone, unreadable=run.counts['headers_unreadable'], pending=todo - n)
@@ -327,16 +324,26 @@ def _drop_unusable(run:Run):
 ANALYSIS_SETTINGS = {'spacing_tol', 'philips_scaling', 'resample'}   # settings whose change means analysing again
 SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None)   # what databases made before these settings existed used
 
-def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, philips_scaling:str, resample:bool) -> dict:
+def _reanalyse(run:Run, o:NiftiOptions) -> bool: return o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending)   # every header and series again
+
+def _refresh(run:Run, o:NiftiOptions) -> dict:
+    "Forget the names of a changed template, scan the tree, read the headers that changed; returns `refresh_headers`' counts."
+    if 'name_template' in run.pending: _forget_names(run)
+    run.scan('nifti_headers', o.follow_symlinks)
+    h = refresh_headers(run, _reanalyse(run, o))
+    if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
+    return h
+
+def _analyse(run:Run, h:dict, o:NiftiOptions) -> dict:
     "Analyse the series whose files changed (every series if asked, or the first time); returns verdict counts of the table."
-    t, db = run.phase('Analysis'), run.db
+    t, db, reanalyze = run.phase('Analysis'), run.db, _reanalyse(run, o)
     with db.atomic():      # series of unnamed `ok` volumes (a new name template) are analysed again to be named
         db.execute("insert or ignore into nifti_touched select series_uid from volumes where verdict='ok' and output_name is null")
     touched = db.execute('select count(*) from nifti_touched').fetchone()[0]
     if h['pending']: n = 0
     elif reanalyze or not db['volumes'].count or touched or h['gone']:
         every = reanalyze or not db['volumes'].count
-        n = store_analysis(db, template, spacing_tol, philips_scaling, resample, None if every else 'nifti_touched', key=run.key)
+        n = store_analysis(db, o.template, o.spacing_tol, o.philips_scaling, o.resample, None if every else 'nifti_touched', key=run.key)
         for k in ANALYSIS_SETTINGS & run.pending: run.done_with(k)
         run.notes.append(f"Analysis: {n:,} series analysed" + ('' if every else ' (those whose files changed)'))
     else:
@@ -347,11 +354,17 @@ def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, p
     return verdicts
 
 # %% ../nbs/11_nifti.ipynb #deaf9114
-def _finish(run:Run, h:dict, verdicts:dict, counts:dict):
-    "Count the verdicts into `run` and finish it: on the headers while some are pending, else on the volumes."
+def _convert(run:Run, h:dict, o:NiftiOptions) -> dict:
+    "Convert the volumes that need it, unless headers are still pending or only the analysis was asked for; returns counts."
+    return {} if h['pending'] or o.analysis_only else convert_volumes(run, o.batch_size, o.sidecar, o.follow_symlinks, o.deidentify)
+
+def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> NiftiResult:
+    "Count the verdicts into `run` and finish it (on the headers while some are pending, else on the volumes); export the CSV."
     run.counts.update({f'verdict_{k}': v for k, v in verdicts.items()})
     if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
     else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
+    if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
+    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
 
 @delegates(NiftiOptions)
 def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
@@ -361,23 +374,11 @@ def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively
                    **kwargs, # any field of `NiftiOptions`, e.g. `n_workers=0`; an old spelling warns
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    given = {k: v for k, v in dict(dicom_dir=dicom_dir, output_dir=output_dir).items() if v is not None}
-    o = (type(options) if options else NiftiOptions).make(options, **given, **kwargs)
-    if o.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
-    out = o.output_dir or 'dicom_prep_out'
-    with open_run('nifti', o.dicom_dir, out, o.db_path, o.guarded(), o.force, '--force', o.n_workers, o.scheduler, o.quiet, temp_dirs=('nifti',),
-                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(o.pseudonymize, o.private_state, out), salt=o.salt,
-                  worker_memory=o.worker_memory, rebase=o.rebase) as run:
-        if 'name_template' in run.pending: _forget_names(run)
-        run.scan('nifti_headers', o.follow_symlinks)
-        h = refresh_headers(run, o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
-        if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
-        verdicts = _analyse(run, h, o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending), o.template, o.spacing_tol, o.philips_scaling, o.resample)
-        counts = convert_volumes(run, o.batch_size, o.sidecar, o.follow_symlinks, o.deidentify) if not (h['pending'] or o.analysis_only) else {}
-        _finish(run, h, verdicts, counts)
-        if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
-        return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
-
+    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    with open_run('nifti', o, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
+        h = _refresh(run, o)
+        verdicts = _analyse(run, h, o)
+        return _finish(run, o, h, verdicts, _convert(run, h, o))
 
 # %% ../nbs/11_nifti.ipynb #fbc3fd57
 EXAMPLE = "dicom_prep_nifti --dicom-dir scans --output-dir prepared --sidecar --workers 8"

@@ -8,15 +8,15 @@ Docs: https://dicom-prep.github.io/dicom_prep/options.html.md"""
 
 # %% ../nbs/01b_options.ipynb #53ba11b6
 from __future__ import annotations
-import ast, inspect, io, linecache, textwrap, tokenize, warnings
+import ast, functools, inspect, io, linecache, textwrap, tokenize, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
 
 # %% auto #0
-__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'UsageError', 'flag', 'derived', 'field_docs',
-           'Flag', 'Options', 'RunOptions', 'parse_window', 'ImageOptions']
+__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'UsageError', 'flag', 'derived', 'deprecated',
+           'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window', 'ImageOptions']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -35,6 +35,26 @@ def flag(default, # the value when the flag is not given
 
 def derived(): return field(default=None, init=False, repr=False, compare=False)   # a value `__post_init__` computes from the flags
 
+
+# %% ../nbs/01b_options.ipynb #96f1a185
+def deprecated(old:str, # the old spelling
+               new:str, # the new one
+               stacklevel:int=3, # the caller to blame, as `warnings.warn` counts
+              ):
+    "Warn that keyword `old` is deprecated in favour of `new`."
+    warnings.warn(f"{old}= is deprecated, use {new}= (the old spelling goes in the next release)", DeprecationWarning, stacklevel=stacklevel)
+
+def renamed(**old:str, # old=new spellings of the function's parameters
+           ):
+    "Decorator: the function also takes the old spellings of its renamed parameters, each with a `DeprecationWarning` naming the new one."
+    def wrap(f):
+        @functools.wraps(f)
+        def _f(*args, **kw):
+            for o, n in old.items():
+                if o in kw: deprecated(o, n); kw[n] = kw.pop(o)
+            return f(*args, **kw)
+        return _f
+    return wrap
 
 # %% ../nbs/01b_options.ipynb #9380449d
 def _class_source(cls) -> str:
@@ -85,16 +105,16 @@ class Options:
                 for f in fields(cls) if (m := f.metadata) and m['cli'] != '']
 
     @classmethod
-    def make(cls, base:Options|None=None, # options to start from [default: every field's default]
-             **kw, # field values; a deprecated spelling is renamed with a warning naming the new one
+    def make(cls, base:Options|None=None, # options to start from (of `cls` or a subclass) [default: every field's default]
+             **kw, # field values (over `base`, a None keeps its value); a deprecated spelling is renamed with a warning naming the new one
             ):
-        "Options from keyword values (over `base`): an unknown name is a `TypeError`; an old spelling warns and is renamed."
-        for f in fields(cls):
+        "Options from keyword values: an unknown name is a `TypeError`; an old spelling warns and is renamed."
+        for f in fields(base or cls):
             if (old := f.metadata.get('alias')) in kw:
-                warnings.warn(f"{old}= is deprecated, use {f.name}= (the old spelling goes in the next release)", DeprecationWarning, stacklevel=3)
+                deprecated(old, f.name, stacklevel=4)
                 if f.name in kw: raise TypeError(f"give {f.name}= or its old spelling {old}=, not both")
                 kw[f.name] = kw.pop(old)
-        return replace(base, **kw) if base is not None else cls(**kw)
+        return cls(**kw) if base is None else replace(base, **{k: v for k, v in kw.items() if v is not None})
 
     def guarded(self) -> dict:
         "The settings the settings guard records and compares: the fields marked `guard` (tuples as lists, as JSON gives them back)."

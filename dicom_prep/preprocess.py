@@ -27,8 +27,8 @@ from .pixels import (frame_group, frame_image, frame_image16, image_count, maker
 from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
                            SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
 from .parallel import TaskFailure
-from .options import ImageOptions, RunOptions, UsageError, derived, flag
-from .run import PAGE, RunOutcome, deidentify_flags, env_error, open_run, private_state_file, summary_block
+from .options import ImageOptions, RunOptions, UsageError, derived, flag, renamed
+from .run import PAGE, Diff, Run, RunOutcome, deidentify_flags, env_error, open_run, summary_block
 from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish
 
 
@@ -260,29 +260,22 @@ class Plan:
     done: int = 0          # unchanged, final
     failed_kept: int = 0   # failed earlier, not retried
     gone: int = 0          # recorded files missing from disk
+    changes: Diff|None = field(default=None, compare=False, repr=False)   # the files to process, each a `Change`
 
-def plan_run(db, # the run's database, after `Run.scan('files')`
+def plan_run(run:Run, # the open run, after `Run.scan('files')`
              force:bool=False, # redo every file
              retry_failed:bool=False, # redo files that failed before
              rebuild_since:int|None=None, # files last done before this run id are redone (an unfinished --force)
             ) -> Plan:
-    "Compare the scanned tree with `files` in SQL: files to (re)process go to `temp.todo`; paths in `temp.bad` (--verify) are redone."
+    "Diff the scanned tree against `files` (`Run.diff`): new and changed files, and those to redo (forced, rebuilt, failed, or in `temp.bad` by --verify)."
     failed = ', '.join(f"'{s}'" for s in FAILED)
-    db.execute('create temp table if not exists bad (path text primary key)')
-    db.execute('drop table if exists temp.todo')
-    db.execute(f"""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns, f.path is not null as overwrite,
-            (select count(*) from temp.scan c where c.clash_key = s.clash_key and c.dicom = 1) > 1 as meets
-        from temp.scan s left join files f on f.path = s.path
-        where s.dicom = 1 and (f.path is null or :force or f.size != s.size or f.mtime_ns != s.mtime_ns
-              or coalesce(f.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad)
-              or (:retry and f.status in ({failed})))
-        order by s.path""", dict(force=force, since=rebuild_since, retry=retry_failed))
-    count = lambda sql: db.execute(sql).fetchone()[0]
-    found, todo = count('select count(*) from temp.scan where dicom = 1'), count('select count(*) from temp.todo')
-    kept = 0 if retry_failed or force else count(f"""select count(*) from temp.scan s join files f on f.path = s.path where s.dicom = 1
-        and f.status in ({failed}) and not exists (select 1 from temp.todo t where t.path = s.path)""")
-    gone = count('select count(*) from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1)')
-    return Plan(found, todo, found - todo - kept, kept, gone)
+    run.db.execute('create temp table if not exists bad (path text primary key)')
+    redo = f":force or coalesce(k.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad) or (:retry and k.status in ({failed}))"
+    changes = run.diff('files', redo, force=force, since=rebuild_since, retry=retry_failed)
+    found = run.n_found()
+    kept = 0 if retry_failed or force else run.left('files', f"k.status in ({failed})")
+    gone = run.db.execute('select count(*) from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1)').fetchone()[0]
+    return Plan(found, len(changes), found - len(changes) - kept, kept, gone, changes)
 
 # %% ../nbs/07_preprocess.ipynb #a16052ac
 def _nocase(name:str) -> bytes: return name.encode('utf-8', 'surrogatepass').lower()   # SQLite's NOCASE: ASCII letters only
@@ -349,6 +342,7 @@ def _as_result(task:FileTask, res, output_dir) -> FileResult:
     return FileResult(str(task.found.path), res.status, res.message)
 
 # %% ../nbs/07_preprocess.ipynb #9b2920f2
+@renamed(out_dir='output_dir')
 def write_batch(db, # the run's database
                 batch:list, # `(FileTask, FileResult | TaskFailure)` pairs
                 output_dir, # the output folder
@@ -403,6 +397,7 @@ def _verify_images(db, output_dir, key=None) -> int:
     with db.atomic(): db.conn.executemany('insert or ignore into temp.bad values (?)', ((p,) for p in paths))
     return db.execute('select count(*) from temp.bad b join temp.scan s on s.path = b.path and s.dicom = 1').fetchone()[0]
 
+@renamed(out_dir='output_dir')
 def sweep_orphans(db, # the run's database
                   output_dir, # the output folder
                  ) -> int:
@@ -445,13 +440,13 @@ def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
 
 # %% ../nbs/07_preprocess.ipynb #945e931a
 def _discover(run, opts:PreprocessOptions) -> Plan:
-    "Scan the tree and plan the run against the `files` table (the files to process wait in `temp.todo`)."
+    "Scan the tree and plan the run against the `files` table (`Plan.changes`: the files to process)."
     stats, db, verify, prune = run.scan('files', opts.follow_symlinks), run.db, opts.verify, opts.prune
     t = run.phase('Plan')
     if (run.unfinished or verify) and (n := sweep_orphans(db, run.output_dir)):
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
     n_bad = _verify_images(db, run.output_dir, run.key) if verify else 0
-    plan = plan_run(db, force=run.rebuild, retry_failed=opts.retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
+    plan = plan_run(run, force=run.rebuild, retry_failed=opts.retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
     if plan.gone and prune:
         _check_prune(plan, db.execute('select count(*) from files').fetchone()[0], run.dicom_dir, run.rebuild)
         _prune(db, run.output_dir, run.key)
@@ -463,12 +458,12 @@ def _discover(run, opts:PreprocessOptions) -> Plan:
     run.say(f"Processing {plan.todo:,} files with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     return plan
 
-def _tasks(run):
+def _tasks(run, changes):
     "Yield the plan's tasks a page at a time, each with its study and collision-free stem (pseudonymised files are named by their worker)."
-    for page in chunked(run.pages('todo', 'path, study_id, size, mtime_ns, overwrite, meets'), PAGE):
-        stems = [''] * len(page) if run.key else file_stems(run.db, [(path, study, bool(m)) for path, study, *_, m in page], run.dicom_dir)
-        for (path, study, size, mtime_ns, overwrite, _), stem in zip(page, stems, strict=True):
-            yield FileTask(Found(Path(path), study, size, mtime_ns), bool(overwrite), '' if run.key else study, stem)
+    for page in chunked(changes, PAGE):
+        stems = [''] * len(page) if run.key else file_stems(run.db, [(c.path, c.study_id, c.meets) for c in page], run.dicom_dir)
+        for c, stem in zip(page, stems, strict=True):
+            yield FileTask(Found(Path(c.path), c.study_id, c.size, c.mtime_ns), c.known, '' if run.key else c.study_id, stem)
 
 def _work(task:FileTask, opts:ImageOptions, root, output_dir) -> FileResult:
     "Worker entry point: process one planned file with `opts` (new PNGs in place unless the index holds the file: a row may name them)."
@@ -528,7 +523,7 @@ def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_erro
 
 def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
     "Process the planned files in parallel, writing their rows a batch at a time; returns how many files were done."
-    return run.stream(partial(_work, opts=opts, root=run.dicom_dir, output_dir=run.output_dir), _tasks(run),
+    return run.stream(partial(_work, opts=opts, root=run.dicom_dir, output_dir=run.output_dir), _tasks(run, plan.changes),
                       partial(write_batch, output_dir=run.output_dir, run_id=run.run_id, fractions=opts.fractions, key=run.key), opts.batch_size,
                       total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal)
 
@@ -542,13 +537,8 @@ def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
                **kwargs, # any field of `PreprocessOptions`, e.g. `n_workers=0`; an old spelling warns
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    given = {k: v for k, v in dict(dicom_dir=dicom_dir, output_dir=output_dir).items() if v is not None}
-    opts = (type(options) if options else PreprocessOptions).make(options, **given, **kwargs)
-    if opts.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
-    out = opts.output_dir or 'dicom_prep_out'
-    with open_run('preprocess', opts.dicom_dir, out, opts.db_path, opts.guarded(), opts.force, workers=opts.n_workers, scheduler=opts.scheduler,
-                  quiet=opts.quiet, temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private_state_file(opts.pseudonymize, opts.private_state, out),
-                  salt=opts.salt, worker_memory=opts.worker_memory, rebase=opts.rebase) as run:
+    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    with open_run('preprocess', opts, temp_dirs=('images',), defaults=SETTING_DEFAULTS) as run:
         plan = _discover(run, opts)
         return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
 

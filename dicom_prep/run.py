@@ -14,10 +14,10 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 from fastcore.basics import patch
 from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command
-from .options import UsageError
+from .options import RunOptions, UsageError
 from .io import is_dicom, sample_data_dirs, walk_entries
 from .db import (DbLock, Deidentify, UnsafePath,
                            attach_private, batched, check_settings, checkpoint, finish_run, folder_owner, get_meta, is_pseudonymised,
@@ -28,8 +28,9 @@ from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, l
 
 # %% auto #0
 __all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'env_error',
-           'check_folders', 'Run', 'memory_capped', 'process_age', 'console_started', 'sweep_temps', 'open_run',
-           'claim_output', 'private_state_file', 'deidentify_flags', 'sample_tree']
+           'check_folders', 'RunConfig', 'Run', 'memory_capped', 'process_age', 'console_started', 'sweep_temps',
+           'Ledger', 'open_run', 'claim_output', 'private_state_file', 'deidentify_flags', 'Change', 'Diff',
+           'sample_tree']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -80,29 +81,39 @@ def check_folders(dicom_dir, # the source tree
     except OSError as e: raise UsageError(f"output folder not writable: {output_dir} ({e.strerror})") from None
 
 # %% ../nbs/06_run.ipynb #b2fd9643
+@dataclass(frozen=True)
+class RunConfig:
+    "What a run was opened with, fixed while it lasts: where it reads and writes, its workers, memory cap and pseudonym key."
+    kind: str                 # pipeline name, as in `runs.kind`
+    db_path: Path
+    dicom_dir: Path           # the source root, without its symlinks
+    output_dir: Path
+    workers: int = 2          # worker processes (0: serial, in-process)
+    scheduler: str|None = None   # Dask: 'local' or an address; None: the local pool
+    quiet: bool = False       # no progress, no messages
+    memory: int|None = None   # bytes each worker may allocate (None: no cap)
+    key: str|None = None      # the pseudonym key when the index is pseudonymised (its private state attached)
+
 @dataclass
 class Run:
-    "A run in progress: its database and record, how to tell it should stop, and what it will report."
-    kind: str                 # pipeline name, as in `runs.kind`
+    "A run in progress: its configuration, database and record, how to tell it should stop, and what it will report."
+    config: RunConfig
     db: object                # the sqlite-utils Database
-    db_path: Path
-    dicom_dir: Path
-    output_dir: Path
     run_id: int
     rebuild: bool             # settings changed (forced) or --force: redo every output
     pending: set              # settings changed by a forced rebuild whose preparatory steps are not done yet
     unfinished: bool          # the previous run of this kind did not complete: it may have left stray outputs
     stop: Callable            # True once the user asked to stop
-    quiet: bool = False       # no progress, no messages
-    workers: int = 2
-    scheduler: str|None = None
     timers: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
     status: str = 'running'
-    key: str|None = None      # the pseudonym key when the index is pseudonymised (its private state attached)
-    memory: int|None = None   # bytes each worker may allocate (None: no cap)
+
+    def __getattr__(self, name):
+        "The configuration's fields, read as the run's own (`run.output_dir`, `run.key`, ...)."
+        if name.startswith('__') or 'config' not in self.__dict__: raise AttributeError(name)
+        return getattr(self.config, name)
 
     def say(self, msg:str):
         "Print a progress message unless quiet."
@@ -236,42 +247,42 @@ def _ended(run:Run, exc:BaseException|None) -> str:
     return 'interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed'
 
 # %% ../nbs/06_run.ipynb #7d105dda
+@dataclass
+class Ledger:
+    "What opening a run's database settled: the database, the run's row, what is redone or pending, how the last run ended, the key."
+    db: object
+    run_id: int
+    rebuild: bool
+    pending: set
+    unfinished: bool
+    key: str|None
+
 @contextmanager
 def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
-             dicom_dir, # the source tree
-             output_dir, # the output folder
-             db_path=None, # the database [default: OUTPUT_DIR/dicom_prep.db]
-             settings:dict|None=None, # output-shaping settings, guarded against change
-             force:bool=False, # accept changed settings and redo everything
-             force_flag:str='--force', # the option named when refusing changed settings
-             workers:int=2, # worker processes (0: serial)
-             scheduler:str|None=None, # Dask scheduler ('local' or an address); None: the local pool
-             quiet:bool=False, # no progress output
+             opts:RunOptions, # the folders, workers, what to redo, privacy (`options.RunOptions`)
+             settings:dict|None=None, # output-shaping settings, guarded against change [default: `opts.guarded()`]
              temp_dirs:tuple=(), # output subfolders where workers write temporary files
              should_stop:Callable|None=None, # an extra stop condition (besides Ctrl+C)
              defaults:dict|None=None, # values of settings added later, for databases recorded without them
-             private=None, # a private state file: pseudonymise, keeping source paths and the key there
-             salt:str|None=None, # the user's pseudonym secret (with `private`) instead of a kept random key
-             worker_memory:int|None=None, # MiB each worker (workers=0: each item, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
-             rebase:bool=False, # the same files moved: accept a new source root (source paths are relative to it)
             ):
     "Open a run of `kind`: lock, settings and source-root guard, run record, interrupts; yields the `Run` and records how it ended."
     t_open = _startup_timer()
-    given, output_dir = Path(dicom_dir).absolute(), Path(output_dir).absolute()
-    db_path = Path(db_path or output_dir/'dicom_prep.db').absolute()
+    if opts.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
+    given, output_dir = Path(opts.dicom_dir).absolute(), Path(opts.output_dir or 'dicom_prep_out').absolute()
+    db_path = Path(opts.db_path or output_dir/'dicom_prep.db').absolute()
     check_folders(given, output_dir)
     dicom_dir = Path(os.path.realpath(given))          # one spelling of the tree, whichever alias or relative path named it
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
-    if workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {workers}")
-    if scheduler: require_dask()
+    if opts.scheduler: require_dask()
+    private = private_state_file(opts.pseudonymize, opts.private_state, output_dir)
     with DbLock(db_path):
-        try: db, run_id, pending, rebuild, unfinished, key = _setup(kind, db_path, (dicom_dir, given), output_dir, settings or {}, force,
-                                                                    force_flag, defaults, temp_dirs, private, salt, rebase)
+        try: got = _setup(kind, db_path, (dicom_dir, given), output_dir, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
+        config = RunConfig(kind, db_path, dicom_dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers), got.key)
         with graceful_interrupts() as signalled:
-            run = Run(kind, db, db_path, dicom_dir, output_dir, run_id, rebuild, pending, unfinished, lambda: signalled() or bool(should_stop and should_stop()),
-                      quiet, workers, scheduler, key=key, memory=_memory(worker_memory, workers), timers=[t_open.stop()])
+            run = Run(config, got.db, got.run_id, got.rebuild, got.pending, got.unfinished, lambda: signalled() or bool(should_stop and should_stop()),
+                      timers=[t_open.stop()])
             yield from _lifecycle(run, temp_dirs)
 
 # %% ../nbs/06_run.ipynb #72decf19
@@ -318,37 +329,37 @@ def deidentify_flags(pseudonymize:bool, # --pseudonymize
     try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
     except ValueError as e: raise UsageError(str(e)) from None
 
-def _setup(kind, db_path, roots, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt, rebase) -> tuple:
+def _setup(kind, db_path, roots, output_dir, settings, opts:RunOptions, defaults, temp_dirs, private) -> Ledger:
     "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
-    taken_over = claim_output(output_dir, db_path, force, force_flag)
+    taken_over = claim_output(output_dir, db_path, opts.force)
     db = open_db(db_path)
     if not private and is_pseudonymised(db):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
-    key = attach_private(db, private, salt) if private else None
+    key = attach_private(db, private, opts.salt) if private else None
     redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, roots)
-    pending, rebuild = _settle_settings(db, kind, settings, roots[0], force, force_flag, defaults, redact, rebase)
+    pending, rebuild = _settle_settings(db, kind, settings, roots[0], opts.force, defaults, redact, opts.rebase)
     relativize_sources(db, kind, spellings, key)
     record_output_dir(db, kind, output_dir)
     if (unfinished := _unfinished(db, kind) or taken_over):     # a folder taken over may hold another index's images
         for d in temp_dirs: sweep_temps(output_dir/d)
     run_id = start_run(db, kind, settings, roots[0], redact)
     if rebuild: set_meta(db, f'{kind}_rebuild_since', run_id)
-    return db, run_id, pending, rebuild, unfinished, key
+    return Ledger(db, run_id, rebuild, pending, unfinished, key)
 
 def _memory(mib:int|None, workers:int) -> int|None:
     "Bytes each worker may allocate: `mib` MiB, a safe share of the machine's RAM when None, no cap when 0."
     if mib is None: return default_worker_memory(workers)
     return mib << 20 if mib > 0 else None
 
-def _settle_settings(db, kind, settings, dicom_dir, force, force_flag, defaults, redact=None, rebase=False) -> tuple[set, bool]:
+def _settle_settings(db, kind, settings, dicom_dir, force, defaults, redact=None, rebase=False) -> tuple[set, bool]:
     "Check `settings` and the source root against the database's (refusing a change unless forced or rebased); returns (pending changes, rebuild)."
     previous = get_meta(db, f'{kind}_settings')
     previous = {**(defaults or {}), **previous} if previous else {}
     changed = {k for k, v in settings.items() if previous and previous.get(k) != v}
     with db.atomic():
         if previous: set_meta(db, f'{kind}_settings', previous)
-        rebuild = check_settings(db, kind, settings, dicom_dir, force, force_flag, redact, rebase) or force
+        rebuild = check_settings(db, kind, settings, dicom_dir, force, '--force', redact, rebase) or force
         pending = set(get_meta(db, f'{kind}_pending') or []) | changed
         set_meta(db, f'{kind}_pending', sorted(pending) or None)
     return pending, rebuild
@@ -454,6 +465,50 @@ def pages(self:Run,
     last, sql = 0, f'select rowid, {columns} from temp.{table} where rowid > ? order by rowid limit ?'
     while rows := self.db.execute(sql, [last, PAGE]).fetchall():
         for last, *row in rows: yield row
+
+class Change(NamedTuple):
+    "A scanned DICOM file the plan (re)does."
+    path: str                 # relative to the source root
+    study_id: str             # its first folder
+    size: int
+    mtime_ns: int
+    known: bool               # the pipeline's table has a row for it (its outputs are replaced)
+    meets: bool               # another scanned DICOM file's name meets its name, ignoring case
+
+@dataclass
+class Diff:
+    "The scanned DICOM files a run must (re)do against the pipeline's table of recorded files: how many, and each as a `Change`."
+    run: Run
+    n: int                    # how many
+
+    def __len__(self): return self.n
+    def __iter__(self):
+        "Each `Change`, in path order, read a page at a time (a plan never sits in memory)."
+        for row in self.run.pages('todo', 'path, study_id, size, mtime_ns, known, meets'): yield Change(*row)
+
+@patch
+def diff(self:Run,
+         known:str, # the pipeline's table of recorded files (`path`, `size`, `mtime_ns`), as `k` in `redo`
+         redo:str='0', # SQL over `k` and the scanned row `s`: unchanged files it selects are redone too
+         **params, # values of the named parameters (`:name`) of `redo`
+        ) -> Diff:
+    "Diff the last `scan` against table `known`: the DICOM files that are new, changed, or selected by `redo`."
+    self.db.execute('drop table if exists temp.todo')
+    self.db.execute(f"""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns, k.path is not null as known,
+            (select count(*) from temp.scan c where c.clash_key = s.clash_key and c.dicom = 1) > 1 as meets
+        from temp.scan s left join {known} k on k.path = s.path
+        where s.dicom = 1 and (k.path is null or k.size != s.size or k.mtime_ns != s.mtime_ns or {redo})
+        order by s.path""", params)
+    return Diff(self, self.db.execute('select count(*) from temp.todo').fetchone()[0])
+
+@patch
+def left(self:Run,
+         known:str, # the table the last `diff` compared with, as `k`
+         where:str='1', # SQL over `k`: which of the files left alone to count
+        ) -> int:
+    "How many scanned DICOM files the last `diff` left alone whose `known` row matches `where`."
+    return self.db.execute(f"""select count(*) from temp.scan s join {known} k on k.path = s.path where s.dicom = 1 and ({where})
+        and not exists (select 1 from temp.todo t where t.path = s.path)""").fetchone()[0]
 
 # %% ../nbs/06_run.ipynb #0dc95772
 def sample_tree(dest, # folder to create the links in
