@@ -62,10 +62,10 @@ def cli_args(cls:type[Options], # the options of the library call
              doc:str, # what the command does
              example:str, # a command line for `--help`
              argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
-             extra:type[Options]=ScriptFlags, # the console script's own flags
+             extra:type[Options]|None=ScriptFlags, # the console script's own flags (None: none)
             ) -> tuple[dict, dict]:
     "Parse `argv`: (keywords of `cls`, keywords of `extra`)."
-    ns, mine = vars(cli_parser(cls, extra, doc=doc, example=example).parse_args(argv)), {f.name for f in fields(cls)}
+    ns, mine = vars(cli_parser(cls, *[extra] * bool(extra), doc=doc, example=example).parse_args(argv)), {f.name for f in fields(cls)}
     return {k: v for k, v in ns.items() if k in mine}, {k: v for k, v in ns.items() if k not in mine}
 
 
