@@ -16,7 +16,7 @@ from .options import GROUPS, Flag, Options, UsageError, flag
 
 
 # %% auto #0
-__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
+__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
 
 # %% ../nbs/06a_cli.ipynb #e0dd2cb1
 @dataclass(frozen=True)
@@ -68,6 +68,18 @@ def cli_args(cls:type[Options], # the options of the library call
     ns, mine = vars(cli_parser(cls, *[extra] * bool(extra), doc=doc, example=example).parse_args(argv)), {f.name for f in fields(cls)}
     return {k: v for k, v in ns.items() if k in mine}, {k: v for k, v in ns.items() if k not in mine}
 
+
+# %% ../nbs/06a_cli.ipynb #7ca3e170
+def options_table(*classes:type[Options], # the option dataclasses, as `cli_parser` takes them
+                 ) -> str:
+    "Markdown tables of every flag of `classes`, one per `--help` section: flag, default, meaning."
+    flags = [f for cls in classes for f in cls.flags()]
+    out = []
+    for g in GROUPS:
+        rows = [f"| `--{f.cli.replace('_', '-')}` | `{None if f.default == () else f.default}` | {f.help.replace('|', chr(92) + '|')} |"
+                for f in flags if f.group == g]
+        if rows: out += [f"**{g}**", '', '| flag | default | meaning |', '|---|---|---|', *rows, '']
+    return '\n'.join(out)
 
 # %% ../nbs/06a_cli.ipynb #24d195a6
 def cli_error(msg, # what is wrong, in one line
