@@ -11,7 +11,7 @@ from pathlib import Path
 from fastcore.nbio import read_nb, write_nb
 from nbdev.test import _skip_cell      # the cells nbdev-test skips (`#| eval: false`) are skipped here too
 from execnb.shell import CaptureShell
-from dicom_prep.synth import block_network   # notebooks run offline, as nbdev-test runs them
+from dicom_prep.faults import block_network   # notebooks run offline, as nbdev-test runs them
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import os, sys, tempfile
 from contextlib import contextmanager
 from functools import partial
 import pydicom
-import dicom_prep.core, dicom_prep.io, dicom_prep.parallel, dicom_prep.pixels, dicom_prep.run
+import dicom_prep.core, dicom_prep.guards, dicom_prep.parallel, dicom_prep.pixels, dicom_prep.read, dicom_prep.run
 mode = sys.argv.pop(1)
 if mode == 'on':
     memory = dicom_prep.parallel.default_worker_memory(2)
@@ -32,8 +32,8 @@ else:
         try: yield dicom_prep.core.Path(tmp); os.replace(tmp, dest)
         except BaseException: dicom_prep.core.Path(tmp).unlink(missing_ok=True); raise
     dicom_prep.pixels.atomic_path = atomic_path
-    dicom_prep.io._dcmread = lambda path, headers_only, max_pixels: pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
-    dicom_prep.io._encapsulated = lambda ds: False               # check_size: the header's product only
+    dicom_prep.read._dcmread = lambda path, headers_only, max_pixels: pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
+    dicom_prep.guards._encapsulated = lambda ds: False               # check_size: the header's product only
     dicom_prep.pixels.check_frame = lambda ds, index=0, max_pixels=0: None
     dicom_prep.parallel.die_with_parent = lambda parent, pdeathsig=True: None
 from dicom_prep.preprocess import main
@@ -43,7 +43,7 @@ main()
 def build(root:Path, n:int, n_jpeg:int, size:int) -> int:
     "`n` native files of size² (synth_clones) and `n_jpeg` baseline-JPEG colour files; returns the file count."
     from pydicom import dcmread
-    from dicom_prep.io import sample_file
+    from dicom_prep.sources import sample_file
     from pydicom.uid import generate_uid
     from dicom_prep.synth import synth_clones
     synth_clones(root/'native', n, size=size)
@@ -77,20 +77,20 @@ def per_call(fn, n:int=2000) -> float:
 def guard_costs(src:Path):
     "Print the per-file cost of each guard, measured on its own, next to what it guards."
     import pydicom
-    from dicom_prep.io import sample_file
-    import dicom_prep.io as dio
+    from dicom_prep.sources import sample_file
+    import dicom_prep.guards as guards, dicom_prep.read as read
     from dicom_prep.core import atomic_path
     from dicom_prep.parallel import die_with_parent
     native = next(p for p in (src/'native').rglob('*') if p.is_file())
     ds, jpeg = pydicom.dcmread(native), pydicom.dcmread(sample_file('SC_rgb_jpeg_dcmtk.dcm'))
-    rows = [('read (with the deflate check)', lambda: dio._dcmread(native, False, dio.MAX_PIXELS)),
+    rows = [('read (with the deflate check)', lambda: read._dcmread(native, False, guards.MAX_PIXELS)),
             ('read (pydicom.dcmread alone)', lambda: pydicom.dcmread(native, force=True)),
-            ('check_size, native file', lambda: dio.check_size(ds)),
-            ('check_size, JPEG (codestream too)', lambda: dio.check_size(jpeg))]
+            ('check_size, native file', lambda: guards.check_size(ds)),
+            ('check_size, JPEG (codestream too)', lambda: guards.check_size(jpeg))]
     for name, fn in rows: print(f"  {name:36s} {per_call(fn, 500):8.1f} µs")
-    real, dio._encapsulated = dio._encapsulated, lambda ds: False
-    print(f"  {'check_size, JPEG (header only)':36s} {per_call(lambda: dio.check_size(jpeg), 500):8.1f} µs")
-    dio._encapsulated = real
+    real, guards._encapsulated = guards._encapsulated, lambda ds: False
+    print(f"  {'check_size, JPEG (header only)':36s} {per_call(lambda: guards.check_size(jpeg), 500):8.1f} µs")
+    guards._encapsulated = real
     d = Path(tempfile.mkdtemp())
     def write():
         with atomic_path(d/'x.png') as p: p.write_bytes(b'x')

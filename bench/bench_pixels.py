@@ -8,7 +8,7 @@ and the ratio is printed (target: pydicom / dicom_prep >= 1.5).
 """
 import time
 import pydicom
-from dicom_prep.io import sample_file
+from dicom_prep.sources import sample_file
 from pydicom.pixels import pixel_array
 from dicom_prep.pixels import decode_frame
 

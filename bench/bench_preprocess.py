@@ -18,7 +18,8 @@ import numpy as np, pydicom
 from PIL import Image
 from pydicom.uid import RLELossless, JPEG2000Lossless
 from dicom_prep.synth import synth_cine, synth_ct, synth_dicom
-from dicom_prep.io import find_dicoms, frame_count
+from dicom_prep.sources import find_dicoms
+from dicom_prep.guards import frame_count
 
 def build(root, n_ct, n_multi, frames, n_comp):
     "Write the corpus under `root`; return (files, frames)."

@@ -5,19 +5,27 @@ Modules:
 - `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
-- `dicom_prep.export`: From the index to a training loop: the images as a DataFrame with your labels joined, and exports every framework reads — CSV/Parquet manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json.
-- `dicom_prep.io`: Discovery of DICOM files in a tree, and reading them with clear errors.
+- `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
+- `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
+- `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
+- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 - `dicom_prep.options`: Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. Locally on fastcore's process pool, or on Dask.
+- `dicom_prep.paths`: Where an index's outputs live: every path it stores is relative, every path read back is resolved strictly under its root, and each output folder names the index it belongs to.
 - `dicom_prep.pixels`: One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 - `dicom_prep.preprocess`: The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per source file out. Parallel, idempotent, resumable after any crash.
+- `dicom_prep.privacy`: What a shared index may hold: keyed pseudonyms, a private state for the source paths and the key, and a positive list of the attributes a pseudonymised index keeps.
+- `dicom_prep.read`: Read a file with one clear error that names it and says why: not DICOM, cut short, or a deflate bomb.
 - `dicom_prep.run`: The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
+- `dicom_prep.sources`: Where DICOM files come from: a source lists its entries, each with a stable key and a change token, and opens their bytes.
 - `dicom_prep.status`: `dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their reasons, the last runs — without touching it.
-- `dicom_prep.synth`: Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets, fast bulk corpora, and the offline guard every test runs under.
+- `dicom_prep.synth`: Every well-formed synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, Siemens mosaic and UIH grids, in-memory datasets and fast bulk corpora.
+- `dicom_prep.tags`: Every way to read a value from a dataset: quick keyword access, plain text and numbers from the raw bytes, a frame's functional groups, defensive parsers.
+- `dicom_prep.vendor`: What scanner makers keep outside the standard tags: Siemens CSA headers and mosaics, GE, Philips and UIH private elements, in one place.
 - `dicom_prep.volumes`: Records → volumes: which frames form one volume, its measured geometry, and a verdict from one table of rules."""
 
 __version__ = "0.0.1"

@@ -116,7 +116,9 @@ def cli_run(run:Callable, # the call the console script makes
            ):
     "Call `run()` for a CLI: exit 2 on unusable arguments, 1 when the run failed, 130 on a hard interrupt."
     import sqlite3
-    from dicom_prep.db import DbBusyError, NewerIndexError, PrivateStateError, SettingsMismatch, UnsafePath
+    from dicom_prep.db import DbBusyError, NewerIndexError, SettingsMismatch
+    from dicom_prep.paths import UnsafePath
+    from dicom_prep.privacy import PrivateStateError
     from dicom_prep.run import RunFailed, resume_hint
     try: return run()
     except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, NewerIndexError, UnsafePath, ImportError, *usage) as e: cli_error(e)

@@ -1,6 +1,9 @@
 """Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 
-Every layer uses these pieces and none of them knows about DICOM: `Timer` times a phase, `safe_component`, `readable_component`, `frame_filename` and `source_stem` turn folder and file names into unique, filesystem-safe output names, `atomic_path` writes a file all or nothing and `write_output` writes many small ones cheaply, neither through a symlink inside the output folder (`folder_fd`), and `Progress` shows a bar on a terminal and plain lines elsewhere.
+The small pieces every layer uses, none of which knows about DICOM: `Timer` times a phase; `safe_component`,
+`readable_component`, `frame_filename` and `source_stem` make unique, filesystem-safe output names; `atomic_path`,
+`write_output` and `folder_fd` write files all or nothing, never through a symlink inside the output folder; and
+`Progress` reports progress.
 
 Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
@@ -15,10 +18,10 @@ from pathlib import Path, PurePath
 
 # %% auto #0
 __all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FILE_MODE', 'MAX_OPEN_FOLDERS', 'RECHECK_AFTER',
-           'log', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
+           'log', 'ENV_ERRNOS', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
            'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
            'folder_fd', 'temp_of', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging',
-           'Progress', 'resume_command']
+           'Progress', 'resume_command', 'env_error']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -414,3 +417,16 @@ class Progress:
 def resume_command() -> str:
     "The command line this process was started with, ready to paste to resume."
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+# %% ../nbs/00_core.ipynb #fe70fc81
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
+              errno.EISDIR}                                                                                # a folder where an output goes
+
+def env_error(e:BaseException, # an exception raised while writing an output
+              where=None, # the folder being written, when the exception does not name a file
+             ) -> str|None:
+    "One line saying what is full, broken, forbidden or unsafe and where, if `e` is an environmental write error; else None."
+    if isinstance(e, UnsafeOutput): return str(e)
+    if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
+    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
+

@@ -1,7 +1,7 @@
 """The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer
 lock, runs, settings guard and hold-out splits.
 
-One SQLite file holds the state of every pipeline, under one schema version with migrations; `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and `assign_split` gives each patient a stable hold-out split. Every path the index stores is relative (output paths to the index's own folder, source paths to the source root), and every path read from an index is resolved strictly under its root (`inside`): a received index is untrusted input.
+One SQLite file holds the state of every pipeline, under one schema version with migrations. `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and `assign_split` gives each patient a stable hold-out split. The paths it stores follow `dicom_prep.paths`; pseudonyms and the private state are `dicom_prep.privacy`'s.
 
 Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
@@ -9,30 +9,21 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, hashlib, hmac, json, math, os, re, secrets, socket, sqlite3, stat, sys
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from functools import lru_cache
+import csv, json, math, os, re, socket, sqlite3, sys
+from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
-from pydicom.datadict import dictionary_VR, keyword_for_tag
-from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
 from .core import atomic_path, stable_hash, log, resume_command
+from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, same_path, strictly_under
 
 # %% auto #0
 __all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'OWNER_FILE', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'PRIVATE_TABLES',
-           'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE',
-           'NUMERIC_VRS', 'SHIFT_DAYS', 'SOURCE_COLUMNS', 'SPLIT_NAME', 'now', 'get_meta', 'set_meta', 'UnsafePath',
-           'db_file', 'inside', 'folder_owner', 'owns', 'mark_owner', 'index_path', 'record_output_dir',
-           'output_dir_of', 'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint',
-           'DbBusyError', 'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run',
-           'PrivateStateError', 'pseudonym', 'source_id', 'private_key', 'without_paths', 'is_pseudonymised',
-           'replace_rows', 'attach_private', 'SafePrivate', 'deidentified_keywords', 'numbers_only', 'Deidentify',
-           'parse_keep', 'date_offset', 'shifted', 'relativize_sources', 'connect_ro', 'export_csv', 'batched',
-           'check_split_name', 'parse_splits', 'assign_split']
+           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME', 'now', 'get_meta',
+           'set_meta', 'record_output_dir', 'output_dir_of', 'CorruptDbError', 'NewerIndexError', 'migrate',
+           'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock', 'SettingsMismatch', 'check_settings',
+           'start_run', 'finish_run', 'connect_ro', 'export_csv', 'batched', 'check_split_name', 'parse_splits',
+           'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 def _sqlite_utils_without_pandas():
@@ -151,12 +142,12 @@ def _mark_travelled(me:Path, rels:list):
     "Mark the export folders `rels` (relative to the folder of index `me`) that lie inside that folder as its own: they travelled with it."
     here = os.path.realpath(me.parent)
     for d in (Path(here)/rel for rel in rels):
-        if d.is_dir() and _under(os.path.realpath(d), here) and not _owner_line(d): mark_owner(d, me)
+        if d.is_dir() and strictly_under(os.path.realpath(d), here) and not owner_line(d): mark_owner(d, me)
 
 def _create_v6(db):
     "Output and export folders relative to the index's own folder, so that a folder can be moved or copied whole."
     if (me := db_file(db)) is None: return
-    owner = _owner_line(me.parent)
+    owner = owner_line(me.parent)
     roots = {get_meta(db, f'{k}_output_dir'): None for k in ('preprocess', 'nifti')}
     roots = {old: _legacy_dir(old, me.parent, owner) for old in roots if old and os.path.isabs(old)}
     for old, new in roots.items():
@@ -191,87 +182,7 @@ def set_meta(db, # the database
     "Store `value` (JSON-encoded) under `key` in `meta`."
     db['meta'].upsert(dict(key=key, value=json.dumps(value)), pk='key')
 
-# %% ../nbs/04_db.ipynb #f3eead1a
-class UnsafePath(Exception): "A path read from an index that leads outside its root: the index is damaged or hostile."
-
-def db_file(db, # an open index: a sqlite-utils `Database` or a `sqlite3.Connection`
-           ) -> Path|None:
-    "The file behind `db` (None for an in-memory database)."
-    name = db.execute('pragma database_list').fetchone()[2]
-    return Path(name) if name else None
-
-def _under(p:str, root:str) -> bool:
-    "True if absolute path `p` lies strictly under folder `root` (both without symlinks)."
-    return p != root and p.startswith(root.rstrip(os.sep) + os.sep)
-
-def _real(p:str, folders:dict) -> str:
-    "`os.path.realpath(p)`, each folder resolved once per `folders` (one pass over many rows shares it); a symlinked file itself."
-    try: link = stat.S_ISLNK(os.lstat(p).st_mode)
-    except OSError: link = False
-    if link: return os.path.realpath(p)
-    head, name = os.path.split(p)
-    if head not in folders: folders[head] = os.path.realpath(head)
-    return os.path.join(folders[head], name)
-
-def inside(root, # the folder the path must stay in
-           rel, # a path read from an index, relative to `root`
-           row:str, # the row and column it was read from, named in the refusal (e.g. "images row 'study_0/im0': thumbnail_path")
-           follow:bool=False, # let symlinks under `root` lead out of it (a source tree read with --follow-symlinks; a folder of ours, read and written only through `core.folder_fd`, which follows none)
-           folders:dict|None=None, # folder -> its real path, shared by the calls of one pass over many rows
-           within:str|None=None, # the subfolder of `root` it must lie in (`images`, `nifti`)
-          ) -> Path:
-    "`root/rel`; `UnsafePath` naming `row` unless `rel` is a plain relative path that stays strictly under `root` (`root/within`), symlinks resolved."
-    parts = [c for c in rel.split('/') if c not in ('', '.')] if isinstance(rel, str) and '\0' not in rel else []
-    folders, root = {} if folders is None else folders, os.fspath(root)
-    if not parts or rel.startswith('/') or '..' in parts: why = 'is not a plain relative path'
-    elif within and (parts[0] != within or len(parts) < 2): why = f'is not in its {within}/ folder'
-    elif follow or _under(_real(os.path.join(root, *parts), folders), folders.get(root) or folders.setdefault(root, os.path.realpath(root))):
-        return Path(root, *parts)
-    else: why = 'leads out through a symlink'
-    raise UnsafePath(f"{row} {rel!r} {why} under {root}; the index is damaged or hostile, refusing it")
-
 # %% ../nbs/04_db.ipynb #477d8ba3
-OWNER_FILE = '.dicom_prep_db'   # in an output folder: the path of the index whose rows describe its files, relative to the folder
-
-def _owner_line(folder) -> str|None:
-    "The first line of `folder`'s owner file (read without following a symlink, a few bytes at most), or None."
-    try: fd = os.open(Path(folder)/OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError: return None
-    with os.fdopen(fd, 'rb') as f:
-        lines = f.read(4096).decode('utf-8', 'replace').splitlines() if stat.S_ISREG(os.fstat(fd).st_mode) else []
-    return lines[0].strip() or None if lines else None
-
-def folder_owner(folder, # an output folder
-                ) -> Path|None:
-    "The index that output folder `folder` belongs to, as its owner file names it; None if it names none."
-    line = _owner_line(folder)
-    return Path(os.path.normpath(Path(os.path.realpath(folder))/line)) if line else None     # `..` after the folder's own symlinks
-
-def _same(a, b) -> bool: return os.path.realpath(a) == os.path.realpath(b)
-
-def owns(db_path, # an index file
-         folder, # an output folder
-        ) -> bool:
-    "True if `folder` belongs to the index at `db_path` (before version 6: or to one of its name that it travelled with)."
-    line = _owner_line(folder)
-    if not line: return False
-    travelled = os.path.isabs(line) and Path(line).name == Path(db_path).name and _same(Path(db_path).parent, folder)
-    return _same(Path(folder)/line, db_path) or travelled
-
-def mark_owner(folder, # an output folder
-               db_path, # the index it belongs to from now on
-              ):
-    "Write `folder`'s owner file: the path of `db_path` relative to it (unless it says that already); a symlink at its name is replaced, not followed."
-    line = os.path.relpath(os.path.realpath(db_path), os.path.realpath(folder))
-    if _owner_line(folder) != line:
-        with atomic_path(Path(folder)/OWNER_FILE, folder) as tmp: tmp.write_text(line + '\n')     # the safe writer, as every output
-
-def index_path(db, # an open index (on a file)
-               path, # a folder or file
-              ) -> str:
-    "How the index stores `path`: relative to the index's own folder (symlinks resolved), so that both can move together."
-    return os.path.relpath(os.path.realpath(path), os.path.realpath(db_file(db).parent))
-
 def record_output_dir(db, # the run's index
                       kind:str, # the pipeline
                       output_dir, # its output folder
@@ -286,7 +197,7 @@ def output_dir_of(db, # the index
     rel, me = get_meta(db, f'{kind}_output_dir'), db_file(db)
     if rel is None or me is None: return None
     root = Path(os.path.normpath(Path(os.path.realpath(me.parent))/rel))
-    if owns(me, root): return me.parent if _same(root, me.parent) else root
+    if owns(me, root): return me.parent if same_path(root, me.parent) else root
     if os.path.isabs(rel) and owns(me, me.parent): return me.parent     # recorded before version 6, then moved or copied with it
     raise UnsafePath(f"the index names {root} as its {kind} output folder, which does not belong to it ({OWNER_FILE} there "
                      "names another index, or none): the index is damaged or hostile, or was moved without its folder "
@@ -456,272 +367,6 @@ def finish_run(db, # the database
     with db.atomic():
         db['runs'].update(run_id, dict(finished_at=now(), status=status, counts=json.dumps(counts), n_files=n_files, error=error,
                                        files_per_sec=round(n_files / seconds, 2) if seconds > 0 else None))
-
-# %% ../nbs/04_db.ipynb #06028db2
-class PrivateStateError(Exception): "A private state file that does not fit the index (missing, or another key)."
-
-def pseudonym(value, # an identifier (None stays None)
-              key:str, # the secret key
-              prefix:str='', # put before the hash, e.g. 'pat_'
-             ) -> str|None:
-    "Keyed pseudonym of `value`: HMAC-SHA256 under `key`, 16 hex digits; stable, and not computable without the key."
-    if value is None: return None
-    return prefix + hmac.new(key.encode(), str(value).encode('utf-8', 'surrogatepass'), hashlib.sha256).hexdigest()[:16]
-
-def source_id(path, # a source file, relative to the source root
-              key:str|None, # the pseudonym key (None: not pseudonymised)
-             ) -> str:
-    "What `images.source_path` holds for `path`: the path, or its keyed pseudonym."
-    return pseudonym(str(path), key, 'src_') if key else str(path)
-
-PRIVATE_TABLES = ('files', 'nifti_headers', 'volume_files')   # tables whose rows name source files
-
-def _to_private(db, table):
-    "Create `private.<table>` (and its indexes) like the main one and drop the main one (which must hold no rows)."
-    sql = db.execute("select sql from main.sqlite_master where type='table' and name=?", [table]).fetchone()
-    if sql and db.execute(f'select count(*) from main.[{table}]').fetchone()[0]:
-        raise PrivateStateError(f"this index was made without --pseudonymize (its {table} table names source files): "
-                                "pseudonymise into a new --output-dir")
-    if sql:
-        indexes = db.execute("select sql from main.sqlite_master where type='index' and tbl_name=? and sql is not null", [table]).fetchall()
-        for s in [sql[0]] + [i for (i,) in indexes]:
-            db.execute(re.sub(r'^CREATE (TABLE|UNIQUE INDEX|INDEX) ', r'CREATE \1 IF NOT EXISTS private.', s, count=1))
-        db.execute(f'drop table main.[{table}]')
-    if not db.execute("select 1 from private.sqlite_master where name=?", [table]).fetchone():
-        raise PrivateStateError(f"the private state does not hold this index's {table}: give the file it was made with (--private-state)")
-
-def private_key(db, # a connection (or Database) with a private state attached as `private`
-                salt:str|None=None, # the user's secret, if the index was pseudonymised with one
-               ) -> str|None:
-    "The pseudonym key of the attached private state: its kept key, or `salt` checked against it; None if it holds none yet. Reads only."
-    kept = dict(db.execute('select key, value from private.meta').fetchall())
-    if salt:
-        if kept.get('check', pseudonym('check', salt)) != pseudonym('check', salt):
-            raise PrivateStateError("--salt differs from the key this index was pseudonymised with")
-        return salt
-    if 'key' in kept: return kept['key']
-    if 'check' in kept: raise PrivateStateError("this index was pseudonymised with your own --salt: give it again (--salt)")
-    return None
-
-def _key(db, salt) -> str:
-    "The pseudonym key: kept in `private.meta`, or the user's `salt` (checked, never stored); a new random one for a new private state."
-    if (key := private_key(db, salt)) is None:
-        key = secrets.token_hex(32)
-        db.execute("insert into private.meta values ('key', ?), ('check', ?)", [key, pseudonym('check', key)])
-    elif salt: db.execute("insert or replace into private.meta values ('check', ?)", [pseudonym('check', salt)])
-    return key
-
-def without_paths(text:str|None, # an error message
-                  root, # the source root
-                  key:str|None, # the pseudonym key (None: `text` is returned as it is)
-                 ) -> str|None:
-    "`text` with each mention of a path under `root`, to the end of its line, replaced by its keyed pseudonym: an error a shared index may keep."
-    if not (key and text): return text
-    return re.sub(re.escape(str(root)) + r'.*', lambda m: pseudonym(m[0], key, 'src_'), text)
-
-def is_pseudonymised(db, # the index
-                    ) -> bool:
-    "True if a pipeline made `db` with --pseudonymize (its source-file tables live in a private state)."
-    return any((get_meta(db, f'{kind}_settings') or {}).get('pseudonymize') for kind in ('preprocess', 'nifti'))
-
-def replace_rows(db, # the database (with its private state attached, if any)
-                 table:str, # the table; it may live in the attached private state
-                 rows:list[dict], # rows with the same columns
-                ):
-    "Insert `rows` into `table`, replacing those with the same key: plain SQL, which finds a table in `private` too."
-    if not rows: return
-    cols = list(rows[0])
-    db.conn.executemany(f"insert or replace into [{table}] ({', '.join(f'[{c}]' for c in cols)}) values ({', '.join('?' * len(cols))})",
-                        [tuple(r[c] for c in cols) for r in rows])
-
-def attach_private(db, # the shared index
-                   path, # the private state file (created if missing)
-                   salt:str|None=None, # the user's secret instead of a kept random key
-                  ) -> str:
-    "Attach the private state at `path` as `private`, keeping the source-file tables there; returns the pseudonym key."
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db.execute('PRAGMA main.secure_delete = ON')     # a replaced row's old bytes are zeroed, not left in free pages of the shared file
-    db.execute('attach database ? as private', [str(path)])
-    with db.atomic():
-        db.execute('create table if not exists private.meta (key text primary key, value text)')
-        for t in PRIVATE_TABLES: _to_private(db, t)
-        return _key(db, salt)
-
-# %% ../nbs/04_db.ipynb #974f7ac1
-PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}   # identifier columns, held as keyed pseudonyms (prefix)
-
-SAFE_ATTRIBUTES = {   # what a pseudonymised index keeps of a file, by what it describes: every other attribute is dropped
-    'the image': 'Modality SOPClassUID ImageType SeriesNumber InstanceNumber AcquisitionNumber TemporalPositionIdentifier '
-                 'NumberOfTemporalPositions TemporalPositionIndex BurnedInAnnotation RecognizableVisualFeatures PresentationIntentType '
-                 'SeriesType CorrectedImage DecayCorrection Units',
-    'pixels and display': 'Rows Columns SamplesPerPixel PhotometricInterpretation BitsAllocated BitsStored HighBit PixelRepresentation '
-                          'PlanarConfiguration PixelAspectRatio NumberOfFrames SmallestImagePixelValue LargestImagePixelValue '
-                          'LossyImageCompression LossyImageCompressionRatio LossyImageCompressionMethod PresentationLUTShape '
-                          'RescaleIntercept RescaleSlope RescaleType WindowCenter WindowWidth VOILUTFunction',
-    'geometry': 'PixelSpacing ImagerPixelSpacing NominalScannedPixelSpacing PixelSpacingCalibrationType SliceThickness SpacingBetweenSlices '
-                'ImagePositionPatient ImageOrientationPatient SliceLocation NumberOfSlices PatientPosition PatientOrientation ImageLaterality '
-                'Laterality ViewPosition BodyPartExamined ReconstructionDiameter DataCollectionDiameter GantryDetectorTilt TableHeight '
-                'DistanceSourceToDetector DistanceSourceToPatient EstimatedRadiographicMagnificationFactor FieldOfViewShape FieldOfViewDimensions',
-    'equipment': 'Manufacturer ManufacturerModelName',
-    'CT and X-ray acquisition': 'KVP XRayTubeCurrent ExposureTime Exposure ExposureInuAs ConvolutionKernel FilterType FocalSpots GeneratorPower '
-                                'RevolutionTime SingleCollimationWidth TotalCollimationWidth SpiralPitchFactor TableSpeed TableFeedPerRotation '
-                                'CTDIvol RotationDirection ExposureModulationType ExposureIndex DeviationIndex TargetExposureIndex '
-                                'RelativeXRayExposure CompressionForce BodyPartThickness AnodeTargetMaterial FilterMaterial '
-                                'PositionerPrimaryAngle PositionerSecondaryAngle DetectorType Grid',
-    'MR acquisition': 'ScanningSequence SequenceVariant ScanOptions MRAcquisitionType RepetitionTime EchoTime InversionTime EchoTrainLength '
-                      'EchoNumbers FlipAngle MagneticFieldStrength ImagingFrequency ImagedNucleus NumberOfAverages PercentSampling '
-                      'PercentPhaseFieldOfView PixelBandwidth SAR dBdt AcquisitionMatrix InPlanePhaseEncodingDirection '
-                      'NumberOfPhaseEncodingSteps VariableFlipAngleFlag DiffusionBValue DiffusionGradientOrientation DiffusionDirectionality '
-                      'TriggerTime'}
-SAFE_KEYWORDS = frozenset(k for v in SAFE_ATTRIBUTES.values() for k in v.split())
-KEEP_OPTIONS = dict(age=('PatientAge',), sex=('PatientSex',), size=('PatientSize',), weight=('PatientWeight',))   # --keep NAME,...
-SHIFTED_KEYWORDS = frozenset({'StudyDate', 'SeriesDate', 'AcquisitionDate', 'ContentDate', 'AcquisitionDateTime',   # --shift-dates
-                              'StudyTime', 'SeriesTime', 'AcquisitionTime', 'ContentTime'})
-
-@dataclass(frozen=True)
-class SafePrivate:
-    "A private element that holds only numbers about the acquisition (`--keep-private-safe`)."
-    name: str      # its key where it is stored, e.g. in `images.all_tags`
-    group: int     # its group, e.g. 0x0019
-    creator: str   # its private creator
-    offset: int    # its element within the creator's block, e.g. 0x0C for (0019,xx0C)
-
-SAFE_PRIVATE = [SafePrivate(n, g, c, o) for n, g, c, o in (
-    ('SiemensNumberOfImagesInMosaic', 0x0019, 'SIEMENS MR HEADER', 0x0A), ('SiemensBValue', 0x0019, 'SIEMENS MR HEADER', 0x0C),
-    ('SiemensDiffusionGradientDirection', 0x0019, 'SIEMENS MR HEADER', 0x0E),
-    ('SiemensBandwidthPerPixelPhaseEncode', 0x0019, 'SIEMENS MR HEADER', 0x28),
-    ('SiemensMosaicRefAcqTimes', 0x0019, 'SIEMENS MR HEADER', 0x29), ('GEBValue', 0x0043, 'GEMS_PARM_01', 0x39),
-    ('GEEffectiveEchoSpacing', 0x0043, 'GEMS_PARM_01', 0x2C), ('GEAssetRFactors', 0x0043, 'GEMS_PARM_01', 0x83),
-    ('GEDiffusionGradientX', 0x0019, 'GEMS_ACQU_01', 0xBB), ('GEDiffusionGradientY', 0x0019, 'GEMS_ACQU_01', 0xBC),
-    ('GEDiffusionGradientZ', 0x0019, 'GEMS_ACQU_01', 0xBD), ('PhilipsBValue', 0x2001, 'Philips Imaging DD 001', 0x03),
-    ('PhilipsDiffusionDirectionRL', 0x2005, 'Philips MR Imaging DD 001', 0xB0),
-    ('PhilipsDiffusionDirectionAP', 0x2005, 'Philips MR Imaging DD 001', 0xB1),
-    ('PhilipsDiffusionDirectionFH', 0x2005, 'Philips MR Imaging DD 001', 0xB2),
-    ('PhilipsScaleSlope', 0x2005, 'Philips MR Imaging DD 001', 0x0E))]
-
-@lru_cache(maxsize=1)
-def deidentified_keywords() -> frozenset:
-    "Keywords of every attribute DICOM PS3.15's Basic Profile removes, blanks or replaces (dicom-anonymizer's table)."
-    from dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c import ALL_TAGS
-    return frozenset(k for t in ALL_TAGS if len(t) == 2 and (k := keyword_for_tag((t[0] << 16) | t[1])))   # 4-tuples: overlay/curve groups
-
-# %% ../nbs/04_db.ipynb #0c17bf48
-NUMERIC_VRS = frozenset({'DS', 'IS', 'FL', 'FD', 'SL', 'SS', 'UL', 'US', 'SV', 'UV'})
-_FORMS = {'AS': re.compile(r'\d{3}[DWMY]'), 'CS': re.compile(r'[A-Za-z0-9 _.-]{0,16}'), 'UI': re.compile(r'[0-9.]{1,64}')}   # lowercase: seen in the wild
-
-def numbers_only(value, # a DICOM value (a multi-value too)
-                ) -> bool:
-    "True if every value of `value` is a finite number (or text that is one), as a numeric attribute's values must be."
-    def number(x):
-        try: return not isinstance(x, bool) and math.isfinite(float(x))
-        except (TypeError, ValueError): return False
-    return all(map(number, value if isinstance(value, (list, tuple, MultiValue)) else [value]))
-
-@dataclass(frozen=True)
-class Deidentify:
-    "What a pseudonymised index keeps of each file: `SAFE_KEYWORDS`, and what the user's options add back."
-    keep: tuple = ()            # further keywords kept as written (--keep, from `KEEP_OPTIONS`)
-    shift_dates: bool = False   # `SHIFTED_KEYWORDS` kept, dates moved by the patient's `date_offset` (--shift-dates)
-    private_safe: bool = False  # the numeric values of `SAFE_PRIVATE` kept (--keep-private-safe)
-
-    @property
-    def keywords(self) -> frozenset:
-        "Every keyword kept."
-        return SAFE_KEYWORDS | frozenset(self.keep) | (SHIFTED_KEYWORDS if self.shift_dates else frozenset())
-
-    def keeps(self,
-              keyword:str, # the attribute
-              value, # its value as read
-              vr:str|None=None, # the VR it was read under, when known
-             ) -> bool:
-        "True if `value` of `keyword` may be kept: a kept keyword, read under a VR of its own and not as a name, numbers where it holds numbers."
-        vrs = set(dictionary_VR(keyword).split(' or ')) if keyword in self.keywords else set()
-        if not vrs or vr == 'PN' or (vr and vr not in vrs) or isinstance(value, PersonName): return False
-        if vrs <= NUMERIC_VRS: return numbers_only(value)
-        form = _FORMS.get(vr or next(iter(vrs)))           # values of a coded VR must look like one: no free text
-        return not form or all(form.fullmatch(str(v)) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value]))
-
-    @property
-    def setting(self) -> dict:
-        "The options as a guarded setting, with a fingerprint of the lists: an index kept under other lists is rebuilt, never mixed."
-        lists = ' '.join(sorted(SAFE_KEYWORDS)) + '|' + ' '.join(p.name for p in SAFE_PRIVATE)
-        return dict(safe_list=stable_hash(lists, 8), keep=list(self.keep), shift_dates=self.shift_dates, private_safe=self.private_safe)
-
-def parse_keep(spec:str|None, # comma-separated names: age, sex, size, weight, or their keywords (PatientAge, ...)
-              ) -> tuple[str, ...]:
-    "The keywords `--keep` retains (`ValueError` naming an unknown name and the accepted ones)."
-    names = {n: kws for n, kws in KEEP_OPTIONS.items()} | {k.lower(): (k,) for kws in KEEP_OPTIONS.values() for k in kws}
-    out = set()
-    for n in (s.strip() for s in (spec or '').split(',') if s.strip()):
-        if n.lower() not in names:
-            raise ValueError(f"--keep: {n!r} is not one of {', '.join(KEEP_OPTIONS)} (or {', '.join(k for ks in KEEP_OPTIONS.values() for k in ks)})")
-        out.update(names[n.lower()])
-    return tuple(sorted(out))
-
-SHIFT_DAYS = 365   # --shift-dates moves each patient's dates back by 1 to SHIFT_DAYS days
-
-def date_offset(patient:str|None, # the patient's raw ID (or the study UID when there is none)
-                key:str, # the pseudonym key
-               ) -> int:
-    "Days `--shift-dates` moves `patient`'s dates by: keyed, the same in every run, in -SHIFT_DAYS..-1 (never 0)."
-    return -1 - int(pseudonym(f"shift-dates\0{patient or ''}", key), 16) % SHIFT_DAYS
-
-_DATE = re.compile(r'(\d{4})(\d{2})(\d{2})(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?(?:[+-]\d{4})?')
-_TIME = re.compile(r'\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?')
-
-def shifted(value:str, # a DA, DT or TM value
-            vr:str, # its VR
-            days:int, # the patient's `date_offset`
-           ) -> str|None:
-    "`value` as `--shift-dates` keeps it: a date moved by `days` (a DT keeps its time, not its UTC offset), a time as is; None if malformed."
-    v = str(value).strip()
-    if vr == 'TM': return v if _TIME.fullmatch(v) else None
-    if not (m := _DATE.fullmatch(v)) or (vr == 'DA' and m[4]): return None
-    try: d = date(int(m[1]), int(m[2]), int(m[3])) + timedelta(days=days)
-    except (ValueError, OverflowError): return None
-    return f"{d.year:04d}{d.month:02d}{d.day:02d}{m[4] or ''}"
-
-# %% ../nbs/04_db.ipynb #bbbe29ad
-SOURCE_COLUMNS = {   # pipeline -> (table, column, prefix) of the source paths it stores; a `file:<path>` key names a file's own series
-    'preprocess': (('files', 'path', ''), ('images', 'source_path', '')),
-    'nifti': (('nifti_headers', 'path', ''), ('nifti_headers', 'series_key', 'file:'), ('volume_files', 'path', ''),
-              ('volumes', 'series_uid', 'file:'), ('nifti_touched', 'series_key', 'file:'))}
-
-def _rekey(db, head:str, key:str):
-    "Re-key the `images.source_path` pseudonyms of the files under `head` from their absolute to their relative path."
-    rows = db.execute('select path from files where substr(path, 1, ?) = ?', [len(head), head]).fetchall()
-    db.conn.executemany('update images set source_path = ? where source_path = ?',
-                        [(source_id(p[len(head):], key), source_id(p, key)) for (p,) in rows])
-
-def _rekey_series(db, head:str, key:str):
-    "Re-key the keyed `file:<path>` series (of files without a series UID) under `head` from their absolute to their relative path."
-    rows = db.execute("select path from nifti_headers where substr(path, 1, ?) = ? and record is not null "
-                      "and coalesce(json_extract(record, '$.series_uid'), '') = ''", [len(head), head]).fetchall()
-    pairs = [(pseudonym(f'file:{p[len(head):]}', key), pseudonym(f'file:{p}', key)) for (p,) in rows]
-    for table, col in (('nifti_headers', 'series_key'), ('volumes', 'series_uid'), ('nifti_touched', 'series_key')):
-        db.conn.executemany(f'update or ignore [{table}] set [{col}] = ? where [{col}] = ?', pairs)
-
-def relativize_sources(db, # the run's index (its private state attached, if any)
-                       kind:str, # the pipeline whose tables are rewritten
-                       roots, # spellings of the source root that stored absolute paths may start with
-                       key:str|None=None, # the pseudonym key: `images.source_path` then holds keyed paths
-                      ) -> int:
-    "Rewrite the absolute source paths under any of `roots` as paths relative to the root; returns how many files."
-    if kind not in SOURCE_COLUMNS: return 0        # a pipeline that stores no source path
-    (first, path, _), n = SOURCE_COLUMNS[kind][0], 0
-    for root in dict.fromkeys(r.rstrip('/') for r in roots if r and r.startswith('/')):
-        if not db.execute(f"select 1 from [{first}] where [{path}] >= '/' and [{path}] < '0' limit 1").fetchone(): break
-        head = root + '/'
-        with db.atomic():
-            if key: (_rekey if kind == 'preprocess' else _rekey_series)(db, head, key)
-            for i, (table, col, tag) in enumerate(SOURCE_COLUMNS[kind]):
-                if key and table == 'images': continue
-                c = db.execute(f"update or ignore [{table}] set [{col}] = ? || substr([{col}], ?) where substr([{col}], 1, ?) = ?",
-                               [tag, len(tag + head) + 1, len(tag + head), tag + head])
-                n += c.rowcount if i == 0 else 0
-            if kind == 'nifti': db.execute("update nifti_headers set record = json_set(record, '$.path', path) "
-                                            "where record is not null and json_extract(record, '$.path') != path")
-    return n
 
 # %% ../nbs/04_db.ipynb #460cbfb2
 def connect_ro(db_path, # an existing database file

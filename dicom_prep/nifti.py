@@ -15,12 +15,13 @@ from pathlib import Path
 from fastcore.meta import delegates
 import dicom_prep
 from .core import log, remove_output
-from .io import Found
-from .db import (VOLUME_COLUMNS, VOLUME_COLUMNS_V4, PHI_KEYS, Deidentify, batched, export_csv, get_meta, inside, now,
-                           pseudonym, replace_rows, without_paths)
+from .sources import Found
+from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
+from .privacy import PHI_KEYS, Deidentify, deidentify_flags, pseudonym, replace_rows, without_paths
+from .paths import inside
 from .parallel import TaskFailure
 from .options import RunOptions, UsageError, derived, flag
-from .run import Diff, Run, RunOutcome, deidentify_flags, open_run, summary_block
+from .run import Diff, Run, RunOutcome, open_run, summary_block
 from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes

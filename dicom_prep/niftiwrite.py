@@ -1,6 +1,7 @@
 """One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 
-`convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
+`convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional
+BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
 
 Docs: https://dicom-prep.github.io/dicom_prep/niftiwrite.html.md"""
 
@@ -16,10 +17,11 @@ import numpy as np
 import nibabel as nib
 from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
-from .io import read_dicom
-from .db import Deidentify
-from .pixels import maker, text_value, untile
-from .series import EpiFields, epi_fields, is_enhanced, tag_value
+from .read import read_dicom
+from .privacy import Deidentify
+from .tags import tag_value, text_value
+from .vendor import maker, untile
+from .series import EpiFields, epi_fields, is_enhanced
 
 # %% auto #0
 __all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS',

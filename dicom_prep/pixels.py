@@ -1,6 +1,7 @@
 """One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
 
-`frame_image` turns frame *i* of a dataset into a PIL image: decode one frame, apply the modality LUT, a VOI window (the file's, a preset, `C,W`, percentiles or three windows as RGB), invert MONOCHROME1, convert colour, and resize; `save_png` writes it atomically without metadata. The images of a Siemens mosaic or UIH grid are its slices: `image_count` says how many, `decode_image` gives one.
+`frame_image` turns frame *i* of a dataset into a PIL image: decode, modality LUT, a VOI window, MONOCHROME1
+inversion, colour, resize. `save_png` writes it atomically without metadata. A mosaic's images are its slices.
 
 Docs: https://dicom-prep.github.io/dicom_prep/pixels.html.md"""
 
@@ -8,25 +9,22 @@ Docs: https://dicom-prep.github.io/dicom_prep/pixels.html.md"""
 
 # %% ../nbs/03_pixels.ipynb #41445dcf
 from __future__ import annotations
-import io, math, warnings
-from functools import lru_cache
+import io
 from pathlib import Path
 import numpy as np
 from PIL import Image
-from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit
 from .core import write_output
-from .io import CodestreamMismatch, TooLargeError, check_frame, frame_bytes, raw_value, transfer_syntax
+from .guards import CodestreamMismatch, TooLargeError, check_frame, frame_bytes
+from .tags import first_number, frame_group, transfer_syntax
+from .vendor import grid_count, maker, tile_size, untile
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame', 'num_value', 'text_value',
-           'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count', 'grid_count', 'untile', 'tile_size',
-           'mosaic_slices', 'image_count', 'decode_image', 'frame_group', 'modality_values', 'window_uint8',
-           'robust_range', 'hist_uint8', 'to_uint8', 'resize_longest', 'frame_image', 'to_uint16', 'frame_image16',
-           'save_png']
+__all__ = ['HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame', 'mosaic_slices', 'image_count', 'decode_image',
+           'modality_values', 'window_uint8', 'robust_range', 'hist_uint8', 'to_uint8', 'resize_longest', 'frame_image',
+           'to_uint16', 'frame_image16', 'save_png']
 
 # %% ../nbs/03_pixels.ipynb #f40d7a31
 class PixelDecodeError(ValueError):
@@ -118,114 +116,7 @@ def _native_frame(ds, index:int) -> np.ndarray:
     if bs == ba: return arr.copy()
     return (arr << (ba - bs)) >> (ba - bs) if signed else arr & ((1 << bs) - 1)
 
-# %% ../nbs/03_pixels.ipynb #96b59689
-def num_value(v, # a DICOM value: number, text, raw text parts or a multi-value
-              n:int=0, # 0: one number (the first of a multi-value); else the length of the vector wanted
-             ):
-    "A finite float (or with `n` a tuple of `n` finite floats) from a DICOM value; None when absent or malformed."
-    if not n and isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
-    try: t = tuple(float(x) for x in (v if n else [v]))
-    except (TypeError, ValueError): return None
-    if len(t) != max(n, 1) or not all(map(math.isfinite, t)): return None
-    return t if n else t[0]
-
-def text_value(v, # a DICOM value
-              ) -> str:
-    "A DICOM value as stripped text ('' when absent)."
-    return '' if v is None else str(v).strip()
-
-MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
-          'CANON': 'Canon', 'HITACHI': 'Hitachi', 'BRUKER': 'Bruker'}
-
-def maker(ds, # a dataset
-         ) -> str:
-    "The scanner's maker as dcm2niix names it ('GE MEDICAL SYSTEMS' is 'GE'), else the Manufacturer text."
-    m = text_value(ds.get('Manufacturer')).upper()
-    return next((name for key, name in MAKERS.items() if m == key or m.startswith(key + ' ') or (len(key) > 3 and key in m)),
-                text_value(ds.get('Manufacturer')))
-
-@lru_cache(maxsize=None)
-def _csareader():
-    "nibabel's CSA reader, imported on the first Siemens file (nibabel costs every start-up a tenth of a second)."
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore'); from nibabel.nicom import csareader      # nibabel warns that its DICOM readers are young
-    return csareader
-
-def csa_image(ds, # a dataset
-             ) -> dict:
-    "The Siemens CSA image header of `ds` as {tag name: values}; empty when it has none."
-    if (0x0029, 0x0010) not in ds: return {}
-    try: csa = _csareader().get_csa_header(ds, 'image') or {}
-    except Exception: return {}
-    return {name: t['items'] for name, t in csa.get('tags', {}).items() if t['items']}
-
-@lru_cache(maxsize=None)
-def _creator_tags(group) -> tuple:
-    "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
-    return tuple(Tag(group, b) for b in range(0x10, 0x100))
-
-def private_value(ds, # a dataset (or a sequence item)
-                  group:int, # the private group, e.g. 0x0043
-                  creator:str, # its private creator, e.g. 'GEMS_PARM_01'
-                  offset:int, # the element within the creator's block, e.g. 0x39 for (0043,xx39)
-                 ):
-    "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
-    free = 0
-    for block, tag in enumerate(_creator_tags(group), 0x10):
-        if (c := ds.get_item(tag)) is None:
-            if (free := free + 1) >= 16: return None
-            continue
-        free = 0
-        c = c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)
-        if c.strip(' \x00') == creator: return ds[tag].value if (tag := Tag(group, block << 8 | offset)) in ds else None
-    return None
-
 # %% ../nbs/03_pixels.ipynb #a87b5c56
-def mosaic_count(ds, # a dataset
-                 csa:dict|None=None, # its CSA image header, if already read
-                ) -> int:
-    "How many slices the mosaic `ds` tiles; 0 when it is not a Siemens mosaic."
-    csa = csa_image(ds) if csa is None else csa
-    flagged = 'MOSAIC' in {text_value(v).upper() for v in (ds.get('ImageType') or [])}
-    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(private_value(ds, 0x0019, 'SIEMENS MR HEADER', 0x0A)))
-    return int(n) if n and (flagged or 'NumberOfImagesInMosaic' in csa) else 0
-
-
-UIH = 'Image Private Header'   # the private creator of UIH's (0065,xx) elements
-
-def uih_grid_count(ds, # a dataset
-                   vendor:str|None=None, # its `maker`, if known
-                  ) -> int:
-    "How many slices a UIH grid (VFRAME) file tiles; 0 when it is not one."
-    if (maker(ds) if vendor is None else vendor) != 'UIH': return 0
-    n = num_value(private_value(ds, 0x0065, UIH, 0x50))
-    return int(n) if n and n > 1 else 0
-
-def grid_count(ds, # a dataset
-               vendor:str|None=None, # its `maker`, if known
-              ) -> int:
-    "How many slices `ds` tiles as a Siemens mosaic or a UIH grid; 0 when it is neither."
-    vendor = maker(ds) if vendor is None else vendor
-    return uih_grid_count(ds, vendor) if vendor == 'UIH' else mosaic_count(ds)
-
-def untile(pixels:np.ndarray, # a mosaic image (rows, cols)
-           n:int, # slices it holds
-           tile:tuple|None=None, # (rows, cols) of a slice [default: a square grid of m = ⌈√n⌉ tiles a side, Siemens']
-          ) -> np.ndarray:
-    "The `n` slices (n, tile rows, tile cols) of a mosaic, tiles row by row, m = ⌈√n⌉ to a row; empty tiles dropped."
-    m = math.ceil(math.sqrt(n)); r, c = tile or (pixels.shape[-2] // m, pixels.shape[-1] // m)
-    gr = pixels.shape[-2] // r
-    return pixels[:gr * r, :m * c].reshape(gr, r, m, c).swapaxes(1, 2).reshape(gr * m, r, c)[:n]
-
-def tile_size(rows:int, # the grid's rows
-              cols:int, # the grid's columns
-              n:int, # slices it tiles
-              vendor:str, # its `maker`
-             ) -> tuple[int, int]:
-    "A slice's size in a grid of `n`: a Siemens mosaic is m × m tiles (m = ⌈√n⌉); a UIH grid has square tiles, m to a row."
-    m = math.ceil(math.sqrt(n))
-    return (max(rows, cols) // m,) * 2 if vendor == 'UIH' else (rows // m, cols // m)
-
 def mosaic_slices(ds, # a Siemens mosaic or UIH grid dataset, with its pixel data
                  ) -> np.ndarray:
     "The slices (n, rows, cols) of a mosaic or grid `ds`, in tile order; raises ValueError if `ds` is neither."
@@ -252,25 +143,6 @@ def decode_image(ds, # a dataset with pixel data
     return slices[index]
 
 # %% ../nbs/03_pixels.ipynb #50e2ec5c
-def frame_group(ds, # a dataset
-                index:int, # frame number, from 0
-                name:str, # a functional-group sequence keyword, e.g. 'PlanePositionSequence'
-               ):
-    "Functional-group item `name` for frame `index` (enhanced multi-frame files), else `ds` itself."
-    for seq, i in (('PerFrameFunctionalGroupsSequence', index), ('SharedFunctionalGroupsSequence', 0)):
-        groups = ds.get(seq)
-        if groups and i < len(groups) and groups[i].get(name): return groups[i].get(name)[0]
-    return ds
-
-def _first_float(v, default=None):
-    "First value of a possibly multi-valued numeric tag as a float, or `default` when empty."
-    if isinstance(v, (MultiValue, list, tuple)): v = v[0] if len(v) else None
-    return default if v is None or v == '' else float(v)
-
-def _first_number(ds, name:str, default=None):
-    "`_first_float` of numeric element `name` of `ds`, read from its raw text when that is plain (see `raw_value`)."
-    return _first_float(ds.get(name) if (v := raw_value(ds, name)) is None else v, default)
-
 def modality_values(ds, # the dataset `arr` came from
                     arr:np.ndarray, # stored values of one frame
                     index:int=0, # which frame `arr` is (enhanced files rescale per frame)
@@ -278,7 +150,7 @@ def modality_values(ds, # the dataset `arr` came from
     "Stored values of frame `index` → modality units (e.g. HU) as float32."
     if ds.get('ModalityLUTSequence'): return apply_modality_lut(arr, ds).astype(np.float32)
     item = frame_group(ds, index, 'PixelValueTransformationSequence')
-    slope, intercept = _first_number(item, 'RescaleSlope', 1.), _first_number(item, 'RescaleIntercept', 0.)
+    slope, intercept = first_number(item, 'RescaleSlope', 1.), first_number(item, 'RescaleIntercept', 0.)
     x = arr.astype(np.float32)
     if slope != 1: x *= np.float32(slope)
     if intercept: x += np.float32(intercept)
@@ -305,7 +177,7 @@ def window_uint8(x:np.ndarray, # values to map
 def _file_window(ds, index:int=0):
     "The first (centre, width, VOI LUT function) the file gives for frame `index`, or None."
     item = frame_group(ds, index, 'FrameVOILUTSequence')
-    c, w = _first_number(item, 'WindowCenter'), _first_number(item, 'WindowWidth')
+    c, w = first_number(item, 'WindowCenter'), first_number(item, 'WindowWidth')
     if c is None or w is None or not w > 0: return None
     return c, w, str(item.get('VOILUTFunction') or ds.get('VOILUTFunction') or 'LINEAR').upper()
 

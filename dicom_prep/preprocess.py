@@ -1,7 +1,7 @@
 """The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per
 source file out. Parallel, idempotent, resumable after any crash.
 
-`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script.
+`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's.
 
 Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
 # %% ../nbs/07_preprocess.ipynb #5e246e74
 from __future__ import annotations
-import json, os, stat
+import os, stat
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -17,134 +17,27 @@ from pathlib import Path
 from fastcore.basics import chunked
 from fastcore.meta import delegates
 from PIL import Image
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.multival import MultiValue
 from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
-from .io import (Found, read_dicom, frame_count, check_size, values_unvalidated, raw_texts, raw_value,
-                           CodestreamMismatch, DicomReadError, TooLargeError, has_pixels)
-from .pixels import (frame_group, frame_image, frame_image16, image_count, maker, num_value, private_value, save_png,
-                               tile_size, PixelDecodeError)
-from .db import (get_meta, inside, parse_splits, assign_split, now, pseudonym, replace_rows, source_id, FAILED, PHI_KEYS,
-                           SAFE_PRIVATE, Deidentify, date_offset, numbers_only, shifted)
+from .sources import Found
+from .guards import check_size, CodestreamMismatch, TooLargeError
+from .read import read_dicom, DicomReadError, has_pixels
+from .tags import values_unvalidated
+from .pixels import frame_image, frame_image16, image_count, save_png, PixelDecodeError
+from .db import get_meta, parse_splits, assign_split, now, FAILED
+from .paths import inside
+from .core import env_error
+from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
 from .parallel import TaskFailure
+from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
 from .options import ImageOptions, RunOptions, UsageError, derived, flag, renamed
-from .run import PAGE, Diff, Run, RunOutcome, deidentify_flags, env_error, open_run, summary_block
+from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
 from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish
 
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'parse_tags', 'json_value', 'file_metadata',
-           'frame_metadata', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems',
-           'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult', 'preprocess',
+__all__ = ['PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run',
+           'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult', 'preprocess',
            'PreprocessScript', 'main']
-
-# %% ../nbs/07_preprocess.ipynb #d9868af6
-METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
-                   view_position='ViewPosition', series_description='SeriesDescription', series_number='SeriesNumber',
-                   study_date='StudyDate', patient_sex='PatientSex', patient_age='PatientAge', kvp='KVP',
-                   instance_number='InstanceNumber')
-_BINARY_VRS = {'OB', 'OD', 'OF', 'OL', 'OV', 'OW', 'SQ', 'UN'}
-_BUILTIN_COLUMNS = {*METADATA_TAGS, 'laterality', 'modality', 'rows', 'columns', 'window', 'split', 'filename', 'all_tags'}
-
-def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,RepetitionTime'
-               deidentify:Deidentify|None=None, # a pseudonymised run's options: refuse keywords it does not keep
-              ) -> list[str]:
-    "Validated keywords for `--tags` (`ValueError` naming the first bad one)."
-    tags = [t.strip() for t in (spec or '').split(',') if t.strip()]
-    for t in tags:
-        if t.lower() in _BUILTIN_COLUMNS: raise ValueError(f"--tags: {t} is already a column ({t.lower()}) of every image")
-        if tag_for_keyword(t) is None: raise ValueError(f"--tags: {t!r} is not a DICOM keyword (e.g. EchoTime, RepetitionTime)")
-        if set(dictionary_VR(t).split(' or ')) & _BINARY_VRS: raise ValueError(f"--tags: {t} is binary ({dictionary_VR(t)}); only values can be columns")
-        if deidentify and t not in deidentify.keywords:
-            raise ValueError(f"--tags: --pseudonymize keeps only attributes known to be safe, and {t} is not one (see --keep, --shift-dates)")
-    return tags
-
-# %% ../nbs/07_preprocess.ipynb #cdaa62b5
-def json_value(v, # a DICOM element value
-              ):
-    "A DICOM value as JSON: numbers as numbers, multi-values as lists, bytes dropped (None), the rest as stripped text."
-    if isinstance(v, (MultiValue, list, tuple)): return [json_value(x) for x in v]
-    if isinstance(v, (bytes, bytearray)): return None
-    if isinstance(v, int): return int(v)
-    if isinstance(v, float): return int(v) if v.is_integer() else float(v)
-    return str(v).strip()
-
-def _iso_date(keyword, v):
-    "`v` as YYYY-MM-DD when `keyword` is a date and `v` one date in DICOM's YYYYMMDD."
-    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit() else v
-
-def _value(ds, keyword):
-    "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
-    if (v := raw_value(ds, keyword)) is None:
-        try: v = ds.get(keyword)
-        except Exception: return None
-    return _iso_date(keyword, None if v is None or v == '' else json_value(v))
-
-def _vr(ds, keyword) -> str|None:
-    "The VR element `keyword` of `ds` was read under (None when absent or unreadable)."
-    try: return ds[keyword].VR
-    except Exception: return None
-
-def _shifted(ds, keyword, vr, days):
-    "The JSON value of date or time `keyword` moved by `days` (`db.shifted`), or None if any of its values is no date or time."
-    try: v = ds.get(keyword)
-    except Exception: return None
-    moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
-    return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
-
-def _kept(ds, deidentify:Deidentify, days:int, keyword:str):
-    "The JSON value of `keyword` as a pseudonymised index keeps it (`Deidentify.keeps`), else None; dates shifted by `days`."
-    if keyword not in deidentify.keywords or (vr := _vr(ds, keyword)) is None: return None
-    v = _shifted(ds, keyword, vr, days) if vr in ('DA', 'DT', 'TM') else _value(ds, keyword)
-    return v if deidentify.keeps(keyword, v, vr) else None
-
-def _private_safe(ds) -> dict:
-    "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
-    out = {}
-    for p in SAFE_PRIVATE:
-        try: v = private_value(ds, p.group, p.creator, p.offset)
-        except Exception: continue                                    # a broken element is no number
-        if isinstance(v, (bytes, bytearray)): v = v.decode('latin-1').strip(' \x00').split('\\')   # an implicit-VR element pydicom left raw
-        vals = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
-        if vals and (nums := num_value(vals, len(vals))): out[p.name] = json_value(nums[0] if len(nums) == 1 else list(nums))
-    return out
-
-def _all_tags(ds, deidentify:Deidentify|None=None, days:int=0) -> str:
-    "Every non-binary top-level element as JSON text, keyed by keyword; with `deidentify`, only those it keeps."
-    if deidentify is None: kept = ((e.keyword, _value(ds, e.keyword)) for e in ds if e.keyword and e.VR not in _BINARY_VRS)
-    else: kept = ((k, _kept(ds, deidentify, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
-    out = {k: v for k, v in kept if v not in (None, [], '')}
-    if deidentify and deidentify.private_safe: out |= _private_safe(ds)
-    return json.dumps(out, ensure_ascii=False)
-
-# %% ../nbs/07_preprocess.ipynb #91314e3a
-def file_metadata(ds, # the file's dataset
-                  tags:list=(), # extra keywords, each its own column
-                  all_tags:bool=False, # also every non-binary top-level element, as JSON
-                  deidentify:Deidentify|None=None, # a pseudonymised index's options: only what they keep is kept
-                  days:int=0, # with `deidentify.shift_dates`: the patient's `date_offset`
-                 ) -> dict:
-    "The metadata columns of a file's image rows (the same for every frame)."
-    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify, days)
-    row = {col: value(kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=value('Laterality') or value('ImageLaterality'))
-    row |= {t: value(t) for t in tags}
-    if all_tags: row['all_tags'] = _all_tags(ds, deidentify, days)
-    return _as_columns(row)
-
-def _as_columns(row:dict) -> dict:
-    "`row` as SQLite takes it: multi-values (lists) as JSON text."
-    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
-
-def frame_metadata(ds, # the file's dataset
-                   i:int, # frame number, from 0
-                  ) -> dict:
-    "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
-    enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds   # else: the top level only, read once
-    num = lambda v: v if numbers_only(v) else None                 # geometry is numbers: text under another VR is not kept
-    g = lambda seq, kw: num((enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw))
-    ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
-    return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
-                            image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
 
 # %% ../nbs/07_preprocess.ipynb #3911538e
 @dataclass
@@ -155,29 +48,6 @@ class FileResult:
     error: str|None = None
     n_frames: int = 0
     frames: list = field(default_factory=list)
-
-def _tag(ds, name):
-    "Tag value as text, or None (also when a broken element cannot be converted); plain text is read from the raw bytes (`raw_texts`)."
-    if (got := raw_texts(ds, name)) and len(got[1]) == 1: return got[1][0] or None
-    try: v = ds.get(name)
-    except Exception: return None
-    if isinstance(v, bytes): v = v.decode('ascii').rstrip(' \x00') if v.isascii() else None   # text stored under a binary VR
-    return None if v is None or v == '' else str(v)
-
-def _file_ids(ds, study_id, n, src, key=None) -> dict:
-    "The identifier and image columns every frame row of `ds` shares, read once per file (identifiers keyed with `key`)."
-    tiles = n if n != frame_count(ds) else 0          # a Siemens mosaic or UIH grid: its images are its slices
-    rows, cols = tile_size(int(ds.Rows), int(ds.Columns), n, maker(ds)) if tiles else (int(ds.Rows), int(ds.Columns))
-    row = dict(study_id=study_id, patient_id=_tag(ds, 'PatientID'), study_uid=_tag(ds, 'StudyInstanceUID'),
-               series_uid=_tag(ds, 'SeriesInstanceUID'), sop_uid=_tag(ds, 'SOPInstanceUID'), modality=_tag(ds, 'Modality'),
-               num_frames=n, rows=rows, columns=cols, mosaic=tiles, photometric=_tag(ds, 'PhotometricInterpretation'),
-               source_path=src, burned_in=_tag(ds, 'BurnedInAnnotation'))
-    if key:
-        row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
-        row |= {c: row[c] if Deidentify().keeps(kw, row[c], _vr(ds, kw)) else None for c, kw in _TEXT_IDS.items()}   # a name in them: dropped
-    return row
-
-_TEXT_IDS = dict(modality='Modality', photometric='PhotometricInterpretation', burned_in='BurnedInAnnotation')   # text columns of every row
 
 def _open_checked(path, max_pixels, res:FileResult):
     "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream), or `res` failed with the reason."
@@ -218,8 +88,8 @@ def process_dicom(dcm_path, # the source file
         if isinstance(ds := _open_checked(dcm_path, opts.max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
         n = res.n_frames
-        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deid and deid.shift_dates else 0
-        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, list(opts.tags), opts.all_tags, deid, days) | dict(bit_depth=opts.bit_depth)
+        days = date_offset(tag_text(ds, 'PatientID') or tag_text(ds, 'StudyInstanceUID'), key) if deid and deid.shift_dates else 0
+        shared = file_ids(ds, study_id, n, src, key) | file_metadata(ds, list(opts.tags), opts.all_tags, deid, days) | dict(bit_depth=opts.bit_depth)
         for i in range(n):
             if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, opts, output_dir, in_place)): return failed
     return res
@@ -310,7 +180,7 @@ def private_name(ds, # the file's dataset
                  key:str, # the pseudonym key
                 ) -> tuple[str, str]:
     "(study, stem) of a pseudonymised file's images: keyed pseudonyms of its UIDs (and path, so copies stay apart)."
-    uid = lambda k: _value(ds, k) or ''
+    uid = lambda k: tag_value(ds, k) or ''
     return (pseudonym(uid('StudyInstanceUID'), key, 'study_'),
             f"{pseudonym(uid('SeriesInstanceUID'), key, 'series_')}/{pseudonym(uid('SOPInstanceUID') + chr(0) + src, key, 'img_')}")
 

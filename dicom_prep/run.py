@@ -8,29 +8,26 @@ Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
 # %% ../nbs/06_run.ipynb #92ddc523
 from __future__ import annotations
-import errno, io, os, shlex, sqlite3, tempfile, time
+import io, os, shlex, sqlite3, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 from fastcore.basics import patch
-from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command
+from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
 from .options import RunOptions, UsageError
-from .io import is_dicom, sample_data_dirs, walk_entries
-from .db import (DbLock, Deidentify, UnsafePath,
-                           attach_private, batched, check_settings, checkpoint, finish_run, folder_owner, get_meta, is_pseudonymised,
-                           mark_owner, open_db, owns, parse_keep, pseudonym, record_output_dir, relativize_sources, set_meta, start_run,
-                           suspect_marker, without_paths)
-from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
+from .sources import LocalFolder, is_dicom, sample_data_dirs
+from .db import DbLock, batched, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
+from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
+from .paths import UnsafePath, folder_owner, mark_owner, owns
+from .parallel import default_worker_memory, graceful_interrupts, in_process, require_dask, run_tasks
 
 
 # %% auto #0
-__all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'env_error',
-           'check_folders', 'RunConfig', 'Run', 'memory_capped', 'process_age', 'console_started', 'sweep_temps',
-           'Ledger', 'open_run', 'claim_output', 'private_state_file', 'deidentify_flags', 'Change', 'Diff',
-           'sample_tree']
+__all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_folders', 'RunConfig', 'Run',
+           'process_age', 'console_started', 'sweep_temps', 'open_run', 'claim_output', 'Change', 'Diff', 'sample_tree']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -58,17 +55,6 @@ def resume_hint() -> str:
     return shlex.join([a for a in shlex.split(resume_command()) if a not in ('--force', '--force-reprocess')])
 
 class RunFailed(Exception): "The environment stopped the run (a full, read-only or forbidden disk, a size limit, a database locked): no file's fault."
-
-ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
-              errno.EISDIR}                                                                                # a folder where an output goes
-
-def env_error(e:BaseException, # an exception raised while writing an output
-              where=None, # the folder being written, when the exception does not name a file
-             ) -> str|None:
-    "One line saying what is full, broken, forbidden or unsafe and where, if `e` is an environmental write error; else None."
-    if isinstance(e, UnsafeOutput): return str(e)
-    if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
-    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
 
 def check_folders(dicom_dir, # the source tree
                   output_dir, # the output folder (created if missing)
@@ -152,7 +138,7 @@ def stream(self:Run,
     if self.db.conn.in_transaction: raise RuntimeError("a transaction is open before streaming: its batches would never commit")
     t, t_db, n = self.phase(phase), self._db_timer(), 0
     db_before = t_db.spent
-    if self.workers == 0 and not self.scheduler and self.memory: work = partial(_in_process, work, self.memory)   # see below
+    if self.workers == 0 and not self.scheduler and self.memory: work = partial(in_process, work, self.memory)   # see below
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
     with results as results, Progress(len(tasks) if total is None else total, done, label, out=io.StringIO() if self.quiet else None) as prog:
@@ -166,27 +152,6 @@ def stream(self:Run,
     t.spent = time.perf_counter() - t.start - (t_db.spent - db_before)     # its commits are in `DB write`
     return n
 
-# %% ../nbs/06_run.ipynb #4ae9d560
-@contextmanager
-def memory_capped(nbytes:int|None, # bytes this process may map beyond what it maps now; None or 0: no cap
-                 ):
-    "Inside the block, allocations past `nbytes` more than this process maps now fail (MemoryError); its limits are restored after."
-    try: import resource
-    except ImportError: resource = None                            # Windows: no rlimits
-    if not (nbytes and resource): yield; return
-    before = [(r, resource.getrlimit(r)) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
-    limit_memory(nbytes)
-    try: yield
-    finally:
-        for r, limits in before: resource.setrlimit(r, limits)
-
-def _in_process(work, nbytes:int, item):
-    "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
-    try:
-        with memory_capped(nbytes): return work(item)
-    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {str(e) or 'an allocation failed'}")
-
-# %% ../nbs/06_run.ipynb #09c229cb
 @patch
 def finish(self:Run,
            done:int, # tasks committed
@@ -202,7 +167,6 @@ def finish(self:Run,
                time.perf_counter() - self.started)
     return self.status
 
-# %% ../nbs/06_run.ipynb #01e09410
 _CLI_T0 = None   # perf_counter() value when this console-script process started (set by `console_started`); None in a library call
 
 def process_age() -> float|None:
@@ -246,17 +210,6 @@ def _ended(run:Run, exc:BaseException|None) -> str:
     if exc is None: return run.status if run.status != 'running' else 'failed'
     return 'interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed'
 
-# %% ../nbs/06_run.ipynb #7d105dda
-@dataclass
-class Ledger:
-    "What opening a run's database settled: the database, the run's row, what is redone or pending, how the last run ended, the key."
-    db: object
-    run_id: int
-    rebuild: bool
-    pending: set
-    unfinished: bool
-    key: str|None
-
 @contextmanager
 def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
              opts:RunOptions, # the folders, workers, what to redo, privacy (`options.RunOptions`)
@@ -275,17 +228,16 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
     if opts.scheduler: require_dask()
-    private = private_state_file(opts.pseudonymize, opts.private_state, output_dir)
+    config = RunConfig(kind, db_path, dicom_dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers))
+    private, signalled = private_state_file(opts.pseudonymize, opts.private_state, output_dir), lambda: False
+    stop = lambda: signalled() or bool(should_stop and should_stop())
     with DbLock(db_path):
-        try: got = _setup(kind, db_path, (dicom_dir, given), output_dir, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private)
+        try: run = _setup(config, given, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private, stop)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
-        config = RunConfig(kind, db_path, dicom_dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers), got.key)
         with graceful_interrupts() as signalled:
-            run = Run(config, got.db, got.run_id, got.rebuild, got.pending, got.unfinished, lambda: signalled() or bool(should_stop and should_stop()),
-                      timers=[t_open.stop()])
+            run.timers.append(t_open.stop())
             yield from _lifecycle(run, temp_dirs)
 
-# %% ../nbs/06_run.ipynb #72decf19
 def claim_output(output_dir, # the run's output folder
                  db_path, # the run's database
                  force:bool=False, # take the folder over from another database
@@ -306,51 +258,26 @@ def _spellings(db, kind, roots:tuple) -> list[str]:
     runs = [r for (r,) in db.execute('select distinct source_root from runs where kind = ?', [kind]) if r]
     return [*map(str, roots), *(s for s in [old, *runs] if old and os.path.realpath(s) == os.path.realpath(old))]
 
-def private_state_file(pseudonymize:bool, # the run's --pseudonymize
-                       private_state, # its --private-state, if given
-                       output_dir, # its output folder
-                      ) -> Path|None:
-    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
-    if not pseudonymize: return None
-    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
-    if private.resolve().is_relative_to(Path(output_dir).resolve()):
-        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
-    return private
-
-def deidentify_flags(pseudonymize:bool, # --pseudonymize
-                     keep:str|None=None, # --keep NAME,...
-                     shift_dates:bool=False, # --shift-dates
-                     keep_private_safe:bool=False, # --keep-private-safe
-                    ) -> Deidentify|bool:
-    "What a console script's de-identification flags ask for: False, or `Deidentify` with the options of --pseudonymize (`UsageError` if unusable)."
-    if not pseudonymize:
-        if keep or shift_dates or keep_private_safe: raise UsageError("--keep, --shift-dates and --keep-private-safe are options of --pseudonymize")
-        return False
-    try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
-    except ValueError as e: raise UsageError(str(e)) from None
-
-def _setup(kind, db_path, roots, output_dir, settings, opts:RunOptions, defaults, temp_dirs, private) -> Ledger:
+def _setup(config:RunConfig, given:Path, settings, opts:RunOptions, defaults, temp_dirs, private, stop) -> Run:
     "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
+    kind, db_path, output_dir, root = config.kind, config.db_path, config.output_dir, config.dicom_dir
     taken_over = claim_output(output_dir, db_path, opts.force)
     db = open_db(db_path)
     if not private and is_pseudonymised(db):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
     key = attach_private(db, private, opts.salt) if private else None
-    redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, roots)
-    pending, rebuild = _settle_settings(db, kind, settings, roots[0], opts.force, defaults, redact, opts.rebase)
+    redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, (root, given))
+    pending, rebuild = _settle_settings(db, kind, settings, root, opts.force, defaults, redact, opts.rebase)
     relativize_sources(db, kind, spellings, key)
     record_output_dir(db, kind, output_dir)
     if (unfinished := _unfinished(db, kind) or taken_over):     # a folder taken over may hold another index's images
         for d in temp_dirs: sweep_temps(output_dir/d)
-    run_id = start_run(db, kind, settings, roots[0], redact)
+    run_id = start_run(db, kind, settings, root, redact)
     if rebuild: set_meta(db, f'{kind}_rebuild_since', run_id)
-    return Ledger(db, run_id, rebuild, pending, unfinished, key)
+    return Run(replace(config, key=key), db, run_id, rebuild, pending, unfinished, stop)
 
-def _memory(mib:int|None, workers:int) -> int|None:
-    "Bytes each worker may allocate: `mib` MiB, a safe share of the machine's RAM when None, no cap when 0."
-    if mib is None: return default_worker_memory(workers)
-    return mib << 20 if mib > 0 else None
+def _memory(mib:int|None, workers:int) -> int|None: return default_worker_memory(workers) if mib is None else (mib << 20 if mib > 0 else None)   # bytes; None: a safe share of RAM; 0: no cap
 
 def _settle_settings(db, kind, settings, dicom_dir, force, defaults, redact=None, rebase=False) -> tuple[set, bool]:
     "Check `settings` and the source root against the database's (refusing a change unless forced or rebased); returns (pending changes, rebuild)."
@@ -440,7 +367,7 @@ def scan(self:Run,
     self.say(f"Scanning {self.dicom_dir} for DICOM files...")
     db.execute('drop table if exists temp.scan')
     db.execute('create temp table scan (path text primary key, study_id text, size int, mtime_ns int, clash_key text, dicom int)')
-    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in walk_entries(root, follow_symlinks, stats))
+    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in LocalFolder(root, follow_symlinks, stats).entries())
     for i, batch in enumerate(batched(rows, SCAN_BATCH), 1):
         with db.atomic(): db.conn.executemany('insert or ignore into temp.scan values (?, ?, ?, ?, ?, null)', batch)
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")

@@ -8,56 +8,19 @@ Docs: https://dicom-prep.github.io/dicom_prep/series.html.md"""
 
 # %% ../nbs/08_series.ipynb #e08a68ce
 from __future__ import annotations
-import gzip, json, math, os, re, zlib
+import json, math, os, re
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
 import numpy as np
-from pydicom.datadict import dictionary_VR
-from pydicom.sequence import Sequence
-from pydicom.tag import Tag
-from .io import DicomReadError, Found, frame_count, read_dicom
-from .pixels import UIH, csa_image, maker, mosaic_count, num_value, private_value, text_value, tile_size, uih_grid_count
+from .guards import frame_count
+from .read import DicomReadError, read_dicom
+from .sources import Found
+from .tags import num_value, tag_value, text_value
+from .vendor import (UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
+                     uih_grid_count, vendor_diffusion)
 
 # %% auto #0
-__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'tag_value', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
-           'ge_protocol', 'EpiFields', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
-
-# %% ../nbs/08_series.ipynb #4c8eb565
-@lru_cache(maxsize=None)
-def _tag_info(keyword) -> tuple:
-    "(tag, is a decimal/integer string) of a keyword."
-    return Tag(keyword), dictionary_VR(keyword) in ('DS', 'IS')
-
-def _group_items(groups):
-    "First item of every sequence in one functional-groups item (the groups it holds)."
-    for elem in groups.values():
-        if elem.VR not in ('SQ', None): continue
-        seq = elem.value if isinstance(elem.value, Sequence) else groups[elem.tag].value
-        if isinstance(seq, Sequence) and seq: yield seq[0]
-
-_PER_FRAME, _SHARED, _DETECTOR = (Tag(k) for k in ('PerFrameFunctionalGroupsSequence', 'SharedFunctionalGroupsSequence',
-                                                     'DetectorInformationSequence'))
-
-def _places(ds, frame):
-    "Where an attribute of frame `frame` may be, in lookup order."
-    for tag, i in ((_PER_FRAME, frame), (_SHARED, 0)):
-        if tag in ds and (groups := ds[tag].value) and i < len(groups): yield from _group_items(groups[i])
-    yield ds
-    if _DETECTOR in ds and (det := ds[_DETECTOR].value): yield det[0]
-
-# %% ../nbs/08_series.ipynb #a0d7d9f2
-def tag_value(ds, # a dataset
-              keyword:str, # DICOM keyword, e.g. 'ImagePositionPatient'
-              frame:int=0, # the frame whose per-frame functional groups are searched
-              fast:bool=True, # decimal/integer strings as raw text parts, not converted by pydicom
-             ):
-    "Value of `keyword` in frame `frame`'s functional groups, else the shared ones, else the top level, else the detector's; or None."
-    tag, numeric_text = _tag_info(keyword)
-    for place in _places(ds, frame):
-        if (elem := place.get_item(tag)) is None: continue
-        if fast and numeric_text and isinstance(elem.value, bytes): return elem.value.decode('ascii', 'replace').strip(' \x00').split('\\')
-        return place[tag].value
-    return None
+__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map', 'EpiFields',
+           'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
@@ -163,32 +126,12 @@ def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
     return [first.moved(frame=k, ipp=pos[k], slice_time=times[k]) for k in range(n)]
 
 # %% ../nbs/08_series.ipynb #d58d3dee
-def _philips_item(ds, i, enhanced):
-    "Where Philips keeps frame `i`'s private tags: the frame's private (2005,140F) item in an enhanced file, else the file."
-    if enhanced and 'PerFrameFunctionalGroupsSequence' in ds and i < len(groups := ds.PerFrameFunctionalGroupsSequence):
-        seq = private_value(groups[i], 0x2005, 'Philips MR Imaging DD 005', 0x0F)
-        if seq: return seq[0]
-    return ds
-
-def _vendor_diffusion(ds, vendor, csa) -> tuple:
-    "b-value and gradient from the vendor's private tags: Siemens CSA, GE, Philips."
-    if csa: return num_value(csa.get('B_value')), num_value(csa.get('DiffusionGradientDirection'), 3)
-    if vendor == 'UIH': return num_value(private_value(ds, 0x0065, UIH, 0x09)), num_value(private_value(ds, 0x0065, UIH, 0x37), 3)
-    if vendor == 'GE':
-        b = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x39))
-        g = tuple(num_value(private_value(ds, 0x0019, 'GEMS_ACQU_01', e)) for e in (0xBB, 0xBC, 0xBD))
-        return (None if b is None else b % 1e9), (None if None in g else g)
-    if vendor == 'Philips':
-        g = tuple(num_value(private_value(ds, 0x2005, 'Philips MR Imaging DD 001', e)) for e in (0xB0, 0xB1, 0xB2))
-        return num_value(private_value(ds, 0x2001, 'Philips Imaging DD 001', 0x03)), (None if None in g else g)
-    return None, None
-
 def _diffusion(ds, i, vendor, csa, pds) -> tuple:
     "(b-value, gradient direction) of frame `i`, each None when not recorded."
     b = num_value(tag_value(ds, 'DiffusionBValue', i))
     seq = tag_value(ds, 'DiffusionGradientDirectionSequence', i)
     g = num_value(seq[0].get('DiffusionGradientOrientation') if seq else tag_value(ds, 'DiffusionGradientOrientation', i), 3)
-    return (b, g) if b is not None else _vendor_diffusion(pds, vendor, csa)
+    return (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
 
 # %% ../nbs/08_series.ipynb #1c611851
 COMPONENTS = {'M': 'MAGNITUDE', 'P': 'PHASE', 'R': 'REAL', 'I': 'IMAGINARY'}
@@ -218,24 +161,6 @@ def _kind(ds, i, vendor) -> str:
     kind = {'PHASE': 'phase', 'REAL': 'real', 'IMAGINARY': 'imaginary'}.get(complex_component(ds, i, vendor), '')
     return 'fieldmaphz' if kind == 'real' and is_b0_map(ds, i) else kind
 
-# %% ../nbs/08_series.ipynb #e4167d1b
-def ge_protocol(ds, # a GE dataset
-               ) -> dict:
-    "GE's protocol data block (0025,101B) as {KEY: value text}; empty when absent or unreadable."
-    b = private_value(ds, 0x0025, 'GEMS_SERS_01', 0x1B)
-    return dict(_protocol_fields(b)) if isinstance(b, bytes) and len(b) >= 8 else {}
-
-@lru_cache(maxsize=16)
-def _protocol_fields(b:bytes) -> dict:
-    "The fields of one protocol block, parsed once: every file of a series carries the same block."
-    try: text = gzip.decompress(b[4:]).decode('latin-1')
-    except (OSError, EOFError, zlib.error): return {}
-    return dict(re.findall(r'^(\w+) "(.*)"', text, re.M))
-
-def _slice_order(ds, vendor) -> str:
-    "'sequential' or 'interleaved' from a GE protocol; '' otherwise."
-    return {'0': 'sequential', '1': 'interleaved'}.get(ge_protocol(ds).get('SLICEORDER', ''), '') if vendor == 'GE' else ''
-
 # %% ../nbs/08_series.ipynb #a1676f8e
 @dataclass
 class EpiFields:
@@ -250,20 +175,6 @@ class EpiFields:
     accel_pe: float|None = None # in-plane parallel-imaging factor: (0018,9069), Siemens PAT mode text 'p2', GE ASSET
     is_3d: bool = False # MRAcquisitionType 3D (no phase-encoding direction is reported then)
     component: str = '' # MAGNITUDE, PHASE, REAL or IMAGINARY when the header says so
-
-def _ge_polarity(ds) -> int|None:
-    "GE phase-encoding polarity from the user data (0043,102A): 1 unflipped, 0 flipped, None when not an EPI header."
-    b = private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2A)
-    if not isinstance(b, bytes) or len(b) < 26: return None
-    off = int.from_bytes(b[24:26], 'little')
-    version = float(np.frombuffer(b, '<f4', 1, off)[0]) if len(b) >= off + 4 else 0.
-    if not 5 <= version <= 40: return None
-    h, ky = off + (0x4c if version >= 25.002 else 0), 0x394 - (0x8c if version >= 25.002 else 0)
-    if len(b) < h + ky + 2: return None
-    word = lambda o: int.from_bytes(b[h + o:h + o + 2], 'little', signed=True)
-    if not word(0x3a) & 0x800: return None
-    flipped = bool(word(0x30) & 4) != (word(ky) == 2)     # the pepolar bit, reversed by a bottom-up k-space order
-    return 0 if flipped else 1
 
 # %% ../nbs/08_series.ipynb #94a66f47
 def _accel(ds, frame, vendor) -> float|None:
@@ -280,7 +191,7 @@ def epi_fields(ds, # a dataset
     "The EPI facts of frame `frame` of `ds`: phase encoding, echo spacing, matrix, complex component."
     vendor, get = maker(ds), lambda kw: tag_value(ds, kw, frame)
     csa = csa_image(ds) if vendor == 'Siemens' else {}
-    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else (_ge_polarity(ds) if vendor == 'GE' else None)
+    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else (ge_polarity(ds) if vendor == 'GE' else None)
     acq = [int(x) for x in num_value(get('AcquisitionMatrix'), 4) or ()]
     esp = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2C)) if vendor == 'GE' else None
     asset = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x83)) if vendor == 'GE' else None
@@ -299,7 +210,7 @@ FRAME_KEYWORDS = {  # FrameRecord field: (keyword in a classic file, keyword in 
 def _frame_record(ds, i, enhanced, vendor='', csa=None) -> FrameRecord:
     "Frame `i` of `ds` as its tags say (a classic multi-frame file's positions are set by `_classic_positions`)."
     v = lambda keyword, n=0: num_value(tag_value(ds, keyword, i), n)
-    pds = _philips_item(ds, i, enhanced) if vendor == 'Philips' else ds
+    pds = philips_item(ds, i, enhanced) if vendor == 'Philips' else ds
     b, g = _diffusion(ds, i, vendor, csa or {}, pds)
     ss = num_value(private_value(pds, 0x2005, 'Philips MR Imaging DD 001', 0x0E)) if vendor == 'Philips' else None
     return FrameRecord(frame=i, ipp=v('ImagePositionPatient', 3), iop=v('ImageOrientationPatient', 6), ps=v('PixelSpacing', 2),
@@ -359,11 +270,11 @@ def header_record(ds, # a dataset, read without its pixel data
                       bits_stored=int(get('BitsStored') or 0), signed=int(get('PixelRepresentation') or 0),
                       ts=text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), has_pixels=has_pixels,
                       enhanced=enhanced, n_frames=n, thickness=num_value(get('SliceThickness')),
-                      tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=_slice_order(ds, vendor),
+                      tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=slice_order(ds, vendor),
                       phase_dir=text_value(get('InPlanePhaseEncodingDirection')).upper(),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 
-def read_headers(item:Found|tuple, # the file: a `Found` from `scan_dicoms`, or `(path, study_id, size, mtime_ns)`
+def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)
                 ) -> FileRecord:
     "The header record of `item`; a reading problem is returned as `error`, never raised."
     f = Found(*item) if isinstance(item, tuple) else item

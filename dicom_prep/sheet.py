@@ -1,6 +1,8 @@
 """Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
 
-`contact_sheet` draws a reproducible, captioned sample of the prepared images (filtered by split, modality, study, status or window) and `failures_sheet` the files that failed, with their reasons; `dicom_prep_sheet` is the console script.
+`contact_sheet` draws a reproducible, captioned sample of the prepared images (filtered by split, modality, study,
+status or window) and `failures_sheet` the files that failed, with their reasons; `dicom_prep_sheet` is the console
+script.
 
 Docs: https://dicom-prep.github.io/dicom_prep/sheet.html.md"""
 
@@ -20,7 +22,8 @@ from .options import Options, flag
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
-from .db import FINAL_OK, db_file, inside, output_dir_of
+from .db import FINAL_OK, output_dir_of
+from .paths import db_file, inside
 from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0

@@ -1,7 +1,8 @@
 """`dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their
 reasons, the last runs — without touching it.
 
-`status_report` summarises a database read-only (files by status, images by split and modality, volumes by verdict, recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
+`status_report` summarises a database read-only (files by status, images by split and modality, volumes by verdict,
+recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
 
 Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from .options import Options, flag
 from .core import atomic_path
-from .db import FAILED, UnsafePath, connect_ro, export_csv, output_dir_of, private_key, source_id
+from .db import FAILED, connect_ro, export_csv, output_dir_of
+from .paths import UnsafePath
+from .privacy import private_key, source_id
 from .cli import cli_args, cli_run
 
 # %% auto #0

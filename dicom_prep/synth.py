@@ -1,6 +1,6 @@
-"""Every synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, in-memory datasets, fast bulk corpora, and the offline guard every test runs under.
+"""Every well-formed synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, Siemens mosaic and UIH grids, in-memory datasets and fast bulk corpora.
 
-Tests, notebooks and benchmarks build the data no real file shows (known geometry, faults, large corpora) with these writers; product code never imports this module.
+Tests, notebooks and benchmarks build the data no real file shows (known geometry, vendor layouts, large corpora) with these writers; faults and the offline guard are in `dicom_prep.faults`. Product code never imports this module.
 
 Docs: https://dicom-prep.github.io/dicom_prep/synth.html.md"""
 
@@ -8,24 +8,19 @@ Docs: https://dicom-prep.github.io/dicom_prep/synth.html.md"""
 
 # %% ../nbs/01_synth.ipynb #8107c18a
 from __future__ import annotations
-import errno, io, ipaddress, math, socket, struct, zlib
+import io, math, struct
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate, generate_frames
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.encaps import encapsulate
 import pydicom
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
 # %% auto #0
-__all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BASIC_TEXT_SR', 'BOMB_SIZE', 'BOMBS', 'new_instance', 'image_module',
-           'save', 'synth_dicom', 'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item',
-           'synth_enhanced', 'csa_header', 'synth_mosaic', 'synth_uih', 'synth_dataset', 'synth_jpeg_cine',
-           'patch_codestream', 'codestream_bomb', 'cine_bomb', 'zeros_deflated', 'deflate_bomb', 'synth_clones',
-           'NetworkBlocked', 'block_network']
+__all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BASIC_TEXT_SR', 'new_instance', 'image_module', 'save', 'synth_dicom',
+           'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item', 'synth_enhanced',
+           'csa_header', 'synth_mosaic', 'synth_uih', 'synth_dataset', 'synth_jpeg_cine', 'synth_clones']
 
 # %% ../nbs/01_synth.ipynb #7c5bd7be
 CT_IMAGE = '1.2.840.10008.5.1.4.1.1.2'           # CT Image Storage
@@ -389,91 +384,6 @@ def synth_jpeg_cine(colours:list, # one (r, g, b) per frame
     ds.PixelData = encapsulate(frames); ds['PixelData'].VR = 'OB'
     return ds
 
-# %% ../nbs/01_synth.ipynb #590be82f
-BOMB_SIZE = 65535
-BOMBS = {   # name: (pydicom test file, [(marker, offset after it, struct format, values)]): each frame claims 65535²
-    'jpeg': ('SC_rgb_jpeg_dcmtk.dcm', [(b'\xff\xc0', 5, '>HH', (BOMB_SIZE, BOMB_SIZE))]),                      # SOF0: height, width
-    'jpeg_ls': ('MR_small_jpeg_ls_lossless.dcm', [(b'\xff\xf7', 5, '>HH', (BOMB_SIZE, BOMB_SIZE))]),              # SOF55
-    'j2k': ('MR_small_jp2klossless.dcm', [(b'\xff\x51', 6, '>6I', (BOMB_SIZE, BOMB_SIZE, 0, 0, BOMB_SIZE, BOMB_SIZE))]),  # SIZ
-    'jp2': ('GDCMJ2K_TextGBR.dcm', [(b'\xff\x51', 6, '>6I', (BOMB_SIZE, BOMB_SIZE, 0, 0, BOMB_SIZE, BOMB_SIZE)),
-                                    (b'ihdr', 4, '>II', (BOMB_SIZE, BOMB_SIZE))])}
-
-def patch_codestream(frame:bytes, # an encoded frame
-                     edits:list, # (marker, offset after it, struct format, values) each
-                    ) -> bytes:
-    "`frame` with each edit's values packed in after the first occurrence of its marker."
-    frame = bytearray(frame)
-    for marker, off, fmt, values in edits:
-        at = frame.find(marker); assert at >= 0, marker
-        struct.pack_into(fmt, frame, at + off, *values)
-    return bytes(frame)
-
-def codestream_bomb(path, # where to write it
-                    name:str, # one of `BOMBS`
-                    edits:list|None=None, # other patches instead of the 65535² ones
-                   ) -> Path:
-    "Pydicom's test file `BOMBS[name]` with its codestream's size patched; the DICOM header is untouched."
-    src, default = BOMBS[name]
-    ds = pydicom.dcmread(get_testdata_file(src, download=False))
-    ds.PixelData = encapsulate([patch_codestream(next(generate_frames(ds.PixelData, number_of_frames=1)), edits or default)])
-    Path(path).parent.mkdir(parents=True, exist_ok=True); ds.save_as(path)
-    return Path(path)
-
-def cine_bomb(path, # where to write it
-             ) -> Path:
-    "A 3-frame YCbCr JPEG cine of 32x16 frames whose frame 2 claims 65535²."
-    ds = synth_jpeg_cine([(200, 0, 0), (0, 200, 0), (0, 0, 200)])
-    frames = list(generate_frames(ds.PixelData, number_of_frames=3))
-    frames[2] = patch_codestream(frames[2], [(b'\xff\xc0', 5, '>HH', (BOMB_SIZE, BOMB_SIZE))])
-    ds.PixelData = encapsulate(frames)
-    Path(path).parent.mkdir(parents=True, exist_ok=True); ds.save_as(path, enforce_file_format=False)
-    return Path(path)
-
-# %% ../nbs/01_synth.ipynb #88b2c435
-_MIB = 1 << 20
-
-def zeros_deflated(mib:int, # MiB of zeros
-                   c=None, # a raw-deflate compressor to continue and end [default: a new one]
-                   tail:bytes=b'', # bytes deflated after the zeros, before the stream ends
-                  ) -> bytes:
-    "Raw deflate of `mib` MiB of zeros (then `tail`); built from one MiB's block, never holding the zeros."
-    c = c or zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    one = c.compress(bytes(_MIB)) + c.flush(zlib.Z_FULL_FLUSH)   # a full flush makes each block independent of the last
-    return one * mib + c.compress(tail) + c.flush()
-
-def _ob_header(group:int, elem:int, length:int) -> bytes: return struct.pack('<HH2sHI', group, elem, b'OB', 0, length)
-
-def _hiding(inside:str, n:int) -> tuple[bytes, bytes]:
-    "(bytes before, bytes after) `n` bytes of zeros hidden `inside` the 'pixels', a private 'element', or an element of a 'sequence' item."
-    if inside == 'pixels': return _ob_header(0x7FE0, 0x10, n), b''
-    if inside == 'element': return _ob_header(0x0029, 0x1000, n), b''
-    assert inside == 'sequence', inside                     # RequestAttributesSequence, one item of undefined length: an EncapsulatedDocument
-    return (struct.pack('<HH2sHIHHI', 0x0040, 0x0275, b'SQ', 0, 0xFFFFFFFF, 0xFFFE, 0xE000, 0xFFFFFFFF) + _ob_header(0x0042, 0x0011, n),
-            struct.pack('<HHIHHI', 0xFFFE, 0xE00D, 0, 0xFFFE, 0xE0DD, 0))
-
-def deflate_bomb(path, # where to write it
-                 mib:int, # MiB of zeros the dataset inflates to
-                 rows:int=64, cols:int=64, # what the header says
-                 inside:str='pixels', # where the zeros are: the 'pixels', a private 'element' or a 'sequence' item before honest pixels
-                 meta_pad:int=0, # bytes of a file meta element (0002,0001) before the transfer syntax UID [default: its usual 2]
-                ) -> Path:
-    "A deflated DICOM whose header says rows x cols (8-bit) and which inflates to `mib` MiB of zeros, in its pixel data or before it."
-    ds = pydicom.dcmread(synth_dicom(Path(path).with_suffix('.plain'), 8, 8)); del ds.PixelData
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = rows, cols, 8, 8, 7
-    if inside == 'element': ds.private_block(0x0029, 'dicom_prep bomb', create=True)
-    raw = DicomBytesIO(); raw.is_little_endian, raw.is_implicit_VR = True, False
-    write_dataset(raw, ds)
-    first, tail = _hiding(inside, mib * _MIB)
-    if inside != 'pixels': tail += _ob_header(0x7FE0, 0x10, rows * cols) + bytes(rows * cols)
-    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = c.compress(raw.getvalue() + first) + c.flush(zlib.Z_FULL_FLUSH)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    if meta_pad: ds.file_meta.FileMetaInformationVersion = b'\0\1' + bytes(meta_pad - 2)
-    head = DicomBytesIO(); head.write(bytes(128) + b'DICM'); write_file_meta_info(head, ds.file_meta)
-    Path(path).write_bytes(head.getvalue() + body + zeros_deflated(mib, c, tail))
-    Path(path).with_suffix('.plain').unlink()
-    return Path(path)
-
 # %% ../nbs/01_synth.ipynb #27f112f9
 _TEMPLATE_UID = '1.2.826.0.1.3680043.10.999.9' + '0' * 11    # fixed length: per-file UIDs are patched in place
 _TEMPLATE_SERIES = '1.2.826.0.1.3680043.10.999.8' + '0' * 11
@@ -506,39 +416,3 @@ def synth_clones(root, # folder to fill
         if slices: b = b.replace(series, series[:-11] + f'{k:011d}'.encode()).replace(z, f'{i % slices:09.3f}'.encode())
         (root/f'study_{k % studies:03d}'/f'im{i:06d}.dcm').write_bytes(b)
     return root
-
-# %% ../nbs/01_synth.ipynb #600ec99d
-class NetworkBlocked(BaseException):
-    "A test reached for the network beyond this machine."
-
-def _local(host) -> bool:
-    "True for loopback and unspecified addresses, `localhost` names and this machine's own name."
-    host = host.decode() if isinstance(host, bytes) else host
-    if host in (None, '', 'localhost', socket.gethostname()) or str(host).endswith('.localhost'): return True
-    try: addr = ipaddress.ip_address(str(host).split('%')[0])
-    except ValueError: return False
-    return addr.is_loopback or addr.is_unspecified
-
-def _refuse(what, host, port=None, sock=None):
-    "Raise for a look-up or connection to `host` beyond this machine (an OSError for a datagram socket)."
-    if _local(host): return
-    where = f"{host}:{port}" if port is not None else str(host)
-    if sock is not None and sock.type == socket.SOCK_DGRAM: raise OSError(errno.ENETUNREACH, f"network blocked: {where}")
-    raise NetworkBlocked(f"tests run offline, but something tried to {what} {where}")
-
-# %% ../nbs/01_synth.ipynb #095712d7
-_real = {}
-
-def block_network(_cells=None, # nbdev-test's `test_setup` hook passes the cells it will run; not needed
-                 ):
-    "Make every look-up of, or connection to, a host beyond this machine raise `NetworkBlocked` (idempotent)."
-    if _real: return
-    _real.update(getaddrinfo=socket.getaddrinfo, connect=socket.socket.connect, connect_ex=socket.socket.connect_ex)
-    def getaddrinfo(host, *args, **kwargs): _refuse('look up', host); return _real['getaddrinfo'](host, *args, **kwargs)
-    def connect(self, address):
-        if self.family != socket.AF_UNIX: _refuse('connect to', *address[:2], sock=self)
-        return _real['connect'](self, address)
-    def connect_ex(self, address):
-        if self.family != socket.AF_UNIX: _refuse('connect to', *address[:2], sock=self)
-        return _real['connect_ex'](self, address)
-    socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex

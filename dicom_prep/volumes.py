@@ -1,6 +1,8 @@
 """Records → volumes: which frames form one volume, its measured geometry, and a verdict from one table of rules.
 
-`group_volumes` turns header records into candidate volumes (by series, size, echo, orientation and time), `slice_geometry` measures each stack, and `volume_verdict` walks `VERDICT_RULES`, one `(name, check, reason)` rule per line, to say whether it is a proper volume and why not.
+`group_volumes` turns header records into candidate volumes, `slice_geometry` measures each stack, and
+`volume_verdict` walks `VERDICT_RULES`, one `(name, check, reason)` rule per line, to say whether it is a proper
+volume and why not.
 
 Docs: https://dicom-prep.github.io/dicom_prep/volumes.html.md"""
 

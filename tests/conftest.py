@@ -3,9 +3,9 @@ import json, shutil, sqlite3, sys
 from contextlib import closing
 from pathlib import Path
 
-from dicom_prep.synth import block_network
+from dicom_prep.faults import block_network
 
-block_network()     # any look-up or connection beyond loopback raises NetworkBlocked at once (nbs/01_synth.ipynb)
+block_network()     # any look-up or connection beyond loopback raises NetworkBlocked at once (nbs/01a_faults.ipynb)
 
 
 def console_script(name:str, module:str|None=None) -> list[str]:

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_prep.io import sample_file
+from dicom_prep.sources import sample_file
 from dicom_prep.export import KEYS, export, images_df
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess

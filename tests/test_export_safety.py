@@ -14,9 +14,12 @@ import pandas as pd
 import pytest
 
 import dicom_prep.export as ex
+import dicom_prep.layouts as lay
 from conftest import console_script, query
 from dicom_prep.core import UnsafeOutput, atomic_path, temp_of
-from dicom_prep.db import OWNER_FILE, UnsafePath, open_db, owns, parse_splits, pseudonym
+from dicom_prep.paths import OWNER_FILE, UnsafePath, owns
+from dicom_prep.db import open_db, parse_splits
+from dicom_prep.privacy import pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess
 from dicom_prep.run import UsageError
@@ -89,8 +92,8 @@ def test_the_writers_refuse_items_made_elsewhere_that_would_land_outside(tmp_pat
     db = small_corpus(tmp_path)
     df = ex.images_df(db).assign(label='x', split='../../ESCAPED')
     with closing(open_db(db)) as conn:     # a shard name is refused as a bad split, an item's path by the index's one resolver
-        for write, layout, refusal in ((ex.write_shards, '{name}', ex.IndexValueError), (ex.write_files, '{split}/{label}/{name}.png', UnsafePath)):
-            with pytest.raises(refusal, match='ESCAPED'): write(conn, tmp_path/'x/out', ex.image_items(df, layout), 0)
+        for write, layout, refusal in ((lay.write_shards, '{name}', lay.IndexValueError), (lay.write_files, '{split}/{label}/{name}.png', UnsafePath)):
+            with pytest.raises(refusal, match='ESCAPED'): write(conn, tmp_path/'x/out', lay.image_items(df, layout), 0)
     assert not list(tmp_path.rglob('ESCAPED*'))
 
 
@@ -258,24 +261,24 @@ def test_kill_at_random_instants_then_rerun_equals_a_clean_export(fmt, big, tmp_
 
 
 def _kill_after(name, n):
-    "A fault: the `n`-th call of `export.<name>` is SIGKILLed right after it returns."
-    real, calls = getattr(ex, name), []
+    "A fault: the `n`-th call of `layouts.<name>` is SIGKILLed right after it returns."
+    real, calls = getattr(lay, name), []
     def patched(*a, **kw):
         out = real(*a, **kw); calls.append(1)
         if len(calls) == n: os.kill(os.getpid(), signal.SIGKILL)
         return out
-    return lambda: setattr(ex, name, patched)
+    return lambda: setattr(lay, name, patched)
 
 
 def _half_written_shard():
     "A fault: the third shard is killed half-way through its write (its hidden temporary is left behind)."
-    real, calls = ex._write_shard, []
+    real, calls = lay._write_shard, []
     def patched(path, items):
         calls.append(1)
         if len(calls) == 3:
             with atomic_path(path) as tmp: tmp.write_bytes(b'half a tar'); os.kill(os.getpid(), signal.SIGKILL)
         return real(path, items)
-    return lambda: setattr(ex, '_write_shard', patched)
+    return lambda: setattr(lay, '_write_shard', patched)
 
 
 @pytest.mark.parametrize('fmt, fault', [('imagefolder', _kill_after('link_output', 1)), ('webdataset', _kill_after('_write_shard', 2)),

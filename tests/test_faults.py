@@ -12,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from dicom_prep.io import sample_file
+from dicom_prep.sources import sample_file
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 
 from conftest import console_script, query
-from dicom_prep.io import check_size, codestream_size, read_dicom
+from dicom_prep.guards import check_size, codestream_size
+from dicom_prep.read import read_dicom
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.pixels import decode_frame
-from dicom_prep.synth import BOMB_SIZE, BOMBS, cine_bomb, codestream_bomb, deflate_bomb, synth_clones, synth_dicom, synth_series
+from dicom_prep.faults import BOMB_SIZE, BOMBS, cine_bomb, codestream_bomb, deflate_bomb
+from dicom_prep.synth import synth_clones, synth_dicom, synth_series
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -47,7 +49,8 @@ _PEAK = "PEAK = lambda: next(int(l.split()[1]) for l in open('/proc/self/status'
 _GUARDED = _PEAK + """
 import json, sys, time, warnings
 warnings.simplefilter('ignore')
-from dicom_prep.io import read_dicom, check_size, frame_count, TooLargeError, CodestreamMismatch
+from dicom_prep.read import read_dicom
+from dicom_prep.guards import check_size, frame_count, TooLargeError, CodestreamMismatch
 from dicom_prep.pixels import decode_frame, PixelDecodeError
 out = {}
 for path in sys.argv[1:]:
@@ -158,7 +161,8 @@ def test_deflate_bomb_through_the_cli(tmp_path):
 _HEADERS = _PEAK + """
 import json, sys, warnings
 warnings.simplefilter('ignore')
-from dicom_prep.io import read_dicom, TooLargeError
+from dicom_prep.read import read_dicom
+from dicom_prep.guards import TooLargeError
 out = {}
 for path in sys.argv[1:]:
     try: read_dicom(path, headers_only=True); out[path] = 'read'

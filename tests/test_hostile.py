@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import numpy as np
 from PIL import Image
-from dicom_prep.io import sample_file
+from dicom_prep.sources import sample_file
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -27,7 +27,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000, JPEG2000Lossless, JPE
 import dicom_prep.parallel, dicom_prep.pixels, dicom_prep.preprocess
 from conftest import console_script, ro
 from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
-from dicom_prep.io import find_dicoms
+from dicom_prep.sources import find_dicoms
 from dicom_prep.pixels import frame_image
 from dicom_prep.parallel import TaskFailure, run_tasks
 from dicom_prep.options import ImageOptions
@@ -924,7 +924,7 @@ def test_names_cannot_meet(tmp_path):
 
 AMBIGUOUS = r'''
 import sys, warnings, pydicom
-from dicom_prep.io import read_dicom
+from dicom_prep.read import read_dicom
 warnings.simplefilter('ignore')
 plain, quick = pydicom.dcmread(sys.argv[1], force=True), read_dicom(sys.argv[1])
 print(repr(plain.get('SmallestImagePixelValue', 'absent')), repr(quick.get('SmallestImagePixelValue', 'absent')))

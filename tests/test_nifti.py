@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicom_prep.db import open_db
-from dicom_prep.io import sample_file
+from dicom_prep.sources import sample_file
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.synth import oblique_orientation, synth_enhanced, synth_series
 

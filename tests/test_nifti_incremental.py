@@ -1,12 +1,13 @@
 """Incremental NIfTI analysis across schema versions and runs: a v4 index migrated mid-work, names that differ only by non-ASCII case, series that vanish whole."""
 import shutil, sqlite3
+from pathlib import Path
 from contextlib import closing
 
 import pytest
 
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.series import read_headers
-from dicom_prep.io import walk_files
+from dicom_prep.sources import Found, LocalFolder
 from dicom_prep.synth import synth_series
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
@@ -21,7 +22,7 @@ def _as_v4_interrupted(db_path, src):
     headers of the current tree cached (vanished ones deleted), the analysis not redone; no v5 parts."""
     with closing(sqlite3.connect(db_path)) as c:
         known = {p for (p,) in c.execute('select path from nifti_headers')}
-        found = list(walk_files(src))
+        found = [Found(Path(e.path), e.study, e.size, e.mtime_ns) for e in LocalFolder(src).entries()]
         paths = {str(f.path) for f in found}
         c.execute('delete from nifti_headers where path not in (%s)' % ','.join('?' * len(paths)), sorted(paths))
         for f in found:

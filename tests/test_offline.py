@@ -3,7 +3,7 @@
 - pytest runs under `block_network` (conftest.py): a look-up or connection beyond loopback raises at once;
 - nbdev-test runs under it too (`test_setup` in pyproject.toml), so a notebook that asks pydicom for its test files
   fails in seconds, naming the host, instead of waiting 21 s per file on pydicom's download retries;
-- no source calls `get_testdata_files`, or `get_testdata_file` without `download=False`: `dicom_prep.io.sample_files`
+- no source calls `get_testdata_files`, or `get_testdata_file` without `download=False`: `dicom_prep.sources.sample_files`
   finds the sample data on disk instead.
 """
 import json, os, re, shutil, socket, subprocess, time, urllib.request
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_prep.synth import NetworkBlocked
+from dicom_prep.faults import NetworkBlocked
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [*ROOT.glob('nbs/*.ipynb'), *ROOT.glob('tests/*.py'), *ROOT.glob('bench/*.py'), *ROOT.glob('dicom_prep/*.py')]
@@ -28,7 +28,7 @@ def _code(path:Path) -> str:
 def test_no_source_asks_pydicom_for_a_download():
     bad = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in SOURCES
            for m in DOWNLOADING.finditer(_code(p))]
-    assert not bad, f"use dicom_prep.io.sample_file(s), which never downloads: {bad}"
+    assert not bad, f"use dicom_prep.sources.sample_file(s), which never downloads: {bad}"
 
 
 def test_outside_hosts_are_blocked_at_once():

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_prep.db import attach_private, open_db, source_id
+from dicom_prep.privacy import attach_private, source_id
+from dicom_prep.db import open_db
 from dicom_prep.export import export
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess

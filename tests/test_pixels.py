@@ -7,7 +7,7 @@ from PIL import Image
 from pydicom.pixels import apply_color_lut, pixel_array
 
 import dicom_prep.pixels
-from dicom_prep.io import sample_data_dirs, sample_file
+from dicom_prep.sources import sample_data_dirs, sample_file
 from dicom_prep.pixels import PixelDecodeError, decode_frame, frame_image, save_png, to_uint8
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')   # pydicom warns about the odd files on purpose

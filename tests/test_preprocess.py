@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np, pydicom, pytest
 from PIL import Image
 from pydicom.uid import RLELossless
-from dicom_prep.io import sample_data_dirs, find_dicoms
+from dicom_prep.sources import sample_data_dirs, find_dicoms
 from conftest import ro
 from dicom_prep.synth import synth_dicom
 

@@ -9,7 +9,7 @@ from pydicom.datadict import DicomDictionary, dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicom_prep.db import SAFE_KEYWORDS, SHIFT_DAYS
+from dicom_prep.privacy import SAFE_KEYWORDS, SHIFT_DAYS
 from dicom_prep.export import export
 from dicom_prep.synth import synth_dicom, synth_series
 from conftest import console_script, query, ro
@@ -124,7 +124,7 @@ def _dated_tree(src) -> dict:
 
 def _dates(out, salt) -> dict:
     "{raw PatientID: sorted study dates} of a pseudonymised run with `salt`."
-    from dicom_prep.db import pseudonym
+    from dicom_prep.privacy import pseudonym
     back = {pseudonym(p, salt, 'pat_'): p for p in ('PAT_A', 'PAT_B')}
     got = {}
     for pid, date, tags in query(out, 'select patient_id, study_date, all_tags from images'):

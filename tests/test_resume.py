@@ -17,7 +17,7 @@ from dicom_prep.db import FAILED, FINAL_OK, SCHEMA_VERSION
 from conftest import query
 from dicom_prep.preprocess import preprocess
 from dicom_prep.synth import synth_dicom
-import dicom_prep.io, dicom_prep.preprocess
+import dicom_prep.sources, dicom_prep.preprocess
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -440,14 +440,14 @@ def test_rerun_only_stats_unchanged_files(small, monkeypatch):
     preprocess(src, out, n_workers=0, quiet=True)
     touched = next(src.rglob('im0004.dcm'))
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
-    opened, real_open, real_is_dicom, real_read = [], builtins.open, dicom_prep.io.is_dicom, dicom_prep.preprocess.read_dicom
+    opened, real_open, real_is_dicom, real_read = [], builtins.open, dicom_prep.sources.is_dicom, dicom_prep.preprocess.read_dicom
     def spy(f, name):
         def wrapper(p, *a, **kw):
             if Path(str(p)).is_relative_to(src): opened.append((name, Path(p)))
             return f(p, *a, **kw)
         return wrapper
     monkeypatch.setattr(builtins, 'open', spy(real_open, 'open'))
-    monkeypatch.setattr(dicom_prep.io, 'is_dicom', spy(real_is_dicom, 'is_dicom'))
+    monkeypatch.setattr(dicom_prep.sources, 'is_dicom', spy(real_is_dicom, 'is_dicom'))
     monkeypatch.setattr(dicom_prep.preprocess, 'read_dicom', spy(real_read, 'read_dicom'))
     r = preprocess(src, out, n_workers=0, quiet=True)
     assert {p for _, p in opened} == {touched}, opened
