@@ -16,7 +16,8 @@ from .options import GROUPS, Flag, Options, UsageError, flag
 
 
 # %% auto #0
-__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run', 'cli_finish']
+__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run', 'cli_finish',
+           'follow_up']
 
 # %% ../nbs/06a_cli.ipynb #e0dd2cb1
 @dataclass(frozen=True)
@@ -134,3 +135,12 @@ def cli_finish(r, # what the run returned (a `run.RunOutcome`)
     print(r.summary())
     if r.status == 'interrupted': sys.exit(130)
 
+
+# %% ../nbs/06a_cli.ipynb #8d85fc09
+def follow_up(name:str, # its name in the entry-point group `dicom_prep.follow_ups`
+             ) -> Callable:
+    "The follow-up `name` a console-script flag asks for (a function of the run's outcome), loaded from its entry point."
+    from importlib.metadata import entry_points
+    found = entry_points(group='dicom_prep.follow_ups', name=name)
+    if not found: raise UsageError(f"no follow-up {name!r} is installed: reinstall dicom_prep (pip install -e .)")
+    return next(iter(found)).load()

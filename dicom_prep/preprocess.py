@@ -31,7 +31,7 @@ from .parallel import TaskFailure
 from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
 from .options import ImageOptions, RunOptions, UsageError, derived, flag, renamed
 from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
-from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish
+from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_up
 
 
 # %% auto #0
@@ -413,13 +413,6 @@ def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
         return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
-def _with_sheets(r:RunResult) -> RunResult:
-    "`r` after writing its contact sheets, its summary naming them (or why they could not be)."
-    from dicom_prep.sheet import EmptySelection, write_sheets
-    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
-    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
-    return r
-
 @dataclass(frozen=True)
 class PreprocessScript(ScriptFlags):
     "`dicom_prep_preprocess`'s own flags."
@@ -433,4 +426,4 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     kw, cli = cli_args(PreprocessOptions, main.__doc__, EXAMPLE, argv, PreprocessScript)
     kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
     r = cli_run(lambda: preprocess(**kw))
-    cli_finish(_with_sheets(r) if cli['sheet'] else r)
+    cli_finish(follow_up('sheet')(r) if cli['sheet'] else r)     # the sheet room's `sheets_after`, found by its entry point

@@ -31,7 +31,7 @@ __all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'ou
            'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile',
            'cell_height', 'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page',
            'remove_stale_pages', 'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet',
-           'write_sheets', 'SheetFlags', 'main']
+           'write_sheets', 'sheets_after', 'SheetFlags', 'main']
 
 # %% ../nbs/13_sheet.ipynb #2ec1e7af
 class EmptySelection(ValueError):
@@ -361,6 +361,13 @@ def write_sheets(db, # index path or `Database`
     sheets = [contact_sheet(db, modality=m, out_path=out_dir/f"sheet_{safe_component(m or 'unknown')}.png", **opts) for m in mods]
     if sample_failures(db, 1)[0]: sheets.append(failures_sheet(db, out_path=out_dir/'sheet_failures.png', **opts))
     return [p for s in sheets for p in s.pages]
+
+def sheets_after(r, # a run's outcome (`run.RunOutcome`): its database, output folder and notes
+                ):
+    "`r` after writing its contact sheets into OUTPUT_DIR/sheets, its notes naming them (or why they could not be): `--sheet`'s follow-up."
+    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
+    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
+    return r
 
 # %% ../nbs/13_sheet.ipynb #bb9d00b0
 @dataclass(frozen=True)

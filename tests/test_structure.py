@@ -2,11 +2,12 @@
 
 - no function takes a `**_` catch-all (which hid misspelt arguments passed by `**locals()`),
 - no private name is imported from another module (the frame-naming rule was private yet shared),
+- imports point down the room list only, inside functions too (`preprocess` imported `sheet` inside one),
 - every console script reports unusable arguments in one style: one line `PROGRAM: error: ...`, exit 2,
 - every field of `PreprocessOptions` is a `dicom_prep_preprocess` flag and reaches the options of the same name (flag lists drifted apart),
 - a field added to a subclass of the options is a flag and reaches the worker (the flag is written once).
 """
-import ast, dataclasses, subprocess
+import ast, dataclasses, re, subprocess
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,22 @@ def test_no_private_names_imported_across_modules(path):
     bad = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and (n.level or n.module.startswith('dicom_prep'))
            for a in n.names if a.name.startswith('_')]
     assert not bad, f"{path.name} imports private names {bad}"
+
+
+def _rooms() -> dict:
+    "{module: its place in the room list}: the place of the notebook it is exported from, in nbs/'s file-name order."
+    order = {p.stem: i for i, p in enumerate(sorted((PKG.parent/'nbs').glob('*.ipynb')))}
+    return {p.stem: order[m.group(1)] for p in MODULES if (m := re.search(r'File to edit: \.\./nbs/(\S+)\.ipynb', p.read_text()))}
+
+
+@pytest.mark.parametrize('path', MODULES, ids=lambda p: p.name)
+def test_imports_point_down_the_room_list(path):
+    "A module imports only rooms above it in the list, at its top or inside a function (preprocess imported sheet inside one)."
+    rooms, tree = _rooms(), ast.parse(path.read_text())
+    names = [n.module if n.level else n.module.removeprefix('dicom_prep.') for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+             and (n.level or n.module.startswith('dicom_prep.'))]
+    up = [m for m in names if m in rooms and rooms[m] >= rooms[path.stem]]
+    assert not up, f"{path.name} imports {up}, which come after it in the room list"
 
 
 def test_every_module_has_a_summary():
