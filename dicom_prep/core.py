@@ -18,10 +18,10 @@ from pathlib import Path, PurePath
 
 # %% auto #0
 __all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FILE_MODE', 'MAX_OPEN_FOLDERS', 'RECHECK_AFTER',
-           'log', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
+           'log', 'ENV_ERRNOS', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
            'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
            'folder_fd', 'temp_of', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging',
-           'Progress', 'resume_command']
+           'Progress', 'resume_command', 'env_error']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -417,3 +417,16 @@ class Progress:
 def resume_command() -> str:
     "The command line this process was started with, ready to paste to resume."
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+# %% ../nbs/00_core.ipynb #fe70fc81
+ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
+              errno.EISDIR}                                                                                # a folder where an output goes
+
+def env_error(e:BaseException, # an exception raised while writing an output
+              where=None, # the folder being written, when the exception does not name a file
+             ) -> str|None:
+    "One line saying what is full, broken, forbidden or unsafe and where, if `e` is an environmental write error; else None."
+    if isinstance(e, UnsafeOutput): return str(e)
+    if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
+    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
+

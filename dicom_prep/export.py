@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
 import sqlite_utils
-from fastcore.script import call_parse
+from .options import Options, flag
 from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
 from .db import DbLock, assign_split, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
 from .layouts import IndexValueError, dataset_json, image_items, sweep, volume_items, write_files, write_shards
-from .run import UsageError, cli_run
+from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
 __all__ = ['KEYS', 'FORMATS', 'images_df', 'LabelError', 'LabelReport', 'read_labels', 'join_labels', 'volumes_df',
-           'ExportResult', 'export', 'main']
+           'ExportResult', 'export', 'ExportFlags', 'main']
 
 # %% ../nbs/12b_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
@@ -303,19 +303,25 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
     return ExportResult(fmt, out_dir, n, written, removed, report)
 
 # %% ../nbs/12b_export.ipynb #485ca7ce
-@call_parse
-def main(
-    db:str='dicom_prep_out/dicom_prep.db', # The dicom_prep index
-    out:str='dicom_prep_export',   # The export folder
-    format:str='csv',              # csv | parquet | imagefolder | webdataset | nnunet | monai
-    labels:str=None,               # CSV file of labels, joined on --on
-    on:str=None,                   # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path
-    label_column:str=None,         # The labels' label column, or (without --labels) an index column to use as label (e.g. body_part)
-    shard_size:float=100,          # webdataset: about this many MB per shard
-    salt:str=None,                 # Your --pseudonymize salt, to join labels on a pseudonymised index
-    private_state:str=None,        # A pseudonymised index's private state [default: beside its output folder]
-    labels_encoding:str='utf-8',   # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)
-):
+@dataclass(frozen=True)
+class ExportFlags(Options):
+    "The flags of `dicom_prep_export`."
+    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index
+    labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on
+    on: str|None = flag(None, 'input')  # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path
+    label_column: str|None = flag(None, 'input')  # The labels' label column, or (without --labels) an index column to use as label (e.g. body_part)
+    labels_encoding: str = flag('utf-8', 'input')  # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)
+    out: str = flag('dicom_prep_export', 'output')  # The export folder
+    format: str = flag('csv', 'output')  # csv | parquet | imagefolder | webdataset | nnunet | monai
+    shard_size: float = flag(100, 'output')  # webdataset: about this many MB per shard
+    salt: str|None = flag(None, 'privacy')  # Your --pseudonymize salt, to join labels on a pseudonymised index
+    private_state: str|None = flag(None, 'privacy')  # A pseudonymised index's private state [default: beside its output folder]
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
     "Export the index for training: manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json."
-    r = cli_run(lambda: export(db, out, format, labels, on, label_column, shard_size, salt, private_state, labels_encoding))
+    kw, _ = cli_args(ExportFlags, main.__doc__, "dicom_prep_export --db prepared/dicom_prep.db --format webdataset --labels labels.csv --on sop_uid", argv, extra=None)
+    o = ExportFlags(**kw)
+    r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding))
     print(r.summary())
+

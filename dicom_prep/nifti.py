@@ -12,25 +12,26 @@ from dataclasses import dataclass, replace
 from string import Formatter
 from functools import partial
 from pathlib import Path
-from fastcore.script import call_parse, store_true
+from fastcore.meta import delegates
 import dicom_prep
 from .core import log, remove_output
 from .sources import Found
 from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
-from .privacy import PHI_KEYS, Deidentify, pseudonym, replace_rows, without_paths
+from .privacy import PHI_KEYS, Deidentify, deidentify_flags, pseudonym, replace_rows, without_paths
 from .paths import inside
 from .parallel import TaskFailure
-from .run import (Run, RunOutcome, UsageError, deidentify_flags, open_run, private_state_file, summary_block, cli_source, cli_run,
-                            cli_finish)
+from .options import RunOptions, UsageError, derived, flag
+from .run import Diff, Run, RunOutcome, open_run, summary_block
+from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
 # %% auto #0
-__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'pseudonymous_record', 'refresh_headers', 'TakenNames',
-           'store_analysis', 'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult', 'dicom_to_nifti',
-           'main']
+__all__ = ['HEADER_TIMEOUT', 'ANALYSIS_SETTINGS', 'SETTING_DEFAULTS', 'EXAMPLE', 'pseudonymous_record', 'refresh_headers',
+           'TakenNames', 'store_analysis', 'plan_conversions', 'conversion_tasks', 'convert_volumes', 'NiftiResult',
+           'NiftiOptions', 'dicom_to_nifti', 'main']
 
 # %% ../nbs/11_nifti.ipynb #0f6e0104
 def _series_key(r:FileRecord, key:str|None=None) -> str:
@@ -67,12 +68,9 @@ def _header_status(res) -> str:
     "The counter a header result adds to."
     return 'headers_unreadable' if isinstance(res, TaskFailure) or res.error else 'headers_read'
 
-def _plan_headers(db, reanalyze:bool) -> tuple[int, int]:
-    "Put the files whose header must be read in `temp.todo`, forget vanished ones, note their series in `nifti_touched`; returns (to read, gone)."
-    db.execute('drop table if exists temp.todo')
-    db.execute("""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns from temp.scan s
-        left join nifti_headers h on h.path = s.path
-        where s.dicom = 1 and (:all or h.path is null or h.size != s.size or h.mtime_ns != s.mtime_ns) order by s.path""", dict(all=reanalyze))
+def _plan_headers(run:Run, reanalyze:bool) -> tuple[Diff, int]:
+    "The files whose header must be read (`Run.diff`); forget vanished ones, note their series in `nifti_touched`; returns (the diff, gone)."
+    db, changes = run.db, run.diff('nifti_headers', ':all', all=reanalyze)
     vanished = 'from nifti_headers h where not exists (select 1 from temp.scan s where s.path = h.path and s.dicom = 1)'
     with db.atomic():
         db.execute('insert or ignore into nifti_touched select h.series_key from nifti_headers h join temp.todo t on t.path = h.path '
@@ -80,7 +78,7 @@ def _plan_headers(db, reanalyze:bool) -> tuple[int, int]:
         db.execute(f'insert or ignore into nifti_touched select h.series_key {vanished} and h.series_key is not null')
         gone = db.execute(f'select count(*) {vanished}').fetchone()[0]
         db.execute(f'delete from nifti_headers where path in (select h.path {vanished})')
-    return db.execute('select count(*) from temp.todo').fetchone()[0], gone
+    return changes, gone
 
 def _read_headers(item:Found, root) -> FileRecord:
     "Worker: the header record of `item` (its path relative to `root`), recording that relative path."
@@ -93,8 +91,8 @@ def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
                     batch_size:int=500, # headers per commit
                    ) -> dict:
     "Bring `nifti_headers` up to date with the scanned tree; returns counts read/gone/unreadable/pending."
-    todo, gone = _plan_headers(run.db, reanalyze)
-    items = (Found(Path(p), study, size, mtime_ns) for p, study, size, mtime_ns in run.pages('todo', 'path, study_id, size, mtime_ns'))
+    changes, gone = _plan_headers(run, reanalyze)
+    todo, items = len(changes), (Found(Path(c.path), c.study_id, c.size, c.mtime_ns) for c in changes)
     n = run.stream(partial(_read_headers, root=run.dicom_dir), items, partial(_write_headers, key=run.key), batch_size, phase='Headers',
                    label='headers', timeout=HEADER_TIMEOUT, count=_header_status, total=todo)
     return dict(read=n, gone=gone, unreadable=run.counts['headers_unreadable'], pending=todo - n)
@@ -274,15 +272,34 @@ def _check_template(template:str, pseudonymised:bool=False):
     if pseudonymised and (free := sorted(fields & set(FREE_TEXT_FIELDS))):
         raise UsageError(f"--name-template: {', '.join(free)} is free text, which --pseudonymize keeps out of names (e.g. {PSEUDONYMOUS_TEMPLATE})")
 
-def _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid) -> dict:
-    "The guarded settings of a run (the name template resolved), checked before any work (`UsageError` if unusable)."
-    template = name_template or (PSEUDONYMOUS_TEMPLATE if deid else DEFAULT_TEMPLATE)
-    _check_template(template, deid is not None)
-    if batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
-    if csv_path and Path(csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {csv_path}")
-    if philips_scaling not in PHILIPS_SCALINGS: raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {philips_scaling!r}")
-    return dict(name_template=template, spacing_tol=spacing_tol, philips_scaling=philips_scaling, resample=resample,
-                pseudonymize=bool(deid), deidentify=deid and deid.setting)
+@dataclass(frozen=True)
+class NiftiOptions(RunOptions):
+    "Every option of a `dicom_to_nifti` run: the run's (`RunOptions`), the analysis and the names."
+    batch_size: int = flag(30, 'run control')  # Volumes per database commit
+    analysis_only: bool = flag(False, 'run control')  # Stop after the analysis (the volumes table); convert nothing
+    reanalyze: bool = flag(False, 'run control')  # Re-read every header and redo the analysis even if no file changed
+    sidecar: bool = flag(False, 'output')  # Write a BIDS-style JSON sidecar next to each volume
+    name_template: str|None = flag(None, 'output')  # Output name under OUTPUT_DIR/nifti [default: {study_id}/{series_number:03d}_{series_description}; with --pseudonymize {study_id}/{series_number:03d}_{modality}]; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
+    csv_path: Path|None = flag(None, 'output', cli='csv')  # Also export the analysis table (volumes) to this CSV file
+    spacing_tol: float = flag(SPACING_TOL, 'image', cli='', guard=True)  # a slice step may deviate from the mean by this fraction
+    philips_scaling: str = flag('precise', 'image', guard=True)  # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
+    resample: bool = flag(False, 'image', guard=True)  # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
+    template: str = derived()  # the name template, resolved
+    deidentify: Deidentify|None = derived()  # what a pseudonymised index's sidecars may hold
+
+    def __post_init__(self):
+        super().__post_init__()
+        deid = deidentify_flags(self.pseudonymize, self.keep, self.shift_dates) or None
+        template = self.name_template or (PSEUDONYMOUS_TEMPLATE if deid else DEFAULT_TEMPLATE)
+        _check_template(template, deid is not None)
+        if self.csv_path and Path(self.csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {self.csv_path}")
+        if self.philips_scaling not in PHILIPS_SCALINGS:
+            raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {self.philips_scaling!r}")
+        self._set(template=template, deidentify=deid)
+
+    def guarded(self) -> dict:
+        "The settings the guard records: the guarded fields, the name template resolved, and what a pseudonymised index keeps."
+        return super().guarded() | dict(name_template=self.template, deidentify=self.deidentify and self.deidentify.setting)
 
 def _remove_outputs(run:Run, where:str):
     "Delete the files written for the volumes matching SQL `where` (image, sidecar, .bval/.bvec)."
@@ -308,16 +325,26 @@ def _drop_unusable(run:Run):
 ANALYSIS_SETTINGS = {'spacing_tol', 'philips_scaling', 'resample'}   # settings whose change means analysing again
 SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None)   # what databases made before these settings existed used
 
-def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, philips_scaling:str, resample:bool) -> dict:
+def _reanalyse(run:Run, o:NiftiOptions) -> bool: return o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending)   # every header and series again
+
+def _refresh(run:Run, o:NiftiOptions) -> dict:
+    "Forget the names of a changed template, scan the tree, read the headers that changed; returns `refresh_headers`' counts."
+    if 'name_template' in run.pending: _forget_names(run)
+    run.scan('nifti_headers', o.follow_symlinks)
+    h = refresh_headers(run, _reanalyse(run, o))
+    if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
+    return h
+
+def _analyse(run:Run, h:dict, o:NiftiOptions) -> dict:
     "Analyse the series whose files changed (every series if asked, or the first time); returns verdict counts of the table."
-    t, db = run.phase('Analysis'), run.db
+    t, db, reanalyze = run.phase('Analysis'), run.db, _reanalyse(run, o)
     with db.atomic():      # series of unnamed `ok` volumes (a new name template) are analysed again to be named
         db.execute("insert or ignore into nifti_touched select series_uid from volumes where verdict='ok' and output_name is null")
     touched = db.execute('select count(*) from nifti_touched').fetchone()[0]
     if h['pending']: n = 0
     elif reanalyze or not db['volumes'].count or touched or h['gone']:
         every = reanalyze or not db['volumes'].count
-        n = store_analysis(db, template, spacing_tol, philips_scaling, resample, None if every else 'nifti_touched', key=run.key)
+        n = store_analysis(db, o.template, o.spacing_tol, o.philips_scaling, o.resample, None if every else 'nifti_touched', key=run.key)
         for k in ANALYSIS_SETTINGS & run.pending: run.done_with(k)
         run.notes.append(f"Analysis: {n:,} series analysed" + ('' if every else ' (those whose files changed)'))
     else:
@@ -328,84 +355,38 @@ def _analyse(run:Run, h:dict, reanalyze:bool, template:str, spacing_tol:float, p
     return verdicts
 
 # %% ../nbs/11_nifti.ipynb #deaf9114
-def _finish(run:Run, h:dict, verdicts:dict, counts:dict):
-    "Count the verdicts into `run` and finish it: on the headers while some are pending, else on the volumes."
+def _convert(run:Run, h:dict, o:NiftiOptions) -> dict:
+    "Convert the volumes that need it, unless headers are still pending or only the analysis was asked for; returns counts."
+    return {} if h['pending'] or o.analysis_only else convert_volumes(run, o.batch_size, o.sidecar, o.follow_symlinks, o.deidentify)
+
+def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> NiftiResult:
+    "Count the verdicts into `run` and finish it (on the headers while some are pending, else on the volumes); export the CSV."
     run.counts.update({f'verdict_{k}': v for k, v in verdicts.items()})
     if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
     else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
+    if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
+    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
 
-def dicom_to_nifti(dicom_dir, # folder of DICOM files (searched recursively)
-                   output_dir='dicom_prep_out', # volumes go to OUTPUT_DIR/nifti
-                   db_path=None, # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-                   workers:int=2, # parallel worker processes (0: serial, in-process)
-                   batch_size:int=30, # volumes per database commit
-                   force_reprocess:bool=False, # convert every ok volume again (also after a settings change)
-                   analysis_only:bool=False, # stop after the analysis (the volumes table)
-                   reanalyze:bool=False, # re-read every header and redo the analysis even if no file changed
-                   sidecar:bool=False, # write a BIDS-style JSON sidecar next to each volume
-                   name_template:str|None=None, # output name under OUTPUT_DIR/nifti (fields: `NAME_FIELDS`) [default: `DEFAULT_TEMPLATE`, pseudonymised: `PSEUDONYMOUS_TEMPLATE`]
-                   scheduler:str|None=None, # run on Dask: 'local' or a scheduler address
-                   csv_path=None, # also export the analysis table to this CSV file
-                   follow_symlinks:bool=False, # follow symlinks that point outside `dicom_dir`
-                   spacing_tol:float=SPACING_TOL, # a slice step may deviate from the mean by this fraction
-                   philips_scaling:str='precise', # Philips values: 'precise' floating point (dcm2niix's default) or 'display'
-                   resample:bool=False, # write tilted or irregularly spaced stacks on an orthogonal equidistant grid (else: shear / refusal)
-                   pseudonymize:bool=False, # a folder safe to hand over: names from pseudonyms, sidecars of safe attributes (`db.Deidentify`)
-                   salt:str|None=None, # your pseudonym secret [default: the random key kept in the private state]
-                   private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
-                   keep:str|None=None, # with `pseudonymize`: also keep these patient attributes in sidecars (age, sex, size, weight)
-                   shift_dates:bool=False, # with `pseudonymize`: keep times of day in sidecars (the Modified Dates option)
+@delegates(NiftiOptions)
+def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
+                   output_dir=None, # volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
+                   options:NiftiOptions|None=None, # every option at once
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
-                   rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
-                   quiet:bool=False, # print nothing
+                   **kwargs, # any field of `NiftiOptions`, e.g. `n_workers=0`; an old spelling warns
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    deid = deidentify_flags(pseudonymize, keep, shift_dates) or None
-    settings = _settings(name_template, batch_size, csv_path, spacing_tol, philips_scaling, resample, deid)
-    with open_run('nifti', dicom_dir, output_dir, db_path, settings, force_reprocess, '--force-reprocess', workers, scheduler, quiet, temp_dirs=('nifti',),
-                  should_stop=should_stop, defaults=SETTING_DEFAULTS, private=private_state_file(pseudonymize, private_state, output_dir), salt=salt,
-                  rebase=rebase) as run:
-        if 'name_template' in run.pending: _forget_names(run)
-        run.scan('nifti_headers', follow_symlinks)
-        h = refresh_headers(run, reanalyze or bool(ANALYSIS_SETTINGS & run.pending))
-        if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
-        verdicts = _analyse(run, h, reanalyze or bool(ANALYSIS_SETTINGS & run.pending), settings['name_template'], spacing_tol, philips_scaling, resample)
-        counts = convert_volumes(run, batch_size, sidecar, follow_symlinks, deid) if not (h['pending'] or analysis_only) else {}
-        _finish(run, h, verdicts, counts)
-        if csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, csv_path, table='volumes'):,} volumes written to {csv_path}")
-        return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
+    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    with open_run('nifti', o, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
+        h = _refresh(run, o)
+        verdicts = _analyse(run, h, o)
+        return _finish(run, o, h, verdicts, _convert(run, h, o))
 
 # %% ../nbs/11_nifti.ipynb #fbc3fd57
-@call_parse
-def main(
-    dicom_dir:Path=None,      # Folder of DICOM files (searched recursively)
-    output_dir:Path=None,     # Output folder; volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
-    db:Path=None,             # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    workers:int=2,            # Parallel worker processes (0: serial, in-process, for debugging)
-    batch_size:int=30,        # Volumes per database commit
-    force_reprocess:store_true=False, # Convert every ok volume again (also after a settings change: a new name template renames all)
-    analysis_only:store_true=False,   # Stop after the analysis (the volumes table); convert nothing
-    reanalyze:store_true=False,       # Re-read every header and redo the analysis even if no file changed
-    sidecar:store_true=False,         # Write a BIDS-style JSON sidecar next to each volume
-    name_template:str=None,   # Output name under OUTPUT_DIR/nifti [default: {study_id}/{series_number:03d}_{series_description}; with --pseudonymize {study_id}/{series_number:03d}_{modality}]; fields: study_id patient_id study_uid series_uid modality series_number series_description protocol_name echo_number volume_id suffix (appended when not used)
-    csv:Path=None,            # Also export the analysis table (volumes) to this CSV file
-    scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
-    follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
-    rebase:store_true=False,  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
-    philips_scaling:str='precise', # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
-    resample:store_true=False,        # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
-    pseudonymize:store_true=False, # A folder safe to hand over: names from pseudonyms, sidecars with safe attributes only (as dicom_prep_preprocess's)
-    salt:str=None,            # Your secret for --pseudonymize [default: the random key kept in the private state]
-    private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
-    keep:str=None,            # With --pseudonymize: also keep these patient attributes in sidecars: age, sex, size, weight (or PatientAge, ...)
-    shift_dates:store_true=False, # With --pseudonymize: keep times of day in sidecars (the Modified Dates option; sidecars hold no date)
-    test:store_true=False,    # Run on the bundled sample data (no data of yours needed)
-):
-    "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
-    dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    cli_finish(cli_run(lambda: dicom_to_nifti(
-        dicom_dir, output_dir, db_path=db, workers=workers, batch_size=batch_size, force_reprocess=force_reprocess,
-        analysis_only=analysis_only, reanalyze=reanalyze, sidecar=sidecar, name_template=name_template, scheduler=scheduler,
-        csv_path=csv, follow_symlinks=follow_symlinks, philips_scaling=philips_scaling, resample=resample, rebase=rebase,
-        pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, shift_dates=shift_dates)))
+EXAMPLE = "dicom_prep_nifti --dicom-dir scans --output-dir prepared --sidecar --workers 8"
 
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
+    "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
+    kw, cli = cli_args(NiftiOptions, main.__doc__, EXAMPLE, argv)
+    kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    cli_finish(cli_run(lambda: dicom_to_nifti(**kw)))

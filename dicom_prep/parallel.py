@@ -25,7 +25,8 @@ from fastcore.parallel import ProcessPoolExecutor
 
 # %% auto #0
 __all__ = ['RETRIES', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory',
-           'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask', 'run_tasks']
+           'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask', 'run_tasks', 'memory_capped',
+           'in_process']
 
 # %% ../nbs/05_parallel.ipynb #ee267cc9
 @dataclass
@@ -362,3 +363,26 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
     should_stop = should_stop or (lambda: False)
     if workers == 0 and not scheduler: return ((i, _guarded(fn, i)) for i in items if not should_stop())
     return drive(fn, items, _backend(scheduler, workers, memory), timeout, should_stop)
+
+# %% ../nbs/05_parallel.ipynb #520106eb
+@contextmanager
+def memory_capped(nbytes:int|None, # bytes this process may map beyond what it maps now; None or 0: no cap
+                 ):
+    "Inside the block, allocations past `nbytes` more than this process maps now fail (MemoryError); its limits are restored after."
+    try: import resource
+    except ImportError: resource = None                            # Windows: no rlimits
+    if not (nbytes and resource): yield; return
+    before = [(r, resource.getrlimit(r)) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
+    limit_memory(nbytes)
+    try: yield
+    finally:
+        for r, limits in before: resource.setrlimit(r, limits)
+
+def in_process(work, # the per-item worker
+               nbytes:int, # the cap, in bytes
+               item, # its item
+              ):
+    "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
+    try:
+        with memory_capped(nbytes): return work(item)
+    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {str(e) or 'an allocation failed'}")

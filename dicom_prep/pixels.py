@@ -22,10 +22,9 @@ from .tags import first_number, frame_group, transfer_syntax
 from .vendor import grid_count, maker, tile_size, untile
 
 # %% auto #0
-__all__ = ['WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame',
-           'mosaic_slices', 'image_count', 'decode_image', 'modality_values', 'parse_window', 'window_uint8',
-           'robust_range', 'hist_uint8', 'to_uint8', 'resize_longest', 'frame_image', 'to_uint16', 'frame_image16',
-           'save_png']
+__all__ = ['HU_OFFSET', 'PixelDecodeError', 'FrameTooLargeError', 'decode_frame', 'mosaic_slices', 'image_count', 'decode_image',
+           'modality_values', 'window_uint8', 'robust_range', 'hist_uint8', 'to_uint8', 'resize_longest', 'frame_image',
+           'to_uint16', 'frame_image16', 'save_png']
 
 # %% ../nbs/03_pixels.ipynb #f40d7a31
 class PixelDecodeError(ValueError):
@@ -159,30 +158,7 @@ def modality_values(ds, # the dataset `arr` came from
     return x
 
 # %% ../nbs/03_pixels.ipynb #4c930f9e
-WINDOWS: dict[str, tuple[float, float]] = dict(    # preset name → (centre, width) in HU
-    brain=(40, 80), subdural=(80, 200), stroke=(40, 40), temporal_bone=(600, 2800), soft_tissue=(50, 400),
-    lungs=(-600, 1500), mediastinum=(50, 350), abdomen=(40, 400), liver=(30, 150), angio=(300, 600), bone=(400, 1800))
-MULTI_WINDOWS = ('brain', 'subdural', 'bone')    # the R, G, B presets of a plain `multi`
-WINDOW_MODES = ('auto', 'minmax', 'percentile', 'hist')  # windows that come from the file or the data
-
-def _named_window(name:str) -> tuple[str, float, float]:
-    "(label, centre, width) for a preset name or a 'C,W' pair of numbers."
-    if name in WINDOWS: return (name, *map(float, WINDOWS[name]))
-    try: c, w = map(float, name.split(','))
-    except ValueError: raise ValueError(f"unknown window {name!r}: use {', '.join(WINDOW_MODES)}, 'C,W' numbers, "
-                                        f"multi[:a,b,c] or a preset ({', '.join(WINDOWS)})") from None
-    if not w > 0: raise ValueError(f'window width must be > 0, got {name!r}')
-    return ('custom', c, w)
-
-def parse_window(window:str='auto', # a mode, a preset, 'C,W', 'multi' or 'multi:a,b,c'
-                ) -> tuple[str, list]:
-    "Validate `window` → (mode, [(label, centre, width), ...]); mode is auto/minmax/percentile/preset/multi."
-    w = str(window).strip().lower()
-    if w in WINDOW_MODES: return w, []
-    if w != 'multi' and not w.startswith('multi:'): return 'preset', [_named_window(w)]
-    names = w.partition(':')[2].split(',') if ':' in w else MULTI_WINDOWS
-    if len(names) != 3: raise ValueError(f'multi-window needs exactly 3 presets, got {window!r}')
-    return 'multi', [_named_window(n.strip()) for n in names]
+from .options import parse_window   # the --window vocabulary (presets, modes) is defined beside its flag, in `options`
 
 # %% ../nbs/03_pixels.ipynb #34654cd9
 def window_uint8(x:np.ndarray, # values to map

@@ -1,7 +1,7 @@
 """The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per
 source file out. Parallel, idempotent, resumable after any crash.
 
-`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script.
+`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's.
 
 Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
@@ -9,143 +9,35 @@ Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
 # %% ../nbs/07_preprocess.ipynb #5e246e74
 from __future__ import annotations
-import json, os, stat
+import os, stat
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from fastcore.basics import chunked
-from fastcore.script import call_parse, store_true
+from fastcore.meta import delegates
 from PIL import Image
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.multival import MultiValue
 from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .sources import Found
-from .guards import frame_count, check_size, CodestreamMismatch, TooLargeError, MAX_PIXELS
+from .guards import check_size, CodestreamMismatch, TooLargeError
 from .read import read_dicom, DicomReadError, has_pixels
-from .tags import frame_group, num_value, values_unvalidated, raw_texts, raw_value
-from .vendor import maker, private_value, tile_size
-from .pixels import frame_image, frame_image16, image_count, save_png, parse_window, PixelDecodeError
+from .tags import values_unvalidated
+from .pixels import frame_image, frame_image16, image_count, save_png, PixelDecodeError
 from .db import get_meta, parse_splits, assign_split, now, FAILED
 from .paths import inside
-from .privacy import (pseudonym, replace_rows, source_id, PHI_KEYS, SAFE_PRIVATE, Deidentify, date_offset,
-                                numbers_only, shifted)
+from .core import env_error
+from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
 from .parallel import TaskFailure
-from .run import (PAGE, RunOutcome, UsageError, deidentify_flags, env_error, open_run, private_state_file, summary_block,
-                            cli_source, cli_run, cli_finish)
+from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
+from .options import ImageOptions, RunOptions, UsageError, derived, flag, renamed
+from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
+from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_up
+
 
 # %% auto #0
-__all__ = ['METADATA_TAGS', 'PRUNE_SHARE', 'SETTING_DEFAULTS', 'parse_tags', 'json_value', 'file_metadata', 'frame_metadata',
-           'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run', 'file_stems', 'private_name', 'write_batch',
-           'sweep_orphans', 'RunResult', 'preprocess', 'main']
-
-# %% ../nbs/07_preprocess.ipynb #d9868af6
-METADATA_TAGS = dict(manufacturer='Manufacturer', manufacturer_model='ManufacturerModelName', body_part='BodyPartExamined',
-                   view_position='ViewPosition', series_description='SeriesDescription', series_number='SeriesNumber',
-                   study_date='StudyDate', patient_sex='PatientSex', patient_age='PatientAge', kvp='KVP',
-                   instance_number='InstanceNumber')
-_BINARY_VRS = {'OB', 'OD', 'OF', 'OL', 'OV', 'OW', 'SQ', 'UN'}
-_BUILTIN_COLUMNS = {*METADATA_TAGS, 'laterality', 'modality', 'rows', 'columns', 'window', 'split', 'filename', 'all_tags'}
-
-def parse_tags(spec:str|None, # comma-separated DICOM keywords, e.g. 'EchoTime,RepetitionTime'
-               deidentify:Deidentify|None=None, # a pseudonymised run's options: refuse keywords it does not keep
-              ) -> list[str]:
-    "Validated keywords for `--tags` (`ValueError` naming the first bad one)."
-    tags = [t.strip() for t in (spec or '').split(',') if t.strip()]
-    for t in tags:
-        if t.lower() in _BUILTIN_COLUMNS: raise ValueError(f"--tags: {t} is already a column ({t.lower()}) of every image")
-        if tag_for_keyword(t) is None: raise ValueError(f"--tags: {t!r} is not a DICOM keyword (e.g. EchoTime, RepetitionTime)")
-        if set(dictionary_VR(t).split(' or ')) & _BINARY_VRS: raise ValueError(f"--tags: {t} is binary ({dictionary_VR(t)}); only values can be columns")
-        if deidentify and t not in deidentify.keywords:
-            raise ValueError(f"--tags: --pseudonymize keeps only attributes known to be safe, and {t} is not one (see --keep, --shift-dates)")
-    return tags
-
-# %% ../nbs/07_preprocess.ipynb #cdaa62b5
-def json_value(v, # a DICOM element value
-              ):
-    "A DICOM value as JSON: numbers as numbers, multi-values as lists, bytes dropped (None), the rest as stripped text."
-    if isinstance(v, (MultiValue, list, tuple)): return [json_value(x) for x in v]
-    if isinstance(v, (bytes, bytearray)): return None
-    if isinstance(v, int): return int(v)
-    if isinstance(v, float): return int(v) if v.is_integer() else float(v)
-    return str(v).strip()
-
-def _iso_date(keyword, v):
-    "`v` as YYYY-MM-DD when `keyword` is a date and `v` one date in DICOM's YYYYMMDD."
-    return f"{v[:4]}-{v[4:6]}-{v[6:]}" if keyword.endswith('Date') and isinstance(v, str) and len(v) == 8 and v.isdigit() else v
-
-def _value(ds, keyword):
-    "The JSON value of `keyword` in `ds`, or None (absent, empty, or broken)."
-    if (v := raw_value(ds, keyword)) is None:
-        try: v = ds.get(keyword)
-        except Exception: return None
-    return _iso_date(keyword, None if v is None or v == '' else json_value(v))
-
-def _vr(ds, keyword) -> str|None:
-    "The VR element `keyword` of `ds` was read under (None when absent or unreadable)."
-    try: return ds[keyword].VR
-    except Exception: return None
-
-def _shifted(ds, keyword, vr, days):
-    "The JSON value of date or time `keyword` moved by `days` (`db.shifted`), or None if any of its values is no date or time."
-    try: v = ds.get(keyword)
-    except Exception: return None
-    moved = [shifted(x, vr, days) for x in (v if isinstance(v, MultiValue) else [v])]
-    return None if not moved or None in moved else _iso_date(keyword, json_value(moved[0] if len(moved) == 1 else moved))
-
-def _kept(ds, deidentify:Deidentify, days:int, keyword:str):
-    "The JSON value of `keyword` as a pseudonymised index keeps it (`Deidentify.keeps`), else None; dates shifted by `days`."
-    if keyword not in deidentify.keywords or (vr := _vr(ds, keyword)) is None: return None
-    v = _shifted(ds, keyword, vr, days) if vr in ('DA', 'DT', 'TM') else _value(ds, keyword)
-    return v if deidentify.keeps(keyword, v, vr) else None
-
-def _private_safe(ds) -> dict:
-    "The `SAFE_PRIVATE` elements of `ds` whose every value is a finite number, by name."
-    out = {}
-    for p in SAFE_PRIVATE:
-        try: v = private_value(ds, p.group, p.creator, p.offset)
-        except Exception: continue                                    # a broken element is no number
-        if isinstance(v, (bytes, bytearray)): v = v.decode('latin-1').strip(' \x00').split('\\')   # an implicit-VR element pydicom left raw
-        vals = list(v) if isinstance(v, (list, tuple, MultiValue)) else [v]
-        if vals and (nums := num_value(vals, len(vals))): out[p.name] = json_value(nums[0] if len(nums) == 1 else list(nums))
-    return out
-
-def _all_tags(ds, deidentify:Deidentify|None=None, days:int=0) -> str:
-    "Every non-binary top-level element as JSON text, keyed by keyword; with `deidentify`, only those it keeps."
-    if deidentify is None: kept = ((e.keyword, _value(ds, e.keyword)) for e in ds if e.keyword and e.VR not in _BINARY_VRS)
-    else: kept = ((k, _kept(ds, deidentify, days, k)) for k in sorted(deidentify.keywords, key=tag_for_keyword) if k in ds)
-    out = {k: v for k, v in kept if v not in (None, [], '')}
-    if deidentify and deidentify.private_safe: out |= _private_safe(ds)
-    return json.dumps(out, ensure_ascii=False)
-
-# %% ../nbs/07_preprocess.ipynb #91314e3a
-def file_metadata(ds, # the file's dataset
-                  tags:list=(), # extra keywords, each its own column
-                  all_tags:bool=False, # also every non-binary top-level element, as JSON
-                  deidentify:Deidentify|None=None, # a pseudonymised index's options: only what they keep is kept
-                  days:int=0, # with `deidentify.shift_dates`: the patient's `date_offset`
-                 ) -> dict:
-    "The metadata columns of a file's image rows (the same for every frame)."
-    value = partial(_value, ds) if deidentify is None else partial(_kept, ds, deidentify, days)
-    row = {col: value(kw) for col, kw in METADATA_TAGS.items()} | dict(laterality=value('Laterality') or value('ImageLaterality'))
-    row |= {t: value(t) for t in tags}
-    if all_tags: row['all_tags'] = _all_tags(ds, deidentify, days)
-    return _as_columns(row)
-
-def _as_columns(row:dict) -> dict:
-    "`row` as SQLite takes it: multi-values (lists) as JSON text."
-    return {k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()}
-
-def frame_metadata(ds, # the file's dataset
-                   i:int, # frame number, from 0
-                  ) -> dict:
-    "Per-frame geometry: pixel spacing, slice thickness and position (functional groups first, then the top level)."
-    enhanced = 'PerFrameFunctionalGroupsSequence' in ds or 'SharedFunctionalGroupsSequence' in ds   # else: the top level only, read once
-    num = lambda v: v if numbers_only(v) else None                 # geometry is numbers: text under another VR is not kept
-    g = lambda seq, kw: num((enhanced and _value(frame_group(ds, i, seq), kw)) or _value(ds, kw))
-    ps, ipp = g('PixelMeasuresSequence', 'PixelSpacing'), g('PlanePositionSequence', 'ImagePositionPatient')
-    return _as_columns(dict(pixel_spacing=ps or None, slice_thickness=g('PixelMeasuresSequence', 'SliceThickness'),
-                            image_position=ipp or None))     # a multi-valued thickness too: as JSON, not a failed batch
+__all__ = ['PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run',
+           'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult', 'preprocess',
+           'PreprocessScript', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #3911538e
 @dataclass
@@ -156,29 +48,6 @@ class FileResult:
     error: str|None = None
     n_frames: int = 0
     frames: list = field(default_factory=list)
-
-def _tag(ds, name):
-    "Tag value as text, or None (also when a broken element cannot be converted); plain text is read from the raw bytes (`raw_texts`)."
-    if (got := raw_texts(ds, name)) and len(got[1]) == 1: return got[1][0] or None
-    try: v = ds.get(name)
-    except Exception: return None
-    if isinstance(v, bytes): v = v.decode('ascii').rstrip(' \x00') if v.isascii() else None   # text stored under a binary VR
-    return None if v is None or v == '' else str(v)
-
-def _file_ids(ds, study_id, n, src, key=None) -> dict:
-    "The identifier and image columns every frame row of `ds` shares, read once per file (identifiers keyed with `key`)."
-    tiles = n if n != frame_count(ds) else 0          # a Siemens mosaic or UIH grid: its images are its slices
-    rows, cols = tile_size(int(ds.Rows), int(ds.Columns), n, maker(ds)) if tiles else (int(ds.Rows), int(ds.Columns))
-    row = dict(study_id=study_id, patient_id=_tag(ds, 'PatientID'), study_uid=_tag(ds, 'StudyInstanceUID'),
-               series_uid=_tag(ds, 'SeriesInstanceUID'), sop_uid=_tag(ds, 'SOPInstanceUID'), modality=_tag(ds, 'Modality'),
-               num_frames=n, rows=rows, columns=cols, mosaic=tiles, photometric=_tag(ds, 'PhotometricInterpretation'),
-               source_path=src, burned_in=_tag(ds, 'BurnedInAnnotation'))
-    if key:
-        row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
-        row |= {c: row[c] if Deidentify().keeps(kw, row[c], _vr(ds, kw)) else None for c, kw in _TEXT_IDS.items()}   # a name in them: dropped
-    return row
-
-_TEXT_IDS = dict(modality='Modality', photometric='PhotometricInterpretation', burned_in='BurnedInAnnotation')   # text columns of every row
 
 def _open_checked(path, max_pixels, res:FileResult):
     "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream), or `res` failed with the reason."
@@ -192,10 +61,10 @@ def _open_checked(path, max_pixels, res:FileResult):
     except Exception as e: return _fail(res, 'unreadable', f"bad image header: {type(e).__name__}: {e}")
     return ds
 
-def _render(ds, i, window, image_size, upscale, bit_depth) -> tuple:
+def _render(ds, i, opts:ImageOptions) -> tuple:
     "(image, window label, offset of 16-bit values or None) of frame `i`."
-    if bit_depth == 16: img, offset, label = frame_image16(ds, i, image_size, upscale); return img, label, offset
-    return (*frame_image(ds, i, window=window, image_size=image_size, upscale=upscale), None)
+    if opts.bit_depth == 16: img, offset, label = frame_image16(ds, i, opts.image_size, opts.upscale); return img, label, offset
+    return (*frame_image(ds, i, window=opts.voi, image_size=opts.image_size, upscale=opts.upscale), None)
 
 def _fail(res, status, why):
     "Mark `res` failed with `status`, log one line naming the file, return it."
@@ -206,43 +75,33 @@ def _fail(res, status, why):
 # %% ../nbs/07_preprocess.ipynb #eccbd412
 def process_dicom(dcm_path, # the source file
                   study_id:str, # its study (the first folder of image names)
-                  out_dir, # the output folder; PNGs go to OUT_DIR/images
+                  output_dir, # the output folder; PNGs go to OUTPUT_DIR/images
+                  opts:ImageOptions=ImageOptions(), # size, window, bit depth, tags, limits, and the pseudonym key
                   stem:str|None=None, # the file's unique stem [default: its sanitised stem]
-                  image_size:int=256, # longest side of the written images
-                  window:str='auto', # VOI window, as `frame_image` takes it
-                  png_level:int=6, # PNG zlib level
-                  upscale:bool=False, # enlarge images smaller than `image_size`
-                  max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-                  bit_depth:int=8, # 8: windowed PNGs; 16: modality values (see `frame_image16`)
-                  tags:list=(), # extra DICOM keywords, each a column
-                  all_tags:bool=False, # every non-binary top-level element as a JSON column
-                  deidentify:Deidentify|None=None, # with `key`: keep only what these options keep of each file
-                  key:str|None=None, # pseudonymise with this key: names from UIDs, identifiers keyed
                   in_place:bool=False, # write new PNGs without a temporary: only when no index row names them (see `write_output`)
                   source:str|None=None, # the path the index records (relative to the source root) [default: `dcm_path`]
                  ) -> FileResult:
-    "Write one PNG per frame of `dcm_path` under `out_dir/images`; return the `FileResult` (never raises)."
-    src, stem = source or str(dcm_path), stem or safe_component(Path(dcm_path).stem)
+    "Write one PNG per frame of `dcm_path` under `output_dir/images`; return the `FileResult` (never raises)."
+    src, stem, key, deid = source or str(dcm_path), stem or safe_component(Path(dcm_path).stem), opts.key, opts.deidentify
     res = FileResult(str(dcm_path), 'ok')
     with values_unvalidated():
-        if isinstance(ds := _open_checked(dcm_path, max_pixels, res), FileResult): return ds
+        if isinstance(ds := _open_checked(dcm_path, opts.max_pixels, res), FileResult): return ds
         if key: study_id, stem = private_name(ds, src, key)
         n = res.n_frames
-        days = date_offset(_tag(ds, 'PatientID') or _tag(ds, 'StudyInstanceUID'), key) if deidentify and deidentify.shift_dates else 0
-        shared = _file_ids(ds, study_id, n, src, key) | file_metadata(ds, tags, all_tags, deidentify, days) | dict(bit_depth=bit_depth)
+        days = date_offset(tag_text(ds, 'PatientID') or tag_text(ds, 'StudyInstanceUID'), key) if deid and deid.shift_dates else 0
+        shared = file_ids(ds, study_id, n, src, key) | file_metadata(ds, list(opts.tags), opts.all_tags, deid, days) | dict(bit_depth=opts.bit_depth)
         for i in range(n):
-            if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, out_dir, window, image_size,
-                                       upscale, bit_depth, png_level, in_place)): return failed
+            if (failed := _write_frame(ds, i, frame_filename(study_id, stem, i, n), shared, res, opts, output_dir, in_place)): return failed
     return res
 
-def _write_frame(ds, i, name, shared, res, out_dir, window, image_size, upscale, bit_depth, png_level, in_place) -> FileResult|None:
-    "Render frame `i` of `ds` to `out_dir/images/NAME.png` and add its row to `res`; returns `res` failed if it could not be."
-    dest = Path(out_dir)/f"images/{name}.png"
+def _write_frame(ds, i, name, shared, res, opts:ImageOptions, output_dir, in_place) -> FileResult|None:
+    "Render frame `i` of `ds` to `output_dir/images/NAME.png` and add its row to `res`; returns `res` failed if it could not be."
+    dest = Path(output_dir)/f"images/{name}.png"
     try:
-        img, win, offset = _render(ds, i, window, image_size, upscale, bit_depth)
+        img, win, offset = _render(ds, i, opts)
         row = dict(filename=name, frame_number=i, window=win, thumbnail_path=f"images/{name}.png", png_offset=offset) | shared | frame_metadata(ds, i)
         if shared['mosaic']: row['image_position'] = None       # the mosaic's position is not its slices' (see `series`)
-        save_png(img, dest, compress_level=png_level, in_place=in_place, root=out_dir)
+        save_png(img, dest, compress_level=opts.png_level, in_place=in_place, root=output_dir)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except PixelDecodeError as e: return _fail(res, 'decode_error', str(e))
     except OSError as e:
@@ -271,29 +130,22 @@ class Plan:
     done: int = 0          # unchanged, final
     failed_kept: int = 0   # failed earlier, not retried
     gone: int = 0          # recorded files missing from disk
+    changes: Diff|None = field(default=None, compare=False, repr=False)   # the files to process, each a `Change`
 
-def plan_run(db, # the run's database, after `Run.scan('files')`
+def plan_run(run:Run, # the open run, after `Run.scan('files')`
              force:bool=False, # redo every file
              retry_failed:bool=False, # redo files that failed before
              rebuild_since:int|None=None, # files last done before this run id are redone (an unfinished --force)
             ) -> Plan:
-    "Compare the scanned tree with `files` in SQL: files to (re)process go to `temp.todo`; paths in `temp.bad` (--verify) are redone."
+    "Diff the scanned tree against `files` (`Run.diff`): new and changed files, and those to redo (forced, rebuilt, failed, or in `temp.bad` by --verify)."
     failed = ', '.join(f"'{s}'" for s in FAILED)
-    db.execute('create temp table if not exists bad (path text primary key)')
-    db.execute('drop table if exists temp.todo')
-    db.execute(f"""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns, f.path is not null as overwrite,
-            (select count(*) from temp.scan c where c.clash_key = s.clash_key and c.dicom = 1) > 1 as meets
-        from temp.scan s left join files f on f.path = s.path
-        where s.dicom = 1 and (f.path is null or :force or f.size != s.size or f.mtime_ns != s.mtime_ns
-              or coalesce(f.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad)
-              or (:retry and f.status in ({failed})))
-        order by s.path""", dict(force=force, since=rebuild_since, retry=retry_failed))
-    count = lambda sql: db.execute(sql).fetchone()[0]
-    found, todo = count('select count(*) from temp.scan where dicom = 1'), count('select count(*) from temp.todo')
-    kept = 0 if retry_failed or force else count(f"""select count(*) from temp.scan s join files f on f.path = s.path where s.dicom = 1
-        and f.status in ({failed}) and not exists (select 1 from temp.todo t where t.path = s.path)""")
-    gone = count('select count(*) from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1)')
-    return Plan(found, todo, found - todo - kept, kept, gone)
+    run.db.execute('create temp table if not exists bad (path text primary key)')
+    redo = f":force or coalesce(k.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad) or (:retry and k.status in ({failed}))"
+    changes = run.diff('files', redo, force=force, since=rebuild_since, retry=retry_failed)
+    found = run.n_found()
+    kept = 0 if retry_failed or force else run.left('files', f"k.status in ({failed})")
+    gone = run.db.execute('select count(*) from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1)').fetchone()[0]
+    return Plan(found, len(changes), found - len(changes) - kept, kept, gone, changes)
 
 # %% ../nbs/07_preprocess.ipynb #a16052ac
 def _nocase(name:str) -> bytes: return name.encode('utf-8', 'surrogatepass').lower()   # SQLite's NOCASE: ASCII letters only
@@ -328,7 +180,7 @@ def private_name(ds, # the file's dataset
                  key:str, # the pseudonym key
                 ) -> tuple[str, str]:
     "(study, stem) of a pseudonymised file's images: keyed pseudonyms of its UIDs (and path, so copies stay apart)."
-    uid = lambda k: _value(ds, k) or ''
+    uid = lambda k: tag_value(ds, k) or ''
     return (pseudonym(uid('StudyInstanceUID'), key, 'study_'),
             f"{pseudonym(uid('SeriesInstanceUID'), key, 'series_')}/{pseudonym(uid('SOPInstanceUID') + chr(0) + src, key, 'img_')}")
 
@@ -338,31 +190,32 @@ def _file_row(res, f, study_id, run_id, stamp:str):
     return dict(path=str(f.path), study_id=study_id, size=f.size, mtime_ns=f.mtime_ns, status=res.status,
                 error=res.error, n_frames=res.n_frames, processed_at=stamp, run_id=run_id)
 
-def _png(out_dir, r:dict) -> Path:
-    "The PNG of `images` row `r` under `out_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
-    return inside(out_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images',
+def _png(output_dir, r:dict) -> Path:
+    "The PNG of `images` row `r` under `output_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
+    return inside(output_dir, r['thumbnail_path'], f"images row {r['filename']!r}: thumbnail_path", within='images',
                   follow=True)     # symlinks: it is read and deleted only through the folder's checked descriptors (`folder_fd`)
 
-def _remove_images(db, out_dir, paths, keep=frozenset()):
+def _remove_images(db, output_dir, paths, keep=frozenset()):
     "Delete image rows (and PNGs not in `keep`) of the source `paths`."
     for p in paths:
         for r in db.query('select filename, thumbnail_path from images where source_path=?', [p]):
-            png = _png(out_dir, r)         # every path read is checked, kept or not
-            if r['filename'] not in keep: remove_output(png, out_dir)
+            png = _png(output_dir, r)         # every path read is checked, kept or not
+            if r['filename'] not in keep: remove_output(png, output_dir)
         db.execute('delete from images where source_path=?', [p])
 
-def _as_result(task:FileTask, res, out_dir) -> FileResult:
+def _as_result(task:FileTask, res, output_dir) -> FileResult:
     "A worker's result, or its `TaskFailure` as the file's failed result (logged; any PNG its dead worker left removed)."
     if not isinstance(res, TaskFailure): return res
     log.warning(f"{task.found.path}: {res.status}: {res.message}")
-    base = Path(out_dir)/'images'/task.study_id/task.stem
-    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, out_dir)
+    base = Path(output_dir)/'images'/task.study_id/task.stem
+    for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, output_dir)
     return FileResult(str(task.found.path), res.status, res.message)
 
 # %% ../nbs/07_preprocess.ipynb #9b2920f2
+@renamed(out_dir='output_dir')
 def write_batch(db, # the run's database
                 batch:list, # `(FileTask, FileResult | TaskFailure)` pairs
-                out_dir, # the output folder
+                output_dir, # the output folder
                 run_id:int, # the run writing them
                 fractions:dict, # split fractions
                 key:str|None=None, # the pseudonym key of a pseudonymised index
@@ -370,12 +223,12 @@ def write_batch(db, # the run's database
     "Commit one batch of results in a single transaction; returns the number of image rows."
     images, files, stamp = [], [], now()          # one batch, one commit, one time
     for task, res in batch:
-        res = _as_result(task, res, out_dir)
+        res = _as_result(task, res, output_dir)
         files.append(_file_row(res, task.found, task.study_id, run_id, stamp))
         for fr in res.frames:
             images.append(dict(fr, split=assign_split(fr['patient_id'] or task.found.study_id, fractions), created_at=stamp))
     with db.atomic():
-        _remove_images(db, out_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
+        _remove_images(db, output_dir, [source_id(t.found.path, key) for t, _ in batch if t.overwrite], keep={r['filename'] for r in images})
         _upsert_images(db, images)
         replace_rows(db, 'files', files)      # plain SQL: `files` may live in the attached private state
     return len(images)
@@ -391,9 +244,9 @@ def _upsert_images(db, rows:list):
                         [tuple(map(r.get, cols)) for r in rows])
 
 # %% ../nbs/07_preprocess.ipynb #30cb4d98
-def _decodes(out_dir, png:Path) -> bool:
-    "True if the PNG `png` (under `out_dir`) is a file that decodes; read following no symlink: one planted at a folder fails the run (`UnsafeOutput`)."
-    if (dfd := folder_fd(out_dir, png.parent, create=False)) is None: return False
+def _decodes(output_dir, png:Path) -> bool:
+    "True if the PNG `png` (under `output_dir`) is a file that decodes; read following no symlink: one planted at a folder fails the run (`UnsafeOutput`)."
+    if (dfd := folder_fd(output_dir, png.parent, create=False)) is None: return False
     try: fd = os.open(png.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except OSError: return False                  # missing, or a symlink at its name: it is written again
     finally: os.close(dfd)
@@ -404,26 +257,27 @@ def _decodes(out_dir, png:Path) -> bool:
     except Exception: return False
     return True
 
-def _verify_images(db, out_dir, key=None) -> int:
+def _verify_images(db, output_dir, key=None) -> int:
     "Put in `temp.bad` the source files having an image row whose PNG is missing or does not decode; returns how many are still in the tree."
     bad = set()
     for r in db.query('select filename, source_path, thumbnail_path from images'):
-        if not _decodes(out_dir, _png(out_dir, r)): bad.add(r['source_path'])
+        if not _decodes(output_dir, _png(output_dir, r)): bad.add(r['source_path'])
     paths = (p for (p,) in db.execute('select path from files').fetchall() if source_id(p, key) in bad) if key else iter(bad)
     db.execute('create temp table if not exists bad (path text primary key)'); db.execute('delete from temp.bad')
     with db.atomic(): db.conn.executemany('insert or ignore into temp.bad values (?)', ((p,) for p in paths))
     return db.execute('select count(*) from temp.bad b join temp.scan s on s.path = b.path and s.dicom = 1').fetchone()[0]
 
+@renamed(out_dir='output_dir')
 def sweep_orphans(db, # the run's database
-                  out_dir, # the output folder
+                  output_dir, # the output folder
                  ) -> int:
-    "Delete every PNG under `out_dir/images` that no `images` row names (left by killed runs); returns how many."
-    rel = ((str(p.relative_to(out_dir)),) for p in (Path(out_dir)/'images').rglob('*.png') if not p.name.startswith('.'))  # temp files: `sweep_temps`
+    "Delete every PNG under `output_dir/images` that no `images` row names (left by killed runs); returns how many."
+    rel = ((str(p.relative_to(output_dir)),) for p in (Path(output_dir)/'images').rglob('*.png') if not p.name.startswith('.'))  # temp files: `sweep_temps`
     with db.atomic():
         db.execute('create temp table if not exists on_disk (path text primary key)'); db.execute('delete from on_disk')
         db.conn.executemany('insert or ignore into on_disk values (?)', rel)
         orphans = [r[0] for r in db.execute('select path from on_disk where path not in (select thumbnail_path from images)')]
-    for p in orphans: remove_output(Path(out_dir)/p, out_dir)
+    for p in orphans: remove_output(Path(output_dir)/p, output_dir)
     return len(orphans)
 
 PRUNE_SHARE = 0.5   # --prune forgets at most this share of the recorded files, unless --force is given too
@@ -437,12 +291,12 @@ def _check_prune(plan:Plan, recorded:int, root, force:bool):
         raise UsageError(f"--prune would forget {plan.gone:,} of the {recorded:,} recorded files (more than {PRUNE_SHARE:.0%}); "
                          f"check that {root} is complete (mounted), then use --prune --force")
 
-def _prune(db, out_dir, key=None):
+def _prune(db, output_dir, key=None):
     "Forget the recorded files that left the source tree, with their images, a page at a time."
     gone_sql = 'select path from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1) limit ?'
     while gone := [p for (p,) in db.execute(gone_sql, [PAGE]).fetchall()]:
         with db.atomic():
-            _remove_images(db, out_dir, [source_id(p, key) for p in gone])
+            _remove_images(db, output_dir, [source_id(p, key) for p in gone])
             db.conn.executemany('delete from files where path = ?', [(p,) for p in gone])
 
 def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
@@ -455,14 +309,14 @@ def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
     return notes
 
 # %% ../nbs/07_preprocess.ipynb #945e931a
-def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
-    "Scan the tree and plan the run against the `files` table (the files to process wait in `temp.todo`)."
-    stats, db = run.scan('files', follow_symlinks), run.db
+def _discover(run, opts:PreprocessOptions) -> Plan:
+    "Scan the tree and plan the run against the `files` table (`Plan.changes`: the files to process)."
+    stats, db, verify, prune = run.scan('files', opts.follow_symlinks), run.db, opts.verify, opts.prune
     t = run.phase('Plan')
     if (run.unfinished or verify) and (n := sweep_orphans(db, run.output_dir)):
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
     n_bad = _verify_images(db, run.output_dir, run.key) if verify else 0
-    plan = plan_run(db, force=run.rebuild, retry_failed=retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
+    plan = plan_run(run, force=run.rebuild, retry_failed=opts.retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
     if plan.gone and prune:
         _check_prune(plan, db.execute('select count(*) from files').fetchone()[0], run.dicom_dir, run.rebuild)
         _prune(db, run.output_dir, run.key)
@@ -474,17 +328,41 @@ def _discover(run, follow_symlinks, retry_failed, verify, prune) -> Plan:
     run.say(f"Processing {plan.todo:,} files with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     return plan
 
-def _tasks(run):
+def _tasks(run, changes):
     "Yield the plan's tasks a page at a time, each with its study and collision-free stem (pseudonymised files are named by their worker)."
-    for page in chunked(run.pages('todo', 'path, study_id, size, mtime_ns, overwrite, meets'), PAGE):
-        stems = [''] * len(page) if run.key else file_stems(run.db, [(path, study, bool(m)) for path, study, *_, m in page], run.dicom_dir)
-        for (path, study, size, mtime_ns, overwrite, _), stem in zip(page, stems, strict=True):
-            yield FileTask(Found(Path(path), study, size, mtime_ns), bool(overwrite), '' if run.key else study, stem)
+    for page in chunked(changes, PAGE):
+        stems = [''] * len(page) if run.key else file_stems(run.db, [(c.path, c.study_id, c.meets) for c in page], run.dicom_dir)
+        for c, stem in zip(page, stems, strict=True):
+            yield FileTask(Found(Path(c.path), c.study_id, c.size, c.mtime_ns), c.known, '' if run.key else c.study_id, stem)
 
-def _work(task:FileTask, root, out_dir, opts) -> FileResult:
-    "Worker entry point: process one planned file (new PNGs in place unless the index holds the file: a row may name them)."
-    return process_dicom(Path(root)/task.found.path, task.study_id, out_dir, stem=task.stem, in_place=not task.overwrite,
-                         source=str(task.found.path), **opts)
+def _work(task:FileTask, opts:ImageOptions, root, output_dir) -> FileResult:
+    "Worker entry point: process one planned file with `opts` (new PNGs in place unless the index holds the file: a row may name them)."
+    return process_dicom(Path(root)/task.found.path, task.study_id, output_dir, opts, stem=task.stem, in_place=not task.overwrite,
+                         source=str(task.found.path))
+
+# %% ../nbs/07_preprocess.ipynb #46ba3f10
+@dataclass(frozen=True)
+class PreprocessOptions(ImageOptions, RunOptions):
+    "Every option of a `preprocess` run: the image worker's (`ImageOptions`), the run's (`RunOptions`), and what to redo."
+    splits: str = flag('80/10/10', 'output', guard=True)  # Split fractions train/valid/test, or name:frac,name:frac
+    retry_failed: bool = flag(False, 'run control')  # Retry files that failed in earlier runs
+    verify: bool = flag(False, 'run control')  # Check every recorded image exists and decodes; redo those that don't
+    prune: bool = flag(False, 'run control')  # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
+    file_timeout: float = flag(300., 'run control')  # Seconds before a file's worker is considered hung and replaced
+    keep_private_safe: bool = flag(False, 'privacy')  # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
+    fractions: dict = derived()  # `splits`, parsed
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.file_timeout > 0: raise UsageError(f"--file-timeout must be > 0, not {self.file_timeout}")
+        deid = deidentify_flags(self.pseudonymize, self.keep, self.shift_dates, self.keep_private_safe) or None
+        if deid and deid.private_safe and not self.all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
+        try: self._set(fractions=parse_splits(self.splits), tags=tuple(parse_tags(','.join(self.tags), deid)), deidentify=deid)
+        except ValueError as e: raise UsageError(str(e)) from None
+
+    def guarded(self) -> dict:
+        "The settings the guard records: the guarded fields, the image format, and what a pseudonymised index keeps."
+        return super().guarded() | dict(format='png', deidentify=self.deidentify and self.deidentify.setting)
 
 # %% ../nbs/07_preprocess.ipynb #d1c3f014
 @dataclass
@@ -511,118 +389,41 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 
-def _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size, file_timeout, deid,
-             private_state, output_dir) -> tuple:
-    "Split fractions, worker options, guarded settings and the private state file, checked before any work (`UsageError` if unusable)."
-    if batch_size < 1 or not file_timeout > 0: raise UsageError(f"--batch-size must be >= 1 and --file-timeout > 0, not {batch_size} and {file_timeout}")
-    deid = deid or None
-    try: fractions, tags = parse_splits(splits), parse_tags(tags, deid); parse_window(window)
-    except ValueError as e: raise UsageError(str(e)) from None
-    if bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {bit_depth}")
-    if not 0 <= png_level <= 9: raise UsageError(f"--png-level must be 0..9, not {png_level}")
-    if deid and deid.private_safe and not all_tags: raise UsageError("--keep-private-safe keeps private elements in the --all-tags JSON: give --all-tags too")
-    settings = dict(image_size=image_size, window=window, splits=splits, upscale=upscale, format='png', pseudonymize=bool(deid),
-                    bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid and deid.setting)
-    return fractions, dict(image_size=image_size, window=window, png_level=png_level, upscale=upscale, max_pixels=max_pixels,
-                           bit_depth=bit_depth, tags=tags, all_tags=all_tags, deidentify=deid), settings, private_state_file(bool(deid), private_state, output_dir)
-
 def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_error' else None   # an environmental failure stops the run
 
-def _process(run, plan:Plan, opts:dict, fractions, batch_size:int, file_timeout:float) -> int:
+def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
     "Process the planned files in parallel, writing their rows a batch at a time; returns how many files were done."
-    return run.stream(partial(_work, root=run.dicom_dir, out_dir=run.output_dir, opts=opts), _tasks(run),
-                      partial(write_batch, out_dir=run.output_dir, run_id=run.run_id, fractions=fractions, key=run.key), batch_size,
-                      total=plan.found, done=plan.done + plan.failed_kept, timeout=file_timeout, count=lambda r: r.status, fatal=_fatal)
+    return run.stream(partial(_work, opts=opts, root=run.dicom_dir, output_dir=run.output_dir), _tasks(run, plan.changes),
+                      partial(write_batch, output_dir=run.output_dir, run_id=run.run_id, fractions=opts.fractions, key=run.key), opts.batch_size,
+                      total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal)
 
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
-def preprocess(dicom_dir, # folder of DICOM files (searched recursively)
-               output_dir='dicom_prep_out', # images go to OUTPUT_DIR/images
-               db_path=None, # SQLite index [default: OUTPUT_DIR/dicom_prep.db]
-               n_workers:int=2, # worker processes (0: serial, in-process)
-               image_size:int=256, # longest side of the written images
-               window:str='auto', # auto | minmax | a preset | C,W | multi[:a,b,c]
-               splits:str='80/10/10', # train/valid/test fractions, or name:frac,...
-               png_level:int=6, # PNG zlib level
-               upscale:bool=False, # enlarge images smaller than `image_size`
-               force:bool=False, # redo every file (also after a settings change)
-               retry_failed:bool=False, # redo files that failed before
-               verify:bool=False, # redo files whose recorded images are missing or broken
-               prune:bool=False, # forget files gone from the tree
-               batch_size:int=100, # files per commit
-               file_timeout:float=300., # seconds before a file's worker counts as hung
-               max_pixels:int=MAX_PIXELS, # refuse files declaring more pixels
-               pseudonymize:bool=False, # an output folder safe to hand over: keyed pseudonyms, only attributes known to be safe (`db.Deidentify`)
-               salt:str|None=None, # your pseudonym secret [default: a random 256-bit key kept in the private state]
-               private_state=None, # the private state file of --pseudonymize [default: OUTPUT_DIR.private.db, beside it]
-               keep:str|None=None, # with `pseudonymize`: also keep these patient attributes (age, sex, size, weight)
-               shift_dates:bool=False, # with `pseudonymize`: keep the study's dates, moved by a keyed per-patient offset
-               keep_private_safe:bool=False, # with `pseudonymize` and `all_tags`: keep the numeric private elements of `db.SAFE_PRIVATE`
-               follow_symlinks:bool=False, # follow symlinks leaving `dicom_dir`
-               scheduler:str|None=None, # Dask: 'local' or tcp://host:port
-               bit_depth:int=8, # 8: windowed PNGs; 16: modality values (CT: HU + 32768)
-               tags:str|None=None, # extra DICOM keywords as columns, comma-separated
-               all_tags:bool=False, # every non-binary top-level element as a JSON column
-               worker_memory:int|None=None, # MiB each worker (n_workers=0: each file, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
-               rebase:bool=False, # the same files moved to `dicom_dir`: accept it as the new source root
-               quiet:bool=False, # no progress output
+@delegates(PreprocessOptions)
+def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
+               output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
+               options:PreprocessOptions|None=None, # every option at once (a subclass brings its own)
+               **kwargs, # any field of `PreprocessOptions`, e.g. `n_workers=0`; an old spelling warns
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    fractions, opts, settings, private = _options(window, splits, image_size, png_level, upscale, max_pixels, bit_depth, tags, all_tags, batch_size,
-        file_timeout, deidentify_flags(pseudonymize, keep, shift_dates, keep_private_safe), private_state, output_dir)
-    with open_run('preprocess', dicom_dir, output_dir, db_path, settings, force, workers=n_workers, scheduler=scheduler, quiet=quiet,
-                  temp_dirs=('images',), defaults=SETTING_DEFAULTS, private=private, salt=salt, worker_memory=worker_memory, rebase=rebase) as run:
-        plan, opts = _discover(run, follow_symlinks, retry_failed, verify, prune), dict(opts, key=run.key)
-        return _finish(run, plan, _process(run, plan, opts, fractions, batch_size, file_timeout))
+    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    with open_run('preprocess', opts, temp_dirs=('images',), defaults=SETTING_DEFAULTS) as run:
+        plan = _discover(run, opts)
+        return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
-def _with_sheets(r:RunResult) -> RunResult:
-    "`r` after writing its contact sheets, its summary naming them (or why they could not be)."
-    from dicom_prep.sheet import EmptySelection, write_sheets
-    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
-    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
-    return r
+@dataclass(frozen=True)
+class PreprocessScript(ScriptFlags):
+    "`dicom_prep_preprocess`'s own flags."
+    sheet: bool = flag(False, 'output')  # Write contact sheets (one per modality, and failures) at the end
 
-@call_parse
-def main(
-    dicom_dir:Path=None,      # Folder of DICOM files (searched recursively)
-    output_dir:Path=None,     # Output folder for images and the database [default: ./dicom_prep_out]
-    db:Path=None,             # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    workers:int=2,            # Parallel worker processes (0: serial, in-process, for debugging)
-    image_size:int=256,       # Longest side of the written images
-    window:str='auto',        # auto | minmax | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
-    splits:str='80/10/10',    # Split fractions train/valid/test, or name:frac,name:frac
-    png_level:int=6,          # PNG zlib compression level (1 fast .. 9 small)
-    upscale:store_true=False,   # Enlarge images smaller than IMAGE_SIZE
-    force:store_true=False,     # Reprocess every file (also after a settings change)
-    retry_failed:store_true=False, # Retry files that failed in earlier runs
-    verify:store_true=False,    # Check every recorded image exists and decodes; redo those that don't
-    prune:store_true=False,     # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
-    batch_size:int=100,       # Files per database commit
-    file_timeout:float=300,   # Seconds before a file's worker is considered hung and replaced
-    max_pixels:int=MAX_PIXELS, # Refuse files declaring more pixels (rows x cols x frames x samples); a deflated file inflates to at most 8 bytes each + 64 MiB
-    pseudonymize:store_true=False, # An output folder safe to hand over: keyed pseudonyms, no identifying tag, path or file name
-    salt:str=None,            # Your secret for --pseudonymize [default: a random 256-bit key kept in the private state]
-    private_state:Path=None,  # Private state of --pseudonymize (source paths, key) [default: OUTPUT_DIR.private.db, beside it]
-    keep:str=None,            # With --pseudonymize: also keep these patient attributes: age, sex, size, weight (or PatientAge, ...)
-    shift_dates:store_true=False, # With --pseudonymize: keep the study's dates and times, dates moved back 1-365 days per patient (keyed)
-    keep_private_safe:store_true=False, # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
-    follow_symlinks:store_true=False, # Follow symlinks that point outside DICOM_DIR
-    scheduler:str=None,       # Run on Dask: 'local' or a scheduler address like tcp://head:8786
-    bit_depth:int=8,          # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
-    tags:str=None,            # Extra DICOM keywords as image columns, comma-separated (e.g. EchoTime,RepetitionTime)
-    all_tags:store_true=False,  # Store every non-binary top-level element of each file as one JSON column (images.all_tags)
-    worker_memory:int=None,   # MiB each worker (--workers 0: each file, in the driver) may allocate; a file that needs more is recorded too_large [default: 70% of RAM / workers; 0: no cap]
-    rebase:store_true=False,    # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
-    sheet:store_true=False,     # Write contact sheets (one per modality, and failures) at the end
-    test:store_true=False,      # Run on the bundled sample data (no data of yours needed)
-):
+EXAMPLE = "dicom_prep_preprocess --dicom-dir scans --output-dir prepared --window lungs --workers 8"
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
-    dicom_dir, output_dir, follow_symlinks = cli_source(dicom_dir, output_dir, test, follow_symlinks)
-    r = cli_run(lambda: preprocess(dicom_dir, output_dir, db_path=db, n_workers=workers, image_size=image_size, window=window, splits=splits, png_level=png_level,
-        upscale=upscale, force=force, retry_failed=retry_failed, verify=verify, prune=prune, batch_size=batch_size, rebase=rebase, file_timeout=file_timeout,
-        max_pixels=max_pixels, pseudonymize=pseudonymize, salt=salt, private_state=private_state, keep=keep, tags=tags, shift_dates=shift_dates,
-        keep_private_safe=keep_private_safe, follow_symlinks=follow_symlinks, scheduler=scheduler, bit_depth=bit_depth, all_tags=all_tags, worker_memory=worker_memory))
-    cli_finish(_with_sheets(r) if sheet else r)
-
+    kw, cli = cli_args(PreprocessOptions, main.__doc__, EXAMPLE, argv, PreprocessScript)
+    kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    r = cli_run(lambda: preprocess(**kw))
+    cli_finish(follow_up('sheet')(r) if cli['sheet'] else r)     # the sheet room's `sheets_after`, found by its entry point

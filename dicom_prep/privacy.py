@@ -24,7 +24,7 @@ __all__ = ['PRIVATE_TABLES', 'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KE
            'NUMERIC_VRS', 'SHIFT_DAYS', 'SOURCE_COLUMNS', 'PrivateStateError', 'pseudonym', 'source_id', 'private_key',
            'without_paths', 'is_pseudonymised', 'replace_rows', 'attach_private', 'SafePrivate',
            'deidentified_keywords', 'numbers_only', 'Deidentify', 'parse_keep', 'date_offset', 'shifted',
-           'relativize_sources']
+           'relativize_sources', 'private_state_file', 'deidentify_flags']
 
 # %% ../nbs/04a_privacy.ipynb #06028db2
 class PrivateStateError(Exception): "A private state file that does not fit the index (missing, or another key)."
@@ -291,3 +291,30 @@ def relativize_sources(db, # the run's index (its private state attached, if any
             if kind == 'nifti': db.execute("update nifti_headers set record = json_set(record, '$.path', path) "
                                             "where record is not null and json_extract(record, '$.path') != path")
     return n
+
+# %% ../nbs/04a_privacy.ipynb #bef6c023
+from .options import UsageError
+
+def private_state_file(pseudonymize:bool, # the run's --pseudonymize
+                       private_state, # its --private-state, if given
+                       output_dir, # its output folder
+                      ) -> Path|None:
+    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
+    if not pseudonymize: return None
+    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
+    if private.resolve().is_relative_to(Path(output_dir).resolve()):
+        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
+    return private
+
+def deidentify_flags(pseudonymize:bool, # --pseudonymize
+                     keep:str|None=None, # --keep NAME,...
+                     shift_dates:bool=False, # --shift-dates
+                     keep_private_safe:bool=False, # --keep-private-safe
+                    ) -> Deidentify|bool:
+    "What a console script's de-identification flags ask for: False, or `Deidentify` with the options of --pseudonymize (`UsageError` if unusable)."
+    if not pseudonymize:
+        if keep or shift_dates or keep_private_safe: raise UsageError("--keep, --shift-dates and --keep-private-safe are options of --pseudonymize")
+        return False
+    try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
+    except ValueError as e: raise UsageError(str(e)) from None
+

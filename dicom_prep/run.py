@@ -1,6 +1,6 @@
 """The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 
-A pipeline supplies its plan (the tasks), its per-item worker and its row writer; `open_run` and `Run.stream` do the rest, and `cli_source`, `cli_run` and `cli_finish` give every console script the same `--test`, error style and exit codes.
+A pipeline supplies its plan (the tasks), its per-item worker and its row writer; `open_run` and `Run.stream` do the rest. The console scripts' plumbing is the `cli` room's.
 
 Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
@@ -8,29 +8,26 @@ Docs: https://dicom-prep.github.io/dicom_prep/run.html.md"""
 
 # %% ../nbs/06_run.ipynb #92ddc523
 from __future__ import annotations
-import errno, gc, io, os, shlex, sqlite3, sys, tempfile, time
+import io, os, shlex, sqlite3, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 from fastcore.basics import patch
-from .core import Timer, Progress, UnsafeOutput, clash_key, forget_folders, log, resume_command, setup_logging
+from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
+from .options import RunOptions, UsageError
 from .sources import LocalFolder, is_dicom, sample_data_dirs
-from .db import (DbBusyError, DbLock, NewerIndexError, SettingsMismatch, batched, check_settings, checkpoint,
-                           finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker)
-from .privacy import (Deidentify, PrivateStateError, attach_private, is_pseudonymised, parse_keep, pseudonym,
-                                relativize_sources, without_paths)
+from .db import DbLock, batched, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
+from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
 from .paths import UnsafePath, folder_owner, mark_owner, owns
-from .parallel import TaskFailure, default_worker_memory, graceful_interrupts, limit_memory, require_dask, run_tasks
+from .parallel import default_worker_memory, graceful_interrupts, in_process, require_dask, run_tasks
 
 
 # %% auto #0
-__all__ = ['ENV_ERRNOS', 'SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'UsageError', 'resume_hint', 'RunFailed',
-           'env_error', 'check_folders', 'Run', 'memory_capped', 'process_age', 'sweep_temps', 'open_run',
-           'claim_output', 'private_state_file', 'deidentify_flags', 'sample_tree', 'cli_error', 'cli_source',
-           'cli_run', 'cli_finish']
+__all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_folders', 'RunConfig', 'Run',
+           'process_age', 'console_started', 'sweep_temps', 'open_run', 'claim_output', 'Change', 'Diff', 'sample_tree']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -53,24 +50,11 @@ def summary_block(timers:list, # Timer per phase, in order
     return '\n'.join([bar, 'SUMMARY', bar, *(f"  {t}" for t in timers), *(f"  {l}" for l in total + lines), bar])
 
 # %% ../nbs/06_run.ipynb #15fb3e1c
-class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
-
 def resume_hint() -> str:
     "The command that resumes this run: its own command line without `--force`/`--force-reprocess` (a pending rebuild goes on by itself)."
     return shlex.join([a for a in shlex.split(resume_command()) if a not in ('--force', '--force-reprocess')])
 
 class RunFailed(Exception): "The environment stopped the run (a full, read-only or forbidden disk, a size limit, a database locked): no file's fault."
-
-ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EPERM, errno.EACCES,   # of the disk, not of a file
-              errno.EISDIR}                                                                                # a folder where an output goes
-
-def env_error(e:BaseException, # an exception raised while writing an output
-              where=None, # the folder being written, when the exception does not name a file
-             ) -> str|None:
-    "One line saying what is full, broken, forbidden or unsafe and where, if `e` is an environmental write error; else None."
-    if isinstance(e, UnsafeOutput): return str(e)
-    if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
-    return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
 
 def check_folders(dicom_dir, # the source tree
                   output_dir, # the output folder (created if missing)
@@ -83,29 +67,39 @@ def check_folders(dicom_dir, # the source tree
     except OSError as e: raise UsageError(f"output folder not writable: {output_dir} ({e.strerror})") from None
 
 # %% ../nbs/06_run.ipynb #b2fd9643
+@dataclass(frozen=True)
+class RunConfig:
+    "What a run was opened with, fixed while it lasts: where it reads and writes, its workers, memory cap and pseudonym key."
+    kind: str                 # pipeline name, as in `runs.kind`
+    db_path: Path
+    dicom_dir: Path           # the source root, without its symlinks
+    output_dir: Path
+    workers: int = 2          # worker processes (0: serial, in-process)
+    scheduler: str|None = None   # Dask: 'local' or an address; None: the local pool
+    quiet: bool = False       # no progress, no messages
+    memory: int|None = None   # bytes each worker may allocate (None: no cap)
+    key: str|None = None      # the pseudonym key when the index is pseudonymised (its private state attached)
+
 @dataclass
 class Run:
-    "A run in progress: its database and record, how to tell it should stop, and what it will report."
-    kind: str                 # pipeline name, as in `runs.kind`
+    "A run in progress: its configuration, database and record, how to tell it should stop, and what it will report."
+    config: RunConfig
     db: object                # the sqlite-utils Database
-    db_path: Path
-    dicom_dir: Path
-    output_dir: Path
     run_id: int
     rebuild: bool             # settings changed (forced) or --force: redo every output
     pending: set              # settings changed by a forced rebuild whose preparatory steps are not done yet
     unfinished: bool          # the previous run of this kind did not complete: it may have left stray outputs
     stop: Callable            # True once the user asked to stop
-    quiet: bool = False       # no progress, no messages
-    workers: int = 2
-    scheduler: str|None = None
     timers: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
     status: str = 'running'
-    key: str|None = None      # the pseudonym key when the index is pseudonymised (its private state attached)
-    memory: int|None = None   # bytes each worker may allocate (None: no cap)
+
+    def __getattr__(self, name):
+        "The configuration's fields, read as the run's own (`run.output_dir`, `run.key`, ...)."
+        if name.startswith('__') or 'config' not in self.__dict__: raise AttributeError(name)
+        return getattr(self.config, name)
 
     def say(self, msg:str):
         "Print a progress message unless quiet."
@@ -144,7 +138,7 @@ def stream(self:Run,
     if self.db.conn.in_transaction: raise RuntimeError("a transaction is open before streaming: its batches would never commit")
     t, t_db, n = self.phase(phase), self._db_timer(), 0
     db_before = t_db.spent
-    if self.workers == 0 and not self.scheduler and self.memory: work = partial(_in_process, work, self.memory)   # see below
+    if self.workers == 0 and not self.scheduler and self.memory: work = partial(in_process, work, self.memory)   # see below
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
     with results as results, Progress(len(tasks) if total is None else total, done, label, out=io.StringIO() if self.quiet else None) as prog:
@@ -158,27 +152,6 @@ def stream(self:Run,
     t.spent = time.perf_counter() - t.start - (t_db.spent - db_before)     # its commits are in `DB write`
     return n
 
-# %% ../nbs/06_run.ipynb #4ae9d560
-@contextmanager
-def memory_capped(nbytes:int|None, # bytes this process may map beyond what it maps now; None or 0: no cap
-                 ):
-    "Inside the block, allocations past `nbytes` more than this process maps now fail (MemoryError); its limits are restored after."
-    try: import resource
-    except ImportError: resource = None                            # Windows: no rlimits
-    if not (nbytes and resource): yield; return
-    before = [(r, resource.getrlimit(r)) for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
-    limit_memory(nbytes)
-    try: yield
-    finally:
-        for r, limits in before: resource.setrlimit(r, limits)
-
-def _in_process(work, nbytes:int, item):
-    "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
-    try:
-        with memory_capped(nbytes): return work(item)
-    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {str(e) or 'an allocation failed'}")
-
-# %% ../nbs/06_run.ipynb #09c229cb
 @patch
 def finish(self:Run,
            done:int, # tasks committed
@@ -194,8 +167,7 @@ def finish(self:Run,
                time.perf_counter() - self.started)
     return self.status
 
-# %% ../nbs/06_run.ipynb #01e09410
-_CLI_T0 = None   # perf_counter() value when this console-script process started (set by `cli_source`); None in a library call
+_CLI_T0 = None   # perf_counter() value when this console-script process started (set by `console_started`); None in a library call
 
 def process_age() -> float|None:
     "Seconds since this process started (from Linux's /proc), or None where that is unknown."
@@ -204,6 +176,11 @@ def process_age() -> float|None:
         with open('/proc/uptime') as f: up = float(f.read().split()[0])
     except (OSError, ValueError, IndexError): return None
     return max(up - started / os.sysconf('SC_CLK_TCK'), 0.)
+
+def console_started():
+    "Count this console-script process's start as the start of its next run's `Start-up` phase (`cli.cli_source` calls it)."
+    global _CLI_T0
+    age = process_age(); _CLI_T0 = None if age is None else time.perf_counter() - age
 
 def _startup_timer() -> Timer:
     "The `Start-up` phase: from the console script's start (or now, in a library call) until the run is open."
@@ -233,46 +210,34 @@ def _ended(run:Run, exc:BaseException|None) -> str:
     if exc is None: return run.status if run.status != 'running' else 'failed'
     return 'interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed'
 
-# %% ../nbs/06_run.ipynb #7d105dda
 @contextmanager
 def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
-             dicom_dir, # the source tree
-             output_dir, # the output folder
-             db_path=None, # the database [default: OUTPUT_DIR/dicom_prep.db]
-             settings:dict|None=None, # output-shaping settings, guarded against change
-             force:bool=False, # accept changed settings and redo everything
-             force_flag:str='--force', # the option named when refusing changed settings
-             workers:int=2, # worker processes (0: serial)
-             scheduler:str|None=None, # Dask scheduler ('local' or an address); None: the local pool
-             quiet:bool=False, # no progress output
+             opts:RunOptions, # the folders, workers, what to redo, privacy (`options.RunOptions`)
+             settings:dict|None=None, # output-shaping settings, guarded against change [default: `opts.guarded()`]
              temp_dirs:tuple=(), # output subfolders where workers write temporary files
              should_stop:Callable|None=None, # an extra stop condition (besides Ctrl+C)
              defaults:dict|None=None, # values of settings added later, for databases recorded without them
-             private=None, # a private state file: pseudonymise, keeping source paths and the key there
-             salt:str|None=None, # the user's pseudonym secret (with `private`) instead of a kept random key
-             worker_memory:int|None=None, # MiB each worker (workers=0: each item, in this process) may allocate [default: a safe share of the RAM; 0: no cap]
-             rebase:bool=False, # the same files moved: accept a new source root (source paths are relative to it)
             ):
     "Open a run of `kind`: lock, settings and source-root guard, run record, interrupts; yields the `Run` and records how it ended."
     t_open = _startup_timer()
-    given, output_dir = Path(dicom_dir).absolute(), Path(output_dir).absolute()
-    db_path = Path(db_path or output_dir/'dicom_prep.db').absolute()
+    if opts.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
+    given, output_dir = Path(opts.dicom_dir).absolute(), Path(opts.output_dir or 'dicom_prep_out').absolute()
+    db_path = Path(opts.db_path or output_dir/'dicom_prep.db').absolute()
     check_folders(given, output_dir)
     dicom_dir = Path(os.path.realpath(given))          # one spelling of the tree, whichever alias or relative path named it
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
-    if workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {workers}")
-    if scheduler: require_dask()
+    if opts.scheduler: require_dask()
+    config = RunConfig(kind, db_path, dicom_dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers))
+    private, signalled = private_state_file(opts.pseudonymize, opts.private_state, output_dir), lambda: False
+    stop = lambda: signalled() or bool(should_stop and should_stop())
     with DbLock(db_path):
-        try: db, run_id, pending, rebuild, unfinished, key = _setup(kind, db_path, (dicom_dir, given), output_dir, settings or {}, force,
-                                                                    force_flag, defaults, temp_dirs, private, salt, rebase)
+        try: run = _setup(config, given, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private, stop)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
         with graceful_interrupts() as signalled:
-            run = Run(kind, db, db_path, dicom_dir, output_dir, run_id, rebuild, pending, unfinished, lambda: signalled() or bool(should_stop and should_stop()),
-                      quiet, workers, scheduler, key=key, memory=_memory(worker_memory, workers), timers=[t_open.stop()])
+            run.timers.append(t_open.stop())
             yield from _lifecycle(run, temp_dirs)
 
-# %% ../nbs/06_run.ipynb #72decf19
 def claim_output(output_dir, # the run's output folder
                  db_path, # the run's database
                  force:bool=False, # take the folder over from another database
@@ -293,60 +258,35 @@ def _spellings(db, kind, roots:tuple) -> list[str]:
     runs = [r for (r,) in db.execute('select distinct source_root from runs where kind = ?', [kind]) if r]
     return [*map(str, roots), *(s for s in [old, *runs] if old and os.path.realpath(s) == os.path.realpath(old))]
 
-def private_state_file(pseudonymize:bool, # the run's --pseudonymize
-                       private_state, # its --private-state, if given
-                       output_dir, # its output folder
-                      ) -> Path|None:
-    "The private state file of a pseudonymised run (beside the output folder by default; never inside it), else None."
-    if not pseudonymize: return None
-    private = Path(private_state or f"{Path(output_dir).absolute()}.private.db")
-    if private.resolve().is_relative_to(Path(output_dir).resolve()):
-        raise UsageError(f"--private-state must be outside the output folder, which is meant to be shared: {private}")
-    return private
-
-def deidentify_flags(pseudonymize:bool, # --pseudonymize
-                     keep:str|None=None, # --keep NAME,...
-                     shift_dates:bool=False, # --shift-dates
-                     keep_private_safe:bool=False, # --keep-private-safe
-                    ) -> Deidentify|bool:
-    "What a console script's de-identification flags ask for: False, or `Deidentify` with the options of --pseudonymize (`UsageError` if unusable)."
-    if not pseudonymize:
-        if keep or shift_dates or keep_private_safe: raise UsageError("--keep, --shift-dates and --keep-private-safe are options of --pseudonymize")
-        return False
-    try: return Deidentify(parse_keep(keep), shift_dates, keep_private_safe)
-    except ValueError as e: raise UsageError(str(e)) from None
-
-def _setup(kind, db_path, roots, output_dir, settings, force, force_flag, defaults, temp_dirs, private, salt, rebase) -> tuple:
+def _setup(config:RunConfig, given:Path, settings, opts:RunOptions, defaults, temp_dirs, private, stop) -> Run:
     "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
-    taken_over = claim_output(output_dir, db_path, force, force_flag)
+    kind, db_path, output_dir, root = config.kind, config.db_path, config.output_dir, config.dicom_dir
+    taken_over = claim_output(output_dir, db_path, opts.force)
     db = open_db(db_path)
     if not private and is_pseudonymised(db):
         raise UsageError(f"{db_path} is a pseudonymised index: run with --pseudonymize (and its private state), "
                          "or use another --output-dir/--db")
-    key = attach_private(db, private, salt) if private else None
-    redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, roots)
-    pending, rebuild = _settle_settings(db, kind, settings, roots[0], force, force_flag, defaults, redact, rebase)
+    key = attach_private(db, private, opts.salt) if private else None
+    redact, spellings = (lambda s: pseudonym(s, key, 'private_')) if key else None, _spellings(db, kind, (root, given))
+    pending, rebuild = _settle_settings(db, kind, settings, root, opts.force, defaults, redact, opts.rebase)
     relativize_sources(db, kind, spellings, key)
     record_output_dir(db, kind, output_dir)
     if (unfinished := _unfinished(db, kind) or taken_over):     # a folder taken over may hold another index's images
         for d in temp_dirs: sweep_temps(output_dir/d)
-    run_id = start_run(db, kind, settings, roots[0], redact)
+    run_id = start_run(db, kind, settings, root, redact)
     if rebuild: set_meta(db, f'{kind}_rebuild_since', run_id)
-    return db, run_id, pending, rebuild, unfinished, key
+    return Run(replace(config, key=key), db, run_id, rebuild, pending, unfinished, stop)
 
-def _memory(mib:int|None, workers:int) -> int|None:
-    "Bytes each worker may allocate: `mib` MiB, a safe share of the machine's RAM when None, no cap when 0."
-    if mib is None: return default_worker_memory(workers)
-    return mib << 20 if mib > 0 else None
+def _memory(mib:int|None, workers:int) -> int|None: return default_worker_memory(workers) if mib is None else (mib << 20 if mib > 0 else None)   # bytes; None: a safe share of RAM; 0: no cap
 
-def _settle_settings(db, kind, settings, dicom_dir, force, force_flag, defaults, redact=None, rebase=False) -> tuple[set, bool]:
+def _settle_settings(db, kind, settings, dicom_dir, force, defaults, redact=None, rebase=False) -> tuple[set, bool]:
     "Check `settings` and the source root against the database's (refusing a change unless forced or rebased); returns (pending changes, rebuild)."
     previous = get_meta(db, f'{kind}_settings')
     previous = {**(defaults or {}), **previous} if previous else {}
     changed = {k for k, v in settings.items() if previous and previous.get(k) != v}
     with db.atomic():
         if previous: set_meta(db, f'{kind}_settings', previous)
-        rebuild = check_settings(db, kind, settings, dicom_dir, force, force_flag, redact, rebase) or force
+        rebuild = check_settings(db, kind, settings, dicom_dir, force, '--force', redact, rebase) or force
         pending = set(get_meta(db, f'{kind}_pending') or []) | changed
         set_meta(db, f'{kind}_pending', sorted(pending) or None)
     return pending, rebuild
@@ -453,6 +393,50 @@ def pages(self:Run,
     while rows := self.db.execute(sql, [last, PAGE]).fetchall():
         for last, *row in rows: yield row
 
+class Change(NamedTuple):
+    "A scanned DICOM file the plan (re)does."
+    path: str                 # relative to the source root
+    study_id: str             # its first folder
+    size: int
+    mtime_ns: int
+    known: bool               # the pipeline's table has a row for it (its outputs are replaced)
+    meets: bool               # another scanned DICOM file's name meets its name, ignoring case
+
+@dataclass
+class Diff:
+    "The scanned DICOM files a run must (re)do against the pipeline's table of recorded files: how many, and each as a `Change`."
+    run: Run
+    n: int                    # how many
+
+    def __len__(self): return self.n
+    def __iter__(self):
+        "Each `Change`, in path order, read a page at a time (a plan never sits in memory)."
+        for row in self.run.pages('todo', 'path, study_id, size, mtime_ns, known, meets'): yield Change(*row)
+
+@patch
+def diff(self:Run,
+         known:str, # the pipeline's table of recorded files (`path`, `size`, `mtime_ns`), as `k` in `redo`
+         redo:str='0', # SQL over `k` and the scanned row `s`: unchanged files it selects are redone too
+         **params, # values of the named parameters (`:name`) of `redo`
+        ) -> Diff:
+    "Diff the last `scan` against table `known`: the DICOM files that are new, changed, or selected by `redo`."
+    self.db.execute('drop table if exists temp.todo')
+    self.db.execute(f"""create temp table todo as select s.path, s.study_id, s.size, s.mtime_ns, k.path is not null as known,
+            (select count(*) from temp.scan c where c.clash_key = s.clash_key and c.dicom = 1) > 1 as meets
+        from temp.scan s left join {known} k on k.path = s.path
+        where s.dicom = 1 and (k.path is null or k.size != s.size or k.mtime_ns != s.mtime_ns or {redo})
+        order by s.path""", params)
+    return Diff(self, self.db.execute('select count(*) from temp.todo').fetchone()[0])
+
+@patch
+def left(self:Run,
+         known:str, # the table the last `diff` compared with, as `k`
+         where:str='1', # SQL over `k`: which of the files left alone to count
+        ) -> int:
+    "How many scanned DICOM files the last `diff` left alone whose `known` row matches `where`."
+    return self.db.execute(f"""select count(*) from temp.scan s join {known} k on k.path = s.path where s.dicom = 1 and ({where})
+        and not exists (select 1 from temp.todo t where t.path = s.path)""").fetchone()[0]
+
 # %% ../nbs/06_run.ipynb #0dc95772
 def sample_tree(dest, # folder to create the links in
                ) -> Path:
@@ -463,47 +447,3 @@ def sample_tree(dest, # folder to create the links in
         if not link.is_symlink(): link.symlink_to(d, target_is_directory=True)
     return dest
 
-def cli_error(msg, # what is wrong, in one line
-              code:int=2, # exit code
-             ):
-    "Print a one-line error naming the program, and exit."
-    print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr); sys.exit(code)
-
-def _console_script() -> bool:
-    "True when this process runs one of dicom_prep's console scripts (named `dicom_prep_*`), not a library call."
-    return Path(sys.argv[0]).name.startswith('dicom_prep_')
-
-def cli_source(dicom_dir, # the CLI's --dicom-dir
-               output_dir, # the CLI's --output-dir
-               test:bool, # --test: use the bundled sample data
-               follow_symlinks:bool, # --follow-symlinks
-              ) -> tuple:
-    "Resolve a CLI's `(dicom_dir, output_dir, follow_symlinks)`; `--test` uses the bundled sample data."
-    global _CLI_T0
-    age = process_age(); _CLI_T0 = None if age is None else time.perf_counter() - age
-    setup_logging()
-    if _console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)
-    output_dir = output_dir or Path('dicom_prep_sample' if test else 'dicom_prep_out')
-    if test: dicom_dir, follow_symlinks = sample_tree(Path(output_dir)/'sample_data'), True
-    if dicom_dir is None: cli_error("give --dicom-dir FOLDER (or --test to try the bundled sample data)")
-    return dicom_dir, output_dir, follow_symlinks
-
-# %% ../nbs/06_run.ipynb #9650a17b
-def cli_run(run:Callable, # the call the console script makes
-            usage:tuple=(), # further exception types that mean unusable arguments (exit 2)
-            failed:tuple=(), # further exception types that mean the request could not be met (exit 1)
-           ):
-    "Call `run()` for a CLI: exit 2 on unusable arguments, 1 when the run failed, 130 on a hard interrupt."
-    try: return run()
-    except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, NewerIndexError, UnsafePath, ImportError, *usage) as e: cli_error(e)
-    except RunFailed as e: cli_error(f"run failed: {e}", 1)
-    except failed as e: cli_error(e, 1)
-    except (OSError, sqlite3.Error) as e: cli_error(f"run failed: {e}", 1)
-    except KeyboardInterrupt:
-        print(f"\nQuit at once. Completed batches are saved; resume with:\n    {resume_hint()}", file=sys.stderr); sys.exit(130)
-
-def cli_finish(r:RunOutcome, # what the run returned
-              ):
-    "Print a run's summary and exit 130 if it was interrupted."
-    print(r.summary())
-    if r.status == 'interrupted': sys.exit(130)

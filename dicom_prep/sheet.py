@@ -18,20 +18,20 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np, sqlite_utils
-from fastcore.script import call_parse
+from .options import Options, flag
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
 from .db import FINAL_OK, output_dir_of
 from .paths import db_file, inside
-from .run import UsageError, cli_run
+from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
 __all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'output_dir', 'sample_key', 'describe_filters',
            'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile',
            'cell_height', 'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page',
            'remove_stale_pages', 'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet',
-           'write_sheets', 'main']
+           'write_sheets', 'sheets_after', 'SheetFlags', 'main']
 
 # %% ../nbs/13_sheet.ipynb #2ec1e7af
 class EmptySelection(ValueError):
@@ -362,28 +362,43 @@ def write_sheets(db, # index path or `Database`
     if sample_failures(db, 1)[0]: sheets.append(failures_sheet(db, out_path=out_dir/'sheet_failures.png', **opts))
     return [p for s in sheets for p in s.pages]
 
+def sheets_after(r, # a run's outcome (`run.RunOutcome`): its database, output folder and notes
+                ):
+    "`r` after writing its contact sheets into OUTPUT_DIR/sheets, its notes naming them (or why they could not be): `--sheet`'s follow-up."
+    try: r.notes += [f"Sheet: {p}" for p in write_sheets(r.db_path, r.output_dir/'sheets', root=r.output_dir)]
+    except (OSError, EmptySelection) as e: r.notes.append(f"Sheets not written: {e}")
+    return r
+
 # %% ../nbs/13_sheet.ipynb #bb9d00b0
-@call_parse
-def main(db:str='dicom_prep_out/dicom_prep.db', # SQLite index written by dicom_prep_preprocess
-         out:str='sheet.png', # PNG to write; further pages go beside it as <name>_002.png, ...
-         split:str=None, # only images of this split (train/val/test)
-         modality:str=None, # only images of this modality (CT, MR, ...)
-         study:str=None, # only images of this study id or StudyInstanceUID
-         status:str=None, # only images (or, with --failures, files) with this file status
-         window:str=None, # only images with this window setting
-         n:int=64, # how many to sample (0: all)
-         cols:int=8, # tiles per row
-         seed:int=0, # sampling seed: the same seed draws the same sample
-         tile:int=160, # tile size in pixels
-         per_page:int=100, # tiles per page file
-         failures:bool=False, # draw the files that failed, with their reasons, instead of images
+@dataclass(frozen=True)
+class SheetFlags(Options):
+    "The flags of `dicom_prep_sheet`."
+    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # SQLite index written by dicom_prep_preprocess
+    split: str|None = flag(None, 'input')  # only images of this split (train/val/test)
+    modality: str|None = flag(None, 'input')  # only images of this modality (CT, MR, ...)
+    study: str|None = flag(None, 'input')  # only images of this study id or StudyInstanceUID
+    status: str|None = flag(None, 'input')  # only images (or, with --failures, files) with this file status
+    window: str|None = flag(None, 'input')  # only images with this window setting
+    failures: bool = flag(False, 'input')  # draw the files that failed, with their reasons, instead of images
+    n: int = flag(64, 'input')  # how many to sample (0: all)
+    seed: int = flag(0, 'input')  # sampling seed: the same seed draws the same sample
+    out: str = flag('sheet.png', 'output')  # PNG to write; further pages go beside it as <name>_002.png, ...
+    cols: int = flag(8, 'image')  # tiles per row
+    tile: int = flag(160, 'image')  # tile size in pixels
+    per_page: int = flag(100, 'output')  # tiles per page file
+
+def _draw(o:SheetFlags) -> Sheet:
+    "Draw the sheet the flags ask for (`UsageError` for flags that cannot work together)."
+    if min(o.cols, o.per_page) < 1 or o.tile < 32 or o.n < 0: raise UsageError("--cols and --per-page must be >= 1, --tile >= 32, --n >= 0")
+    if o.failures and any(v is not None for v in (o.split, o.modality, o.window)):
+        raise UsageError("--split, --modality and --window do not apply to --failures (use --study or --status)")
+    opts = dict(n=o.n, cols=o.cols, out_path=o.out, seed=o.seed, tile=o.tile, per_page=o.per_page)
+    return (failures_sheet(o.db, study=o.study, status=o.status, **opts) if o.failures else
+            contact_sheet(o.db, split=o.split, modality=o.modality, study=o.study, status=o.status, window=o.window, **opts))
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Draw a contact sheet: a captioned grid of a reproducible sample of the prepared images."
-    def draw():
-        if min(cols, per_page) < 1 or tile < 32 or n < 0: raise UsageError("--cols and --per-page must be >= 1, --tile >= 32, --n >= 0")
-        if failures and any(v is not None for v in (split, modality, window)):
-            raise UsageError("--split, --modality and --window do not apply to --failures (use --study or --status)")
-        opts = dict(n=n, cols=cols, out_path=out, seed=seed, tile=tile, per_page=per_page)
-        return (failures_sheet(db, study=study, status=status, **opts) if failures else
-                contact_sheet(db, split=split, modality=modality, study=study, status=status, window=window, **opts))
-    for p in cli_run(draw, usage=(FileNotFoundError,), failed=(EmptySelection,)).pages: print(p)
+    kw, _ = cli_args(SheetFlags, main.__doc__, "dicom_prep_sheet --db prepared/dicom_prep.db --modality CT --n 32 --out ct.png", argv, extra=None)
+    for p in cli_run(lambda: _draw(SheetFlags(**kw)), usage=(FileNotFoundError,), failed=(EmptySelection,)).pages: print(p)
+

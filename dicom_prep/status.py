@@ -13,15 +13,16 @@ from __future__ import annotations
 import sqlite3
 from datetime import datetime
 from pathlib import Path
-from fastcore.script import call_parse, store_true
+from dataclasses import dataclass
+from .options import Options, flag
 from .core import atomic_path
 from .db import FAILED, connect_ro, export_csv, output_dir_of
 from .paths import UnsafePath
 from .privacy import private_key, source_id
-from .run import cli_run
+from .cli import cli_args, cli_run
 
 # %% auto #0
-__all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook', 'main']
+__all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook', 'StatusFlags', 'main']
 
 # %% ../nbs/14_status.ipynb #308138a1
 def _has(conn, table): return conn.execute("select 1 from sqlite_master where name=?", [table]).fetchone() is not None
@@ -129,21 +130,28 @@ def tracker_workbook(db_path, # the dicom_prep database
     return {'Summary': len(summary), **{n: len(df) for n, df in sheets.items()}}
 
 # %% ../nbs/14_status.ipynb #7720dc8d
-@call_parse
-def main(
-    db:Path=Path('dicom_prep_out/dicom_prep.db'), # The dicom_prep database
-    errors:store_true=False,   # List every failed file with its reason
-    csv:Path=None,           # Export the files tracker (path, status, error, ...) to this CSV file
-    xlsx:Path=None,          # Write a tracker workbook: a sheet per pipeline and a Summary (needs openpyxl)
-    runs:int=5,              # How many recent runs to show
-    salt:str=None,           # The --salt a pseudonymised index was made with (--xlsx matches its files to their images with it)
-):
+@dataclass(frozen=True)
+class StatusFlags(Options):
+    "The flags of `dicom_prep_status`."
+    db: Path = flag(Path('dicom_prep_out/dicom_prep.db'), 'input')  # The dicom_prep database
+    errors: bool = flag(False, 'output')  # List every failed file with its reason
+    csv: Path|None = flag(None, 'output')  # Export the files tracker (path, status, error, ...) to this CSV file
+    xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs openpyxl)
+    runs: int = flag(5, 'output')  # How many recent runs to show
+    salt: str|None = flag(None, 'privacy')  # The --salt a pseudonymised index was made with (--xlsx matches its files to their images with it)
+
+def _report(o:StatusFlags):
+    "Print the status report and what the flags ask for besides."
+    print(status_report(o.db, n_runs=o.runs))
+    if o.errors:
+        print('Failed files:')
+        for r in failed_files(o.db): print(f"  {r['path']}: {r['status']}: {r['error']}")
+    if o.csv: print(f"Wrote {_files_csv(o.db, o.csv):,} rows to {o.csv}")
+    if o.xlsx: print(f"Wrote {o.xlsx}: " + ', '.join(f"{k} {v:,} rows" for k, v in tracker_workbook(o.db, o.xlsx, o.salt).items()))
+
+def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
+        ):
     "Show what a dicom_prep database holds: counts, recent runs and errors."
-    def report():
-        print(status_report(db, n_runs=runs))
-        if errors:
-            print('Failed files:')
-            for r in failed_files(db): print(f"  {r['path']}: {r['status']}: {r['error']}")
-        if csv: print(f"Wrote {_files_csv(db, csv):,} rows to {csv}")
-        if xlsx: print(f"Wrote {xlsx}: " + ', '.join(f"{k} {v:,} rows" for k, v in tracker_workbook(db, xlsx, salt).items()))
-    cli_run(report, usage=(FileNotFoundError, sqlite3.DatabaseError))
+    kw, _ = cli_args(StatusFlags, main.__doc__, "dicom_prep_status --db prepared/dicom_prep.db --errors --runs 3", argv, extra=None)
+    cli_run(lambda: _report(StatusFlags(**kw)), usage=(FileNotFoundError, sqlite3.DatabaseError))
+

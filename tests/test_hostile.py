@@ -30,6 +30,7 @@ from dicom_prep.core import MAX_COMPONENT, atomic_path, safe_component
 from dicom_prep.sources import find_dicoms
 from dicom_prep.pixels import frame_image
 from dicom_prep.parallel import TaskFailure, run_tasks
+from dicom_prep.options import ImageOptions
 from dicom_prep.preprocess import preprocess, process_dicom, source_id
 from dicom_prep.synth import synth_dicom
 
@@ -241,14 +242,14 @@ def test_too_large_is_refused_before_decoding(tmp_path, monkeypatch):
     huge = {'rows_cols.dcm': dict(Rows=65535, Columns=65535), 'frames.dcm': dict(NumberOfFrames=10**9),
             'samples.dcm': dict(Rows=2048, Columns=2048, SamplesPerPixel=3, NumberOfFrames=2)}
     for name, tags in huge.items():
-        r = process_dicom(_with_header(synth_dicom(d/name), **tags), 's', tmp_path/'out', max_pixels=2**22)
+        r = process_dicom(_with_header(synth_dicom(d/name), **tags), 's', tmp_path/'out', ImageOptions(max_pixels=2**22))
         assert r.status == 'too_large' and 'max_pixels' in r.error and not r.frames, r
     assert calls == [] and not (tmp_path/'out').exists()
     lying = _with_header(synth_dicom(d/'lying.dcm'), Rows=1024, Columns=1024)    # under the limit, data far too short
-    r = process_dicom(lying, 's', tmp_path/'out', max_pixels=2**22)
+    r = process_dicom(lying, 's', tmp_path/'out', ImageOptions(max_pixels=2**22))
     assert r.status == 'decode_error' and calls == ['lying.dcm']
-    assert process_dicom(synth_dicom(d/'fine.dcm', rows=64, cols=64), 's', tmp_path/'out', max_pixels=64*64).status == 'ok'
-    assert process_dicom(d/'fine.dcm', 's', tmp_path/'out2', max_pixels=64*64 - 1).status == 'too_large'
+    assert process_dicom(synth_dicom(d/'fine.dcm', rows=64, cols=64), 's', tmp_path/'out', ImageOptions(max_pixels=64*64)).status == 'ok'
+    assert process_dicom(d/'fine.dcm', 's', tmp_path/'out2', ImageOptions(max_pixels=64*64 - 1)).status == 'too_large'
 
 def _swap_vr(path, tag, vr):
     "Replace the VR bytes of `tag` in an explicit-VR little-endian file (same layout: short VR for short VR)."

@@ -283,7 +283,7 @@ def test_changed_name_template_is_refused_then_rebuilt_on_force(tmp_path):
     assert subprocess.run(cli, capture_output=True).returncode == 0
     before = sorted(p.name for p in (out/'nifti').rglob('*') if p.is_file())
     r = subprocess.run(cli + ['--name-template', '{series_uid}'], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'name_template' in r.stderr and '--force-reprocess' in r.stderr
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'name_template' in r.stderr and 'Use --force to' in r.stderr
     assert sorted(p.name for p in (out/'nifti').rglob('*') if p.is_file()) == before          # refused: nothing touched
     r = subprocess.run(cli + ['--name-template', 'renamed/{series_number:02d}', '--force-reprocess'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

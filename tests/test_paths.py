@@ -131,7 +131,7 @@ def test_nifti_never_deletes_or_reads_through_an_index_path(tmp_path):
     _refused(_cli('nifti', '--dicom-dir', src, '--output-dir', out, '--workers', 0), f"volume_files row {vid!r}: path")
     victim = tmp_path/'victim.nii.gz'; victim.write_bytes(SECRET)
     _edit(out, "update volumes set output_path = ?, status = 'ok' where id = ?", [os.path.relpath(victim, out), vid])
-    r = _cli('nifti', '--dicom-dir', src, '--output-dir', out, '--workers', 0, '--name-template', '{series_number}_x', '--force-reprocess')
+    r = _cli('nifti', '--dicom-dir', src, '--output-dir', out, '--workers', 0, '--name-template', '{series_number}_x', '--force')
     _refused(r, f"volumes row {vid!r}: output_path")
     assert victim.read_bytes() == SECRET
 

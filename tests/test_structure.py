@@ -2,14 +2,15 @@
 
 - no function takes a `**_` catch-all (which hid misspelt arguments passed by `**locals()`),
 - no private name is imported from another module (the frame-naming rule was private yet shared),
+- imports point down the room list only, inside functions too (`preprocess` imported `sheet` inside one),
 - every console script reports unusable arguments in one style: one line `PROGRAM: error: ...`, exit 2,
-- every `dicom_prep_preprocess` flag reaches the `preprocess` parameter of the same meaning (it was passed by position).
+- every field of `PreprocessOptions` is a `dicom_prep_preprocess` flag and reaches the options of the same name (flag lists drifted apart),
+- a field added to a subclass of the options is a flag and reaches the worker (the flag is written once).
 """
-import ast, inspect, subprocess
+import ast, dataclasses, re, subprocess
 from pathlib import Path
 
 import pytest
-from fastcore.script import anno_parser
 
 import dicom_prep
 import dicom_prep.preprocess
@@ -42,6 +43,22 @@ def test_no_private_names_imported_across_modules(path):
     assert not bad, f"{path.name} imports private names {bad}"
 
 
+def _rooms() -> dict:
+    "{module: its place in the room list}: the place of the notebook it is exported from, in nbs/'s file-name order."
+    order = {p.stem: i for i, p in enumerate(sorted((PKG.parent/'nbs').glob('*.ipynb')))}
+    return {p.stem: order[m.group(1)] for p in MODULES if (m := re.search(r'File to edit: \.\./nbs/(\S+)\.ipynb', p.read_text()))}
+
+
+@pytest.mark.parametrize('path', MODULES, ids=lambda p: p.name)
+def test_imports_point_down_the_room_list(path):
+    "A module imports only rooms above it in the list, at its top or inside a function (preprocess imported sheet inside one)."
+    rooms, tree = _rooms(), ast.parse(path.read_text())
+    names = [n.module if n.level else n.module.removeprefix('dicom_prep.') for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+             and (n.level or n.module.startswith('dicom_prep.'))]
+    up = [m for m in names if m in rooms and rooms[m] >= rooms[path.stem]]
+    assert not up, f"{path.name} imports {up}, which come after it in the room list"
+
+
 def test_every_module_has_a_summary():
     "Each notebook's `>` line and exported prose become its module's docstring; llms.txt and the package docstring list every module."
     for p in MODULES: assert (ast.get_docstring(ast.parse(p.read_text())) or '').strip(), p.name
@@ -64,23 +81,51 @@ def test_one_error_style(script, tmp_path):
     assert '/no/such' in lines[0] and 'Traceback' not in r.stderr
 
 
-def test_every_preprocess_flag_reaches_its_parameter(monkeypatch, tmp_path):
-    "Set every flag to a non-default value and check `preprocess` receives each under its own name."
-    seen = {}
-    def spy(dicom_dir, output_dir, **kw): seen.update(kw, dicom_dir=dicom_dir, output_dir=output_dir); raise SystemExit(0)
-    monkeypatch.setattr(dicom_prep.preprocess, 'preprocess', spy)
-    params = inspect.signature(dicom_prep.preprocess.main.__wrapped__).parameters
-    renamed = {'workers': 'n_workers', 'db': 'db_path'}
+def _non_defaults(cls, tmp_path) -> tuple[list, dict]:
+    "(argv setting every flag of `cls` to a value other than its default, the value each field should then hold)."
     args, want = [], {}
-    for name, p in params.items():
-        if name in ('test', 'sheet'): continue
-        flag = '--' + name.replace('_', '-')
-        if p.annotation in (bool, 'store_true') or p.default is False: args.append(flag); value = True
-        elif p.annotation in (int, 'int'): value = (p.default or 0) + 3; args += [flag, str(value)]
-        elif p.annotation in (float, 'float'): value = p.default + 0.5; args += [flag, str(value)]
-        else: value = str(tmp_path/name) if 'Path' in str(p.annotation) else f"x{name}"; args += [flag, value]
-        want[renamed.get(name, name)] = value
-    parsed = {k: v for k, v in vars(anno_parser(dicom_prep.preprocess.main.__wrapped__).parse_args(args)).items() if k in params}
-    with pytest.raises(SystemExit): dicom_prep.preprocess.main(**parsed)
-    got = {k: (str(v) if isinstance(v, Path) else v) for k, v in seen.items()}
-    assert got == want
+    for f in cls.flags():
+        flag, kind = '--' + f.cli.replace('_', '-'), f.type.split('|')[0].strip()
+        if kind == 'bool': args.append(flag); value = True
+        elif kind == 'int': value = (f.default or 0) + 3; args += [flag, str(value)]
+        elif kind == 'float': value = f.default + 0.5; args += [flag, str(value)]
+        elif kind == 'Path': value = tmp_path/f.name; args += [flag, str(value)]
+        else: value = f"x{f.name}"; args += [flag, value]
+        want[f.name] = value
+    return args, want
+
+
+def test_every_preprocess_flag_reaches_its_option(monkeypatch, tmp_path):
+    "Every field of `PreprocessOptions` is a flag; set each to a non-default value and `preprocess` receives each under its own name."
+    from dicom_prep.preprocess import PreprocessOptions
+    seen = {}
+    def spy(**kw): seen.update(kw); raise SystemExit(0)
+    monkeypatch.setattr(dicom_prep.preprocess, 'preprocess', spy)
+    args, want = _non_defaults(PreprocessOptions, tmp_path)
+    init = {f.name for f in dataclasses.fields(PreprocessOptions) if f.init and f.metadata.get('cli') != ''} - {'key', 'deidentify'}
+    assert set(want) == init, init ^ set(want)            # every field a user sets is a flag (quiet: a library option)
+    with pytest.raises(SystemExit): dicom_prep.preprocess.main(args)
+    assert seen == want
+
+
+def test_a_new_image_flag_reaches_the_worker(monkeypatch, tmp_path):
+    "Add a field to a subclass of the options: it is a flag in --help, and the worker receives it."
+    from dicom_prep.cli import cli_args, cli_parser
+    from dicom_prep.options import flag
+    from dicom_prep.preprocess import PreprocessOptions, preprocess
+    from dicom_prep.synth import synth_dicom
+
+    @dataclasses.dataclass(frozen=True)
+    class GammaOptions(PreprocessOptions):
+        gamma: float = flag(1.0, 'image')  # Gamma applied to the windowed image
+
+    shown = ' '.join(cli_parser(GammaOptions).format_help().split())
+    assert '--gamma (float) Gamma applied to the windowed image (default: 1.0)' in shown.split('image:')[1].split('privacy:')[0]
+    kw, _ = cli_args(GammaOptions, 'doc', 'example', ['--dicom-dir', str(synth_dicom(tmp_path/'src/a.dcm', 8, 8).parent), '--gamma', '2.2',
+                                                      '--workers', '0', '--output-dir', str(tmp_path/'out')])
+    got = []
+    real = dicom_prep.preprocess.process_dicom
+    def spy(path, study, out, opts, **kw): got.append(opts.gamma); return real(path, study, out, opts, **kw)
+    monkeypatch.setattr(dicom_prep.preprocess, 'process_dicom', spy)
+    r = preprocess(options=GammaOptions(**kw), quiet=True)
+    assert got == [2.2] and r.counts == {'ok': 1}
