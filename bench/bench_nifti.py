@@ -62,7 +62,7 @@ def run_dicom2nifti(src, out):
 
 
 def run_ours(src, out, workers):
-    r = dicom_to_nifti(src, out, workers=workers, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=workers, quiet=True)
     assert r.status == 'completed' and r.counts.get('error', 0) == 0, r.summary()
     return r
 

@@ -38,7 +38,7 @@ def run_dcm2niix(src, out):
 
 
 def run_ours(src, out, workers):
-    r = dicom_to_nifti(src, out, workers=workers, quiet=True, sidecar=True)
+    r = dicom_to_nifti(src, out, n_workers=workers, quiet=True, sidecar=True)
     assert r.status == 'completed' and r.counts.get('error', 0) == 0, r.summary()
 
 

@@ -70,7 +70,7 @@ if kind == 'preprocess':
     r = preprocess(src, out, n_workers=workers, quiet=True); counts = r.counts
 else:
     from dicom_prep.nifti import dicom_to_nifti
-    r = dicom_to_nifti(src, out, workers=workers, quiet=True); counts = r.verdicts
+    r = dicom_to_nifti(src, out, n_workers=workers, quiet=True); counts = r.verdicts
 secs = time.perf_counter() - t
 stop.set()
 print(json.dumps(dict(seconds=secs, status=r.status, counts=counts, summary=r.summary(),

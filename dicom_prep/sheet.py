@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np, sqlite_utils
 from .options import Options, flag
+from fastcore.meta import delegates
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
@@ -269,6 +270,7 @@ def write_pages(rows:list, # what to draw, one tile each
     return Sheet(paths, chunks, captions, total, header)
 
 # %% ../nbs/13_sheet.ipynb #75e00899
+@delegates(write_pages)
 def contact_sheet(db, # index path or `Database`
                   split:str=None, # only images of this split
                   modality:str=None, # only images of this modality
@@ -276,12 +278,9 @@ def contact_sheet(db, # index path or `Database`
                   status:str=None, # only images whose source file has this status
                   window:str=None, # only images with this window label
                   n:int=64, # how many to sample (0: all)
-                  cols:int=8, # tiles per row
                   out_path='sheet.png', # the first page's file
                   seed:int=0, # the same seed draws the same sample
-                  tile:int=160, # side of a tile, px
-                  per_page:int=100, # tiles per page
-                  root=None, # the output folder `out_path` lies in: nothing below it is written through a symlink [default: its folder]
+                  **kwargs, # the page layout: `cols`, `tile`, `per_page`, `root` of `write_pages`
                  ) -> Sheet:
     "Grid PNG(s) of a stable sample of `n` images (0: all) matching the filters, each captioned with its filename."
     db = open_index(db)
@@ -292,7 +291,7 @@ def contact_sheet(db, # index path or `Database`
         n_all = db['images'].count if 'images' in db.table_names() else 0
         raise EmptySelection(f"No images{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_all:,} images in total)")
     header = f"{sel or 'all images'} · {len(rows):,} sampled of {total:,} images (seed {seed})"
-    return write_pages(rows, partial(image_tile, root=output_dir(db)), header, out_path, total, cols, tile, per_page, root)
+    return write_pages(rows, partial(image_tile, root=output_dir(db)), header, out_path, total, **kwargs)
 
 # %% ../nbs/13_sheet.ipynb #7551fd7f
 _FAILED = f"coalesce(f.status, 'ok') not in ({', '.join(repr(s) for s in FINAL_OK)})"
@@ -301,12 +300,12 @@ _FILE_FILTERS = dict(study="f.study_id = :study", status="f.status = :status")
 def sample_failures(db, # index path or `Database`
                     n:int=64, # how many to draw (0: all)
                     seed:int=0, # the same seed draws the same sample
-                    **filters
+                    study:str=None, # only files of this study id
+                    status:str=None, # only files with this status
                    ) -> tuple[list[dict], dict]: # the sample, and failed files by status
-    "A stable, status-stratified sample of `n` (0: all) failed files matching `filters` (study, status)."
-    db = open_index(db)
-    if 'files' not in db.table_names(): return [], {}
-    cond, params = _where(filters, _FILE_FILTERS)
+    "A stable, status-stratified sample of `n` (0: all) failed files of `study` with `status` (None: any)."
+    cond, params = _where(dict(study=study, status=status), _FILE_FILTERS)
+    if 'files' not in (db := open_index(db)).table_names(): return [], {}
     counts = dict(db.execute(f"select f.status, count(*) from files f where {_FAILED} and {cond} "
                              "group by f.status order by count(*) desc, f.status", params).fetchall())
     db.register_function(sample_key, deterministic=True, replace=True)
@@ -322,16 +321,14 @@ def failure_tile(row:dict, # a row of `files`
             [row['path'], ' · '.join(str(v) for v in (row['study_id'], f"{row['size']:,} bytes" if row['size'] is not None else None) if v)])
 
 # %% ../nbs/13_sheet.ipynb #7d0f2c36
+@delegates(write_pages)
 def failures_sheet(db, # index path or `Database`
                    study:str=None, # only files of this study id
                    status:str=None, # only files with this status
                    n:int=64, # how many to sample (0: all)
-                   cols:int=8, # tiles per row
                    out_path='sheet_failures.png', # the first page's file
                    seed:int=0, # the same seed draws the same sample
-                   tile:int=160, # side of a tile, px
-                   per_page:int=100, # tiles per page
-                   root=None, # the output folder `out_path` lies in: nothing below it is written through a symlink [default: its folder]
+                   **kwargs, # the page layout: `cols`, `tile`, `per_page`, `root` of `write_pages`
                   ) -> Sheet:
     "Grid PNG(s) of a stable sample of the files that failed, each tile showing the status and reason."
     db = open_index(db)
@@ -343,7 +340,7 @@ def failures_sheet(db, # index path or `Database`
         raise EmptySelection(f"No failed files{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_files:,} files in total)")
     kinds = ' · '.join(f"{k} {v:,}" for k, v in counts.items())
     header = f"failures{' · ' + sel if sel else ''} · {len(rows):,} sampled of {total:,} failed files (seed {seed}) · {kinds}"
-    return write_pages(rows, failure_tile, header, out_path, total, cols, tile, per_page, root)
+    return write_pages(rows, failure_tile, header, out_path, total, **kwargs)
 
 # %% ../nbs/13_sheet.ipynb #976c5032
 def write_sheets(db, # index path or `Database`

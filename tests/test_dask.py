@@ -454,7 +454,7 @@ print('modules:', *mods)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"ImportError: --scheduler needs Dask: {DASK_EXTRA}" in r.stdout
-    assert {'core', 'io', 'pixels', 'db', 'parallel', 'preprocess', 'nifti', 'status', 'sheet'} <= set(r.stdout.split('modules:')[1].split())
+    assert {'core', 'sources', 'read', 'tags', 'pixels', 'db', 'parallel', 'preprocess', 'nifti', 'status', 'sheet', 'options', 'cli'} <= set(r.stdout.split('modules:')[1].split())
     src, cli = ct_corpus(tmp_path/'src', 2), tmp_path/'dicom_prep_preprocess'
     cli.write_text(NO_DASK + "from dicom_prep.preprocess import main\nmain()\n")
     r = subprocess.run([sys.executable, cli, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--scheduler', 'local'],

@@ -202,7 +202,7 @@ def test_exports_are_incremental(corpus, labelled, tmp_path):
 def test_nnunet_and_monai_dataset_json(tmp_path):
     src = tmp_path/'src'
     for s in range(6): synth_series(src/f'p{s}', n=4, series_number=s + 1, description='T1', seed=s, PatientID=f'P{s}')
-    dicom_to_nifti(src, tmp_path/'out', workers=0, quiet=True)
+    dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
     db = tmp_path/'out/dicom_prep.db'
     with ro(db) as c: series = [r[0] for r in c.execute("select series_uid from volumes where status='ok'")]
     pd.DataFrame(dict(series_uid=series, y=['tumour', 'none'] * 3)).to_csv(tmp_path/'l.csv', index=False)

@@ -101,7 +101,7 @@ def test_nnunet_refuses_unsafe_splits_in_the_recorded_settings(tmp_path):
     "Volume splits come from the recorded --splits: a hostile value there is refused, not used as a folder."
     from dicom_prep.nifti import dicom_to_nifti
     for s in range(2): synth_series(tmp_path/f'src/p{s}', n=3, series_number=s + 1, seed=s, PatientID=f'P{s}')
-    dicom_to_nifti(tmp_path/'src', tmp_path/'out', workers=0, quiet=True)
+    dicom_to_nifti(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
     db = tmp_path/'out/dicom_prep.db'
     edit(db, "insert or replace into meta values ('preprocess_settings', ?)", [json.dumps(dict(splits='../../../ESCAPED:1'))])
     one_line_error(cli('--db', db, '--out', tmp_path/'a/b/out', '--format', 'nnunet'), 'preprocess_settings', "'../../../ESCAPED'")

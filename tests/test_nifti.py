@@ -35,7 +35,7 @@ def dcm2niix(src, dest) -> list[Path]:
 
 def ours(src, dest, **kw):
     "Run dicom_to_nifti serially; the result and the .nii.gz files it wrote."
-    r = dicom_to_nifti(src, dest, workers=0, quiet=True, **kw)
+    r = dicom_to_nifti(src, dest, n_workers=0, quiet=True, **kw)
     return r, sorted((dest/'nifti').rglob('*.nii.gz'))
 
 
@@ -248,14 +248,14 @@ def test_sigint_then_resume(tmp_path):
     done = {k for k, v in before.items() if v[0] == 'ok'}
     assert 2 <= len(done) < 40
     with sqlite3.connect(db_path) as c: assert c.execute("select status from runs order by id desc").fetchone()[0] == 'interrupted'
-    r = dicom_to_nifti(src, out, workers=2, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=2, quiet=True)
     with sqlite3.connect(db_path) as c: errors = c.execute("select output_name, error from volumes where status='error'").fetchall()
     assert r.status == 'completed' and r.counts == {'converted': 40 - len(done), 'already_done': len(done)}, (r.counts, errors)
     after = _volume_states(db_path)
     assert all(after[k] == before[k] for k in done)                    # nothing that was done was reconverted
     assert all(v[0] == 'ok' for v in after.values())
     touched = src/'p07/IM0003.dcm'; os.utime(touched)                    # a source changes: its volume only is redone
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert r.counts == {'converted': 1, 'already_done': 39}
     redone = {k for k, v in _volume_states(db_path).items() if v != after[k]}
     with sqlite3.connect(db_path) as c:
@@ -272,7 +272,7 @@ def test_second_ctrl_c_records_interrupted(tmp_path):
     text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and 'Quit at once' in text and 'Traceback' not in text, text
     with sqlite3.connect(db_path) as c: assert c.execute("select status from runs order by id desc").fetchone()[0] == 'interrupted'
-    assert dicom_to_nifti(src, out, workers=2, quiet=True).status == 'completed'
+    assert dicom_to_nifti(src, out, n_workers=2, quiet=True).status == 'completed'
 
 
 def test_changed_name_template_is_refused_then_rebuilt_on_force(tmp_path):
@@ -302,7 +302,7 @@ def test_twenty_patients_twenty_files(tmp_path):
     assert min(names) == '001_T1_MPRAGE.nii.gz' and any(n.endswith('_20.nii.gz') for n in names)   # readable: no hash, numbered
     db = open_db(tmp_path/'out/dicom_prep.db')
     before = {v['id']: v['output_name'] for v in db['volumes'].rows}
-    dicom_to_nifti(tmp_path/'src', tmp_path/'out', workers=0, quiet=True, reanalyze=True, force_reprocess=True)
+    dicom_to_nifti(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, reanalyze=True, force=True)
     assert {v['id']: v['output_name'] for v in db['volumes'].rows} == before
 
 
@@ -317,7 +317,7 @@ def test_names_stay_inside_output_dir(template, tmp_path):
 def test_parallel_and_dask_give_the_same_volumes(tmp_path):
     "Two local workers and a local Dask cluster write the same files as a serial run."
     oblique(tmp_path/'src/a'); two_echoes(tmp_path/'src/b'); time_series(tmp_path/'src/c')
-    runs = {'serial': dict(workers=0), 'pool': dict(workers=2), 'dask': dict(workers=2, scheduler='local')}
+    runs = {'serial': dict(n_workers=0), 'pool': dict(n_workers=2), 'dask': dict(n_workers=2, scheduler='local')}
     got = {}
     for name, kw in runs.items():
         r = dicom_to_nifti(tmp_path/'src', tmp_path/name, quiet=True, **kw)
@@ -341,38 +341,38 @@ def test_a_change_reanalyses_only_its_series(tmp_path):
     "Touching, removing or adding files re-analyses their series alone; a series whose files are all gone is `gone`; others keep their rows."
     src, out = tmp_path/'src', tmp_path/'out'
     for k in range(4): synth_series(src/f's{k}', n=5, series_number=k + 1, description=f'series{k}', seed=k)
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert _analysis(r) == 4 and r.counts == {'converted': 4}
     time.sleep(1.1)                                                       # analyzed_at has one-second resolution
     before = _analysed_at(out)
     os.utime(next((src/'s1').glob('*.dcm')))
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     after = _analysed_at(out)
     assert _analysis(r) == 1 and r.counts == {'converted': 1, 'already_done': 3}
     assert {k for k in before if before[k] != after[k]} == {'series1'}
     shutil.rmtree(src/'s2')                                               # a whole series gone
     next((src/'s3').glob('*.dcm')).unlink()                               # a slice gone: that volume changes
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert _analysis(r) == 1                                              # s3; s2 has no record left to analyse
     with sqlite3.connect(out/'dicom_prep.db') as c:
         rows = dict(c.execute('select series_description, verdict || ":" || n_slices from volumes'))
     assert rows == {'series0': 'ok:5', 'series1': 'ok:5', 'series2': 'gone:5', 'series3': 'ok:4'}, rows
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert _analysis(r) == 0 and any('Analysis reused' in n for n in r.notes)
 
 def test_series_touched_by_an_interrupted_run_are_analysed_by_the_next(tmp_path):
     "A run stopped while reading headers leaves the series it touched noted (nifti_touched): the next run analyses them."
     src, out = tmp_path/'src', tmp_path/'out'
     for k in range(3): synth_series(src/f's{k}', n=4, series_number=k + 1, description=f'series{k}', seed=k)
-    dicom_to_nifti(src, out, workers=0, quiet=True)
+    dicom_to_nifti(src, out, n_workers=0, quiet=True)
     for k in range(3): synth_series(src/f's{k}', n=6, series_number=k + 1, description=f'series{k}', seed=k,
                                     series_uid=pydicom.dcmread(next((src/f's{k}').glob('*.dcm'))).SeriesInstanceUID, prefix='B', origin=(0, 0, 40))
     seen = []
-    r = dicom_to_nifti(src, out, workers=0, quiet=True, should_stop=lambda: seen.append(1) or len(seen) > 3)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True, should_stop=lambda: seen.append(1) or len(seen) > 3)
     assert r.status == 'interrupted' and r.verdicts == {}
     with sqlite3.connect(out/'dicom_prep.db') as c: touched = c.execute('select count(*) from nifti_touched').fetchone()[0]
     assert touched >= 1
-    r = dicom_to_nifti(src, out, workers=0, quiet=True)
+    r = dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert r.status == 'completed' and _analysis(r) == 3
     with sqlite3.connect(out/'dicom_prep.db') as c:
         assert c.execute('select count(*) from nifti_touched').fetchone()[0] == 0

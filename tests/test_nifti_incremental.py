@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
 
 def _nifti(src, out, **kw):
-    return dicom_to_nifti(src, out, workers=0, quiet=True, **kw)
+    return dicom_to_nifti(src, out, n_workers=0, quiet=True, **kw)
 
 
 def _as_v4_interrupted(db_path, src):

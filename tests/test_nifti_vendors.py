@@ -50,7 +50,7 @@ def same_value(key, mine, theirs) -> bool:
 def qa_run(tmp_path_factory):
     "dcm_qa_nih/In converted once, with sidecars: {(SeriesNumber, SeriesDescription): our .nii.gz}."
     out = tmp_path_factory.mktemp('qa')
-    r = dicom_to_nifti(QA/'In', out, workers=2, quiet=True, sidecar=True)
+    r = dicom_to_nifti(QA/'In', out, n_workers=2, quiet=True, sidecar=True)
     assert r.status == 'completed' and r.counts.get('error', 0) == 0
     found = {}
     for p in (out/'nifti').rglob('*.nii.gz'):
@@ -220,15 +220,15 @@ def test_philips_precise_scaling(tmp_path):
     header scaling (its default, -p y); --philips-scaling display keeps RescaleSlope/Intercept (dcm2niix -p n)."""
     philips_series(tmp_path/'src')
     d = nib.load(dcm2niix(tmp_path/'src', tmp_path/'d2n')[0])
-    dicom_to_nifti(tmp_path/'src', tmp_path/'precise', workers=0, quiet=True)
-    dicom_to_nifti(tmp_path/'src', tmp_path/'display', workers=0, quiet=True, philips_scaling='display')
+    dicom_to_nifti(tmp_path/'src', tmp_path/'precise', n_workers=0, quiet=True)
+    dicom_to_nifti(tmp_path/'src', tmp_path/'display', n_workers=0, quiet=True, philips_scaling='display')
     precise, display = (nib.load(next((tmp_path/s).rglob('*.nii.gz'))) for s in ('precise', 'display'))
     assert (precise.dataobj.slope, precise.dataobj.inter) == (d.dataobj.slope, d.dataobj.inter)
     np.testing.assert_array_equal(precise.get_fdata(), d.get_fdata())
     stored = display.dataobj.get_unscaled().astype(float)
     np.testing.assert_allclose(display.get_fdata(), stored * 2.10793650793650 + 0.5, rtol=1e-6)
     with pytest.raises(Exception, match='philips_scaling'):          # a changed scaling is a settings change
-        dicom_to_nifti(tmp_path/'src', tmp_path/'precise', workers=0, quiet=True, philips_scaling='display')
+        dicom_to_nifti(tmp_path/'src', tmp_path/'precise', n_workers=0, quiet=True, philips_scaling='display')
 
 
 def complex_series(folder, kinds, manufacturer='SIEMENS'):

@@ -123,7 +123,7 @@ def test_nifti_never_deletes_or_reads_through_an_index_path(tmp_path):
     "A recorded source frame, or a volume's recorded output, leading out of its root: refused, nothing read or deleted."
     src, out = tmp_path/'src', tmp_path/'out'
     synth_series(src/'s', n=4)
-    dicom_to_nifti(src, out, workers=0, quiet=True)
+    dicom_to_nifti(src, out, n_workers=0, quiet=True)
     [(vid,)] = query(out, "select id from volumes where status = 'ok'")
     outside = tmp_path/'outside.dcm'; shutil.copy(next((src/'s').glob('*.dcm')), outside)    # a DICOM outside the source tree
     _edit(out, 'update volume_files set path = ? where rowid = (select min(rowid) from volume_files)', [str(outside)])
@@ -263,7 +263,7 @@ def test_the_db_file_alone_is_the_whole_index(tmp_path):
     export(out/'dicom_prep.db', tmp_path/'x', 'imagefolder', label_col='modality')
     assert (wal(), _alone(out, tmp_path, 'export_items')) == (0, 6)
     synth_series(src/'series', n=4)
-    dicom_to_nifti(src, out, workers=0, quiet=True)
+    dicom_to_nifti(src, out, n_workers=0, quiet=True)
     assert wal() == 0 and _alone(out, tmp_path, 'volumes') == query(out, 'select count(*) from volumes')[0][0] > 0
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,8 +279,8 @@ def test_an_alias_of_the_source_root_is_the_same_tree(tmp_path):
         assert query(out, 'select count(*) from images') == [(6,)] and query(out, 'select count(*) from files') == [(6,)]
     assert 'unchanged 6' in r.stdout
     synth_series(src/'series', n=4)
-    first = dicom_to_nifti(src, out, workers=0, quiet=True)
-    r = dicom_to_nifti(tmp_path/'src_b', out, workers=0, quiet=True)
+    first = dicom_to_nifti(src, out, n_workers=0, quiet=True)
+    r = dicom_to_nifti(tmp_path/'src_b', out, n_workers=0, quiet=True)
     assert r.counts == {'already_done': first.counts['converted']} and next(t.n for t in r.timers if t.name == 'Headers') == 0
 
 
@@ -289,7 +289,7 @@ def test_a_different_source_root_is_refused_unless_rebased(tmp_path):
     src, out = _corpus(tmp_path/'src'), tmp_path/'out'
     synth_series(src/'series', n=4)
     assert _cli('preprocess', '--dicom-dir', src, '--output-dir', out, '--workers', 0).returncode == 0
-    dicom_to_nifti(src, out, workers=0, quiet=True)
+    dicom_to_nifti(src, out, n_workers=0, quiet=True)
     src.rename(tmp_path/'new_home'); new = tmp_path/'new_home'
     r = _cli('preprocess', '--dicom-dir', new, '--output-dir', out, '--workers', 0)
     _refused(r, f'source root: {os.path.realpath(tmp_path)}/src in the database', '--rebase', '--output-dir')

@@ -129,7 +129,7 @@ def test_pipelines_keep_their_own_output_folders(tmp_path):
     synth_series(src/'s', n=4)
     db = tmp_path/'shared.db'
     preprocess(src, tmp_path/'A', db_path=db, n_workers=0, quiet=True)
-    dicom_to_nifti(src, tmp_path/'B', db_path=db, workers=0, quiet=True)
+    dicom_to_nifti(src, tmp_path/'B', db_path=db, n_workers=0, quiet=True)
     assert output_dir(sqlite_utils.Database(db)) == (tmp_path/'A').absolute()
 
 

@@ -107,7 +107,7 @@ def test_nifti_refuses_a_planted_folder(tmp_path):
     synth_series(tmp_path/'src/st1/a', n=4)
     out = tmp_path/'out'; (out/'nifti').mkdir(parents=True)
     victim = _victim(tmp_path); (out/'nifti/st1').symlink_to(victim)
-    r = dicom_to_nifti(tmp_path/'src', out, workers=0, quiet=True)
+    r = dicom_to_nifti(tmp_path/'src', out, n_workers=0, quiet=True)
     assert r.counts.get('converted', 0) == 0
     [(status, error)] = query(out, 'select status, error from volumes')
     assert status == 'error' and f'{out}/nifti/st1 is a symlink' in error
@@ -175,7 +175,7 @@ def test_long_series_descriptions_make_volumes(tmp_path):
     for k, desc in enumerate(['𝔸' * 100, '長' * 100, 'e\u0301' * 100, 'x' * 300]):
         synth_series(tmp_path/'src/st1'/str(k), n=3, series_number=k + 1, description=desc, SpecificCharacterSet='ISO_IR 192')
     out = tmp_path/'out'
-    r = dicom_to_nifti(tmp_path/'src', out, workers=0, quiet=True, sidecar=True)
+    r = dicom_to_nifti(tmp_path/'src', out, n_workers=0, quiet=True, sidecar=True)
     assert r.counts.get('converted') == 4, query(out, 'select output_name, error from volumes')
     files = list((out/'nifti').rglob('*.nii.gz'))
     assert len(files) == 4 and all(utf8_len(p.name) <= NAME_MAX for p in files)
