@@ -12,6 +12,7 @@ import argparse, gc, sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
+from .core import console_script
 from .options import GROUPS, Flag, Options, UsageError, flag
 
 
@@ -89,10 +90,6 @@ def cli_error(msg, # what is wrong, in one line
     "Print a one-line error naming the program, and exit."
     print(f"{Path(sys.argv[0]).name}: error: {msg}", file=sys.stderr); sys.exit(code)
 
-def _console_script() -> bool:
-    "True when this process runs one of dicom_prep's console scripts (named `dicom_prep_*`), not a library call."
-    return Path(sys.argv[0]).name.startswith('dicom_prep_')
-
 def cli_source(dicom_dir, # the CLI's --dicom-dir
                output_dir, # the CLI's --output-dir
                test:bool, # --test: use the bundled sample data
@@ -103,7 +100,7 @@ def cli_source(dicom_dir, # the CLI's --dicom-dir
     from dicom_prep.run import console_started, sample_tree
     console_started()
     setup_logging()
-    if _console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)
+    if console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)
     output_dir = output_dir or Path('dicom_prep_sample' if test else 'dicom_prep_out')
     if test: dicom_dir, follow_symlinks = sample_tree(Path(output_dir)/'sample_data'), True
     if dicom_dir is None: cli_error("give --dicom-dir FOLDER (or --test to try the bundled sample data)")

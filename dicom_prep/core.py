@@ -11,7 +11,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #bf9cd803
 from __future__ import annotations
-import errno, hashlib, itertools, logging, os, re, shlex, shutil, stat, sys, threading, time, unicodedata
+import errno, hashlib, importlib, itertools, logging, os, re, shlex, shutil, stat, sys, threading, time, unicodedata
 from contextlib import contextmanager
 
 from pathlib import Path, PurePath
@@ -21,7 +21,7 @@ __all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FIL
            'log', 'ENV_ERRNOS', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
            'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
            'folder_fd', 'temp_of', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging',
-           'Progress', 'resume_command', 'env_error']
+           'Progress', 'resume_command', 'env_error', 'console_script', 'import_without']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -430,3 +430,18 @@ def env_error(e:BaseException, # an exception raised while writing an output
     if not (isinstance(e, OSError) and e.errno in ENV_ERRNOS): return None
     return f"{os.strerror(e.errno)} ({errno.errorcode[e.errno]}) writing {e.filename or where or 'an output file'}"
 
+
+# %% ../nbs/00_core.ipynb #50cf13d3
+def console_script() -> bool:
+    "True in a `dicom_prep_*` console script's process."
+    return Path(sys.argv[0] if sys.argv else '').name.startswith('dicom_prep_')
+
+def import_without(name:str, # the module to import, e.g. 'sqlite_utils'
+                   *optional:str, # packages it imports if present but that we never use, e.g. 'pandas'
+                  ):
+    "Import module `name` as if the `optional` packages not yet imported were not installed."
+    held = [m for m in optional if m not in sys.modules]
+    for m in held: sys.modules[m] = None           # `import m` then raises the ImportError an optional import expects
+    try: return importlib.import_module(name)
+    finally:
+        for m in held: del sys.modules[m]

@@ -9,33 +9,34 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, json, math, os, re, socket, sqlite3, sys
+import csv, functools, json, math, os, re, socket, sqlite3
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
-from .core import atomic_path, stable_hash, log, resume_command
+from .core import atomic_path, import_without, stable_hash, log, resume_command
 from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, same_path, strictly_under
 
 # %% auto #0
-__all__ = ['sqlite_utils', 'SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME', 'now', 'get_meta',
-           'set_meta', 'record_output_dir', 'output_dir_of', 'CorruptDbError', 'NewerIndexError', 'migrate',
-           'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock', 'SettingsMismatch', 'check_settings',
-           'start_run', 'finish_run', 'connect_ro', 'export_csv', 'batched', 'check_split_name', 'parse_splits',
-           'assign_split']
+__all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
+           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME', 'database_class',
+           'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of', 'CorruptDbError',
+           'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock',
+           'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv', 'batched',
+           'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
-def _sqlite_utils_without_pandas():
-    "Import sqlite-utils without letting it import pandas (which it uses only to map pandas' column types)."
-    held = 'pandas' not in sys.modules
-    if held: sys.modules['pandas'] = None       # `import_module('pandas')` then raises the ImportError sqlite-utils expects
-    try: import sqlite_utils
-    finally:
-        if held: del sys.modules['pandas']
-    return sqlite_utils
+@functools.cache
+def database_class() -> type:
+    "sqlite-utils' `Database`, imported on first use and without pandas."
+    return import_without('sqlite_utils', 'pandas').Database
 
-sqlite_utils = _sqlite_utils_without_pandas()
+def open_index(db, # a `Database`, or the path of an existing dicom_prep index
+              ):
+    "`db` if it is a `Database`, else the existing index at path `db` (`FileNotFoundError` if there is none)."
+    if isinstance(db, database_class()): return db
+    if not Path(db).is_file(): raise FileNotFoundError(f"No dicom_prep database at {db}")
+    return database_class()(db)
 
 # %% ../nbs/04_db.ipynb #c4186a46
 SCHEMA_VERSION = 6
@@ -257,7 +258,7 @@ def suspect_marker(path, # a database file
     return Path(f"{path}.suspect")
 
 def open_db(path, # the database file (created if missing)
-           ) -> sqlite_utils.Database:
+           ):
     "Open (creating or migrating) the dicom_prep database at `path`; corrupt files are moved aside, a newer version's refused."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +267,7 @@ def open_db(path, # the database file (created if missing)
         try: _check(path, full=suspect.exists())
         except CorruptDbError as e: _move_aside(path, e)
     suspect.unlink(missing_ok=True)
-    db = sqlite_utils.Database(path)
+    db = database_class()(path)
     db.execute('PRAGMA journal_mode=WAL')
     db.execute('PRAGMA synchronous=NORMAL')
     db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}')

@@ -13,12 +13,11 @@ from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 import pandas as pd
-import sqlite_utils
 from .options import Options, flag
 from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
-from .db import DbLock, assign_split, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
+from .db import DbLock, assign_split, database_class, open_index, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
 from .layouts import IndexValueError, dataset_json, image_items, sweep, volume_items, write_files, write_shards
 from .cli import UsageError, cli_args, cli_run
 
@@ -29,17 +28,11 @@ __all__ = ['KEYS', 'FORMATS', 'images_df', 'LabelError', 'LabelReport', 'read_la
 # %% ../nbs/12b_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
 
-def _db(db) -> sqlite_utils.Database:
-    "An open `Database` for `db` (a path or a Database)."
-    if isinstance(db, sqlite_utils.Database): return db
-    if not Path(db).is_file(): raise FileNotFoundError(f"No dicom_prep database at {db}")
-    return sqlite_utils.Database(db)
-
 @contextmanager
 def _opened(db):
     "`db` as an open `Database`; one opened here from a path is closed again (no connection outlives its use)."
-    if isinstance(db, sqlite_utils.Database): yield db; return
-    with closing(_db(db)) as conn: yield conn
+    if isinstance(db, database_class()): yield db; return
+    with closing(open_index(db)) as conn: yield conn
 
 def _root(db, kind='preprocess') -> Path:
     "The output folder the paths in `kind`'s tables are relative to (it must belong to the index: `output_dir_of`)."

@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/options.html.md"""
 
 # %% ../nbs/01b_options.ipynb #53ba11b6
 from __future__ import annotations
-import ast, functools, inspect, io, linecache, textwrap, tokenize, warnings
+import functools, inspect, io, linecache, re, textwrap, tokenize, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -57,16 +57,24 @@ def renamed(**old:str, # old=new spellings of the function's parameters
     return wrap
 
 # %% ../nbs/01b_options.ipynb #9380449d
-def _class_source(cls) -> str:
-    "The source of `cls`; of a class made in a function or a notebook cell, found by name in its file or the cell of a method ('' if unknown)."
-    try: return inspect.getsource(cls)
+def _source_lines(cls) -> list[str]:
+    "The lines of the file, or notebook cell, that defines `cls` ([] if unknown)."
+    try: return linecache.getlines(inspect.getsourcefile(cls))
     except (OSError, TypeError): pass
-    code = next((f.__code__ for f in vars(cls).values() if inspect.isfunction(f)), None)
-    try: lines = linecache.getlines(code.co_filename if code else inspect.getsourcefile(cls))
-    except TypeError: return ''
-    node = next((n for n in ast.walk(ast.parse(''.join(lines))) if isinstance(n, ast.ClassDef) and n.name == cls.__name__), None)
-    return ''.join(lines[node.lineno - 1:node.end_lineno]) if node else ''
+    code = next((f.__code__ for f in vars(cls).values() if inspect.isfunction(f) and f.__code__.co_filename != '<string>'), None)
+    return linecache.getlines(code.co_filename) if code else []
 
+def _indent(line:str) -> int: return len(line) - len(line.lstrip())
+
+def _class_source(cls) -> str:
+    "The block of `cls`, from its `class` line to its end, found by name in its file ('' if unknown)."
+    lines = _source_lines(cls)
+    start = next((i for i, l in enumerate(lines) if re.match(rf'\s*class {cls.__name__}\b', l)), None)
+    if start is None: return ''
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].strip() and _indent(lines[j]) <= _indent(lines[start])), len(lines))
+    return ''.join(lines[start:end])
+
+@functools.cache
 def field_docs(cls) -> dict[str, str]:
     "{field: its docment}, read from the `# comment` ending the line of each field in `cls`'s own source ({} where it is unknown)."
     src = textwrap.dedent(_class_source(cls))

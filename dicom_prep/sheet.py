@@ -17,36 +17,29 @@ from glob import escape as glob_escape
 from itertools import chain
 from pathlib import Path
 
-import numpy as np, sqlite_utils
+import numpy as np
 from .options import Options, flag
 from fastcore.meta import delegates
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
-from .db import FINAL_OK, output_dir_of
+from .db import FINAL_OK, open_index, output_dir_of
 from .paths import db_file, inside
 from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
-__all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'open_index', 'output_dir', 'sample_key', 'describe_filters',
-           'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile',
-           'cell_height', 'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page',
-           'remove_stale_pages', 'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet',
-           'write_sheets', 'sheets_after', 'SheetFlags', 'main']
+__all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'output_dir', 'sample_key', 'describe_filters', 'sample_images',
+           'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile', 'cell_height',
+           'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page', 'remove_stale_pages',
+           'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet', 'write_sheets',
+           'sheets_after', 'SheetFlags', 'main']
 
 # %% ../nbs/13_sheet.ipynb #2ec1e7af
 class EmptySelection(ValueError):
     "Nothing in the index matches what a sheet was asked to show."
 
-def open_index(db, # a `Database`, or the path of a dicom_prep index
-              ) -> sqlite_utils.Database:
-    "`db` if it is a `Database`, else the existing dicom_prep index at path `db`."
-    if isinstance(db, sqlite_utils.Database): return db
-    if not Path(db).is_file(): raise FileNotFoundError(f"No dicom_prep database at {db}")
-    return sqlite_utils.Database(db)
-
 # %% ../nbs/13_sheet.ipynb #ef65751e
-def output_dir(db:sqlite_utils.Database, # an open index
+def output_dir(db, # an open index (a sqlite-utils `Database`)
               ) -> Path:
     "Folder the `thumbnail_path`s are relative to: the image pipeline's output folder if it exists, else the DB file's folder."
     recorded = output_dir_of(db)
