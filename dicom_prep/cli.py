@@ -39,10 +39,10 @@ def _add(group, f:Flag):
     "Add flag `f` to `group`: a switch for a bool, else a typed value; its old spelling hidden, warning when used."
     name, kind = '--' + f.cli.replace('_', '-'), f.type.split('|')[0].strip()
     text = f.help.replace('%', '%%')
-    if kind == 'bool': group.add_argument(name, dest=f.name, action='store_true', help=f"{text} (default: False)")
+    if kind == 'bool': group.add_argument(name, dest=f.name, action='store_true', help=text)
     else:
-        shown = None if f.default == () else f.default
-        group.add_argument(name, dest=f.name, type=_TYPES.get(kind, str), default=f.default, help=f"{text} (default: {shown})",
+        shown = '' if f.default in ((), None) or '[default:' in text else f" [default: {f.default}]"   # a switch is off unless given
+        group.add_argument(name, dest=f.name, type=_TYPES.get(kind, str), default=f.default, help=text + shown,
                            metavar=f"({'path' if kind == 'Path' else _TYPES.get(kind, str).__name__})")
     if f.alias and f.alias != f.cli:
         group.add_argument('--' + f.alias.replace('_', '-'), dest=f.name, action=_Deprecated, new=name, nargs=0 if kind == 'bool' else None,

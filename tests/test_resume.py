@@ -462,7 +462,7 @@ def test_batch_size_sets_files_per_commit(small, monkeypatch):
     preprocess(src, out, n_workers=0, quiet=True, batch_size=5)
     assert sizes == [5, 5, 4]
     assert inspect.signature(preprocess).parameters['batch_size'].default == 100
-    assert re.search(r'--batch-size \(int\)\s+Files per database commit \(default: 100\)',
+    assert re.search(r'--batch-size \(int\)\s+Files per database commit \[default: 100\]',
                      subprocess.run([CLI, '--help'], capture_output=True, text=True).stdout)
 
 def test_changed_new_and_gone_files(small):

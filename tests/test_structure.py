@@ -120,7 +120,7 @@ def test_a_new_image_flag_reaches_the_worker(monkeypatch, tmp_path):
         gamma: float = flag(1.0, 'image')  # Gamma applied to the windowed image
 
     shown = ' '.join(cli_parser(GammaOptions).format_help().split())
-    assert '--gamma (float) Gamma applied to the windowed image (default: 1.0)' in shown.split('image:')[1].split('privacy:')[0]
+    assert '--gamma (float) Gamma applied to the windowed image [default: 1.0]' in shown.split('image:')[1].split('privacy:')[0]
     kw, _ = cli_args(GammaOptions, 'doc', 'example', ['--dicom-dir', str(synth_dicom(tmp_path/'src/a.dcm', 8, 8).parent), '--gamma', '2.2',
                                                       '--workers', '0', '--output-dir', str(tmp_path/'out')])
     got = []
