@@ -97,7 +97,8 @@ def cli_source(dicom_dir, # the CLI's --dicom-dir
               ) -> tuple:
     "Resolve a CLI's `(dicom_dir, output_dir, follow_symlinks)`; `--test` uses the bundled sample data."
     from dicom_prep.core import setup_logging
-    from dicom_prep.run import console_started, sample_tree
+    from dicom_prep.run import console_started
+    from dicom_prep.sources import sample_tree
     console_started()
     setup_logging()
     if console_script(): gc.freeze()      # its start-up's objects live until it exits: never walked again (see above)

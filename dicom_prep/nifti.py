@@ -71,10 +71,9 @@ def _header_status(res) -> str:
 def _plan_headers(run:Run, reanalyze:bool) -> tuple[Diff, int]:
     "The files whose header must be read (`Run.diff`); forget vanished ones, note their series in `nifti_touched`; returns (the diff, gone)."
     db, changes = run.db, run.diff('nifti_headers', ':all', all=reanalyze)
-    vanished = 'from nifti_headers h where not exists (select 1 from temp.scan s where s.path = h.path and s.dicom = 1)'
+    vanished = f"from nifti_headers h where {run.vanished('h')}"
     with db.atomic():
-        db.execute('insert or ignore into nifti_touched select h.series_key from nifti_headers h join temp.todo t on t.path = h.path '
-                   'where h.series_key is not null')
+        db.execute(f"insert or ignore into nifti_touched select h.series_key from nifti_headers h where {run.planned('h')} and h.series_key is not null")
         db.execute(f'insert or ignore into nifti_touched select h.series_key {vanished} and h.series_key is not null')
         gone = db.execute(f'select count(*) {vanished}').fetchone()[0]
         db.execute(f'delete from nifti_headers where path in (select h.path {vanished})')

@@ -14,7 +14,7 @@ from .core import atomic_path
 
 # %% auto #0
 __all__ = ['OWNER_FILE', 'UnsafePath', 'db_file', 'strictly_under', 'inside', 'owner_line', 'folder_owner', 'same_path', 'owns',
-           'mark_owner', 'index_path']
+           'mark_owner', 'index_path', 'sweep_temps']
 
 # %% ../nbs/00a_paths.ipynb #f3eead1a
 class UnsafePath(Exception): "A path read from an index that leads outside its root: the index is damaged or hostile."
@@ -103,3 +103,14 @@ def index_path(db, # an open index (on a file)
               ) -> str:
     "How the index stores `path`: relative to the index's own folder (symlinks resolved), so that both can move together."
     return os.path.relpath(os.path.realpath(path), os.path.realpath(db_file(db).parent))
+
+# %% ../nbs/00a_paths.ipynb #fb83c065
+def sweep_temps(folder, # an output folder
+               ):
+    "Remove temporary files left by workers killed mid-write (our only dot-files under `folder`), following no symlink."
+    if not os.path.isdir(folder): return                     # none yet (or its run removed it)
+    for _, _, names, dfd in os.fwalk(folder):
+        for name in names:
+            if name.startswith('.'):
+                try: os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError: pass

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastcore.basics import chunked
 from fastcore.meta import delegates
 from PIL import Image
-from .core import clash_key, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
+from .core import folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .sources import Found
 from .guards import check_size, CodestreamMismatch, TooLargeError
 from .read import read_dicom, DicomReadError, has_pixels
@@ -144,7 +144,7 @@ def plan_run(run:Run, # the open run, after `Run.scan('files')`
     changes = run.diff('files', redo, force=force, since=rebuild_since, retry=retry_failed)
     found = run.n_found()
     kept = 0 if retry_failed or force else run.left('files', f"k.status in ({failed})")
-    gone = run.db.execute('select count(*) from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1)').fetchone()[0]
+    gone = run.db.execute(f"select count(*) from files f where {run.vanished('f')}").fetchone()[0]
     return Plan(found, len(changes), found - len(changes) - kept, kept, gone, changes)
 
 # %% ../nbs/07_preprocess.ipynb #a16052ac
@@ -159,17 +159,17 @@ def _name_holders(db, names:list) -> dict:
         for name, src in db.execute(sql, part).fetchall(): holders.setdefault(_nocase(name), set()).add(src)
     return holders
 
-def file_stems(db, # the run's database, after `Run.scan`
+def file_stems(run:Run, # the run, after `Run.scan`
                files:list, # `(path, study, meets)` of files being processed (paths relative to `root`); `meets` is the plan's `todo.meets` (None: look it up)
                root, # the source root
               ) -> list[str]:
     "Each file's stem within its study: readable, or hashed when another scanned file or an indexed image meets its name (ignoring case)."
     stems = [source_stem(Path(root)/path, root) for path, _, _ in files]
     names = [[f"{study}/{stem}", f"{study}/{stem}_frame0000"] for (_, study, _), stem in zip(files, stems, strict=True)]
-    holders = _name_holders(db, [n for pair in names for n in pair])
+    holders = _name_holders(run.db, [n for pair in names for n in pair])
     def clashes(path, meets, pair) -> bool:
         "Another scanned file meets its name, or an image of another source holds one of its names."
-        if meets is None: meets = db.execute('select count(*) > 1 from temp.scan where clash_key = ? and dicom = 1', [clash_key(path)]).fetchone()[0]
+        if meets is None: meets = run.meets_another(path)
         return bool(meets) or any(h != str(path) for n in pair for h in holders.get(_nocase(n), ()))
     return [source_stem(Path(root)/path, root, force_hash=True) if clashes(path, m, pair) else stem
             for (path, _, m), stem, pair in zip(files, stems, names, strict=True)]
@@ -257,15 +257,15 @@ def _decodes(output_dir, png:Path) -> bool:
     except Exception: return False
     return True
 
-def _verify_images(db, output_dir, key=None) -> int:
+def _verify_images(run:Run) -> int:
     "Put in `temp.bad` the source files having an image row whose PNG is missing or does not decode; returns how many are still in the tree."
-    bad = set()
+    db, output_dir, key, bad = run.db, run.output_dir, run.key, set()
     for r in db.query('select filename, source_path, thumbnail_path from images'):
         if not _decodes(output_dir, _png(output_dir, r)): bad.add(r['source_path'])
     paths = (p for (p,) in db.execute('select path from files').fetchall() if source_id(p, key) in bad) if key else iter(bad)
     db.execute('create temp table if not exists bad (path text primary key)'); db.execute('delete from temp.bad')
     with db.atomic(): db.conn.executemany('insert or ignore into temp.bad values (?)', ((p,) for p in paths))
-    return db.execute('select count(*) from temp.bad b join temp.scan s on s.path = b.path and s.dicom = 1').fetchone()[0]
+    return db.execute(f"select count(*) from temp.bad b where not {run.vanished('b')}").fetchone()[0]
 
 @renamed(out_dir='output_dir')
 def sweep_orphans(db, # the run's database
@@ -291,9 +291,9 @@ def _check_prune(plan:Plan, recorded:int, root, force:bool):
         raise UsageError(f"--prune would forget {plan.gone:,} of the {recorded:,} recorded files (more than {PRUNE_SHARE:.0%}); "
                          f"check that {root} is complete (mounted), then use --prune --force")
 
-def _prune(db, output_dir, key=None):
+def _prune(run:Run):
     "Forget the recorded files that left the source tree, with their images, a page at a time."
-    gone_sql = 'select path from files f where not exists (select 1 from temp.scan s where s.path = f.path and s.dicom = 1) limit ?'
+    db, output_dir, key, gone_sql = run.db, run.output_dir, run.key, f"select path from files f where {run.vanished('f')} limit ?"
     while gone := [p for (p,) in db.execute(gone_sql, [PAGE]).fetchall()]:
         with db.atomic():
             _remove_images(db, output_dir, [source_id(p, key) for p in gone])
@@ -315,11 +315,11 @@ def _discover(run, opts:PreprocessOptions) -> Plan:
     t = run.phase('Plan')
     if (run.unfinished or verify) and (n := sweep_orphans(db, run.output_dir)):
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
-    n_bad = _verify_images(db, run.output_dir, run.key) if verify else 0
+    n_bad = _verify_images(run) if verify else 0
     plan = plan_run(run, force=run.rebuild, retry_failed=opts.retry_failed, rebuild_since=get_meta(db, 'preprocess_rebuild_since'))
     if plan.gone and prune:
         _check_prune(plan, db.execute('select count(*) from files').fetchone()[0], run.dicom_dir, run.rebuild)
-        _prune(db, run.output_dir, run.key)
+        _prune(run)
     run.notes += _plan_notes(plan, stats, n_bad, prune)
     if plan.done or plan.failed_kept:
         run.say(f"Resuming: {plan.done + plan.failed_kept:,} of {plan.found:,} files already processed"
@@ -331,7 +331,7 @@ def _discover(run, opts:PreprocessOptions) -> Plan:
 def _tasks(run, changes):
     "Yield the plan's tasks a page at a time, each with its study and collision-free stem (pseudonymised files are named by their worker)."
     for page in chunked(changes, PAGE):
-        stems = [''] * len(page) if run.key else file_stems(run.db, [(c.path, c.study_id, c.meets) for c in page], run.dicom_dir)
+        stems = [''] * len(page) if run.key else file_stems(run, [(c.path, c.study_id, c.meets) for c in page], run.dicom_dir)
         for c, stem in zip(page, stems, strict=True):
             yield FileTask(Found(Path(c.path), c.study_id, c.size, c.mtime_ns), c.known, '' if run.key else c.study_id, stem)
 

@@ -18,16 +18,16 @@ from typing import Callable, NamedTuple
 from fastcore.basics import patch
 from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
 from .options import RunOptions, UsageError
-from .sources import LocalFolder, is_dicom, sample_data_dirs
+from .sources import LocalFolder, is_dicom
 from .db import DbLock, batched, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
 from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
-from .paths import UnsafePath, folder_owner, mark_owner, owns
+from .paths import UnsafePath, folder_owner, mark_owner, owns, sweep_temps
 from .parallel import default_worker_memory, graceful_interrupts, in_process, require_dask, run_tasks
 
 
 # %% auto #0
 __all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_folders', 'RunConfig', 'Run',
-           'process_age', 'console_started', 'sweep_temps', 'open_run', 'claim_output', 'Change', 'Diff', 'sample_tree']
+           'process_age', 'console_started', 'open_run', 'claim_output', 'Change', 'Diff']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
 @dataclass
@@ -194,16 +194,6 @@ def _unfinished(db, kind) -> bool:
     "True if the previous run of `kind` did not complete (it may have left temporary files)."
     last = list(db.query("select status from runs where kind=? order by id desc limit 1", [kind]))
     return bool(last) and last[0]['status'] != 'completed'
-
-def sweep_temps(folder, # an output folder
-               ):
-    "Remove temporary files left by workers killed mid-write (our only dot-files under `folder`), following no symlink."
-    if not os.path.isdir(folder): return                     # none yet (or its run removed it)
-    for _, _, names, dfd in os.fwalk(folder):
-        for name in names:
-            if name.startswith('.'):
-                try: os.unlink(name, dir_fd=dfd)
-                except FileNotFoundError: pass
 
 def _ended(run:Run, exc:BaseException|None) -> str:
     "The status a run's row gets when its block ends with `exc` (or normally)."
@@ -435,15 +425,22 @@ def left(self:Run,
         ) -> int:
     "How many scanned DICOM files the last `diff` left alone whose `known` row matches `where`."
     return self.db.execute(f"""select count(*) from temp.scan s join {known} k on k.path = s.path where s.dicom = 1 and ({where})
-        and not exists (select 1 from temp.todo t where t.path = s.path)""").fetchone()[0]
+        and not {self.planned('s')}""").fetchone()[0]
 
-# %% ../nbs/06_run.ipynb #0dc95772
-def sample_tree(dest, # folder to create the links in
-               ) -> Path:
-    "A folder of symlinks to the bundled sample data, one study per source."
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    for d in sample_data_dirs():
-        link = dest/('pydicom' if d.name == 'test_files' else 'pydicom-data')
-        if not link.is_symlink(): link.symlink_to(d, target_is_directory=True)
-    return dest
+@patch
+def vanished(self:Run, alias:str, # the alias, in the caller's SQL, of a row with a `path` relative to the source root
+            ) -> str:
+    "SQL condition: row `alias` names a file the last `scan` did not find as DICOM (gone from the source, or no longer DICOM)."
+    return f"not exists (select 1 from temp.scan s where s.path = {alias}.path and s.dicom = 1)"
 
+@patch
+def planned(self:Run, alias:str, # as in `vanished`
+           ) -> str:
+    "SQL condition: row `alias` names a file the last `diff` (re)does."
+    return f"exists (select 1 from temp.todo t where t.path = {alias}.path)"
+
+@patch
+def meets_another(self:Run, path:str, # a scanned file, relative to the source root
+                 ) -> bool:
+    "Another DICOM file of the last `scan` has a name that meets `path`'s, ignoring case."
+    return bool(self.db.execute('select count(*) > 1 from temp.scan where clash_key = ? and dicom = 1', [clash_key(path)]).fetchone()[0])

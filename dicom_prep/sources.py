@@ -19,7 +19,8 @@ from typing import NamedTuple
 from .core import study_of, log
 
 # %% auto #0
-__all__ = ['is_dicom', 'Entry', 'LocalFolder', 'Found', 'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file']
+__all__ = ['is_dicom', 'Entry', 'LocalFolder', 'Found', 'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file',
+           'sample_tree']
 
 # %% ../nbs/02a_sources.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -144,3 +145,14 @@ def sample_file(name:str, # a sample file's name, e.g. 'CT_small.dcm'
     "The bundled sample file `name`, or a FileNotFoundError that says which package ships it."
     if hits := sample_files(name): return hits[0]
     raise FileNotFoundError(f"{name}: not among the installed sample data (pydicom's test files; pip install pydicom-data for more)")
+
+# %% ../nbs/02a_sources.ipynb #0dc95772
+def sample_tree(dest, # folder to create the links in
+               ) -> Path:
+    "A folder of symlinks to the bundled sample data, one study per source."
+    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
+    for d in sample_data_dirs():
+        link = dest/('pydicom' if d.name == 'test_files' else 'pydicom-data')
+        if not link.is_symlink(): link.symlink_to(d, target_is_directory=True)
+    return dest
+
