@@ -208,7 +208,7 @@ class ImageOptions(Options):
     all_tags: bool = flag(False, 'output', guard=True)  # Store every non-binary top-level element of each file as one JSON column (images.all_tags)
     max_pixels: int = flag(MAX_PIXELS, 'input')  # Refuse files declaring more pixels (rows x cols x frames x samples); a deflated file inflates to at most 8 bytes each + 64 MiB
     key: str|None = field(default=None, repr=False)  # the pseudonym key of a pseudonymised index, set once the run has opened it
-    deidentify: object = field(default=None, repr=False)  # what a pseudonymised index keeps of each file (a `db.Deidentify`), set by the pipeline's options
+    deidentify: object = field(default=None, repr=False)  # what a pseudonymised index keeps of each file (a `privacy.Deidentify`), set by the pipeline's options
     voi: tuple = derived()   # `window`, parsed
 
     def __post_init__(self):

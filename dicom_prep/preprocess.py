@@ -349,7 +349,7 @@ class PreprocessOptions(ImageOptions, RunOptions):
     verify: bool = flag(False, 'run control')  # Check every recorded image exists and decodes; redo those that don't
     prune: bool = flag(False, 'run control')  # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
     file_timeout: float = flag(300., 'run control')  # Seconds before a file's worker is considered hung and replaced
-    keep_private_safe: bool = flag(False, 'privacy')  # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (db.SAFE_PRIVATE)
+    keep_private_safe: bool = flag(False, 'privacy')  # With --pseudonymize --all-tags: keep the numeric diffusion/timing private elements (privacy.SAFE_PRIVATE)
     fractions: dict = derived()  # `splits`, parsed
 
     def __post_init__(self):

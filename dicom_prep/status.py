@@ -104,7 +104,7 @@ def _files_csv(db_path, dest) -> int:
     return export_csv(db_path, dest, conn=conn)
 
 def _with_source_ids(conn, salt=None) -> sqlite3.Connection:
-    "`conn` with the SQL function `source_id(path)`: what `images.source_path` holds for a file (`db.source_id`: a pseudonymised index's keyed pseudonym)."
+    "`conn` with the SQL function `source_id(path)`: what `images.source_path` holds for a file (`privacy.source_id`: a pseudonymised index's keyed pseudonym)."
     key = None if _has(conn, 'files') else private_key(conn, salt)
     conn.create_function('source_id', 1, lambda p: source_id(p, key), deterministic=True)
     return conn
