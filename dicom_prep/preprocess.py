@@ -425,5 +425,6 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
     kw, cli = cli_args(PreprocessOptions, main.__doc__, EXAMPLE, argv, PreprocessScript)
     kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    after = cli_run(lambda: follow_up('sheet')) if cli['sheet'] else None   # the sheet room's `sheets_after`, found before the run: a stale install stops at once
     r = cli_run(lambda: preprocess(**kw))
-    cli_finish(follow_up('sheet')(r) if cli['sheet'] else r)     # the sheet room's `sheets_after`, found by its entry point
+    cli_finish(after(r) if after else r)
