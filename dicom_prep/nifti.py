@@ -370,12 +370,14 @@ def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> Nift
 @delegates(NiftiOptions)
 def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
                    output_dir=None, # volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
+                   db_path=None, # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
+                   *,
                    options:NiftiOptions|None=None, # every option at once
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
                    **kwargs, # any field of `NiftiOptions`, e.g. `n_workers=0`; an old spelling warns
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, db_path=db_path, **kwargs)
     with open_run('nifti', o, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
         h = _refresh(run, o)
         verdicts = _analyse(run, h, o)

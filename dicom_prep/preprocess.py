@@ -403,11 +403,13 @@ SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)  
 @delegates(PreprocessOptions)
 def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
                output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
+               db_path=None, # SQLite index [default: OUTPUT_DIR/dicom_prep.db]
+               *,
                options:PreprocessOptions|None=None, # every option at once (a subclass brings its own)
                **kwargs, # any field of `PreprocessOptions`, e.g. `n_workers=0`; an old spelling warns
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, db_path=db_path, **kwargs)
     with open_run('preprocess', opts, temp_dirs=('images',), defaults=SETTING_DEFAULTS) as run:
         plan = _discover(run, opts)
         return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))

@@ -169,3 +169,13 @@ def test_sheet_without_its_entry_point_stops_before_the_run(tmp_path, monkeypatc
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and 'no follow-up' in err[0], err
     assert not (tmp_path/'o'/'dicom_prep.db').exists()
+
+def test_db_path_is_still_the_third_positional_argument(tmp_path):
+    "`preprocess(src, out, db)` and `dicom_to_nifti(src, out, db)`, as before the options object, write the index at `db`."
+    from dicom_prep.preprocess import preprocess
+    from dicom_prep.nifti import dicom_to_nifti
+    src = tmp_path/'in'; synth_dicom(src/'a.dcm')
+    r = preprocess(src, tmp_path/'o', tmp_path/'index.db', n_workers=0, quiet=True)
+    assert Path(r.db_path) == tmp_path/'index.db' and sqlite3.connect(tmp_path/'index.db').execute('select count(*) from images').fetchone()[0] == 1
+    r = dicom_to_nifti(src, tmp_path/'o', tmp_path/'index.db', n_workers=0, quiet=True)
+    assert Path(r.db_path) == tmp_path/'index.db' and not (tmp_path/'o'/'dicom_prep.db').exists()
