@@ -41,8 +41,8 @@ def _add(group, f:Flag):
     text = f.help.replace('%', '%%')
     if kind == 'bool': group.add_argument(name, dest=f.name, action='store_true', help=f"{text} (default: False)")
     else:
-        shown = None if f.default == () else f.default
-        group.add_argument(name, dest=f.name, type=_TYPES.get(kind, str), default=f.default, help=f"{text} (default: {shown})",
+        shown = '' if f.default is None or f.default == () else f" (default: {f.default})"     # none: its help's `[default: ...]` says
+        group.add_argument(name, dest=f.name, type=_TYPES.get(kind, str), default=f.default, help=text + shown,
                            metavar=f"({'path' if kind == 'Path' else _TYPES.get(kind, str).__name__})")
     if f.alias and f.alias != f.cli:
         group.add_argument('--' + f.alias.replace('_', '-'), dest=f.name, action=_Deprecated, new=name, nargs=0 if kind == 'bool' else None,
