@@ -12,6 +12,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/cluster.html.md"""
 from __future__ import annotations
 import re, signal, time
 from contextlib import ExitStack, contextmanager
+from .options import UsageError
 from .parallel import Ended, TaskFailure, require_dask, run_chunk
 
 # %% auto #0
@@ -39,7 +40,9 @@ def dask_client(scheduler:str, # 'local', or the address of a running scheduler
             c.register_plugin(IgnoreSigint(), name='dicom_prep-ignore-sigint')
             yield c
     else:
-        with Client(scheduler) as c: yield c
+        try: client = Client(scheduler)
+        except ValueError as e: raise UsageError(f"--scheduler {scheduler}: {e}") from None    # an address Dask cannot parse
+        with client as c: yield c
 
 # %% ../nbs/15_cluster.ipynb #a2123c2d
 _ITEM_START = {}   # worker side: task key -> (when its chunk's current item started, that item's index in the chunk)

@@ -283,6 +283,11 @@ class NiftiOptions(RunOptions):
     spacing_tol: float = flag(SPACING_TOL, 'image', cli='', guard=True)  # a slice step may deviate from the mean by this fraction
     philips_scaling: str = flag('precise', 'image', guard=True)  # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
     resample: bool = flag(False, 'image', guard=True)  # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
+    output_dir: Path|None = flag(None, 'output')  # Output folder; volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
+    force: bool = flag(False, 'run control', alias='force_reprocess')  # Convert every ok volume again (also after a settings change: a new name template renames all)
+    pseudonymize: bool = flag(False, 'privacy', guard=True)  # A folder safe to hand over: names from pseudonyms, sidecars with safe attributes only (as dicom_prep_preprocess's)
+    keep: str|None = flag(None, 'privacy')  # With --pseudonymize: also keep these patient attributes in sidecars: age, sex, size, weight (or PatientAge, ...)
+    shift_dates: bool = flag(False, 'privacy')  # With --pseudonymize: keep times of day in sidecars (the Modified Dates option; sidecars hold no date)
     template: str = derived()  # the name template, resolved
     deidentify: Deidentify|None = derived()  # what a pseudonymised index's sidecars may hold
 
@@ -369,12 +374,14 @@ def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> Nift
 @delegates(NiftiOptions)
 def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
                    output_dir=None, # volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
+                   db_path=None, # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
+                   *,
                    options:NiftiOptions|None=None, # every option at once
                    should_stop=None, # callable: true when the run should stop (as Ctrl+C does)
                    **kwargs, # any field of `NiftiOptions`, e.g. `n_workers=0`; an old spelling warns
                   ) -> NiftiResult:
     "Analyse every series under `dicom_dir` into `volumes`, and convert the `ok` ones to `output_dir/nifti`."
-    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    o = NiftiOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, db_path=db_path, **kwargs)
     with open_run('nifti', o, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
         h = _refresh(run, o)
         verdicts = _analyse(run, h, o)

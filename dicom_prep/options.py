@@ -215,6 +215,7 @@ class ImageOptions(Options):
         super().__post_init__()
         if self.bit_depth not in (8, 16): raise UsageError(f"--bit-depth must be 8 or 16, not {self.bit_depth}")
         if not 0 <= self.png_level <= 9: raise UsageError(f"--png-level must be 0..9, not {self.png_level}")
+        if self.image_size < 1: raise UsageError(f"--image-size must be at least 1, not {self.image_size}")
         try: self._set(voi=parse_window(self.window))
         except ValueError as e: raise UsageError(str(e)) from None
         if isinstance(self.tags, str) or self.tags is None: self._set(tags=tuple(t.strip() for t in (self.tags or '').split(',') if t.strip()))

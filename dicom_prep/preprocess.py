@@ -403,11 +403,13 @@ SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)  
 @delegates(PreprocessOptions)
 def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
                output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
+               db_path=None, # SQLite index [default: OUTPUT_DIR/dicom_prep.db]
+               *,
                options:PreprocessOptions|None=None, # every option at once (a subclass brings its own)
                **kwargs, # any field of `PreprocessOptions`, e.g. `n_workers=0`; an old spelling warns
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
-    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, **kwargs)
+    opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, db_path=db_path, **kwargs)
     with open_run('preprocess', opts, temp_dirs=('images',), defaults=SETTING_DEFAULTS) as run:
         plan = _discover(run, opts)
         return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
@@ -425,5 +427,6 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     "Preprocess DICOM files into normalised PNGs and a SQLite index."
     kw, cli = cli_args(PreprocessOptions, main.__doc__, EXAMPLE, argv, PreprocessScript)
     kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
+    after = cli_run(lambda: follow_up('sheet')) if cli['sheet'] else None   # the sheet room's `sheets_after`, found before the run: a stale install stops at once
     r = cli_run(lambda: preprocess(**kw))
-    cli_finish(follow_up('sheet')(r) if cli['sheet'] else r)     # the sheet room's `sheets_after`, found by its entry point
+    cli_finish(after(r) if after else r)

@@ -502,3 +502,12 @@ def test_watchdog_ends_a_test_hung_on_dask(cluster, _module_cluster, tmp_path):
         assert "+++ a deaf test: still running 1 s past its 1 s deadline, deaf to signals; ending the session" in err, err[-3000:]
         assert 'most recent call first' in err, 'its stacks shown'
     finally: kill(_tagged(tag))
+
+
+def test_bad_scheduler_address_is_one_line_exit_2(tmp_path):
+    "An address Dask cannot parse is unusable arguments: one line naming it, exit 2, not a traceback."
+    synth_dicom(tmp_path/'in'/'a.dcm')
+    r = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(tmp_path/'in'), '--output-dir', str(tmp_path/'o'),
+                       '--scheduler', 'bogus://head:8786'], capture_output=True, text=True, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and 'bogus://head:8786' in err[0], r.stderr[-2000:]

@@ -377,3 +377,12 @@ def test_series_touched_by_an_interrupted_run_are_analysed_by_the_next(tmp_path)
     with sqlite3.connect(out/'dicom_prep.db') as c:
         assert c.execute('select count(*) from nifti_touched').fetchone()[0] == 0
         assert sorted(c.execute('select n_slices from volumes')) == [(10,), (10,), (10,)]
+
+
+def test_nifti_help_says_what_its_shared_flags_do_here():
+    "Flags shared with preprocess keep dicom_prep_nifti's own meaning in its --help (sidecars hold no date, --force converts volumes)."
+    from dicom_prep.nifti import NiftiOptions
+    h = {f.name: f.help for f in NiftiOptions.flags()}
+    assert 'sidecars hold no date' in h['shift_dates'] and 'in sidecars' in h['keep'] and 'volume' in h['force']
+    assert 'OUTPUT_DIR/nifti' in h['output_dir'] and 'sidecars' in h['pseudonymize']
+    assert next(f for f in NiftiOptions.flags() if f.name == 'force').alias == 'force_reprocess'

@@ -158,3 +158,24 @@ def test_demo_runs_on_bundled_data(tmp_path):
     assert r.returncode == 0, r.stderr
     n = sqlite3.connect(tmp_path/'dicom_prep_sample/dicom_prep.db').execute("select count(*) from images").fetchone()[0]
     assert n > 100 and 'Traceback' not in r.stderr
+
+def test_sheet_without_its_entry_point_stops_before_the_run(tmp_path, monkeypatch, capsys):
+    "An install whose metadata lacks the `sheet` follow-up (an editable install from before it existed) says so in one line, exit 2, before any work."
+    import importlib.metadata
+    from dicom_prep.preprocess import main
+    monkeypatch.setattr(importlib.metadata, 'entry_points', lambda **kw: [])
+    src = tmp_path/'in'; synth_dicom(src/'a.dcm')
+    with pytest.raises(SystemExit) as e: main(['--dicom-dir', str(src), '--output-dir', str(tmp_path/'o'), '--workers', '0', '--sheet'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and 'no follow-up' in err[0], err
+    assert not (tmp_path/'o'/'dicom_prep.db').exists()
+
+def test_db_path_is_still_the_third_positional_argument(tmp_path):
+    "`preprocess(src, out, db)` and `dicom_to_nifti(src, out, db)`, as before the options object, write the index at `db`."
+    from dicom_prep.preprocess import preprocess
+    from dicom_prep.nifti import dicom_to_nifti
+    src = tmp_path/'in'; synth_dicom(src/'a.dcm')
+    r = preprocess(src, tmp_path/'o', tmp_path/'index.db', n_workers=0, quiet=True)
+    assert Path(r.db_path) == tmp_path/'index.db' and sqlite3.connect(tmp_path/'index.db').execute('select count(*) from images').fetchone()[0] == 1
+    r = dicom_to_nifti(src, tmp_path/'o', tmp_path/'index.db', n_workers=0, quiet=True)
+    assert Path(r.db_path) == tmp_path/'index.db' and not (tmp_path/'o'/'dicom_prep.db').exists()
