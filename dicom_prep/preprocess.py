@@ -400,7 +400,7 @@ def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
-@delegates(PreprocessOptions)
+@delegates(PreprocessOptions, but=['key', 'deidentify'])   # set by the run, not by a caller
 def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
                output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
                db_path=None, # SQLite index [default: OUTPUT_DIR/dicom_prep.db]

@@ -179,3 +179,11 @@ def test_db_path_is_still_the_third_positional_argument(tmp_path):
     assert Path(r.db_path) == tmp_path/'index.db' and sqlite3.connect(tmp_path/'index.db').execute('select count(*) from images').fetchone()[0] == 1
     r = dicom_to_nifti(src, tmp_path/'o', tmp_path/'index.db', n_workers=0, quiet=True)
     assert Path(r.db_path) == tmp_path/'index.db' and not (tmp_path/'o'/'dicom_prep.db').exists()
+
+
+def test_signatures_offer_only_what_a_caller_sets():
+    "The run sets the pseudonym key and the de-identification rules: `preprocess`'s signature, which lists every option, leaves them out."
+    import inspect
+    from dicom_prep.preprocess import preprocess
+    params = inspect.signature(preprocess).parameters
+    assert {'window', 'n_workers', 'splits', 'pseudonymize'} <= set(params) and not {'key', 'deidentify', 'voi', 'fractions'} & set(params)
