@@ -31,6 +31,3 @@ Modules:
 - `dicom_prep.volumes`: Records → volumes: which frames form one volume, its measured geometry, and a verdict from one table of rules."""
 
 __version__ = "0.0.1"
-
-from .core import console_script, import_without
-if console_script(): import_without('pydicom', 'requests')   # a console script never downloads: pydicom's downloader and its `requests` stay unloaded

@@ -445,3 +445,5 @@ def import_without(name:str, # the module to import, e.g. 'sqlite_utils'
     try: return importlib.import_module(name)
     finally:
         for m in held: del sys.modules[m]
+
+if console_script(): import_without('pydicom', 'requests')   # a console script never downloads: pydicom's downloader stays unloaded

@@ -7,7 +7,7 @@
 - every field of `PreprocessOptions` is a `dicom_prep_preprocess` flag and reaches the options of the same name (flag lists drifted apart),
 - a field added to a subclass of the options is a flag and reaches the worker (the flag is written once).
 """
-import ast, dataclasses, re, subprocess
+import ast, dataclasses, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +129,14 @@ def test_a_new_image_flag_reaches_the_worker(monkeypatch, tmp_path):
     monkeypatch.setattr(dicom_prep.preprocess, 'process_dicom', spy)
     r = preprocess(options=GammaOptions(**kw), quiet=True)
     assert got == [2.2] and r.counts == {'ok': 1}
+
+
+@pytest.mark.parametrize('script', [*SCRIPTS, 'dicom_prep_export'])
+def test_console_scripts_start_without_pydicoms_downloader(script):
+    "A console script never downloads, so pydicom's downloader (`requests`) stays unloaded: `core` imports pydicom without it."
+    code = (f"import importlib, sys; sys.argv = [{script!r}, '--help']\n"
+            f"try: importlib.import_module('dicom_prep.{script.split('_')[-1]}').main()\n"
+            "except SystemExit: pass\n"
+            "print('requests' in sys.modules, 'pydicom' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.split()[-2:] == ['False', 'True'], r.stderr[-2000:]
