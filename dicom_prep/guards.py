@@ -14,15 +14,14 @@ import struct
 from dataclasses import dataclass
 from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.pixels.utils import get_nr_frames
+from .options import MAX_PIXELS   # the --max-pixels default, defined with the flag
 from .tags import transfer_syntax
 
 # %% auto #0
-__all__ = ['MAX_PIXELS', 'TooLargeError', 'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch',
+__all__ = ['TooLargeError', 'frame_count', 'FrameSize', 'header_size', 'codestream_size', 'CodestreamMismatch',
            'check_codestream', 'check_size', 'frame_bytes', 'check_frame']
 
 # %% ../nbs/02c_guards.ipynb #d0ccf481
-MAX_PIXELS = 2**31 # default limit on rows × columns × frames × samples
-
 class TooLargeError(Exception): "A file whose pixel data, once read or decoded, would exceed the size limit."
 
 # %% ../nbs/02c_guards.ipynb #a9c43bfa

@@ -194,7 +194,7 @@ def parse_window(window:str|tuple='auto', # a mode, a preset, 'C,W', 'multi' or 
 
 
 # %% ../nbs/01b_options.ipynb #24cc3a38
-MAX_PIXELS = 2**31   # default limit on rows × columns × frames × samples (the reading room's, checked equal in its tests)
+MAX_PIXELS = 2**31   # default limit on rows × columns × frames × samples (the size guards use it too)
 
 @dataclass(frozen=True)
 class ImageOptions(Options):
