@@ -399,7 +399,7 @@ def _file_rows(v:Candidate, g:Geometry|None, philips_scaling:str, grid:dict|None
                  position=float(np.dot(m.frame.ipp, normal)) if g else None, slope=s, intercept=i,
                  size=m.file.size, mtime_ns=m.file.mtime_ns, transfer_syntax=m.file.ts, n_frames=m.file.n_frames,
                  bits_allocated=m.file.bits, bits_stored=m.file.bits_stored, signed=m.file.signed, mosaic=m.file.mosaic,
-                 row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off)]
+                 row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off, strict=True)]
 
 # %% ../nbs/09_volumes.ipynb #6c56d690
 _GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates',
