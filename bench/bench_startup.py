@@ -4,20 +4,22 @@
 
 Targets: `dicom_prep_preprocess --help` <= 1.3x `import pydicom`; an unchanged rerun on 600 files <= 0.35 s wall
 (the issue's machine, where `import pydicom` took 0.28 s: so also <= 1.25x `import pydicom` on a slower one).
-Each figure is the best of `--rounds` wall-clock runs of a fresh process; the heavy optional modules a run imports
-are listed so a regression names its cause.
+Each figure is the best of `--rounds` wall-clock runs of a fresh process, the commands taking turns, with bytecode
+caching on as in an installed package (this machine sets PYTHONDONTWRITEBYTECODE, which would recompile every module
+of ours at each start); the heavy optional modules a run imports are listed so a regression names its cause.
 """
-import argparse, shutil, subprocess, sys, sysconfig, tempfile, time
+import argparse, os, shutil, subprocess, sys, sysconfig, tempfile, time
 from pathlib import Path
 
 from dicom_prep.synth import synth_clones
 
+ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONDONTWRITEBYTECODE'}   # as installed: modules load from bytecode, not source
 HEAVY = ('pandas', 'dask', 'distributed', 'nibabel', 'openpyxl', 'pyarrow', 'requests', 'fasthtml', 'charset_normalizer')
 
 def seconds(cmd:list) -> float:
     "Wall-clock seconds of one run of `cmd` (it must succeed)."
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     if p.returncode: sys.exit(f"{cmd[:3]} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     return time.perf_counter() - t
 
