@@ -39,8 +39,8 @@ def open_index(db, # a `Database`, or the path of an existing dicom_prep index
     return database_class()(db)
 
 # %% ../nbs/04_db.ipynb #c4186a46
-SCHEMA_VERSION = 6
-FINAL_OK = ('ok', 'no_pixels')
+SCHEMA_VERSION = 7
+FINAL_OK = ('ok', 'no_pixels', 'not_image')
 FAILED = ('unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error')
 
 def now() -> str:
@@ -113,11 +113,14 @@ def _create_v3(db):
 VOLUME_COLUMNS_V4 = dict(image_kind=str, suffix=str, slice_timing=str, bvals=str, bvecs=str, resample=str)
 VOLUME_FILE_COLUMNS_V4 = dict(mosaic=int, row_offset=float, col_offset=float)
 
+def _add_columns(db, tables:dict):
+    "Add each table's missing columns of `tables` ({table: {column: type}})."
+    for table, name, kind in ((t, n, k) for t, cols in tables.items() for n, k in cols.items()):
+        if name not in db[table].columns_dict: db[table].add_column(name, kind)
+
 def _create_v4(db):
     "Add what real scanner data needs: acquisition columns of `volumes`, mosaic tiles and resampling offsets of `volume_files`."
-    for table, cols in (('volumes', VOLUME_COLUMNS_V4), ('volume_files', VOLUME_FILE_COLUMNS_V4)):
-        for name, kind in cols.items():
-            if name not in db[table].columns_dict: db[table].add_column(name, kind)
+    _add_columns(db, dict(volumes=VOLUME_COLUMNS_V4, volume_files=VOLUME_FILE_COLUMNS_V4))
     db.execute('delete from nifti_headers')    # cached header records lack the vendor fields: read them again
 
 def _create_v5(db):
@@ -164,7 +167,18 @@ def _create_v6(db):
         _mark_travelled(me, [new for new, _ in pairs])
     db.execute("delete from meta where key = 'output_dir'")     # copied to preprocess_output_dir by version 3
 
-MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5, 6: _create_v6}
+def _create_v7(db):
+    "Annotations: each file's object kind, SEG/RTSTRUCT read once, the `segments` dictionary, each mask's target and verdicts."
+    _add_columns(db, dict(files=dict(kind=str), images=dict(frame_of_reference=str, mask_path=str), volumes=dict(frame_of_reference=str, seg_path=str)))
+    db['segments'].create(dict(id=int, key=str, label=str, category=str, type=str, colour=str, added_at=str), pk='id', if_not_exists=True)
+    db['segments'].create_index(['key'], unique=True, if_not_exists=True)
+    db['annotations'].create(dict(pipeline=str, path=str, kind=str, study_id=str, size=int, mtime_ns=int, sop_uid=str, series_uid=str,
+        frame_of_reference=str, references=str, segments=str, status=str, reason=str, read_at=str), pk=('pipeline', 'path'), if_not_exists=True)
+    db['mask_targets'].create(dict(pipeline=str, target=str, sig=str, status=str, reason=str, n_masks=int, made_at=str, run_id=int), pk=('pipeline', 'target'), if_not_exists=True)
+    db['mask_matches'].create(dict(pipeline=str, target=str, annotation=str, verdict=str, segments=str, n_planes=int, reason=str),
+                              pk=('pipeline', 'target', 'annotation', 'verdict'), if_not_exists=True)
+
+MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5, 6: _create_v6, 7: _create_v7}
 
 # %% ../nbs/04_db.ipynb #bad07449
 def get_meta(db, # the database: a sqlite-utils `Database` or a `sqlite3.Connection`
@@ -374,8 +388,7 @@ def connect_ro(db_path, # an existing database file
               ) -> sqlite3.Connection:
     "A read-only connection to an existing dicom_prep database."
     if not Path(db_path).is_file(): raise FileNotFoundError(f"no database at {db_path}")
-    conn = sqlite3.connect(f"file:{Path(db_path).absolute()}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
+    conn = sqlite3.connect(f"file:{Path(db_path).absolute()}?mode=ro", uri=True); conn.row_factory = sqlite3.Row
     return conn
 
 def export_csv(db_path, # the database file
@@ -386,11 +399,10 @@ def export_csv(db_path, # the database file
               ) -> int:
     "Write `table` (default: the files tracker) to a CSV file; returns the number of rows."
     rows = (conn or connect_ro(db_path)).execute(f'select * from {table} order by {order_by}')
-    n = 0
     with atomic_path(dest) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f); w.writerow([d[0] for d in rows.description])
-        for r in rows: w.writerow(r); n += 1
-    return n
+        w.writerows(rows)
+    return (conn or connect_ro(db_path)).execute(f'select count(*) from {table}').fetchone()[0]
 
 # %% ../nbs/04_db.ipynb #bec858ae
 def batched(iterable, # any iterable
