@@ -1,0 +1,164 @@
+"""Masks from real SEG and RTSTRUCT files, compared with the reference readers (highdicom, rt-utils), and through both pipelines.
+
+The real files live in ../shared/data (seg_highdicom, rtstruct_rtutils); the tests that need them skip when it is absent."""
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from conftest import query
+from dicom_prep.annotations import describe_annotation, image_planes
+from dicom_prep.masks import fill_contours, match_rows, paint_target
+from dicom_prep.nifti import dicom_to_nifti
+from dicom_prep.preprocess import preprocess
+from dicom_prep.sources import sample_data_dirs, sample_files
+
+SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
+SEGS, RTS = SHARED/'seg_highdicom', SHARED/'rtstruct_rtutils'
+needs_real = pytest.mark.skipif(not (SEGS.is_dir() and RTS.is_dir()), reason=f'seg_highdicom/rtstruct_rtutils not found under {SHARED}')
+hd = pytest.importorskip('highdicom')
+
+
+def ct2() -> list[Path]:
+    "pydicom's CT2 series (four 16×16 slices), which highdicom's CT SEGs reference."
+    d = next(d for d in sample_data_dirs() if (d/'dicomdirtests').is_dir())
+    return sorted((d/'dicomdirtests/77654033/CT2').glob('*'))
+
+def planes_of(files) -> list:
+    return [p for f in files for p in image_planes(pydicom.dcmread(f, stop_before_pixels=True))]
+
+def painted(path, planes, policy='last'):
+    "The label map of annotation `path` on `planes` (ids 1, 2, ... in segment order), and its rows."
+    a = describe_annotation(pydicom.dcmread(path, stop_before_pixels=True))
+    ids = {s.key: n for n, s in enumerate(a.segments, 1)}
+    canvas, outcomes = paint_target([(path, a)], planes, ids, policy)
+    stack = np.stack([canvas.layers[k] if canvas.layers[k] is not None else np.zeros((p.rows, p.cols), np.uint8) for k, p in enumerate(planes)])
+    return stack, match_rows([(path, a)], canvas, outcomes, ids)
+
+
+@needs_real
+@pytest.mark.parametrize('name', ['seg_image_ct_binary', 'seg_image_ct_binary_fractional', 'seg_image_ct_true_fractional', 'seg_image_ct_binary_overlap'])
+def test_seg_equals_highdicom_voxel_for_voxel(name):
+    "Each CT SEG painted on pydicom's CT2 slices equals highdicom's pixels by source instance (fractions from 0.5; overlaps: the last segment)."
+    planes, path = planes_of(ct2()), SEGS/f'{name}.dcm'
+    mine, rows = painted(path, planes)
+    seg = hd.seg.segread(path)
+    theirs = seg.get_pixels_by_source_instance([p.sop_uid for p in planes], combine_segments=False)
+    if seg.segmentation_type.value == 'FRACTIONAL' and theirs.dtype.kind == 'f': theirs = theirs >= 0.5
+    expected = np.zeros(mine.shape, np.uint8)
+    for s in range(theirs.shape[-1]): expected[theirs[..., s] > 0] = s + 1          # later segments over earlier ones: --overlap last
+    np.testing.assert_array_equal(mine, expected)
+    assert mine.any() and rows[0].verdict == 'matched'
+    assert ('overlap' in {r.verdict for r in rows}) == name.endswith('overlap')
+
+@needs_real
+def test_single_frame_seg_on_its_ct_image():
+    "highdicom's single-frame 128×128 SEG over its CT image: equal to highdicom's array."
+    planes = planes_of([SEGS/'ct_image.dcm'])
+    mine, _ = painted(SEGS/'seg_image_ct_binary_single_frame.dcm', planes)
+    theirs = hd.seg.segread(SEGS/'seg_image_ct_binary_single_frame.dcm').get_pixels_by_source_instance([planes[0].sop_uid], combine_segments=True)
+    np.testing.assert_array_equal(mine, theirs)
+    assert mine.sum() > 0
+
+@needs_real
+def test_projection_seg_lands_on_its_image_without_geometry():
+    "The CR SEG names its image by SOP Instance UID and has no frame of reference: it lands by reference, at the same size."
+    path = SEGS/'seg_image_cr_binary.dcm'
+    ref = pydicom.dcmread(path).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    cr = next((f for f in sample_files() if pydicom.dcmread(f, stop_before_pixels=True, force=True).get('SOPInstanceUID') == ref), None)
+    if cr is None: pytest.skip('the CR image the SEG references is not among the sample files')
+    planes = planes_of([cr])
+    mine, rows = painted(path, planes)
+    theirs = hd.seg.segread(path).get_pixels_by_source_instance([ref], combine_segments=True)
+    np.testing.assert_array_equal(mine, theirs)
+
+
+def _rt_utils_masks(series_dir, rt_path):
+    "{ROI name: {SOP Instance UID: rt-utils' mask of that slice}}."
+    rt_utils = pytest.importorskip('rt_utils')
+    rts = rt_utils.RTStructBuilder.create_from(str(series_dir), str(rt_path))
+    uids = [d.SOPInstanceUID for d in rts.series_data]
+    return {n: {u: m[:, :, j] for j, u in enumerate(uids)} for n in rts.get_roi_names() for m in [rts.get_roi_mask_by_name(n)]}
+
+def _near_contour(shape, contours, tol=1.0) -> np.ndarray:
+    "Pixels whose centres lie within `tol` pixels of a contour's edges."
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]; near = np.zeros(shape, bool)
+    for c in contours:
+        for (a, b), (e, f) in zip(c, np.roll(c, -1, 0)):
+            t = np.clip(((xx - a) * (e - a) + (yy - b) * (f - b)) / max((e - a)**2 + (f - b)**2, 1e-12), 0, 1)
+            near |= np.hypot(xx - a - t * (e - a), yy - b - t * (f - b)) <= tol
+    return near
+
+@needs_real
+@pytest.mark.parametrize('rt', ['rt.dcm', 'non_existent_reference_rt.dcm'])
+def test_rtstruct_against_rt_utils(tmp_path, rt):
+    """rt-utils' masks, where we differ on purpose: rt-utils rounds vertices to whole pixels and fills the outline in (and a
+    ring's hole); we fill pixel centres inside an odd number of contours, or on one (DICOM's XOR rule and C.8.8.6.3).
+    So every pixel we fill, rt-utils fills; every pixel only rt-utils fills is on a contour's edge or inside an inner contour."""
+    series = tmp_path/'ct'; series.mkdir()
+    for f in ('ct_1.dcm', 'ct_2.dcm'): shutil.copy(RTS/'mock_data'/f, series)
+    planes = planes_of(sorted(series.glob('*.dcm')))
+    ds = pydicom.dcmread(RTS/'mock_data'/rt)
+    a = describe_annotation(ds)
+    theirs = _rt_utils_masks(series, RTS/'mock_data'/rt)
+    mine, _ = painted(RTS/'mock_data'/rt, planes)
+    compared = 0
+    for s in a.segments:
+        roi = next(r for r in ds.ROIContourSequence if int(r.ReferencedROINumber) == s.number)
+        for k, p in enumerate(planes):
+            contours = [p.pixel_of(np.reshape(np.array(c.ContourData, float), (-1, 3)))[:, :2] for c in roi.ContourSequence
+                        if c.ContourImageSequence[0].ReferencedSOPInstanceUID == p.sop_uid]
+            if not contours: continue
+            m, t = mine[k] == s.number, theirs[s.label][p.sop_uid].astype(bool)
+            assert m.sum() > 100 and not (m & ~t).any()                                  # ours inside theirs
+            union = np.logical_or.reduce([fill_contours([c], p.rows, p.cols) for c in contours])   # rt-utils fills every contour
+            assert not ((t & ~m) & ~_near_contour(m.shape, contours, 1.0) & ~(union & ~m)).any()
+            compared += 1
+    assert compared >= 1
+
+
+@needs_real
+def test_preprocess_writes_masks_beside_images(tmp_path):
+    "CT2 plus the overlapping SEG: preprocess writes a mask PNG per labelled frame, equal to highdicom's labels, named in the image rows."
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    for f in ct2(): shutil.copy(f, src)
+    shutil.copy(SEGS/'seg_image_ct_binary_overlap.dcm', src/'seg.dcm')
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    rows = query(tmp_path/'out', "select i.sop_uid, i.mask_path, i.thumbnail_path from images i where i.mask_path is not null order by 1")
+    assert len(rows) == 4
+    segments = dict(query(tmp_path/'out', 'select label, id from segments'))
+    seg = hd.seg.segread(SEGS/'seg_image_ct_binary_overlap.dcm')
+    theirs = seg.get_pixels_by_source_instance([r[0] for r in rows], combine_segments=False)
+    for (uid, mask, png), t in zip(rows, theirs):
+        m = np.array(Image.open(tmp_path/'out'/mask))
+        assert m.shape == Image.open(tmp_path/'out'/png).size[::-1]
+        expected = np.zeros(m.shape, np.uint8)
+        for s, label in enumerate(['first segment', 'second segment']): expected[t[..., s] > 0] = segments[label]
+        np.testing.assert_array_equal(m, expected)
+    assert query(tmp_path/'out', "select verdict from mask_matches where verdict = 'overlap'") == [('overlap',)]
+
+
+@needs_real
+def test_nifti_label_volume_on_the_volume_grid(tmp_path):
+    "rt-utils' CT with its RTSTRUCT: the label volume has the image's shape and affine, and each slice holds our fill of that slice."
+    src = tmp_path/'src'/'p'; src.mkdir(parents=True)
+    for f in ('ct_1.dcm', 'ct_2.dcm', 'rt.dcm'): shutil.copy(RTS/'mock_data'/f, src)
+    dicom_to_nifti(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    [(out, seg)] = query(tmp_path/'out', 'select output_path, seg_path from volumes where seg_path is not null')
+    img, lab = nib.load(tmp_path/'out'/out), nib.load(tmp_path/'out'/seg)
+    assert lab.shape == img.shape and np.allclose(lab.affine, img.affine) and lab.get_data_dtype() == np.uint8
+    vol = np.asarray(img.dataobj); lv = np.asarray(lab.dataobj)
+    planes = planes_of(sorted(src.glob('ct_*.dcm')))
+    mine, _ = painted(src/'rt.dcm', planes)
+    rid = query(tmp_path/'out', "select id from segments where label = 'ROI-1'")[0][0]
+    for k in range(lv.shape[2]):                           # voxel (i, j, k) is column i, row rows-1-j of slice k, as for the image
+        pixel = pydicom.dcmread(next(f for f in sorted(src.glob('ct_*.dcm'))
+                                     if abs(float(pydicom.dcmread(f).ImagePositionPatient[2]) - img.affine[2, 3] - k * img.affine[2, 2]) < 1e-3)).pixel_array
+        np.testing.assert_array_equal(vol[:, ::-1, k].T, pixel)
+        np.testing.assert_array_equal(lv[:, ::-1, k].T == rid, mine[[p.origin[2] for p in planes].index(next(p.origin[2] for p in planes
+                                                                   if abs(p.origin[2] - img.affine[2, 3] - k * img.affine[2, 2]) < 1e-3))] == 1)
+    assert (lv == rid).sum() > 100
