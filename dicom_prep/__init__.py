@@ -9,7 +9,7 @@ Modules:
 - `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
-- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
+- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI with label volumes), incremental, recorded item by item in the index, and completed by a rerun if killed.
 - `dicom_prep.metadata`: The metadata columns of an image row: the tags training sets are filtered on, `--tags` and `--all-tags`, as JSON values; under `--pseudonymize` only what the positive list keeps.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
