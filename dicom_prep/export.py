@@ -1,6 +1,9 @@
 """From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 
-`images_df` gives the index as a DataFrame with splits and checked labels, `volumes_df` its converted volumes. `export` writes them for a framework: `csv`/`parquet` manifests here, image folders, WebDataset shards and nnU-Net/MONAI datasets through `dicom_prep.layouts`. Exports are incremental and recorded in the index; `dicom_prep_export` is the console script.
+`images_df` gives the index as a DataFrame with splits and checked labels, `volumes_df` its converted volumes. `export`
+writes them for a framework: `csv`/`parquet` manifests here; image folders, WebDataset shards, image/mask pairs and
+nnU-Net/MONAI datasets through `dicom_prep.layouts`. Exports are incremental and recorded in the index;
+`dicom_prep_export` is the console script.
 
 Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 

@@ -1,6 +1,8 @@
 """The dataset layouts an export writes (image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI with label volumes), incremental, recorded item by item in the index, and completed by a rerun if killed.
 
-An export is a list of `Item`s. `write_files` links them into a folder tree (imagefolder, nnU-Net/MONAI), `write_shards` packs them into WebDataset tar shards; both write only what changed and record each item in `export_items` before writing it. `dicom_prep.export` reads the index and drives them.
+An export is a list of `Item`s. `write_files` links them into a folder tree (imagefolder, image/mask pairs,
+nnU-Net/MONAI), `write_shards` packs them into WebDataset tar shards; both write only what changed and record each
+item in `export_items` before writing it. `dicom_prep.export` reads the index and drives them.
 
 Docs: https://dicom-prep.github.io/dicom_prep/layouts.html.md"""
 
