@@ -130,8 +130,8 @@ def write_files(db, out_dir, items:list[Item], export_id:int) -> tuple[int, int]
 
 # %% ../nbs/12a_layouts.ipynb #b77404fa
 def _sample_json(i:Item) -> bytes:
-    "The `.json` of a webdataset sample: label, split and the image's metadata."
-    keep = {k: v for k, v in i.meta.items() if k not in ('path', 'label', 'split') and v is not None and not (isinstance(v, float) and v != v)}
+    "The `.json` of a webdataset sample: label, split and the image's metadata (not this machine's paths)."
+    keep = {k: v for k, v in i.meta.items() if k not in ('path', 'mask', 'label', 'split') and v is not None and not (isinstance(v, float) and v != v)}
     return json.dumps(dict(label=i.label, split=i.split, **keep), default=str).encode()
 
 def _write_shard(path:Path, items:list[Item]):

@@ -2,7 +2,8 @@
 the `segmentation` image/mask PNG pairs, several 0/1 label columns as a multi-hot label, and a kill -9 then a rerun
 equal to a clean export. The masks come from `conftest.stand_in_masks`, which stands in for the masks stage until it
 lands; every file is read back with an independent reader (nibabel, PIL, json, tarfile)."""
-import hashlib, json, os, re, signal, sqlite3, tarfile
+import hashlib, json, os, re, signal, sqlite3, subprocess, tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 import dicom_prep.layouts as lay
-from conftest import query, stand_in_masks
+from conftest import console_script, query, stand_in_masks
 from dicom_prep.export import export
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.paths import OWNER_FILE, UnsafePath
@@ -214,28 +215,48 @@ def _tree(out) -> dict:
             if p.is_file() and p.name != OWNER_FILE}
 
 
-def _killed(db, out, fmt, name, n) -> int:
-    "Run an export of `fmt` in a forked child that is SIGKILLed right after its `n`-th call of `layouts.<name>`; returns its wait status."
+def _after_call(name, n):
+    "A fault: the `n`-th call of `layouts.<name>` is SIGKILLed right after it returns."
+    def install():
+        real, calls = getattr(lay, name), []
+        def patched(*a, **kw):
+            res = real(*a, **kw); calls.append(1)
+            if len(calls) == n: os.kill(os.getpid(), signal.SIGKILL)
+            return res
+        setattr(lay, name, patched)
+    return install
+
+
+def _half_written_label():
+    "A fault: the first rewritten label file is killed half-way through its write (its hidden temporary is left behind)."
+    real = lay.atomic_path
+    @contextmanager
+    def half(dest, root=None):
+        with real(dest, root) as tmp:
+            tmp.write_bytes(b'half a label'); os.kill(os.getpid(), signal.SIGKILL)
+            yield tmp
+    lay.atomic_path = half
+
+
+def _killed(db, out, fmt, fault) -> int:
+    "Run an export of `fmt` in a forked child with `fault` installed; returns its wait status."
     pid = os.fork()
     if pid == 0:
-        try:
-            real, calls = getattr(lay, name), []
-            def patched(*a, **kw):
-                res = real(*a, **kw); calls.append(1)
-                if len(calls) == n: os.kill(os.getpid(), signal.SIGKILL)
-                return res
-            setattr(lay, name, patched)
-            export(db, out, fmt)
+        try: fault(); export(db, out, fmt)
         finally: os._exit(0)
     return os.waitpid(pid, 0)[1]
 
 
-@pytest.mark.parametrize('fmt, name, n', [('nnunet', 'link_output', 2), ('nnunet', 'write_label', 1), ('nnunet', 'write_label', 3),
-                                          ('segmentation', 'link_output', 3), ('segmentation', 'write_label', 2)])
-def test_a_kill_mid_export_then_a_rerun_equals_a_clean_export(volumes, frames, fmt, name, n, tmp_path):
+FAULTS = {f'{name}-{n}': _after_call(name, n) for name in ('link_output', 'write_label') for n in (1, 2, 4)} | {'half-written': _half_written_label}
+
+
+@pytest.mark.parametrize('fault', FAULTS)
+@pytest.mark.parametrize('fmt', ['nnunet', 'segmentation'])
+def test_a_kill_mid_export_then_a_rerun_equals_a_clean_export(volumes, frames, fmt, fault, tmp_path):
+    "Killed after a link, after a rewritten label, or half-way through one: the rerun sweeps and completes, file for file and record for record."
     out = (volumes if fmt == 'nnunet' else frames)[0]
     clean = export(out/'dicom_prep.db', tmp_path/'clean', fmt)
-    assert _killed(out/'dicom_prep.db', tmp_path/'x', fmt, name, n) == signal.SIGKILL
+    assert _killed(out/'dicom_prep.db', tmp_path/'x', fmt, FAULTS[fault]) == signal.SIGKILL
     assert _tree(tmp_path/'x') != _tree(tmp_path/'clean')                       # the kill left a partial export
     again = export(out/'dicom_prep.db', tmp_path/'x', fmt)
     assert _tree(tmp_path/'x') == _tree(tmp_path/'clean') and again.n_items == clean.n_items
@@ -269,3 +290,18 @@ def test_a_hostile_mask_path_is_refused_naming_its_row(table, col, bad, why, tmp
     with sqlite3.connect(out/'dicom_prep.db') as c: c.execute(f'update {table} set {col} = ?', [bad])
     with pytest.raises(UnsafePath, match=f"{table} row .*: {col} '{re.escape(bad)}' {why}"):
         export(out/'dicom_prep.db', tmp_path/'x', 'nnunet' if table == 'volumes' else 'segmentation')
+
+
+def test_the_command_line_takes_the_segmentation_format_and_several_label_columns(frames, rsna, tmp_path):
+    out, written = frames
+    r = subprocess.run(console_script('dicom_prep_export') + ['--db', str(out/'dicom_prep.db'), '--out', str(tmp_path/'seg'), '--format', 'segmentation'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"Masks: {len(written)} with a mask exported" in r.stdout, r.stderr[-2000:]
+    out, csv, hot = rsna
+    r = subprocess.run(console_script('dicom_prep_export') + ['--db', str(out/'dicom_prep.db'), '--out', str(tmp_path/'m'), '--labels', str(csv),
+                       '--on', 'sop_uid', '--label-column', 'any,epidural,subdural'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(RSNA) <= set(pd.read_csv(tmp_path/'m/manifest.csv').columns)
+    r = subprocess.run(console_script('dicom_prep_export') + ['--db', str(out/'dicom_prep.db'), '--out', str(tmp_path/'f'), '--format', 'imagefolder',
+                       '--labels', str(csv), '--on', 'sop_uid', '--label-column', 'any,epidural'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and '--format imagefolder takes one label' in r.stderr and 'Traceback' not in r.stderr
