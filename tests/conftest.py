@@ -46,9 +46,9 @@ _name = lambda i: STAND_IN_SEGMENTS.get(i, f'organ {i}')
 
 
 def stand_in_masks(out, kind:str='preprocess', ids=(2, 5), skip:int=3, seed:int=0) -> dict:
-    """STAND-IN FOR THE MASKS STAGE (issue 23 item 2), which does not exist yet: annotate a preprocess or NIfTI run's
-    output `out` exactly as schema 7 says that stage will, so that the exports can be tested on it. Swap the calls for
-    the real stage (a run over SEG/RTSTRUCT files) once it lands; the assertions stay.
+    """STAND-IN FOR THE MASKS STAGE (issue 23 item 2): annotate a preprocess or NIfTI run's output `out` exactly as
+    schema 7 says that stage does, with the gaps in segment ids and the sizes the tests need and no SEG/RTSTRUCT to
+    make. Swap a call for the real stage (a run over SEG/RTSTRUCT files) where real data serves; the assertions stay.
 
     - preprocess: a mask PNG `masks/<filename>.png` (relative to the output folder) of the image PNG's size, mode 'L',
       or 'I;16' when a segment id > 255, in `images.mask_path`;
