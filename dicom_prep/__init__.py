@@ -11,7 +11,7 @@ Modules:
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
 - `dicom_prep.labelvolumes`: Label maps beside NIfTI volumes: each converted volume with annotations gets `<volume>_seg.nii.gz`, on exactly its grid and affine.
-- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
+- `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI with label volumes), incremental, recorded item by item in the index, and completed by a rerun if killed.
 - `dicom_prep.masks`: SEG and RTSTRUCT → label maps on the exact grid of their images and volumes, with a verdict for every part left out.
 - `dicom_prep.maskstage`: The masks stage both pipelines end with: annotations read once, segments numbered for good, and each image or volume's masks remade only when what they are made of changed.
 - `dicom_prep.metadata`: The metadata columns of an image row: the tags training sets are filtered on, `--tags` and `--all-tags`, as JSON values; under `--pseudonymize` only what the positive list keeps.

@@ -1,6 +1,9 @@
 """From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 
-`images_df` gives the index as a DataFrame with splits and checked labels, `volumes_df` its converted volumes. `export` writes them for a framework: `csv`/`parquet` manifests here, image folders, WebDataset shards and nnU-Net/MONAI datasets through `dicom_prep.layouts`. Exports are incremental and recorded in the index; `dicom_prep_export` is the console script.
+`images_df` gives the index as a DataFrame with splits and checked labels, `volumes_df` its converted volumes. `export`
+writes them for a framework: `csv`/`parquet` manifests here; image folders, WebDataset shards, image/mask pairs and
+nnU-Net/MONAI datasets through `dicom_prep.layouts`. Exports are incremental and recorded in the index;
+`dicom_prep_export` is the console script.
 
 Docs: https://dicom-prep.github.io/dicom_prep/export.html.md"""
 
@@ -12,18 +15,20 @@ import json
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+import numpy as np
 import pandas as pd
 from .options import Options, flag
 from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
 from .db import DbLock, assign_split, database_class, open_index, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
-from .layouts import IndexValueError, dataset_json, image_items, sweep, volume_items, write_files, write_shards
+from .layouts import (MAX_SEGMENT, IndexValueError, dataset_json, image_items, pair_items, segment_names, segment_values, sweep,
+                      volume_items, write_files, write_shards)
 from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
-__all__ = ['KEYS', 'FORMATS', 'images_df', 'LabelError', 'LabelReport', 'read_labels', 'join_labels', 'volumes_df',
-           'ExportResult', 'export', 'ExportFlags', 'main']
+__all__ = ['KEYS', 'FORMATS', 'VOLUME_FORMATS', 'images_df', 'LabelError', 'LabelReport', 'label_columns', 'read_labels',
+           'join_labels', 'volumes_df', 'ExportResult', 'export', 'ExportFlags', 'main']
 
 # %% ../nbs/12b_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
@@ -39,10 +44,11 @@ def _root(db, kind='preprocess') -> Path:
     if (root := output_dir_of(db, kind)) is None: raise UsageError(f"{db_file(db)} records no {kind} output folder: nothing to read")
     return root
 
-def _paths(root:Path, rows, rels, table:str, col:str, within:str) -> list[str]:
-    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root/within`."
+def _paths(root:Path, rows, rels, table:str, col:str, within:str, optional:bool=False) -> list[str|None]:
+    "The absolute paths of the index's relative paths `rels` (of `rows` of `table`), each resolved strictly under `root/within`; `optional`: a null stays None."
     folders = {}     # each folder's real path looked up once
-    return [str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within)) for row, rel in zip(rows, rels, strict=True)]
+    return [None if optional and pd.isna(rel) else str(inside(root, rel, f"{table} row {row!r}: {col}", folders=folders, within=within))
+            for row, rel in zip(rows, rels, strict=True)]
 
 def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
     "`df` if every split it read from the index is a safe split name, else `IndexValueError` naming the first row that is not."
@@ -56,14 +62,18 @@ def _check_splits(df:pd.DataFrame, table:str, key:str) -> pd.DataFrame:
 def images_df(db, # the index: a path or a sqlite-utils Database
               columns:str='*', # SQL column list of `images`
              ) -> pd.DataFrame:
-    "The `images` table as a DataFrame, with each PNG's absolute `path` (`UnsafePath` if one leads out of the output folder); `IndexValueError` for a split that is not a safe name."
+    "The `images` table as a DataFrame, with each PNG's absolute `path` and (where the index has masks) each mask's, `mask` (`UnsafePath` if one leads out of the output folder); `IndexValueError` for a split that is not a safe name."
     with _opened(db) as db:
         df = pd.DataFrame(db.query(f'select {columns} from images order by filename'))
         if 'thumbnail_path' in df: df['path'] = _paths(_root(db), df.get('filename', df['thumbnail_path']), df['thumbnail_path'], 'images', 'thumbnail_path', 'images')
+        if 'mask_path' in df and df['mask_path'].notna().any():        # an index with masks: each mask's absolute path too
+            df['mask'] = _paths(_root(db), df.get('filename', df['mask_path']), df['mask_path'], 'images', 'mask_path', 'masks', optional=True)
     return _check_splits(df, 'images', 'filename' if 'filename' in df else 'split') if 'split' in df else df
 
 # %% ../nbs/12b_export.ipynb #50526989
 class LabelError(ValueError): "Labels that cannot be joined as given."
+
+_MASKS = ('mask_path', 'seg_path')   # what a segmentation export "joins": the images' masks, the volumes' label volumes
 
 @dataclass
 class LabelReport:
@@ -77,6 +87,7 @@ class LabelReport:
 
     def lines(self) -> list[str]:
         "Summary lines."
+        if self.on in _MASKS: return [f"Masks: {self.n_labelled:,} with a mask exported; {len(self.unlabelled):,} without one left out (listed in labels_report.json)"]
         return [f"Labels: {self.n_labels:,} rows joined on {self.on}; {self.n_labelled:,} images labelled, "
                 f"{len(self.unlabelled):,} without a label, {len(self.unmatched) + self.withheld:,} labels matched no image"]
 
@@ -99,23 +110,41 @@ def _read_csv(path, encoding) -> pd.DataFrame:
                              "(e.g. latin-1)") from None
         raise LabelError(f"{path}: {' '.join(str(e).split())}") from None
 
-def read_labels(path, # CSV file with a key column and a label column
+def _multi_hot(df:pd.DataFrame, path, on:str, cols:list[str]) -> pd.DataFrame:
+    "Labels of several 0/1 columns (RSNA-style): `(on, label, *cols)`, `label` the multi-hot list; a row with every column empty has none."
+    v = df[cols].apply(lambda s: s.str.strip())
+    v = v[(v != '').any(axis=1)]
+    if (bad := np.argwhere(~v.isin(['0', '1']).to_numpy())).size:
+        row, col = v.index[bad[0][0]], cols[bad[0][1]]
+        raise LabelError(f"{path}: line {row + 2}, column {col!r}: {v.at[row, col]!r} is not 0 or 1 (several label columns are "
+                         "0 or 1 each, or all empty for no label)")
+    hot = v.astype(int)
+    return pd.DataFrame({on: df.loc[v.index, on], 'label': hot.to_numpy().tolist(), **{c: hot[c] for c in cols}})
+
+def label_columns(label_col, # `--label-column`: a name, names separated by commas, or a list of names
+                 ) -> list[str]:
+    "The label columns `label_col` names ([] for none)."
+    names = label_col.split(',') if isinstance(label_col, str) else list(label_col or [])
+    return [n.strip() for n in names if n.strip()]
+
+def read_labels(path, # CSV file with a key column and one or more label columns
                 on:str, # the key column, one of `KEYS`
-                label_col:str|None=None, # the label column [default: the only other column, else 'label']
+                label_col=None, # the label column, or several (a list, or names separated by commas) [default: the only other column, else 'label']
                 encoding:str='utf-8', # the file's text encoding
                ) -> pd.DataFrame:
-    "Labels as a two-column DataFrame `(on, label)`; `LabelError` for an unreadable file, a missing column or duplicate keys."
+    "Labels as a DataFrame `(on, label)` (several columns: `_multi_hot`); `LabelError` for an unreadable file, a missing column or duplicate keys."
     if on not in KEYS: raise LabelError(f"--on must be one of {', '.join(KEYS)}, not {on!r}")
-    if label_col == on: raise LabelError(f"--label-column and --on are both {on!r}: the key is not a label")
+    if on in (cols := label_columns(label_col)): raise LabelError(f"--label-column and --on are both {on!r}: the key is not a label")
     df = _read_csv(path, encoding)
     others = [c for c in df.columns if c != on]
-    label_col = label_col or (others[0] if len(others) == 1 else 'label')
-    for c in (on, label_col):
+    cols = cols or [others[0] if len(others) == 1 else 'label']
+    for c in (on, *cols):
         if c not in df.columns: raise LabelError(f"{path}: no column {c!r} (columns: {', '.join(df.columns)})")
     dup = df[df[on].duplicated(keep=False)]
-    if len(dup): raise LabelError(f"{path}: {dup[on].nunique()} keys appear more than once:\n{dup[[on, label_col]].to_string(index=False)}")
-    df = df[df[label_col].str.strip() != '']                       # an empty label is no label
-    return df[[on, label_col]].rename(columns={label_col: 'label'})
+    if len(dup): raise LabelError(f"{path}: {dup[on].nunique()} keys appear more than once:\n{dup[[on, *cols]].to_string(index=False)}")
+    if len(cols) > 1: return _multi_hot(df, path, on, cols)
+    df = df[df[cols[0]].str.strip() != '']                       # an empty label is no label
+    return df[[on, cols[0]]].rename(columns={cols[0]: 'label'})
 
 # %% ../nbs/12b_export.ipynb #995e7136
 _KEYED = dict(PHI_KEYS, source_path='src_')   # keys a pseudonymised index holds as keyed pseudonyms
@@ -137,10 +166,12 @@ def _label_key(db, salt, private):
 
 def _join(df:pd.DataFrame, labels:pd.DataFrame, key:str|None, withhold:bool=False) -> tuple[pd.DataFrame, LabelReport]:
     "`join_labels`, given the index's pseudonym key (None: keys are compared as written); `withhold` lists no unmatched key as written."
-    on = labels.columns[0]
+    on, extra = labels.columns[0], list(labels.columns[2:])          # several label columns: each beside the multi-hot `label`
+    if (clash := [c for c in extra if c in df.columns]): raise LabelError(f"label column {clash[0]!r} is also a column of the index: rename it in the labels file")
     if key and on in _KEYED: labels = labels.assign(**{on: [pseudonym(v, key, _KEYED[on]) for v in labels[on]]})   # as the index holds them
     out = df.drop(columns=['label'], errors='ignore').merge(labels, on=on, how='left')
     out['label'] = out['label'].astype(object).where(out['label'].notna(), None)
+    for c in extra: out[c] = out[c].astype('Int64')                  # 0/1, empty where unlabelled
     unmatched = sorted(set(labels[on]) - set(df[on].dropna()))
     if withhold and not (key and on in _KEYED): unmatched, withheld = [], len(unmatched)     # the user's own spelling may be PHI
     else: withheld = 0
@@ -162,7 +193,7 @@ def join_labels(df:pd.DataFrame, # images, from `images_df`
 def volumes_df(db, # the index
                fractions:dict|None=None, # split fractions [default: the preprocess run's, else 80/10/10]
               ) -> pd.DataFrame:
-    "Converted volumes with their absolute `path` and a patient-grouped `split`."
+    "Converted volumes with their absolute `path`, their label volume's `label_path` (None where none) and a patient-grouped `split`."
     with _opened(db) as db: return _volumes(db, fractions)
 
 def _volumes(db, fractions) -> pd.DataFrame:
@@ -170,14 +201,17 @@ def _volumes(db, fractions) -> pd.DataFrame:
     try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')))
     except ValueError as e: raise IndexValueError(f"meta preprocess_settings: {e}") from None
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
-                               "n_timepoints from volumes where verdict='ok' and status='ok' order by output_name"))
+                               "n_timepoints, seg_path from volumes where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
-    df['path'] = _paths(_root(db, 'nifti'), df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
+    root = _root(db, 'nifti')
+    df['path'] = _paths(root, df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
+    df['label_path'] = _paths(root, df['id'], df['seg_path'], 'volumes', 'seg_path', 'nifti', optional=True)
     df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'])]
     return df
 
 # %% ../nbs/12b_export.ipynb #f28c7eab
-FORMATS = ('csv', 'parquet', 'imagefolder', 'webdataset', 'nnunet', 'monai')
+FORMATS = ('csv', 'parquet', 'imagefolder', 'webdataset', 'nnunet', 'monai', 'segmentation')
+VOLUME_FORMATS = ('nnunet', 'monai')
 
 @dataclass
 class ExportResult:
@@ -202,10 +236,22 @@ def _labelled(df, labels, on, label_col, key=None, encoding='utf-8', withhold=Fa
         return df.assign(label=df[label_col].astype(object).where(df[label_col].notna(), None)), None
     return df, None
 
+def _segmenting(df:pd.DataFrame, fmt:str, labels, label_col) -> bool:
+    "True for an export of masks: `segmentation`, or nnU-Net/MONAI of an index with label volumes, given no labels."
+    return fmt == 'segmentation' or (fmt in VOLUME_FORMATS and not (labels or label_col) and df['label_path'].notna().any())
+
+def _masked(df:pd.DataFrame, fmt:str) -> tuple[pd.DataFrame, LabelReport]:
+    "The images (volumes) that have a mask (label volume), and the report listing those left out: a training pair needs both."
+    col, on, name = ('mask', 'mask_path', 'filename') if fmt == 'segmentation' else ('label_path', 'seg_path', 'output_name')
+    if col not in df: raise UsageError("--format segmentation needs masks, and the index has none (dicom_prep_preprocess writes them "
+                                       "for the SEG and RTSTRUCT objects in its source)")
+    has = df[col].notna()
+    return df[has], LabelReport(on, int(has.sum()), int(has.sum()), [], sorted(df.loc[~has, name]))
+
 # %% ../nbs/12b_export.ipynb #c18fdab6
 def _check_out(db, out_dir:Path, fmt:str):
     "Refuse an export folder inside a pipeline's outputs (a later run would sweep it), or holding another index's or another format's export."
-    for kind, sub in (('preprocess', 'images'), ('nifti', 'nifti')):
+    for kind, sub in (('preprocess', 'images'), ('preprocess', 'masks'), ('nifti', 'nifti')):
         if (root := output_dir_of(db, kind)) and out_dir.resolve().is_relative_to((root/sub).resolve()):
             raise UsageError(f"--out {out_dir} is inside {root/sub}, which dicom_prep manages: export elsewhere")
     if (owner := folder_owner(out_dir)) and not owns(db_file(db), out_dir):      # e.g. the sender's, reached from a copy of its index
@@ -237,26 +283,49 @@ def _manifest(df, out_dir, fmt) -> int:
     with atomic_path(dest) as tmp: df.to_csv(tmp, index=False) if fmt == 'csv' else df.to_parquet(tmp, index=False)
     return len(df)
 
-def _write(db, df, out_dir, fmt, export_id, shard_size) -> tuple[int, int, int]:
-    "Write `df` in `fmt`; returns (items, written, removed)."
+def _segments(db, out_dir) -> tuple[dict, dict]:
+    "(segment id → exported value, id → unique name) of the index's segments, written to `segments.json` beside the export."
+    rows = list(db.query('select id, key, label, category, type, colour from segments order by id'))
+    if (bad := [r['id'] for r in rows if not (isinstance(r['id'], int) and 1 <= r['id'] <= MAX_SEGMENT)]):
+        raise IndexValueError(f"segments row {bad[0]!r}: id is not an integer in 1..{MAX_SEGMENT}")
+    values, names = segment_values([r['id'] for r in rows]), segment_names(rows)
+    with atomic_path(Path(out_dir)/'segments.json') as tmp:
+        tmp.write_text(json.dumps([dict(value=values[r['id']], name=names[r['id']], **r) for r in rows], indent=1))
+    return values, names
+
+def _volume_items(db, df, out_dir, fmt, classes) -> list:
+    "The items of an nnU-Net/MONAI export, its `dataset.json` written: labels from the segments (segmenting), the label columns, or the volumes' labels."
+    values = labels = None
+    if 'label_path' in df:
+        values, names = _segments(db, out_dir)
+        labels = {'background': 0, **{names[i]: v for i, v in values.items()}}
+    elif classes: labels = {c: k for k, c in enumerate(classes)}
+    items = volume_items(df, values)
+    with atomic_path(Path(out_dir)/'dataset.json') as tmp: tmp.write_text(json.dumps(dataset_json(items, fmt, labels=labels), indent=2))
+    return items
+
+def _write(db, df, out_dir, fmt, export_id, shard_size, classes=None) -> tuple[int, int, int]:
+    "Write `df` in `fmt` (`classes`: the label columns of a multi-hot label); returns (items, written, removed)."
     if fmt in ('csv', 'parquet'): n = _manifest(df, out_dir, fmt); return n, n, 0
-    if fmt in ('nnunet', 'monai'):
-        items = volume_items(df)
-        with atomic_path(Path(out_dir)/'dataset.json') as tmp: tmp.write_text(json.dumps(dataset_json(items, fmt), indent=2))
-        return len(items), *write_files(db, out_dir, items, export_id)
-    if 'label' not in df and fmt == 'imagefolder': raise UsageError("imagefolder needs labels: give --labels FILE --on KEY, or --label-column")
-    if 'label' in df: df = df[df['label'].notna()]
-    if fmt == 'imagefolder': items = image_items(df, '{split}/{label}/{name}.png'); return len(items), *write_files(db, out_dir, items, export_id)
-    items = image_items(df, '{name}'); [setattr(i, 'item', stable_hash(i.source, 16)) for i in items]
-    return len(items), *write_shards(db, out_dir, items, export_id, shard_size)
+    if fmt in VOLUME_FORMATS: items = _volume_items(db, df, out_dir, fmt, classes)
+    elif fmt == 'segmentation': items = pair_items(df, _segments(db, out_dir)[0])
+    else:
+        if 'label' not in df and fmt == 'imagefolder': raise UsageError("imagefolder needs labels: give --labels FILE --on KEY, or --label-column")
+        if 'label' in df: df = df[df['label'].notna()]
+        if fmt == 'imagefolder': items = image_items(df, '{split}/{label}/{name}.png')
+        else:
+            items = image_items(df, '{name}'); [setattr(i, 'item', stable_hash(i.source, 16)) for i in items]
+            return len(items), *write_shards(db, out_dir, items, export_id, shard_size)
+    return len(items), *write_files(db, out_dir, items, export_id)
 
 # %% ../nbs/12b_export.ipynb #ce774cb4
 def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding) -> tuple:
     "(the images or volumes to export with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
-    df = volumes_df(db) if fmt in ('nnunet', 'monai') else images_df(db)
-    if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in ('nnunet', 'monai') else 'no images'} in {db_path}")
+    df = volumes_df(db) if fmt in VOLUME_FORMATS else images_df(db)
+    if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in VOLUME_FORMATS else 'no images'} in {db_path}")
+    if _segmenting(df, fmt, labels, label_col): return *_masked(df, fmt), None
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
-    return *_labelled(df, labels, on, label_col, key, encoding, is_pseudonymised(db)), key
+    return *_labelled(df.drop(columns=['label_path'], errors='ignore'), labels, on, label_col, key, encoding, is_pseudonymised(db)), key
 
 def _start(db, db_path, fmt, out_dir, labels, on, label_col, key) -> int:
     "Make `out_dir` this index's own (`_adopt`), sweep what a killed export into it left, and record this export as running; returns its id."
@@ -265,29 +334,40 @@ def _start(db, db_path, fmt, out_dir, labels, on, label_col, key) -> int:
     settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col)
     return db['exports'].insert(dict(format=fmt, out_dir=index_path(db, out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
 
+def _check_args(fmt, labels, on, label_col):
+    "Refuse (`UsageError`) a format, labels and label columns that do not go together."
+    if fmt not in FORMATS: raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if labels and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
+    if fmt == 'segmentation' and (labels or label_col):
+        raise UsageError("--format segmentation takes its labels from the masks: --labels and --label-column do not apply")
+    if len(label_columns(label_col)) < 2: return
+    if not labels: raise UsageError("several --label-column need --labels FILE (a CSV with a 0/1 column for each)")
+    if fmt in ('imagefolder', 'nnunet'):
+        raise UsageError(f"--format {fmt} takes one label: give one --label-column (several go to csv, parquet, webdataset or monai)")
+
 def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep_nifti)
            out_dir, # the export folder
            fmt:str='csv', # one of `FORMATS`
            labels=None, # CSV file of labels
            on:str|None=None, # its key column: one of `KEYS`
-           label_col:str|None=None, # its label column, or (without `labels`) a column of the index to use as label
+           label_col=None, # its label column (several: a list or names separated by commas, a multi-hot label), or (without `labels`) a column of the index to use as label
            shard_size:float=100, # webdataset: about this many MB per shard
            salt:str|None=None, # the user's pseudonym salt, to join labels on a pseudonymised index
            private_state=None, # a pseudonymised index's private state [default: OUTPUT_DIR.private.db beside its output folder]
            labels_encoding:str='utf-8', # the text encoding of `labels`
           ) -> ExportResult:
     "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database, completed by a rerun if killed."
-    if fmt not in FORMATS: raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if labels and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
+    _check_args(fmt, labels, on, label_col)
     if not Path(db_path).is_file(): raise UsageError(f"No dicom_prep database at {db_path}")
     out_dir = Path(out_dir).resolve(); out_dir.mkdir(parents=True, exist_ok=True)     # one folder, one record, however it is spelled
     forget_folders()                 # its folders are checked again (see `folder_fd`)
+    classes = cols if len(cols := label_columns(label_col)) > 1 else None     # several: a multi-hot label
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
         try:
             df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding)
             export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key)
-            n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size)
+            n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size, classes)
         except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
         if report:
             with atomic_path(out_dir/'labels_report.json') as tmp: tmp.write_text(json.dumps(report.__dict__, indent=1))
@@ -302,17 +382,17 @@ class ExportFlags(Options):
     db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index
     labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on
     on: str|None = flag(None, 'input')  # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path
-    label_column: str|None = flag(None, 'input')  # The labels' label column, or (without --labels) an index column to use as label (e.g. body_part)
+    label_column: str|None = flag(None, 'input')  # The labels' label column (several separated by commas: 0/1 columns, a multi-hot label), or (without --labels) an index column to use as label (e.g. body_part)
     labels_encoding: str = flag('utf-8', 'input')  # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)
     out: str = flag('dicom_prep_export', 'output')  # The export folder
-    format: str = flag('csv', 'output')  # csv | parquet | imagefolder | webdataset | nnunet | monai
+    format: str = flag('csv', 'output')  # csv | parquet | imagefolder | webdataset | nnunet | monai | segmentation (image/mask PNG pairs)
     shard_size: float = flag(100, 'output')  # webdataset: about this many MB per shard
     salt: str|None = flag(None, 'privacy')  # Your --pseudonymize salt, to join labels on a pseudonymised index
     private_state: str|None = flag(None, 'privacy')  # A pseudonymised index's private state [default: beside its output folder]
 
 def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
-    "Export the index for training: manifests, image folders, WebDataset shards, nnU-Net/MONAI dataset.json."
+    "Export the index for training: manifests, image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI datasets."
     kw, _ = cli_args(ExportFlags, main.__doc__, "dicom_prep_export --db prepared/dicom_prep.db --format webdataset --labels labels.csv --on sop_uid", argv, extra=None)
     o = ExportFlags(**kw)
     r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding))

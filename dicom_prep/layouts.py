@@ -1,6 +1,8 @@
-"""The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
+"""The dataset layouts an export writes (image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI with label volumes), incremental, recorded item by item in the index, and completed by a rerun if killed.
 
-An export is a list of `Item`s. `write_files` links them into a folder tree (imagefolder, nnU-Net/MONAI), `write_shards` packs them into WebDataset tar shards; both write only what changed and record each item in `export_items` before writing it. `dicom_prep.export` reads the index and drives them.
+An export is a list of `Item`s. `write_files` links them into a folder tree (imagefolder, image/mask pairs,
+nnU-Net/MONAI), `write_shards` packs them into WebDataset tar shards; both write only what changed and record each
+item in `export_items` before writing it. `dicom_prep.export` reads the index and drives them.
 
 Docs: https://dicom-prep.github.io/dicom_prep/layouts.html.md"""
 
@@ -11,13 +13,16 @@ from __future__ import annotations
 import errno, io, json, os, re, tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+import numpy as np
 import pandas as pd
+from collections import Counter
 from .core import (MAX_COMPONENT_BYTES, UnsafeOutput, atomic_path, cap_bytes, link_output, remove_output, safe_component,
                              stable_hash, temp_of, utf8_len)
 from .paths import OWNER_FILE, UnsafePath, index_path, inside
 
 # %% auto #0
-__all__ = ['IndexValueError', 'Item', 'image_items', 'write_files', 'write_shards', 'volume_items', 'dataset_json', 'sweep']
+__all__ = ['MAX_SEGMENT', 'IndexValueError', 'Item', 'image_items', 'write_files', 'write_shards', 'segment_values',
+           'segment_names', 'remap_labels', 'write_label', 'pair_items', 'volume_items', 'dataset_json', 'sweep']
 
 # %% ../nbs/12a_layouts.ipynb #2a7e12dd
 class IndexValueError(ValueError): "A value read from the index that an export refuses to use: it would write outside the export folder."
@@ -32,6 +37,7 @@ class Item:
     split: str           # train / valid / test
     sig: str             # what it was made from: changes when it must be written again
     meta: dict = field(default_factory=dict)   # metadata (webdataset's .json)
+    remap: dict|None = None  # a label file: segment id → exported value, rewritten so (None: linked as it is)
 
 _SHARD = re.compile(r'(?P<split>[^/\x00]+)-(?P<n>\d{6,})\.tar')   # a webdataset shard's name (in the export folder itself)
 
@@ -60,12 +66,16 @@ def _plan(db, out_dir, items:list[Item]) -> tuple[list[Item], list[dict], dict]:
     want = {i.item for i in items}
     return write, [r for k, r in have.items() if k not in want], have
 
+def _label_text(label):
+    "How `export_items` records a label: several (a multi-hot list) as JSON text."
+    return json.dumps(label) if isinstance(label, list) else label
+
 def _record(db, out_dir, export_id, written:list[Item], removed:list[dict], shards:dict|None=None, pending:bool=False):
     "Record what an export wrote and removed, in one transaction; `pending`: what it is about to write, with no signature (to redo if killed)."
     key = index_path(db, out_dir)
     with db.atomic():
         for r in removed: db.execute('delete from export_items where out_dir=? and item=?', [key, r['item']])
-        db['export_items'].upsert_all([dict(out_dir=key, item=i.item, source=i.source, label=i.label, split=i.split,
+        db['export_items'].upsert_all([dict(out_dir=key, item=i.item, source=i.source, label=_label_text(i.label), split=i.split,
                                             sig=None if pending else i.sig, shard=(shards or {}).get(i.item), export_id=export_id)
                                        for i in written], pk=('out_dir', 'item'))
 
@@ -79,6 +89,10 @@ def _flat(filenames) -> dict:
         if s in seen: s = f"{s}~{stable_hash(f, 8)}"
         flat[f] = seen[s] = s
     return flat
+
+def _file_sig(path, *parts) -> str:
+    "The signature of an item made from file `path` (its mtime) and `parts` (its label, split, …)."
+    return stable_hash('|'.join([str(Path(path).stat().st_mtime_ns), *map(str, parts)]), 16)
 
 def image_items(df:pd.DataFrame, # images (with `label` when labelled)
                 layout:str, # item path template: fields split, label, name
@@ -103,19 +117,21 @@ def _remove(out_dir, removed:list[dict]):
             except OSError: break                        # not empty
 
 def write_files(db, out_dir, items:list[Item], export_id:int) -> tuple[int, int]:
-    "Link each item's file into `out_dir` (only new and changed ones); returns (written, removed). Killed anywhere, a rerun completes it."
+    "Link each item's file into `out_dir` (a label file to remap: rewritten) (only new and changed ones); returns (written, removed). Killed anywhere, a rerun completes it."
     write, removed, _ = _plan(db, out_dir, items)
     _no_symlinks(Path(out_dir), [i.item for i in write] + [r['item'] for r in removed])
     _record(db, out_dir, export_id, write, [], pending=True)       # first: every file this export may leave is in the record
     _remove(out_dir, removed)
-    for i in write: link_output(i.path, Path(out_dir)/i.item, out_dir)      # no symlink in `out_dir` is followed
+    for i in write:                                                   # no symlink in `out_dir` is followed
+        if i.remap: write_label(i, Path(out_dir))
+        else: link_output(i.path, Path(out_dir)/i.item, out_dir)
     _record(db, out_dir, export_id, write, removed)
     return len(write), len(removed)
 
 # %% ../nbs/12a_layouts.ipynb #b77404fa
 def _sample_json(i:Item) -> bytes:
-    "The `.json` of a webdataset sample: label, split and the image's metadata."
-    keep = {k: v for k, v in i.meta.items() if k not in ('path', 'label', 'split') and v is not None and not (isinstance(v, float) and v != v)}
+    "The `.json` of a webdataset sample: label, split and the image's metadata (not this machine's paths)."
+    keep = {k: v for k, v in i.meta.items() if k not in ('path', 'mask', 'label', 'split') and v is not None and not (isinstance(v, float) and v != v)}
     return json.dumps(dict(label=i.label, split=i.split, **keep), default=str).encode()
 
 def _write_shard(path:Path, items:list[Item]):
@@ -164,36 +180,103 @@ def write_shards(db, out_dir, items:list[Item], export_id:int, shard_size:float=
     _record(db, out_dir, export_id, samples, removed, shard_of)
     return len(write), len(removed)
 
+# %% ../nbs/12a_layouts.ipynb #c8711137
+MAX_SEGMENT = 65535   # the largest segment id: a mask PNG is 16-bit at most
+
+def segment_values(ids) -> dict[int, int]:
+    "Segment id → its exported label value: 1, 2, … in id order (labels consecutive, as nnU-Net requires)."
+    return {s: k for k, s in enumerate(sorted(ids), 1)}
+
+def _remap(values:dict|None) -> dict|None:
+    "`values` where a label file must be rewritten by it; None where every id is its own value (the file is linked)."
+    return None if values is None or all(k == v for k, v in values.items()) else values
+
+def segment_names(segments:list[dict]) -> dict[int, str]:
+    "Segment id → a name unique in the dataset: its label (its key if it has none), with the id added where two share one (or it is 'background')."
+    name = {s['id']: s['label'] or s['key'] or f"segment {s['id']}" for s in segments}
+    n = Counter(name.values())
+    return {i: s if n[s] == 1 and s != 'background' else f"{s} ({i})" for i, s in name.items()}
+
+# %% ../nbs/12a_layouts.ipynb #5bae0d65
+def remap_labels(a:np.ndarray, # a label map of segment ids (0: background)
+                 values:dict, # segment id → exported value (`segment_values`)
+                 what:str, # the file it came from, named in a refusal
+                ) -> np.ndarray:
+    "`a` with each segment id replaced by its value, as uint8 (uint16 past 255); `IndexValueError` naming `what` for a value that is no segment."
+    if a.dtype.kind not in 'ui': raise IndexValueError(f"{what}: a label map holds integers, not {a.dtype}")
+    lut = np.zeros(max(values, default=0) + 1, np.uint8 if max(values.values(), default=0) < 256 else np.uint16)
+    known = np.zeros(len(lut), bool); known[0] = True
+    for k, v in values.items(): lut[k], known[k] = v, True
+    if a.size and (a.min() < 0 or a.max() >= len(lut) or not known[a].all()):
+        wrong = sorted(set(np.unique(a).tolist()) - {0, *values})
+        raise IndexValueError(f"{what}: label values {wrong[:5]} are no segment of the index (its segments: {sorted(values)[:10]})")
+    return lut[a]
+
+def write_label(i:Item, # a label file to rewrite (`i.remap`)
+                out_dir:Path, # the export folder
+               ):
+    "Write label file `i` into `out_dir` with its segment ids replaced by their values: a PNG mask or a NIfTI label volume."
+    dest = out_dir/i.item
+    if i.item.endswith('.png'):
+        from PIL import Image
+        with Image.open(i.path) as im: a = remap_labels(np.asarray(im), i.remap, str(i.path))
+        with atomic_path(dest, out_dir) as tmp: Image.fromarray(a).save(tmp, format='PNG')
+        return
+    import nibabel as nib
+    from dicom_prep.niftiwrite import gzip_bytes
+    img = nib.load(i.path)
+    a = remap_labels(np.asanyarray(img.dataobj), i.remap, str(i.path))
+    header = img.header.copy(); header.set_data_dtype(a.dtype)
+    with atomic_path(dest, out_dir) as tmp: tmp.write_bytes(gzip_bytes(nib.Nifti1Image(a, img.affine, header).to_bytes()))
+
+# %% ../nbs/12a_layouts.ipynb #d751e9b1
+def pair_items(df:pd.DataFrame, # images with a mask, its absolute path in `mask`
+               values:dict, # segment id → exported value (`segment_values`)
+              ) -> list[Item]:
+    "Export items of the `segmentation` format: each image at `{split}/images/{name}.png`, its mask at `{split}/masks/{name}.png`."
+    images, remap = image_items(df, '{split}/images/{name}.png'), _remap(values)
+    return images + [Item(f"{i.split}/masks/{Path(i.item).name}", i.source, Path(i.meta['mask']), None, i.split,
+                          _file_sig(i.meta['mask'], json.dumps(values), i.split), i.meta, remap) for i in images]
+
 # %% ../nbs/12a_layouts.ipynb #72001101
-def volume_items(df:pd.DataFrame) -> list[Item]:
-    "Export items of converted volumes: `imagesTr/` or `imagesTs/{case}_0000.nii.gz`."
-    case = _flat(df['output_name'])
-    lab = 'label' in df
-    return [Item(f"{'imagesTs' if r['split'] == 'test' else 'imagesTr'}/{case[r['output_name']]}_0000.nii.gz", r['id'],
-                 Path(r['path']), r['label'] if lab else None, r['split'],
-                 stable_hash(f"{Path(r['path']).stat().st_mtime_ns}|{r['label'] if lab else ''}|{r['split']}", 16), r)
-            for r in df.to_dict('records')]
+def volume_items(df:pd.DataFrame, # converted volumes (segmenting: each with its label volume's absolute `label_path`)
+                 values:dict|None=None, # segmenting: segment id → exported value (`segment_values`); None: no label volumes
+                ) -> list[Item]:
+    "Export items of converted volumes: `imagesTr/` or `imagesTs/{case}_0000.nii.gz`; segmenting, each label volume too (`labelsTr/` or `labelsTs/{case}.nii.gz`)."
+    case, lab, remap = _flat(df['output_name']), 'label' in df, _remap(values)
+    items = []
+    for r in df.to_dict('records'):
+        tr, c = 'Ts' if r['split'] == 'test' else 'Tr', case[r['output_name']]
+        label = f"./labels{tr}/{c}.nii.gz" if values is not None else r['label'] if lab else None
+        items.append(Item(f"images{tr}/{c}_0000.nii.gz", r['id'], Path(r['path']), label, r['split'],
+                          _file_sig(r['path'], label if values is not None or lab else '', r['split']), r))
+        if values is not None: items.append(Item(label[2:], r['id'], Path(r['label_path']), None, r['split'],
+                                                 _file_sig(r['label_path'], json.dumps(values), r['split']), r, remap))
+    return items
 
 # %% ../nbs/12a_layouts.ipynb #c06b7722
 def dataset_json(items:list[Item], # the volume items
                  fmt:str, # 'nnunet' or 'monai'
                  name:str='dicom_prep', # dataset name
+                 labels:dict|None=None, # label name → value (segmenting: 'background' 0 first) [default: the items' labels, in order]
                 ) -> dict:
     "The `dataset.json` of a volume export."
+    images = [i for i in items if i.item.startswith('images')]
     entry = lambda i: dict(image=f"./{i.item}", **({'label': i.label} if i.label is not None else {}))
-    lists = {k: [entry(i) for i in items if i.split == s] for k, s in (('training', 'train'), ('validation', 'valid'), ('test', 'test'))}
-    modalities = sorted({i.meta.get('modality') or 'image' for i in items}) or ['image']
-    labels = sorted({str(i.label) for i in items if i.label is not None})
+    lists = {k: [entry(i) for i in images if i.split == s] for k, s in (('training', 'train'), ('validation', 'valid'), ('test', 'test'))}
+    modalities = sorted({i.meta.get('modality') or 'image' for i in images}) or ['image']
+    if labels is None:
+        found = sorted({str(i.label) for i in images if i.label is not None})
+        labels = {'background': 0, **{l: k + 1 for k, l in enumerate(found)}} if fmt == 'nnunet' else {l: k for k, l in enumerate(found)}
     n_train = len(lists['training']) + len(lists['validation'])
     if fmt == 'nnunet':
-        return dict(name=name, channel_names={str(k): m for k, m in enumerate(modalities)},
-                    labels={'background': 0, **{l: k + 1 for k, l in enumerate(labels)}}, numTraining=n_train,
+        return dict(name=name, channel_names={str(k): m for k, m in enumerate(modalities)}, labels=labels, numTraining=n_train,
                     file_ending='.nii.gz', **lists)
-    return dict(name=name, modality={str(k): m for k, m in enumerate(modalities)}, labels={str(k): l for k, l in enumerate(labels)},
+    return dict(name=name, modality={str(k): m for k, m in enumerate(modalities)}, labels={str(v): l for l, v in labels.items()},
                 numTraining=n_train, numTest=len(lists['test']), **lists)
 
 # %% ../nbs/12a_layouts.ipynb #82544f14
-_BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json', OWNER_FILE)   # what an export writes beside its items
+_BESIDE = ('manifest.csv', 'manifest.parquet', 'labels_report.json', 'dataset.json', 'segments.json', OWNER_FILE)   # what an export writes beside its items
 
 def sweep(db, # the index
           out_dir:Path, # an export folder

@@ -37,3 +37,45 @@ def source_file(out, rel:str, kind:str='preprocess') -> Path:
     "The source file that a run's index records as `rel` (source paths are stored relative to the recorded source root)."
     [(root,)] = query(out, 'select value from meta where key = ?', [f'{kind}_source_root'])
     return Path(json.loads(root))/rel
+
+
+# ---------------------------------------------------------------------------------------------------- stand-in for the masks stage
+
+STAND_IN_SEGMENTS = {2: 'liver', 5: 'tumour', 300: 'vessel'}   # segment id -> label: gaps on purpose, and one past 255
+_name = lambda i: STAND_IN_SEGMENTS.get(i, f'organ {i}')
+
+
+def stand_in_masks(out, kind:str='preprocess', ids=(2, 5), skip:int=3, seed:int=0) -> dict:
+    """STAND-IN FOR THE MASKS STAGE (issue 23 item 2): annotate a preprocess or NIfTI run's output `out` exactly as
+    schema 7 says that stage does, with the gaps in segment ids and the sizes the tests need and no SEG/RTSTRUCT to
+    make. Swap a call for the real stage (a run over SEG/RTSTRUCT files) where real data serves; the assertions stay.
+
+    - preprocess: a mask PNG `masks/<filename>.png` (relative to the output folder) of the image PNG's size, mode 'L',
+      or 'I;16' when a segment id > 255, in `images.mask_path`;
+    - nifti: a label volume `<volume>_seg.nii.gz` beside each volume, on its first 3 dims and its affine, in `volumes.seg_path`;
+    - the segments `ids` in `segments` (labels from `STAND_IN_SEGMENTS`).
+    Every `skip`-th image or volume is left without a mask. Returns {filename or volume id: the label map written}."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+    rng, out, written = np.random.default_rng(seed), Path(out), {}
+    with closing(sqlite3.connect(db_path(out))) as c, c:
+        c.executemany("insert into segments (id, key, label, category, type, colour, added_at) values (?, ?, ?, 'T-D0050', 'T-62000', '#ff0000', 'now')",
+                      [(i, f'{_name(i)}|SCT', _name(i)) for i in ids])
+        table, key, col = ('images', 'filename', 'thumbnail_path') if kind == 'preprocess' else ('volumes', 'id', 'output_path')
+        rows = c.execute(f"select {key}, {col} from {table} where {col} is not null order by {key}").fetchall()
+        for k, (name, rel) in enumerate(rows):
+            if k % skip == 0: continue
+            if kind == 'preprocess':
+                with Image.open(out/rel) as im: shape = im.size[::-1]
+                mask_rel, img = f'masks/{name}.png', None
+            else:
+                img = nib.load(out/rel); shape = img.shape[:3]
+                mask_rel = rel.removesuffix('.nii.gz') + '_seg.nii.gz'
+            a = rng.choice(np.array([0, *ids], np.uint16 if max(ids) > 255 else np.uint8), size=shape)
+            (out/mask_rel).parent.mkdir(parents=True, exist_ok=True)
+            if img is None: Image.fromarray(a).save(out/mask_rel)
+            else: nib.save(nib.Nifti1Image(a, img.affine), out/mask_rel)
+            c.execute(f"update {table} set {'mask_path' if img is None else 'seg_path'} = ? where {key} = ?", [mask_rel, name])
+            written[name] = a
+    return written
