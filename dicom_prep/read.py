@@ -27,7 +27,7 @@ from .tags import QuickFileMeta, quick
 
 # %% auto #0
 __all__ = ['HEADER_BYTES', 'SMALL_FILE', 'META_BYTES', 'OBJECT_KINDS', 'MODALITY_KINDS', 'NON_IMAGE_KINDS', 'DicomReadError',
-           'read_dicom', 'file_meta_bytes', 'has_pixels', 'cut_short', 'object_kind', 'InflatingReader',
+           'read_dicom', 'file_meta_bytes', 'has_pixels', 'cut_short', 'object_kind', 'kinds_note', 'InflatingReader',
            'read_deflated']
 
 # %% ../nbs/02d_read.ipynb #d217b564
@@ -224,6 +224,15 @@ def object_kind(ds, # a dataset (its header is enough)
     try: modality = str(ds.get('Modality') or '').strip().upper()
     except Exception: modality = ''
     return MODALITY_KINDS.get(modality, 'image')
+
+# %% ../nbs/02d_read.ipynb #22387eae
+def kinds_note(counts:list, # `(kind, how many)` pairs
+               what:str='images', # what they did not become
+              ) -> list[str]:
+    "The summary line counting non-image objects by kind, e.g. '3 non-image objects indexed, not images: 2 seg, 1 rtstruct'; none without any."
+    counts = sorted(((k or 'unknown', n) for k, n in counts if n), key=lambda kn: (-kn[1], kn[0]))
+    if not (total := sum(n for _, n in counts)): return []
+    return [f"{total:,} non-image object{'s' * (total > 1)} indexed, not {what}: " + ', '.join(f"{n:,} {k}" for k, n in counts)]
 
 # %% ../nbs/02d_read.ipynb #5c8eeb8d
 class InflatingReader:
