@@ -2,6 +2,7 @@
 
 Modules:
 
+- `dicom_prep.annotations`: What DICOM SEG and RTSTRUCT files declare (segments, references, frame of reference), and the image planes they land on.
 - `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.dask_backend`: Beyond one machine: the same `preprocess` and `nifti` runs, with the per-file work spread over a `dask.distributed` cluster (a LocalCluster, Slurm/PBS through dask-jobqueue, Kubernetes, Coiled): the Dask backend of `parallel`'s driver loop.
@@ -9,7 +10,10 @@ Modules:
 - `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
+- `dicom_prep.labelvolumes`: Label maps beside NIfTI volumes: each converted volume with annotations gets `<volume>_seg.nii.gz`, on exactly its grid and affine.
 - `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, nnU-Net/MONAI), incremental, recorded item by item in the index, and completed by a rerun if killed.
+- `dicom_prep.masks`: SEG and RTSTRUCT → label maps on the exact grid of their images and volumes, with a verdict for every part left out.
+- `dicom_prep.maskstage`: The masks stage both pipelines end with: annotations read once, segments numbered for good, and each image or volume's masks remade only when what they are made of changed.
 - `dicom_prep.metadata`: The metadata columns of an image row: the tags training sets are filtered on, `--tags` and `--all-tags`, as JSON values; under `--pseudonymize` only what the positive list keeps.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.

@@ -173,7 +173,8 @@ def _create_v7(db):
     db['segments'].create(dict(id=int, key=str, label=str, category=str, type=str, colour=str, added_at=str), pk='id', if_not_exists=True)
     db['segments'].create_index(['key'], unique=True, if_not_exists=True)
     db['annotations'].create(dict(pipeline=str, path=str, kind=str, study_id=str, size=int, mtime_ns=int, sop_uid=str, series_uid=str,
-        frame_of_reference=str, references=str, segments=str, status=str, reason=str, read_at=str), pk=('pipeline', 'path'), if_not_exists=True)
+        frame_of_reference=str, record=str, status=str, reason=str, read_at=str), pk=('pipeline', 'path'), if_not_exists=True)
+    for col in ('sop_uid', 'series_uid', 'frame_of_reference'): db['images'].create_index([col], if_not_exists=True)
     db['mask_targets'].create(dict(pipeline=str, target=str, sig=str, status=str, reason=str, n_masks=int, made_at=str, run_id=int), pk=('pipeline', 'target'), if_not_exists=True)
     db['mask_matches'].create(dict(pipeline=str, target=str, annotation=str, verdict=str, segments=str, n_planes=int, reason=str),
                               pk=('pipeline', 'target', 'annotation', 'verdict'), if_not_exists=True)

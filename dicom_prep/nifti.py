@@ -20,8 +20,10 @@ from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta
 from .privacy import PHI_KEYS, Deidentify, deidentify_flags, pseudonym, replace_rows, without_paths
 from .paths import inside
 from .parallel import TaskFailure
-from .options import RunOptions, UsageError, derived, flag
+from .options import MaskOptions, RunOptions, UsageError, derived, flag
 from .run import Diff, Run, RunOutcome, open_run, summary_block
+from .maskstage import make_masks
+from .labelvolumes import VOLUME_TARGETS
 from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .read import kinds_note
@@ -282,8 +284,8 @@ def _check_template(template:str, pseudonymised:bool=False):
         raise UsageError(f"--name-template: {', '.join(free)} is free text, which --pseudonymize keeps out of names (e.g. {PSEUDONYMOUS_TEMPLATE})")
 
 @dataclass(frozen=True)
-class NiftiOptions(RunOptions):
-    "Every option of a `dicom_to_nifti` run: the run's (`RunOptions`), the analysis and the names."
+class NiftiOptions(MaskOptions, RunOptions):
+    "Every option of a `dicom_to_nifti` run: the run's (`RunOptions`), the masks' (`MaskOptions`), the analysis and the names."
     batch_size: int = flag(30, 'run control')  # Volumes per database commit
     analysis_only: bool = flag(False, 'run control')  # Stop after the analysis (the volumes table); convert nothing
     reanalyze: bool = flag(False, 'run control')  # Re-read every header and redo the analysis even if no file changed
@@ -339,7 +341,7 @@ def _drop_unusable(run:Run):
         run.db.execute("delete from volumes where verdict = 'not_image'")     # an annotation an older version took for a volume
 
 ANALYSIS_SETTINGS = {'spacing_tol', 'philips_scaling', 'resample'}   # settings whose change means analysing again
-SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None)   # what databases made before these settings existed used
+SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None, overlap='last', seg_threshold=0.5)   # what databases made before these settings existed used
 
 def _reanalyse(run:Run, o:NiftiOptions) -> bool: return o.reanalyze or bool(ANALYSIS_SETTINGS & run.pending)   # every header and series again
 
@@ -399,7 +401,9 @@ def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively
     with open_run('nifti', o, temp_dirs=('nifti',), should_stop=should_stop, defaults=SETTING_DEFAULTS) as run:
         h = _refresh(run, o)
         verdicts = _analyse(run, h, o)
-        return _finish(run, o, h, verdicts, _convert(run, h, o))
+        counts = _convert(run, h, o)
+        if not run.stop() and not o.analysis_only: make_masks(run, VOLUME_TARGETS, o)
+        return _finish(run, o, h, verdicts, counts)
 
 # %% ../nbs/11_nifti.ipynb #fbc3fd57
 EXAMPLE = "dicom_prep_nifti --dicom-dir scans --output-dir prepared --sidecar --workers 8"

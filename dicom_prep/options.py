@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 
 # %% auto #0
-__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'UsageError', 'flag', 'derived', 'deprecated',
-           'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window', 'ImageOptions']
+__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'UsageError', 'flag',
+           'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
+           'ImageOptions', 'MaskOptions']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -220,3 +221,17 @@ class ImageOptions(Options):
         except ValueError as e: raise UsageError(str(e)) from None
         if isinstance(self.tags, str) or self.tags is None: self._set(tags=tuple(t.strip() for t in (self.tags or '').split(',') if t.strip()))
 
+
+# %% ../nbs/01b_options.ipynb #e8cec57c
+OVERLAP_POLICIES = ('error', 'first', 'last')   # what a pixel two segments claim gets (see `masks.Canvas`)
+
+@dataclass(frozen=True)
+class MaskOptions(Options):
+    "How the annotations of a tree become label maps beside its images and volumes."
+    overlap: str = flag('last', 'image', guard=True)  # Where two segments claim a pixel: 'first' or 'last' in painting order keeps it; 'error' writes no mask for that image or volume
+    seg_threshold: float = flag(0.5, 'image', guard=True)  # A fractional SEG's pixel belongs to its segment from this fraction on
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.overlap not in OVERLAP_POLICIES: raise UsageError(f"--overlap must be one of {', '.join(OVERLAP_POLICIES)}, not {self.overlap!r}")
+        if not 0 < self.seg_threshold <= 1: raise UsageError(f"--seg-threshold must be in (0, 1], not {self.seg_threshold}")

@@ -29,7 +29,8 @@ from .core import env_error
 from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
 from .parallel import TaskFailure
 from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
-from .options import ImageOptions, RunOptions, UsageError, derived, flag, renamed
+from .options import ImageOptions, MaskOptions, RunOptions, UsageError, derived, flag, renamed
+from .maskstage import IMAGE_TARGETS, MASK_DIR, make_masks
 from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
 from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_up
 
@@ -349,8 +350,8 @@ def _work(task:FileTask, opts:ImageOptions, root, output_dir) -> FileResult:
 
 # %% ../nbs/07_preprocess.ipynb #46ba3f10
 @dataclass(frozen=True)
-class PreprocessOptions(ImageOptions, RunOptions):
-    "Every option of a `preprocess` run: the image worker's (`ImageOptions`), the run's (`RunOptions`), and what to redo."
+class PreprocessOptions(ImageOptions, MaskOptions, RunOptions):
+    "Every option of a `preprocess` run: the image worker's (`ImageOptions`), the masks' (`MaskOptions`), the run's (`RunOptions`), and what to redo."
     splits: str = flag('80/10/10', 'output', guard=True)  # Split fractions train/valid/test, or name:frac,name:frac
     retry_failed: bool = flag(False, 'run control')  # Retry files that failed in earlier runs
     verify: bool = flag(False, 'run control')  # Check every recorded image exists and decodes; redo those that don't
@@ -405,7 +406,7 @@ def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
                       partial(write_batch, output_dir=run.output_dir, run_id=run.run_id, fractions=opts.fractions, key=run.key), opts.batch_size,
                       total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal)
 
-SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None)   # settings added later: an older DB was made with these
+SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None, overlap='last', seg_threshold=0.5)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
 @delegates(PreprocessOptions, but=['key', 'deidentify'])   # set by the run, not by a caller
@@ -418,9 +419,11 @@ def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
               ) -> RunResult:
     "Process every DICOM under `dicom_dir` into PNGs under `output_dir` indexed in `db_path`."
     opts = PreprocessOptions.make(options, dicom_dir=dicom_dir, output_dir=output_dir, db_path=db_path, **kwargs)
-    with open_run('preprocess', opts, temp_dirs=('images',), defaults=SETTING_DEFAULTS) as run:
+    with open_run('preprocess', opts, temp_dirs=('images', MASK_DIR), defaults=SETTING_DEFAULTS) as run:
         plan = _discover(run, opts)
-        return _finish(run, plan, _process(run, plan, replace(opts, key=run.key)))
+        n = _process(run, plan, replace(opts, key=run.key))
+        if not run.stop(): make_masks(run, IMAGE_TARGETS, opts)
+        return _finish(run, plan, n)
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007
 @dataclass(frozen=True)
