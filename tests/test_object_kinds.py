@@ -9,7 +9,7 @@ import pytest
 
 from conftest import console_script, ro
 from dicom_prep.read import object_kind
-from dicom_prep.sources import sample_file, sample_files
+from dicom_prep.sources import find_dicoms, sample_file, sample_files
 from dicom_prep.synth import synth_series
 from dicom_prep.volumes import VOLUME_KINDS
 
@@ -21,6 +21,11 @@ def _header(path) -> pydicom.Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
+def _kinds(tree) -> dict:
+    "Each DICOM file of `tree` (relative path) → what pydicom's reading of its header says it holds."
+    return {str(p.relative_to(tree)): object_kind(_header(p)) for p, _ in find_dicoms(tree)}
 
 
 @pytest.fixture(scope='module')
@@ -49,7 +54,7 @@ def nifti_run(tree, tmp_path_factory):
 def test_no_volume_from_a_non_image_object(tree, nifti_run):
     "Every SEG, RTSTRUCT, RTPLAN and SR keeps its header record with its kind, and is in no volume; each volume is made of images or a dose grid."
     out, r = nifti_run
-    kinds = {str(p.relative_to(tree)): object_kind(_header(p)) for p in tree.rglob('*.dcm')}
+    kinds = _kinds(tree)
     others = {p for p, k in kinds.items() if k not in VOLUME_KINDS}
     assert {Path(p).name for p in others} >= {'liver_1frame.dcm', 'rtstruct.dcm', 'rtplan.dcm', 'test-SR.dcm'}
     if (SHARED/'seg_highdicom').is_dir(): assert {kinds['highdicom/seg_image_ct_binary.dcm'], kinds['highdicom/sr_document.dcm']} == {'seg', 'sr'}
@@ -110,3 +115,19 @@ def test_an_index_of_the_previous_version_is_set_right(tmp_path, monkeypatch):
     assert not any((tmp_path/'old'/p).exists() for p in old_segs)
     again = dicom_to_nifti(src, tmp_path/'old', n_workers=0, quiet=True)
     assert next(t.n for t in again.timers if t.name == 'Headers') == 0 and rows(tmp_path/'old') == rows(tmp_path/'clean')
+
+
+def test_preprocess_makes_no_image_of_a_non_image_object(tree, tmp_path):
+    "`dicom_prep_preprocess` on the same tree: each non-image object is in `files` with its kind and status not_image, and has no image row or PNG; the CT, CR and DX images do, with their frame of reference."
+    r = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(tree), '--output-dir', str(tmp_path), '--workers', '2'],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    conn = ro(tmp_path)
+    files = {p: (s, k) for p, s, k in conn.execute('select path, status, kind from files')}
+    kinds = _kinds(tree)
+    assert {p: files[p] for p, k in kinds.items() if k != 'image'} == {p: ('not_image', k) for p, k in kinds.items() if k != 'image'}
+    imaged = {p: f for p, f in conn.execute('select source_path, frame_of_reference from images')}
+    assert set(imaged) == {p for p, k in kinds.items() if k == 'image'} and all(files[p] == ('ok', 'image') for p in imaged)
+    assert all(f == _header(tree/p).get('FrameOfReferenceUID') for p, f in imaged.items())
+    n = sum(k != 'image' for k in kinds.values())
+    assert f"{n} non-image objects indexed, not images:" in r.stdout
