@@ -1,7 +1,7 @@
 """The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per
 source file out. Parallel, idempotent, resumable after any crash.
 
-`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's.
+`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's. A file that is not an image (a SEG, an RT object, a report) is indexed with its kind and never windowed.
 
 Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 

@@ -2,7 +2,7 @@
 
 `read_dicom` reads a file with pydicom and turns every way it can fail into a `DicomReadError` naming the file and
 the reason. A file cut short in its header fails instead of reading as less, a deflated dataset is inflated under a
-size cap, and every dataset comes back as a `QuickDataset`.
+size cap, and every dataset comes back as a `QuickDataset`. `object_kind` names what a file holds: an image, or a SEG, a structure set, a dose grid, a report...
 
 Docs: https://dicom-prep.github.io/dicom_prep/read.html.md"""
 
