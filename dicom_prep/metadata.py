@@ -159,9 +159,10 @@ def file_ids(ds, # the file's dataset
     row = dict(study_id=study_id, patient_id=tag_text(ds, 'PatientID'), study_uid=tag_text(ds, 'StudyInstanceUID'),
                series_uid=tag_text(ds, 'SeriesInstanceUID'), sop_uid=tag_text(ds, 'SOPInstanceUID'), modality=tag_text(ds, 'Modality'),
                num_frames=n, rows=rows, columns=cols, mosaic=tiles, photometric=tag_text(ds, 'PhotometricInterpretation'),
-               source_path=src, burned_in=tag_text(ds, 'BurnedInAnnotation'))
+               source_path=src, burned_in=tag_text(ds, 'BurnedInAnnotation'), frame_of_reference=tag_text(ds, 'FrameOfReferenceUID'))
     if key:
         row |= {k: pseudonym(row[k], key, p) for k, p in PHI_KEYS.items()} | dict(source_path=source_id(src, key))
+        row['frame_of_reference'] = pseudonym(row['frame_of_reference'], key)      # keyed like the other UIDs: matches still join
         row |= {c: row[c] if Deidentify().keeps(kw, row[c], element_vr(ds, kw)) else None for c, kw in _TEXT_IDS.items()}   # a name in them: dropped
     return row
 

@@ -26,7 +26,8 @@ from .maskstage import make_masks
 from .labelvolumes import VOLUME_TARGETS
 from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
-from .volumes import PHILIPS_SCALINGS, SPACING_TOL, analyze_volume, group_volumes
+from .read import kinds_note
+from .volumes import PHILIPS_SCALINGS, SPACING_TOL, VOLUME_KINDS, analyze_volume, group_volumes
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
@@ -47,7 +48,7 @@ def pseudonymous_record(r:FileRecord, # a header record (from the private state)
     "What a pseudonymised index may say of `r`: its identifiers keyed as `preprocess` keys them, its series keyed, no description."
     return replace(r, series_uid=_series_key(r, key), study_uid=pseudonym(r.study_uid or None, key),
                    patient_id=pseudonym(r.patient_id or None, key, PHI_KEYS['patient_id']), study_id=pseudonym(r.study_uid, key, 'study_'),
-                   series_description='', protocol_name='')
+                   series_description='', protocol_name='', frame_of_reference=pseudonym(r.frame_of_reference or None, key) or '')
 
 def _header_row(item:Found, res, key:str|None=None) -> dict:
     "The `nifti_headers` row for a `read_headers` result (or a worker failure)."
@@ -56,6 +57,7 @@ def _header_row(item:Found, res, key:str|None=None) -> dict:
                 record=None if error else res.to_json(), series_key=None if error else _series_key(res, key))
 
 HEADER_TIMEOUT = 300   # seconds; a header read that takes longer is a hung worker (the file is recorded as failed)
+_KINDLESS = "k.record is not null and json_extract(k.record, '$.object_kind') is null"   # a record cached before object kinds: read again
 
 # %% ../nbs/11_nifti.ipynb #853990b2
 def _write_headers(db, batch, key=None):
@@ -71,8 +73,8 @@ def _header_status(res) -> str:
     return 'headers_unreadable' if isinstance(res, TaskFailure) or res.error else 'headers_read'
 
 def _plan_headers(run:Run, reanalyze:bool) -> tuple[Diff, int]:
-    "The files whose header must be read (`Run.diff`); forget vanished ones, note their series in `nifti_touched`; returns (the diff, gone)."
-    db, changes = run.db, run.diff('nifti_headers', ':all', all=reanalyze)
+    "The files whose header must be read (`Run.diff`: new, changed, or cached without an object kind by an older version); forget vanished ones, note their series in `nifti_touched`; returns (the diff, gone)."
+    db, changes = run.db, run.diff('nifti_headers', f":all or ({_KINDLESS})", all=reanalyze)
     vanished = f"from nifti_headers h where {run.vanished('h')}"
     with db.atomic():
         db.execute(f"insert or ignore into nifti_touched select h.series_key from nifti_headers h where {run.planned('h')} and h.series_key is not null")
@@ -142,10 +144,17 @@ def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philip
         prev = old.get(row['id'], {})
         name = prev.get('output_name') or (unique_name(render_name(template, row), taken) if row['verdict'] == 'ok' else None)
         rows.append({**row, 'output_name': name, **_state_after_analysis(row, prev)}); files += fs
-    return rows, files, sorted(set(old) - {r['id'] for r in rows})
+    return rows, files, *_gone_or_no_volume(db, sorted(set(old) - {r['id'] for r in rows}), records)
 
-def _store(db, keys:list, rows:list, files:list, gone:list):
-    "Replace the analysis of series `keys` by `rows` and `files` in one transaction, marking `gone` volumes."
+def _gone_or_no_volume(db, ids:list, records:list) -> tuple[list, list]:
+    "(gone, not volumes) of the volume `ids` a series no longer makes: those made only of files of no `VOLUME_KINDS` (an older version took a SEG for a volume) are no volume."
+    others = {r.path for r in records if r.object_kind not in VOLUME_KINDS}
+    made_of = lambda vid: {p for (p,) in db.execute('select path from volume_files where volume_id = ?', [vid])}
+    no_volume = [v for v in ids if others and (paths := made_of(v)) and paths <= others]
+    return [v for v in ids if v not in no_volume], no_volume
+
+def _store(db, keys:list, rows:list, files:list, gone:list, not_volumes:list):
+    "Replace the analysis of series `keys` by `rows` and `files` in one transaction, marking `gone` volumes and those that are `not_volumes` (`_drop_unusable` removes them)."
     with db.atomic():
         for k in keys: db.execute('delete from volume_files where volume_id in (select id from volumes where series_uid = ?)', [k])
         _upsert(db, 'volumes', rows)
@@ -153,6 +162,8 @@ def _store(db, keys:list, rows:list, files:list, gone:list):
         for batch in batched(gone, 500):
             db.execute(f"update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder' "
                        f"where id in ({','.join('?'*len(batch))})", batch)
+        for batch in batched(not_volumes, 500):
+            db.execute(f"update volumes set verdict='not_image', status='skipped' where id in ({','.join('?'*len(batch))})", batch)
 
 # %% ../nbs/11_nifti.ipynb #bef349ba
 def store_analysis(db, # the open database
@@ -171,11 +182,10 @@ def store_analysis(db, # the open database
         db.execute(f"delete from volume_files where volume_id in (select id from volumes where {vanished})")
         db.execute(f"""update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder'
             where verdict != 'gone' and {vanished}""")
-    keys, taken, pending = _series_order(db, series), TakenNames(db), ([], [], [], [])
+    keys, taken, pending = _series_order(db, series), TakenNames(db), ([], [], [], [], [])
     for k in keys:
-        rows, files, gone = _analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample, key)
-        for acc, part in zip(pending, ([k], rows, files, gone)): acc += part
-        if len(pending[2]) >= batch_files: _store(db, *pending); pending, taken.new = ([], [], [], []), set()
+        for acc, part in zip(pending, ([k], *_analyse_series(db, k, taken, template, spacing_tol, philips_scaling, resample, key))): acc += part
+        if len(pending[2]) >= batch_files: _store(db, *pending); pending, taken.new = ([], [], [], [], []), set()
     _store(db, *pending)
     db.execute('delete from nifti_touched')     # every changed series is analysed now
     return len(keys)
@@ -323,10 +333,12 @@ def _forget_names(run:Run):
 
 # %% ../nbs/11_nifti.ipynb #524b980b
 def _drop_unusable(run:Run):
-    "Remove the files of volumes analysed no longer `ok` (a slice went missing): nothing on disk may look like a usable volume."
+    "Remove the files of volumes analysed no longer `ok` (a slice went missing), and the rows of those that are no volume: nothing on disk may look like a usable volume."
     unusable = "verdict not in ('ok', 'gone')"
     _remove_outputs(run, unusable)
-    with run.db.atomic(): run.db.execute(f"update volumes set output_path = null, sidecar_path = null where output_path is not null and {unusable}")
+    with run.db.atomic():
+        run.db.execute(f"update volumes set output_path = null, sidecar_path = null where output_path is not null and {unusable}")
+        run.db.execute("delete from volumes where verdict = 'not_image'")     # an annotation an older version took for a volume
 
 ANALYSIS_SETTINGS = {'spacing_tol', 'philips_scaling', 'resample'}   # settings whose change means analysing again
 SETTING_DEFAULTS = dict(philips_scaling='display', resample=False, pseudonymize=False, deidentify=None, overlap='last', seg_threshold=0.5)   # what databases made before these settings existed used
@@ -371,6 +383,8 @@ def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> Nift
     if h['pending']: run.finish(h['read'], h['read'] + h['pending'], 'headers', n_files=h['read'])
     else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
     if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
+    kind, kinds = "json_extract(record, '$.object_kind')", ', '.join(repr(k) for k in VOLUME_KINDS)
+    run.notes += kinds_note(run.db.execute(f"select {kind}, count(*) from nifti_headers where {kind} not in ({kinds}) group by 1").fetchall(), 'volumes')
     return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
 
 @delegates(NiftiOptions)

@@ -1,7 +1,7 @@
 """The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per
 source file out. Parallel, idempotent, resumable after any crash.
 
-`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's.
+`process_dicom` is the per-file worker (one read, one decode per frame, one PNG per frame); `plan_run` decides from the `files` table what a rerun must do; `preprocess` runs it all on the run skeleton, and `dicom_prep_preprocess` is its console script. The image rows' metadata columns are the `metadata` room's. A file that is not an image (a SEG, an RT object, a report) is indexed with its kind and never windowed.
 
 Docs: https://dicom-prep.github.io/dicom_prep/preprocess.html.md"""
 
@@ -20,10 +20,10 @@ from PIL import Image
 from .core import folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .sources import Found
 from .guards import check_size, CodestreamMismatch, TooLargeError
-from .read import read_dicom, DicomReadError, has_pixels
+from .read import read_dicom, DicomReadError, has_pixels, kinds_note, object_kind
 from .tags import values_unvalidated
 from .pixels import frame_image, frame_image16, image_count, save_png, PixelDecodeError
-from .db import get_meta, parse_splits, assign_split, now, FAILED
+from .db import get_meta, parse_splits, assign_split, now, FAILED, FINAL_OK
 from .paths import inside
 from .core import env_error
 from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
@@ -43,18 +43,21 @@ __all__ = ['PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'FileResult', 'process_
 # %% ../nbs/07_preprocess.ipynb #3911538e
 @dataclass
 class FileResult:
-    "What processing one source file produced: its status, error text and one dict per frame."
+    "What processing one source file produced: its status, error text, object kind and one dict per frame."
     path: str
     status: str
     error: str|None = None
     n_frames: int = 0
     frames: list = field(default_factory=list)
+    kind: str|None = None   # what it holds (`read.object_kind`); None when it could not be read
 
 def _open_checked(path, max_pixels, res:FileResult):
-    "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream), or `res` failed with the reason."
+    "The dataset at `path`, its sizes checked (header, codestreams, a deflated stream); else `res`: failed with the reason, or not an image."
     try: ds = read_dicom(path, max_pixels=max_pixels)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
     except DicomReadError as e: return _fail(res, 'unreadable', e.reason)
+    res.kind = object_kind(ds)
+    if res.kind != 'image': res.status = 'not_image'; return res        # a SEG, a dose grid, a report: never a training image
     if not has_pixels(ds): res.status = 'no_pixels'; return res          # `read_dicom` failed a file cut short in its header
     try: check_size(ds, max_pixels); res.n_frames = image_count(ds)
     except TooLargeError as e: return _fail(res, 'too_large', str(e))
@@ -131,6 +134,7 @@ class Plan:
     done: int = 0          # unchanged, final
     failed_kept: int = 0   # failed earlier, not retried
     gone: int = 0          # recorded files missing from disk
+    unkinded: int = 0      # recorded by a version that kept no object kind (a SEG's frames were images): read again once
     changes: Diff|None = field(default=None, compare=False, repr=False)   # the files to process, each a `Change`
 
 def plan_run(run:Run, # the open run, after `Run.scan('files')`
@@ -138,15 +142,17 @@ def plan_run(run:Run, # the open run, after `Run.scan('files')`
              retry_failed:bool=False, # redo files that failed before
              rebuild_since:int|None=None, # files last done before this run id are redone (an unfinished --force)
             ) -> Plan:
-    "Diff the scanned tree against `files` (`Run.diff`): new and changed files, and those to redo (forced, rebuilt, failed, or in `temp.bad` by --verify)."
-    failed = ', '.join(f"'{s}'" for s in FAILED)
+    "Diff the scanned tree against `files` (`Run.diff`): new and changed files, and those to redo (forced, rebuilt, failed, in `temp.bad` by --verify, or recorded without their kind)."
+    failed, unkinded = ', '.join(f"'{s}'" for s in FAILED), f"k.kind is null and k.status in ({', '.join(repr(s) for s in FINAL_OK)})"
     run.db.execute('create temp table if not exists bad (path text primary key)')
-    redo = f":force or coalesce(k.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad) or (:retry and k.status in ({failed}))"
+    redo = (f":force or coalesce(k.run_id, 0) < coalesce(:since, -1) or s.path in (select path from temp.bad) or (:retry and k.status in ({failed}))"
+            f" or ({unkinded})")
     changes = run.diff('files', redo, force=force, since=rebuild_since, retry=retry_failed)
     found = run.n_found()
     kept = 0 if retry_failed or force else run.left('files', f"k.status in ({failed})")
     gone = run.db.execute(f"select count(*) from files f where {run.vanished('f')}").fetchone()[0]
-    return Plan(found, len(changes), found - len(changes) - kept, kept, gone, changes)
+    old = run.db.execute(f"select count(*) from files k where {unkinded} and {run.planned('k')}").fetchone()[0]
+    return Plan(found, len(changes), found - len(changes) - kept, kept, gone, old, changes)
 
 # %% ../nbs/07_preprocess.ipynb #a16052ac
 def _nocase(name:str) -> bytes: return name.encode('utf-8', 'surrogatepass').lower()   # SQLite's NOCASE: ASCII letters only
@@ -189,7 +195,7 @@ def private_name(ds, # the file's dataset
 def _file_row(res, f, study_id, run_id, stamp:str):
     "The `files` row for a processed file, committed at time `stamp`."
     return dict(path=str(f.path), study_id=study_id, size=f.size, mtime_ns=f.mtime_ns, status=res.status,
-                error=res.error, n_frames=res.n_frames, processed_at=stamp, run_id=run_id)
+                error=res.error, n_frames=res.n_frames, processed_at=stamp, run_id=run_id, kind=res.kind)
 
 def _png(output_dir, r:dict) -> Path:
     "The PNG of `images` row `r` under `output_dir/images` (`UnsafePath` unless the index's path is a plain path in it)."
@@ -306,6 +312,7 @@ def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
     if plan.gone: notes.append(f"Pruned {plan.gone:,} files gone from disk" if prune else
                                f"{plan.gone:,} recorded files are gone from disk (use --prune to forget them)")
     if n_bad: notes.append(f"--verify: {n_bad:,} files had missing or broken images and were redone")
+    if plan.unkinded: notes.append(f"{plan.unkinded:,} files indexed by an older version were read again to record what kind of object each is")
     if plan.failed_kept: notes.append(f"{plan.failed_kept:,} files failed earlier and were kept as failed (use --retry-failed)")
     return notes
 
@@ -387,6 +394,7 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     run.counts.update(skipped=plan.done, failed_kept=plan.failed_kept)
     run.finish(n, plan.todo)
     n_images = run.db.execute('select count(*) from images').fetchone()[0]
+    run.notes += kinds_note(run.db.execute("select kind, count(*) from files where status = 'not_image' group by kind").fetchall())
     t.stop()
     return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
 

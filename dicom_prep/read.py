@@ -2,7 +2,7 @@
 
 `read_dicom` reads a file with pydicom and turns every way it can fail into a `DicomReadError` naming the file and
 the reason. A file cut short in its header fails instead of reading as less, a deflated dataset is inflated under a
-size cap, and every dataset comes back as a `QuickDataset`.
+size cap, and every dataset comes back as a `QuickDataset`. `object_kind` names what a file holds: an image, or a SEG, a structure set, a dose grid, a report...
 
 Docs: https://dicom-prep.github.io/dicom_prep/read.html.md"""
 
@@ -26,8 +26,9 @@ from .guards import MAX_PIXELS, TooLargeError, check_size
 from .tags import QuickFileMeta, quick
 
 # %% auto #0
-__all__ = ['HEADER_BYTES', 'SMALL_FILE', 'META_BYTES', 'DicomReadError', 'read_dicom', 'file_meta_bytes', 'has_pixels',
-           'cut_short', 'InflatingReader', 'read_deflated']
+__all__ = ['HEADER_BYTES', 'SMALL_FILE', 'META_BYTES', 'OBJECT_KINDS', 'MODALITY_KINDS', 'NON_IMAGE_KINDS', 'DicomReadError',
+           'read_dicom', 'file_meta_bytes', 'has_pixels', 'cut_short', 'object_kind', 'kinds_note', 'InflatingReader',
+           'read_deflated']
 
 # %% ../nbs/02d_read.ipynb #d217b564
 class DicomReadError(Exception):
@@ -188,6 +189,50 @@ def _fill_transfer_syntax(ds):
         implicit, little = ds.original_encoding
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
     return ds
+
+# %% ../nbs/02d_read.ipynb #56e1328e
+_S = '1.2.840.10008.5.1.4.1.1.'   # the root of the storage SOP classes
+_RT = _S + '481.'
+OBJECT_KINDS = {   # SOP class UID, or a prefix ending in '.', → kind; the longest match wins; a standard class not listed is an image
+    _S + '9.': 'waveform', _S + '11.': 'pr', _S + '131': 'pr', _S + '88.': 'sr', _S + '88.59': 'ko', _S + '104.': 'document',
+    _S + '66': 'raw', '1.3.12.2.1107.5.9.1': 'raw', _S + '66.1': 'registration', _S + '66.2': 'registration',
+    _S + '66.3': 'registration', _S + '66.4': 'seg', _S + '66.7': 'seg',
+    _RT + '2': 'rtdose', _RT + '3': 'rtstruct', **dict.fromkeys([_RT + '5', _RT + '8', '1.2.840.10008.5.1.4.34.'], 'rtplan'),
+    **{_RT + str(n): 'rtrecord' for n in (4, 6, 7, 9, 16, 17, 18, 19, 20)},
+    **{_RT + str(n): 'rtplan' for n in (10, 11, 12, 13, 14, 15, 21, 22, 25)},
+    **dict.fromkeys([_S + s for s in ('4.2', '8', '9', '10', '11', '66.5', '66.6', '67', '68.', '77.1.5.3', '77.1.5.8', '78.', '79.',
+                                      '80.', '90.', '91.', '129', '200.', '201.', '501.3', '501.4', '501.5', '501.6')], 'other'),
+    **dict.fromkeys(['1.2.840.10008.1.3.10', '1.2.840.10008.5.1.1.27', '1.2.840.10008.5.1.4.38.', '1.2.840.10008.5.1.4.39.',
+                     '1.2.840.10008.5.1.4.43.', '1.2.840.10008.5.1.4.44.', '1.2.840.10008.5.1.4.45.'], 'other')}
+MODALITY_KINDS = dict(SEG='seg', RTSTRUCT='rtstruct', RTDOSE='rtdose', RTPLAN='rtplan', RTRECORD='rtrecord', SR='sr', KO='ko', PR='pr',
+                      REG='registration', FID='registration', DOC='document', **dict.fromkeys(
+                      ['ECG', 'HD', 'EPS', 'RESP', 'AU', 'EEG', 'EMG', 'EOG', 'BP'], 'waveform'))   # when the SOP class says nothing
+NON_IMAGE_KINDS = frozenset(OBJECT_KINDS.values()) | frozenset(MODALITY_KINDS.values())   # objects that are never a training image
+
+def _sop_kind(uid:str) -> str|None:
+    "The kind `OBJECT_KINDS` gives SOP class `uid`: its own entry, else its longest listed prefix; None if it is not listed."
+    if uid in OBJECT_KINDS: return OBJECT_KINDS[uid]
+    parts = uid.split('.')
+    return next((OBJECT_KINDS[p] for n in range(len(parts) - 1, 0, -1) if (p := '.'.join(parts[:n]) + '.') in OBJECT_KINDS), None)
+
+def object_kind(ds, # a dataset (its header is enough)
+               ) -> str:
+    "What `ds` holds: 'image', or one of `NON_IMAGE_KINDS` ('seg', 'rtstruct', 'rtdose', 'sr', ...), from its SOP class, else its Modality."
+    try: sop = str(ds.get('SOPClassUID') or getattr(ds.get('file_meta'), 'MediaStorageSOPClassUID', None) or '').strip()
+    except Exception: sop = ''                                    # a broken value says nothing
+    if (kind := _sop_kind(sop)) or (sop and UID(sop).name != sop): return kind or 'image'
+    try: modality = str(ds.get('Modality') or '').strip().upper()
+    except Exception: modality = ''
+    return MODALITY_KINDS.get(modality, 'image')
+
+# %% ../nbs/02d_read.ipynb #22387eae
+def kinds_note(counts:list, # `(kind, how many)` pairs
+               what:str='images', # what they did not become
+              ) -> list[str]:
+    "The summary line counting non-image objects by kind, e.g. '3 non-image objects indexed, not images: 2 seg, 1 rtstruct'; none without any."
+    counts = sorted(((k or 'unknown', n) for k, n in counts if n), key=lambda kn: (-kn[1], kn[0]))
+    if not (total := sum(n for _, n in counts)): return []
+    return [f"{total:,} non-image object{'s' * (total > 1)} indexed, not {what}: " + ', '.join(f"{n:,} {k}" for k, n in counts)]
 
 # %% ../nbs/02d_read.ipynb #5c8eeb8d
 class InflatingReader:

@@ -12,7 +12,7 @@ import json, math, os, re
 from dataclasses import dataclass, field, fields
 import numpy as np
 from .guards import frame_count
-from .read import DicomReadError, read_dicom
+from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
 from .tags import num_value, tag_value, text_value
 from .vendor import (UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
@@ -84,6 +84,8 @@ class FileRecord:
     mosaic: int = 0 # slices tiled in its frame: a Siemens mosaic or UIH grid (0: neither); rows and cols are then a tile's
     slice_order: str = '' # GE protocol's slice order: 'sequential' or 'interleaved' ('' when not recorded)
     phase_dir: str = '' # InPlanePhaseEncodingDirection: 'ROW' or 'COL'
+    object_kind: str = 'image' # what the file holds (`read.object_kind`): 'image', 'seg', 'rtstruct', 'rtdose', ...
+    frame_of_reference: str = '' # FrameOfReferenceUID: the patient coordinate system its positions are in
     frames: list[FrameRecord] = field(default_factory=list) # one per frame
 
     def to_json(self) -> str:
@@ -271,7 +273,8 @@ def header_record(ds, # a dataset, read without its pixel data
                       ts=text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), has_pixels=has_pixels,
                       enhanced=enhanced, n_frames=n, thickness=num_value(get('SliceThickness')),
                       tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=slice_order(ds, vendor),
-                      phase_dir=text_value(get('InPlanePhaseEncodingDirection')).upper(),
+                      phase_dir=text_value(get('InPlanePhaseEncodingDirection')).upper(), object_kind=object_kind(ds),
+                      frame_of_reference=text_value(get('FrameOfReferenceUID')),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 
 def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)

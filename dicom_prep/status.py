@@ -26,6 +26,7 @@ __all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook
 
 # %% ../nbs/14_status.ipynb #308138a1
 def _has(conn, table): return conn.execute("select 1 from sqlite_master where name=?", [table]).fetchone() is not None
+def _columns(conn, table) -> set: return {r[1] for r in conn.execute(f'pragma table_info({table})')}   # main, else an attached private state
 
 def _counts(conn, sql) -> list[tuple]:
     "Rows of (label, count) from `sql`."
@@ -65,6 +66,8 @@ def status_report(db_path, # the dicom_prep database
     conn, fail = connect_ro(db_path), ','.join(f"'{s}'" for s in FAILED)
     out, has_files = [f"Database: {db_path}"], files_reachable(conn)
     if has_files: out += _section('Files by status', _counts(conn, 'select status, count(*) from files group by status order by 2 desc'))
+    if has_files and 'kind' in _columns(conn, 'files'):       # an index made before object kinds has none
+        out += _section('Non-image objects (indexed, not images)', _counts(conn, "select kind, count(*) from files where status = 'not_image' group by kind order by 2 desc, 1"))
     else: out.append("Files: kept in the private state of this pseudonymised index (not found beside the output folder)")
     out += _section('Images by split', _counts(conn, 'select split, count(*) from images group by split order by 1'))
     out += _section('Images by modality', _counts(conn, 'select modality, count(*) from images group by modality order by 2 desc'))

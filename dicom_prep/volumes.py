@@ -20,10 +20,10 @@ from .db import now
 from .series import FileRecord, FrameRecord
 
 # %% auto #0
-__all__ = ['ORIENT_SPLIT_TOL', 'ORIENT_TOL', 'POS_TOL', 'SPACING_TOL', 'TIME_KEYS', 'LPS_TO_RAS', 'VERDICT_RULES', 'RESAMPLABLE',
-           'TILT_TOL', 'KIND_SUFFIX', 'PHILIPS_SCALINGS', 'split_time', 'Member', 'Candidate', 'group_volumes',
-           'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict', 'resample_grid', 'grid_offsets',
-           'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table', 'analyze_volume']
+__all__ = ['ORIENT_SPLIT_TOL', 'ORIENT_TOL', 'POS_TOL', 'SPACING_TOL', 'TIME_KEYS', 'VOLUME_KINDS', 'LPS_TO_RAS', 'VERDICT_RULES',
+           'RESAMPLABLE', 'TILT_TOL', 'KIND_SUFFIX', 'PHILIPS_SCALINGS', 'split_time', 'Member', 'Candidate',
+           'group_volumes', 'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict', 'resample_grid',
+           'grid_offsets', 'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table', 'analyze_volume']
 
 # %% ../nbs/09_volumes.ipynb #675494fa
 ORIENT_SPLIT_TOL = 0.05   # direction cosines further apart than this: different stacks
@@ -142,11 +142,13 @@ def _series_candidates(uid, members) -> list[Candidate]:
                                   [Member(m.file, m.frame, ti) for m, ti in zip(stack, t) if ti >= 0], echo_index[f0.kind, _echo(f0)], f0.kind))
     return vols
 
-def group_volumes(records:list[FileRecord], # header records of the files (those with an error are skipped)
+VOLUME_KINDS = ('image', 'rtdose')   # object kinds that become volumes: images, and dose grids (dcm2niix converts them too)
+
+def group_volumes(records:list[FileRecord], # header records of the files (those with an error, or of no `VOLUME_KINDS`, are skipped)
                  ) -> list[Candidate]:
     "Candidate volumes from header records: frames grouped by series, split by size, orientation, echo, complex component and time."
     series = defaultdict(list)
-    for r in sorted((r for r in records if not r.error), key=lambda r: r.path):
+    for r in sorted((r for r in records if not r.error and r.object_kind in VOLUME_KINDS), key=lambda r: r.path):
         for f in r.frames: series[r.series_uid or f"file:{r.path}"].append(Member(r, f))
     return [v for uid, members in series.items() for v in _series_candidates(uid, members)]
 
@@ -426,7 +428,7 @@ def _volume_row(v:Candidate, g:Geometry|None, n_slices:int, verdict:str, reason:
                 orthogonal=int(g.orthogonality <= ORIENT_TOL and g.gantry_tilt < 0.1) if g else None,
                 orientation=json.dumps(g.orientation) if g else None, pixel_type=_pixel_type(r0),
                 rescale_slope=frame_rescale(f0, philips_scaling)[0], rescale_intercept=frame_rescale(f0, philips_scaling)[1],
-                rescale_varies=int(len(rescale) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason,
+                rescale_varies=int(len(rescale) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason, frame_of_reference=r0.frame_of_reference or None,
                 affine=json.dumps(np.round(written_affine(*(resampled[1], resampled[0]['rows']) if resampled else (g.affine, r0.rows)),
                                            6).tolist()) if verdict == 'ok' else None,
                 sources_sig=_sources_sig(v.members), analyzed_at=now(), **_acquisition(v, g, resampled and resampled[0]))

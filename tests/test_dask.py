@@ -204,7 +204,7 @@ def test_local_cluster_matches_fastcore(corpus, fastcore_out, tmp_path):
     "`scheduler='local'` writes the same rows, statuses, errors and PNG bytes as the fastcore pool."
     r = preprocess(corpus, tmp_path, scheduler='local', quiet=True)
     ref = snapshot(fastcore_out)
-    assert r.status == 'completed' and r.counts == {'ok': 34, 'no_pixels': 1, 'unreadable': 1, 'decode_error': 1}
+    assert r.status == 'completed' and r.counts == {'ok': 34, 'not_image': 1, 'unreadable': 1, 'decode_error': 1}   # the report: not_image since issue 23
     assert r.n_images == len(ref['images']) == len(ref['pngs']) == 30 + 3*3 + 1
     assert snapshot(tmp_path) == ref
     assert query(tmp_path/'dicom_prep.db', 'select status, n_files from runs') == [('completed', 37)]
@@ -216,7 +216,7 @@ def test_address_rerun_is_idempotent(corpus, fastcore_out, cluster, tmp_path):
     first = snapshot(tmp_path)
     assert first == snapshot(fastcore_out)
     again = preprocess(corpus, tmp_path, scheduler=addr, quiet=True)
-    assert again.status == 'completed' and again.counts == {'unchanged': 35}   # ok and no_pixels are final; failures are kept
+    assert again.status == 'completed' and again.counts == {'unchanged': 35}   # ok and not_image are final; failures are kept
     assert snapshot(tmp_path) == first
 
 def test_nifti_matches_fastcore(cluster, tmp_path):

@@ -277,9 +277,11 @@ def test_pseudonymised_folder_refuses_what_would_leak(tmp_path):
 
 
 def test_16bit_refuses_values_that_do_not_fit(tmp_path):
-    "32-bit RT dose values at --bit-depth 16 are a decode_error with the reason, not PNGs saturated at 65535."
+    "32-bit values at --bit-depth 16 are a decode_error with the reason, not PNGs saturated at 65535."
     src = tmp_path/'src'; src.mkdir()
-    (src/'dose.dcm').write_bytes(Path(sample_file('rtdose_1frame.dcm')).read_bytes())
+    ds = pydicom.dcmread(sample_file('rtdose_1frame.dcm'))     # its 32-bit dose values, as an image: a dose grid itself is no image (issue 23)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = '1.2.840.10008.5.1.4.1.1.2'; ds.Modality = 'CT'
+    ds.save_as(src/'dose.dcm')
     r = preprocess(src, tmp_path/'out', n_workers=0, quiet=True, bit_depth=16)
     [(status, error)] = query(tmp_path/'out', 'select status, error from files')
     assert r.counts == {'decode_error': 1} and status == 'decode_error' and 'do not fit a 16-bit PNG' in error

@@ -206,7 +206,7 @@ def test_worker_memory_caps_each_file_with_workers_0(tmp_path):
     assert r.returncode == 0, r.stderr
     status = {Path(p).name: (s, e) for p, s, e in query(out, 'select path, status, error from files')}
     assert status['big.dcm'][0] == 'too_large' and 'memory limit (256 MiB, --worker-memory) exceeded in the driver' in status['big.dcm'][1], status
-    assert (status['fine.dcm'][0], status['report.dcm'][0]) == ('ok', 'no_pixels')
+    assert (status['fine.dcm'][0], status['report.dcm'][0]) == ('ok', 'not_image')      # an SR: no image (issue 23)
     assert query(out, 'select status from runs') == [('completed',)] and query(out, 'select count(*) from images') == [(1,)]
     assert peak < 256 + 160, peak
     print(f"\n[--workers 0 --worker-memory 256] big.dcm: {status['big.dcm'][1][:90]}...; peak RSS {peak:.0f} MiB")

@@ -36,7 +36,7 @@ from dicom_prep.synth import synth_dicom
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')   # pydicom warns about the broken files on purpose
 
-STATUSES = {'ok', 'no_pixels', 'unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error'}
+STATUSES = {'ok', 'no_pixels', 'not_image', 'unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error'}
 PNG_CHUNKS_ALLOWED = {b'IHDR', b'PLTE', b'IDAT', b'IEND'}   # no tEXt/iTXt/zTXt/eXIf/iCCP/tIME: images carry no metadata
 
 
@@ -330,7 +330,7 @@ def _cut_corpus(src) -> dict[Path, tuple[int, str]]:
     return made
 
 def test_a_file_cut_in_its_header_is_a_failure_and_retried(tmp_path):
-    "Real files cut inside their header are `unreadable` with where they stop, not `no_pixels`; --retry-failed retries them; whole SR/RT objects stay no_pixels."
+    "Real files cut inside their header are `unreadable` with where they stop, not `no_pixels`; --retry-failed retries them; whole SR/RT objects are not_image (issue 23)."
     src, out = tmp_path/'src', tmp_path/'out'
     cuts = _cut_corpus(src)
     assert len(cuts) >= 60 and {w for _, w in cuts.values()} == {'an element header', 'a value', 'between two elements', 'the pixel data header', 'the deflate stream'}
@@ -343,7 +343,7 @@ def test_a_file_cut_in_its_header_is_a_failure_and_retried(tmp_path):
     off = {p.name: (cuts[p], error) for p, (_, error) in got.items() if not (error.startswith('truncated') and f'byte {cuts[p][0]:,}' in error)}
     assert all(error.startswith('truncated: a sequence stops before its end') for _, error in off.values()), off   # inside a sequence
     assert {Path(p).name: f['status'] for p, f in files.items() if p.startswith('whole/')} == {
-        'rtplan.dcm': 'no_pixels', 'test-SR.dcm': 'no_pixels', 'rtstruct.dcm': 'no_pixels', 'CT_small.dcm': 'ok'}
+        'rtplan.dcm': 'not_image', 'test-SR.dcm': 'not_image', 'rtstruct.dcm': 'not_image', 'CT_small.dcm': 'ok'}
     again = preprocess(src, out, n_workers=0, quiet=True, retry_failed=True)          # failures are retried: the cut files are read again
     rows = _files(out)
     assert again.counts == {'unreadable': len(cuts), 'unchanged': len(whole)}
@@ -568,7 +568,7 @@ def test_fuzz_cli_survives_hostile_inputs(tmp_path):
     assert sorted(files) == sorted(_rel(src, f) for f, _ in found), "exactly one files row per discovered file"
     statuses = Counter(r['status'] for r in files.values())
     assert set(statuses) <= STATUSES, statuses
-    assert all(r['error'] for r in files.values() if r['status'] not in ('ok', 'no_pixels'))
+    assert all(r['error'] for r in files.values() if r['status'] not in ('ok', 'no_pixels', 'not_image'))
     imgs = _images(out)
     assert imgs and statuses['ok'] > 50 and len({i['filename'] for i in imgs}) == len(imgs)
     for i in imgs:

@@ -5,7 +5,9 @@ import numpy as np, pydicom, pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 from dicom_prep.sources import sample_data_dirs, find_dicoms
-from conftest import ro
+from conftest import ro, source_file
+from dicom_prep.read import NON_IMAGE_KINDS, object_kind
+from dicom_prep.db import FINAL_OK
 from dicom_prep.synth import synth_dicom
 
 IMAGE_SIZE = 64
@@ -52,6 +54,12 @@ def _decodable_frames(path) -> int | None:
             return sum(1 for _ in pydicom.pixels.iter_pixels(ds)) if 'PixelData' in ds else 0
         except Exception: return None
 
+def _kind(path) -> str:
+    "What pydicom's own reading of `path`'s SOP class (or Modality) says it holds, through `object_kind`."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return object_kind(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+
 def _run(*args):
     "Run the console script; return the completed process."
     return subprocess.run(['dicom_prep_preprocess', *map(str, args)], capture_output=True, text=True, timeout=600)
@@ -70,12 +78,14 @@ def test_every_decodable_frame_has_one_image_and_row(corpus, first_run):
     conn = _db(out)
     per_src = {}
     for r in conn.execute('select source_path, count(*) n from images group by source_path'): per_src[r['source_path']] = r['n']
-    checked = 0
+    checked = not_images = 0
     for path, _ in find_dicoms(corpus):
         n = _decodable_frames(path)
         rel = os.path.relpath(path, corpus)      # source paths are stored relative to the root
-        if n: assert per_src.get(rel) == n, f"{path}: pydicom decodes {n} frames, we wrote {per_src.get(rel)}"; checked += 1
-    assert checked > 60
+        if n and _kind(path) != 'image':         # a SEG's frames, a dose grid: no training image (issue 23)
+            assert rel not in per_src, f"{path}: a {_kind(path)} became {per_src[rel]} images"; not_images += 1
+        elif n: assert per_src.get(rel) == n, f"{path}: pydicom decodes {n} frames, we wrote {per_src.get(rel)}"; checked += 1
+    assert checked > 50 and not_images >= 5
     dup = conn.execute('select count(*) from (select thumbnail_path from images group by thumbnail_path having count(*) > 1)').fetchone()[0]
     assert dup == 0
 
@@ -117,7 +127,7 @@ def test_failures_are_rows_with_reasons(corpus, first_run):
     for name in ('junk.dcm', 'empty.dcm'):
         assert files[name]['status'] == 'unreadable' and files[name]['error'], files[name]
     assert files['MR_truncated.dcm']['status'] == 'decode_error' and 'less than expected' in files['MR_truncated.dcm']['error']
-    assert files['rtplan.dcm']['status'] == 'no_pixels'
+    assert (files['rtplan.dcm']['status'], files['rtplan.dcm']['kind']) == ('not_image', 'rtplan')    # was no_pixels before issue 23
     assert 'notes.txt' not in files
 
 def test_splits_are_by_patient(first_run):
@@ -153,11 +163,33 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path):
     r = _run('--dicom-dir', tmp_path, '--output-dir', tmp_path/'o3', '--window', 'brian')
     assert r.returncode == 2 and 'brian' in r.stderr
 
-def test_demo_runs_on_bundled_data(tmp_path):
-    r = subprocess.run(['dicom_prep_preprocess', '--test', '--workers', '2'], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    "`dicom_prep_preprocess --test` run in a fresh folder: (its output folder, the completed process)."
+    cwd = tmp_path_factory.mktemp('demo')
+    r = subprocess.run(['dicom_prep_preprocess', '--test', '--workers', '2'], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    n = sqlite3.connect(tmp_path/'dicom_prep_sample/dicom_prep.db').execute("select count(*) from images").fetchone()[0]
+    return cwd/'dicom_prep_sample', r
+
+def test_demo_runs_on_bundled_data(demo):
+    out, r = demo
+    n = sqlite3.connect(out/'dicom_prep.db').execute("select count(*) from images").fetchone()[0]
     assert n > 100 and 'Traceback' not in r.stderr
+
+def test_demo_makes_no_image_of_a_non_image_object(demo):
+    "Every SEG, RTSTRUCT, RTDOSE, RTPLAN, SR... of the sample data is in `files` with its kind and status not_image, and has no image row or PNG (issue 23)."
+    out, r = demo
+    conn = ro(out)
+    files = {row['path']: row for row in conn.execute('select path, status, kind from files')}
+    images = {row[0] for row in conn.execute('select distinct source_path from images')}
+    expected = {p: k for p in files if files[p]['status'] in FINAL_OK and (k := _kind(source_file(out, p))) != 'image'}
+    assert {Path(p).name for p in expected} >= {'liver.dcm', 'liver_1frame.dcm', 'rtstruct.dcm', 'rtdose.dcm', 'rtplan.dcm', 'test-SR.dcm'}
+    assert {p: (files[p]['status'], files[p]['kind']) for p in expected} == {p: ('not_image', k) for p, k in expected.items()}
+    assert not images & set(expected) and {row['kind'] for row in files.values() if row['status'] == 'not_image'} <= NON_IMAGE_KINDS
+    assert all(row['kind'] == 'image' for p, row in files.items() if p in images)
+    pngs = {p.relative_to(out).as_posix() for p in (out/'images').rglob('*.png')}
+    assert pngs == {t for (t,) in conn.execute('select thumbnail_path from images')}       # no PNG without its (image) row
+    assert re.search(rf"{len(expected)} non-image objects indexed, not images: .*\bseg\b", r.stdout), r.stdout[-2000:]
 
 def test_sheet_without_its_entry_point_stops_before_the_run(tmp_path, monkeypatch, capsys):
     "An install whose metadata lacks the `sheet` follow-up (an editable install from before it existed) says so in one line, exit 2, before any work."
@@ -187,3 +219,36 @@ def test_signatures_offer_only_what_a_caller_sets():
     from dicom_prep.preprocess import preprocess
     params = inspect.signature(preprocess).parameters
     assert {'window', 'n_workers', 'splits', 'pseudonymize'} <= set(params) and not {'key', 'deidentify', 'voi', 'fractions'} & set(params)
+
+
+def _pngs(out) -> set:
+    "The PNGs under a run's images folder, relative to it."
+    return {p.relative_to(out).as_posix() for p in (out/'images').rglob('*.png')}
+
+def test_an_index_made_before_object_kinds_is_set_right_by_a_rerun(tmp_path, monkeypatch):
+    """An index the previous version made (a SEG's frames and a dose grid windowed into images, `files.kind` empty) loses those
+    images, rows and PNGs, at the next run, which then equals a clean run; the run after it has nothing to do."""
+    import dicom_prep.preprocess as pp
+    from dicom_prep.sources import sample_file
+    src = tmp_path/'src'; (src/'s').mkdir(parents=True)
+    for name in ('liver_1frame.dcm', 'rtdose.dcm', 'CT_small.dcm', 'rtstruct.dcm'): shutil.copy(sample_file(name), src/'s'/name)
+    synth_dicom(src/'s/cine.dcm', frames=3)
+    with monkeypatch.context() as m:     # the previous version: every object with pixels was an image, and no kind was recorded
+        m.setattr(pp, 'object_kind', lambda ds: 'image')
+        pp.preprocess(src, tmp_path/'old', n_workers=0, quiet=True)
+    with sqlite3.connect(tmp_path/'old/dicom_prep.db') as c: c.execute('update files set kind = null'); c.execute('update images set frame_of_reference = null')
+    old = {r[0] for r in ro(tmp_path/'old').execute('select source_path from images')}
+    assert {'s/liver_1frame.dcm', 's/rtdose.dcm'} <= old and any('liver_1frame' in p for p in _pngs(tmp_path/'old'))
+    r = pp.preprocess(src, tmp_path/'old', n_workers=0, quiet=True)
+    clean = pp.preprocess(src, tmp_path/'clean', n_workers=0, quiet=True)
+    assert r.counts == clean.counts == dict(ok=2, not_image=3), (r.counts, clean.counts)
+    assert 'files indexed by an older version were read again' in r.summary()
+    rows = lambda out: sorted(tuple(x) for x in ro(out).execute('select filename, source_path, frame_of_reference from images'))
+    files = lambda out: sorted(tuple(x) for x in ro(out).execute('select path, status, kind from files'))
+    assert rows(tmp_path/'old') == rows(tmp_path/'clean') and files(tmp_path/'old') == files(tmp_path/'clean')
+    assert _pngs(tmp_path/'old') == _pngs(tmp_path/'clean') and not any('liver' in p or 'rtdose' in p for p in _pngs(tmp_path/'old'))
+    assert {p: k for p, _, k in files(tmp_path/'old')}['s/liver_1frame.dcm'] == 'seg'
+    ct = ro(tmp_path/'old').execute("select frame_of_reference from images where source_path = 's/CT_small.dcm'").fetchone()[0]
+    assert ct == pydicom.dcmread(src/'s/CT_small.dcm').FrameOfReferenceUID
+    again = pp.preprocess(src, tmp_path/'old', n_workers=0, quiet=True)
+    assert again.counts == dict(unchanged=5) and 'older version' not in again.summary()

@@ -41,7 +41,7 @@ def make_corpus(root:Path, n:int, size:int, multi_every=40, frames=6) -> Path:
     bad = root/'study_00'/'000_broken.dcm'
     bad.parent.mkdir(parents=True, exist_ok=True)
     bad.write_bytes(b'this is not a DICOM file ' * 20)                     # -> unreadable (sorted first: early batch)
-    synth_dicom(root/'study_00'/'001_nopix.dcm', pixels=False)              # -> no_pixels
+    synth_dicom(root/'study_00'/'001_nopix.dcm', pixels=False)              # an SR -> not_image (issue 23)
     for i in range(n):
         sub = 'series1/' if i % 8 == 3 else ''
         name = f'IM{i:04d}' if i % 8 == 5 else f'im{i:04d}.dcm'
@@ -217,7 +217,7 @@ def reference(slow_src, tmp_path_factory):
     snap = check_consistent(out)
     snap['active_s'] = time.monotonic() - t0        # run row recorded -> process exit: the span a timed kill aims into
     assert len(snap['files']) == n_sources(slow_src) == SLOW_N + 2
-    assert {f[4] for f in snap['files']} == {'ok', 'no_pixels', 'unreadable'}
+    assert {f[4] for f in snap['files']} == {'ok', 'not_image', 'unreadable'}
     assert len(snap['images']) > SLOW_N and len(snap['pngs']) == len(snap['images'])
     return snap
 
