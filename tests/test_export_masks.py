@@ -1,7 +1,7 @@
 """Issue 23 item 5: the exports that read masks. nnU-Net's `labelsTr` and MONAI's image/label pairs from label volumes,
 the `segmentation` image/mask PNG pairs, several 0/1 label columns as a multi-hot label, and a kill -9 then a rerun
 equal to a clean export. Most masks come from `conftest.stand_in_masks`, which stands in for the masks stage; the last
-tests run the real stage on real data (strict xfail until a run records each object's kind, issue 23 item 1). Every
+tests run the real stage on real data. Every
 file is read back with an independent reader (nibabel, PIL, json, tarfile)."""
 import hashlib, json, os, re, shutil, signal, sqlite3, subprocess, tarfile
 from contextlib import contextmanager
@@ -323,12 +323,7 @@ def _real_ct_and_seg(root:Path) -> Path:
     return root/'src'
 
 
-NO_KIND_YET = pytest.mark.xfail(strict=True, reason="the masks stage finds no SEG or RTSTRUCT until a run records each object's kind (issue 23 "
-                                                    "item 1: files.kind, object_kind); strict: once it does, this test must pass and the mark goes")
-
-
 @pytest.mark.skipif(not RT_DATA.is_dir(), reason=f"{RT_DATA} is absent")
-@NO_KIND_YET
 def test_nnunet_export_of_a_real_ct_and_its_rtstruct_through_the_masks_stage(tmp_path):
     "Issue 23's 'done when', in 3D: rt-utils' CT and its RTSTRUCT through dicom_prep_nifti and the nnU-Net export (CT2 has gaps: no volume)."
     (tmp_path/'src').mkdir()
@@ -345,7 +340,6 @@ def test_nnunet_export_of_a_real_ct_and_its_rtstruct_through_the_masks_stage(tmp
 
 
 @pytest.mark.skipif(not SEG_DATA.is_dir(), reason=f"{SEG_DATA} is absent")
-@NO_KIND_YET
 def test_segmentation_export_of_a_real_ct_and_its_seg_through_the_masks_stage(tmp_path):
     "The 2D path: a real CT and its SEG through dicom_prep_preprocess and the segmentation export."
     preprocess(_real_ct_and_seg(tmp_path), tmp_path/'out', n_workers=0, quiet=True)

@@ -151,14 +151,15 @@ def test_nifti_label_volume_on_the_volume_grid(tmp_path):
     [(out, seg)] = query(tmp_path/'out', 'select output_path, seg_path from volumes where seg_path is not null')
     img, lab = nib.load(tmp_path/'out'/out), nib.load(tmp_path/'out'/seg)
     assert lab.shape == img.shape and np.allclose(lab.affine, img.affine) and lab.get_data_dtype() == np.uint8
-    vol = np.asarray(img.dataobj); lv = np.asarray(lab.dataobj)
-    planes = planes_of(sorted(src.glob('ct_*.dcm')))
+    vol, lv = img.get_fdata(), np.asarray(lab.dataobj)
+    files = sorted(src.glob('ct_*.dcm'))
+    planes = planes_of(files)
     mine, _ = painted(src/'rt.dcm', planes)
     rid = query(tmp_path/'out', "select id from segments where label = 'ROI-1'")[0][0]
     for k in range(lv.shape[2]):                           # voxel (i, j, k) is column i, row rows-1-j of slice k, as for the image
-        pixel = pydicom.dcmread(next(f for f in sorted(src.glob('ct_*.dcm'))
-                                     if abs(float(pydicom.dcmread(f).ImagePositionPatient[2]) - img.affine[2, 3] - k * img.affine[2, 2]) < 1e-3)).pixel_array
-        np.testing.assert_array_equal(vol[:, ::-1, k].T, pixel)
-        np.testing.assert_array_equal(lv[:, ::-1, k].T == rid, mine[[p.origin[2] for p in planes].index(next(p.origin[2] for p in planes
-                                                                   if abs(p.origin[2] - img.affine[2, 3] - k * img.affine[2, 2]) < 1e-3))] == 1)
+        z = (img.affine @ [0, 0, k, 1])[2]                   # RAS and LPS share the z axis
+        n = next(n for n, p in enumerate(planes) if abs(p.origin[2] - z) < 1e-3)
+        ds = pydicom.dcmread(files[n])
+        np.testing.assert_allclose(vol[:, ::-1, k].T, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
+        np.testing.assert_array_equal(lv[:, ::-1, k].T == rid, mine[n] == 1)
     assert (lv == rid).sum() > 100
