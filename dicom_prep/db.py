@@ -19,11 +19,11 @@ from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owne
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME', 'database_class',
-           'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of', 'CorruptDbError',
-           'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError', 'DbLock',
-           'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv', 'batched',
-           'check_split_name', 'parse_splits', 'assign_split']
+           'VOLUME_FILE_COLUMNS_V4', 'FILE_COLUMNS_V7', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME',
+           'database_class', 'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of',
+           'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError',
+           'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv',
+           'batched', 'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 @functools.cache
@@ -43,9 +43,7 @@ SCHEMA_VERSION = 7
 FINAL_OK = ('ok', 'no_pixels', 'not_image')
 FAILED = ('unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error')
 
-def now() -> str:
-    "Current UTC time as ISO-8601 text."
-    return datetime.now(timezone.utc).isoformat(timespec='seconds')
+def now() -> str: return datetime.now(timezone.utc).isoformat(timespec='seconds')   # the current UTC time as ISO-8601 text
 
 def _create_v1(db):
     "Create the version-1 tables."
@@ -114,8 +112,8 @@ VOLUME_COLUMNS_V4 = dict(image_kind=str, suffix=str, slice_timing=str, bvals=str
 VOLUME_FILE_COLUMNS_V4 = dict(mosaic=int, row_offset=float, col_offset=float)
 
 def _add_columns(db, tables:dict):
-    "Add each table's missing columns of `tables` ({table: {column: type}})."
-    for table, name, kind in ((t, n, k) for t, cols in tables.items() for n, k in cols.items()):
+    "Add the missing columns of `tables` ({table: {column: type}}) to those of them this file holds (a private state holds some)."
+    for table, name, kind in ((t, n, k) for t, cols in tables.items() if db[t].exists() for n, k in cols.items()):
         if name not in db[table].columns_dict: db[table].add_column(name, kind)
 
 def _create_v4(db):
@@ -167,9 +165,11 @@ def _create_v6(db):
         _mark_travelled(me, [new for new, _ in pairs])
     db.execute("delete from meta where key = 'output_dir'")     # copied to preprocess_output_dir by version 3
 
+FILE_COLUMNS_V7 = dict(kind=str)   # `files` of a private state made before gets it too (`privacy.attach_private`)
+
 def _create_v7(db):
     "Annotations: each file's object kind, SEG/RTSTRUCT read once, the `segments` dictionary, each mask's target and verdicts."
-    _add_columns(db, dict(files=dict(kind=str), images=dict(frame_of_reference=str, mask_path=str), volumes=dict(frame_of_reference=str, seg_path=str)))
+    _add_columns(db, dict(files=FILE_COLUMNS_V7, images=dict(frame_of_reference=str, mask_path=str), volumes=dict(frame_of_reference=str, seg_path=str)))
     db['segments'].create(dict(id=int, key=str, label=str, category=str, type=str, colour=str, added_at=str), pk='id', if_not_exists=True)
     db['segments'].create_index(['key'], unique=True, if_not_exists=True)
     db['annotations'].create(dict(pipeline=str, path=str, kind=str, study_id=str, size=int, mtime_ns=int, sop_uid=str, series_uid=str,

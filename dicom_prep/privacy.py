@@ -17,7 +17,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from .core import stable_hash
-from .db import get_meta
+from .db import FILE_COLUMNS_V7, get_meta
 
 # %% auto #0
 __all__ = ['PRIVATE_TABLES', 'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE',
@@ -114,6 +114,9 @@ def attach_private(db, # the shared index
     with db.atomic():
         db.execute('create table if not exists private.meta (key text primary key, value text)')
         for t in PRIVATE_TABLES: _to_private(db, t)
+        have = {r[1] for r in db.execute('pragma private.table_info(files)')}
+        for name, kind in FILE_COLUMNS_V7.items():      # a column a later schema gave `files`
+            if name not in have: db.execute(f'alter table private.files add column {name} {"TEXT" if kind is str else "INTEGER"}')
         return _key(db, salt)
 
 # %% ../nbs/04a_privacy.ipynb #974f7ac1

@@ -1,7 +1,8 @@
 """Masks from real SEG and RTSTRUCT files, compared with the reference readers (highdicom, rt-utils), and through both pipelines.
 
 The real files live in ../shared/data (seg_highdicom, rtstruct_rtutils); the tests that need them skip when it is absent."""
-import shutil
+import shutil, sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import nibabel as nib
@@ -163,3 +164,28 @@ def test_nifti_label_volume_on_the_volume_grid(tmp_path):
         np.testing.assert_allclose(vol[:, ::-1, k].T, ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept))
         np.testing.assert_array_equal(lv[:, ::-1, k].T == rid, mine[n] == 1)
     assert (lv == rid).sum() > 100
+
+
+def _as_schema_6(out, private):
+    "Turn a fresh pseudonymised index back into what schema 6 wrote: no kinds, no mask columns or tables."
+    with closing(sqlite3.connect(private)) as p: p.execute('alter table files drop column kind'); p.commit()
+    with closing(sqlite3.connect(out/'dicom_prep.db')) as m:
+        m.execute("update meta set value = '6' where key = 'schema_version'")
+        for t in ('segments', 'annotations', 'mask_targets', 'mask_matches'): m.execute(f'drop table {t}')
+        for table, cols in (('images', ('frame_of_reference', 'mask_path')), ('volumes', ('frame_of_reference', 'seg_path'))):
+            for c in cols:
+                for (ix,) in m.execute("select name from sqlite_master where type = 'index' and tbl_name = ? and sql like ?", [table, f'%{c}%']).fetchall():
+                    m.execute(f'drop index {ix}')
+                m.execute(f'alter table {table} drop column {c}')
+        m.commit()
+
+def test_a_pseudonymised_index_of_schema_6_upgrades(tmp_path):
+    "Schema 7 adds `files.kind` where `files` lives: in the private state of a pseudonymised index (its main file has no `files`)."
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    for f in ct2(): shutil.copy(f, src)
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, pseudonymize=True)
+    private = next(tmp_path.glob('*.private.db'))
+    _as_schema_6(tmp_path/'out', private)
+    r = preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, pseudonymize=True)
+    assert r.status == 'completed'
+    with closing(sqlite3.connect(private)) as p: assert {k for (k,) in p.execute('select kind from files')} == {'image'}
