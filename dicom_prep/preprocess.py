@@ -30,7 +30,7 @@ from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify
 from .parallel import TaskFailure
 from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
 from .options import ImageOptions, MaskOptions, RunOptions, UsageError, derived, flag, renamed
-from .maskstage import IMAGE_TARGETS, MASK_DIR, make_masks
+from .maskstage import IMAGE_TARGETS, MASK_DIR, make_masks, mask_file
 from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
 from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_up
 
@@ -203,10 +203,11 @@ def _png(output_dir, r:dict) -> Path:
                   follow=True)     # symlinks: it is read and deleted only through the folder's checked descriptors (`folder_fd`)
 
 def _remove_images(db, output_dir, paths, keep=frozenset()):
-    "Delete image rows (and PNGs not in `keep`) of the source `paths`."
+    "Delete image rows (their masks, and PNGs not in `keep`) of the source `paths`."
     for p in paths:
-        for r in db.query('select filename, thumbnail_path from images where source_path=?', [p]):
+        for r in db.query('select filename, thumbnail_path, mask_path from images where source_path=?', [p]):
             png = _png(output_dir, r)         # every path read is checked, kept or not
+            if r['mask_path']: remove_output(mask_file(output_dir, r['filename'], r['mask_path']), output_dir)   # the masks stage paints it again
             if r['filename'] not in keep: remove_output(png, output_dir)
         db.execute('delete from images where source_path=?', [p])
 

@@ -1,7 +1,7 @@
 """Masks from real SEG and RTSTRUCT files, compared with the reference readers (highdicom, rt-utils), and through both pipelines.
 
 The real files live in ../shared/data (seg_highdicom, rtstruct_rtutils); the tests that need them skip when it is absent."""
-import shutil, sqlite3
+import os, shutil, sqlite3
 from contextlib import closing
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from dicom_prep.annotations import describe_annotation, image_planes
 from dicom_prep.masks import fill_contours, match_rows, paint_target
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess
-from dicom_prep.sources import sample_data_dirs, sample_files
+from dicom_prep.sources import sample_data_dirs
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
 SEGS, RTS = SHARED/'seg_highdicom', SHARED/'rtstruct_rtutils'
@@ -66,16 +66,15 @@ def test_single_frame_seg_on_its_ct_image():
     assert mine.sum() > 0
 
 @needs_real
-def test_projection_seg_lands_on_its_image_without_geometry():
-    "The CR SEG names its image by SOP Instance UID and has no frame of reference: it lands by reference, at the same size."
-    path = SEGS/'seg_image_cr_binary.dcm'
-    ref = pydicom.dcmread(path).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-    cr = next((f for f in sample_files() if pydicom.dcmread(f, stop_before_pixels=True, force=True).get('SOPInstanceUID') == ref), None)
-    if cr is None: pytest.skip('the CR image the SEG references is not among the sample files')
-    planes = planes_of([cr])
-    mine, rows = painted(path, planes)
-    theirs = hd.seg.segread(path).get_pixels_by_source_instance([ref], combine_segments=True)
-    np.testing.assert_array_equal(mine, theirs)
+def test_a_seg_whose_image_is_absent_is_recorded_as_such(tmp_path):
+    "highdicom's CR SEG without its image (which no package ships): no mask, and a 'reference not found' row that says what is missing."
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    for f in ct2(): shutil.copy(f, src)
+    shutil.copy(SEGS/'seg_image_cr_binary.dcm', src/'cr_seg.dcm')
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    assert query(tmp_path/'out', 'select annotation, verdict, reason from mask_matches') == [
+        ('p1/cr_seg.dcm', 'reference not found', 'none of its 1 referenced images or 1 series is in the tree')]
+    assert query(tmp_path/'out', 'select count(*) from images where mask_path is not null') == [(0,)]
 
 
 def _rt_utils_masks(series_dir, rt_path):
@@ -189,3 +188,49 @@ def test_a_pseudonymised_index_of_schema_6_upgrades(tmp_path):
     r = preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, pseudonymize=True)
     assert r.status == 'completed'
     with closing(sqlite3.connect(private)) as p: assert {k for (k,) in p.execute('select kind from files')} == {'image'}
+
+
+def _annotated_tree(root) -> Path:
+    "CT2 with the overlapping SEG, and rt-utils' CT with its RTSTRUCT: two series, two annotations."
+    for f in ct2(): (root/'p1').mkdir(parents=True, exist_ok=True); shutil.copy(f, root/'p1')
+    shutil.copy(SEGS/'seg_image_ct_binary_overlap.dcm', root/'p1'/'seg.dcm')
+    (root/'p2').mkdir(); [shutil.copy(RTS/'mock_data'/f, root/'p2') for f in ('ct_1.dcm', 'ct_2.dcm', 'rt.dcm')]
+    return root
+
+def _masks(out) -> dict:
+    "{mask path: bytes} under a run's masks folder."
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out/'masks').rglob('*.png'))}
+
+def _painted(out) -> list:
+    return query(out, "select target, made_at, run_id from mask_targets order by target")
+
+@needs_real
+def test_masks_are_incremental(tmp_path):
+    "A rerun paints nothing; a changed SEG repaints only its series; a SEG gone takes its masks with it; new settings need --force."
+    src, out = _annotated_tree(tmp_path/'src'), tmp_path/'out'
+    preprocess(src, out, n_workers=0, quiet=True)
+    first, masks = _painted(out), _masks(out)
+    assert len(first) == 2 and len(masks) == 5 and query(out, "select count(*) from images where mask_path is not null") == [(5,)]
+    preprocess(src, out, n_workers=0, quiet=True)
+    assert _painted(out) == first and _masks(out) == masks
+    os.utime(src/'p1'/'seg.dcm', ns=(1, 1))
+    r = preprocess(src, out, n_workers=0, quiet=True)
+    ct2_series = pydicom.dcmread(ct2()[0], stop_before_pixels=True).SeriesInstanceUID
+    assert {t: run for t, _, run in _painted(out)} == {t: (r.run_id if t == ct2_series else run) for t, _, run in first}
+    assert _masks(out) == masks                                       # the same masks, repainted
+    (src/'p1'/'seg.dcm').unlink()
+    preprocess(src, out, n_workers=0, quiet=True, prune=True, force=True)
+    assert query(out, "select count(*) from images where mask_path like 'masks/p1/%'") == [(0,)]
+    assert not (out/'masks'/'p1').exists() or not list((out/'masks'/'p1').glob('*.png'))
+    assert list(_masks(out)) == ['masks/p2/ct_1.png']
+    with pytest.raises(Exception, match='overlap'): preprocess(src, out, n_workers=0, quiet=True, overlap='first')
+
+@needs_real
+def test_overlap_error_refuses_the_target_and_says_why(tmp_path):
+    "--overlap error: the series whose segments overlap gets no mask, its mask_targets row says why, the other series is painted."
+    src, out = _annotated_tree(tmp_path/'src'), tmp_path/'out'
+    preprocess(src, out, n_workers=0, quiet=True, overlap='error')
+    rows = dict(query(out, "select status, reason from mask_targets where status != 'ok'"))
+    assert list(rows) == ['refused'] and 'overlap' in rows['refused']
+    assert query(out, "select count(*) from images where mask_path like 'masks/p1/%'") == [(0,)]
+    assert query(out, "select count(*) from images where mask_path like 'masks/p2/%'") == [(1,)]
