@@ -24,10 +24,10 @@ from .vendor import maker, untile
 from .series import EpiFields, epi_fields, is_enhanced
 
 # %% auto #0
-__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS',
-           'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding',
-           'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task', 'written_files', 'resample_stack',
-           'Converted', 'convert_volume', 'name_fields', 'render_name', 'unique_name', 'output_file']
+__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
+           'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar', 'image_type', 'acquisition_time', 'g6',
+           'phase_encoding', 'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task', 'written_files',
+           'resample_stack', 'Converted', 'convert_volume', 'name_fields', 'render_name', 'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -312,12 +312,14 @@ def _read_frames(frames, rows, cols) -> np.ndarray:
         else: runs.append([s.path, s.frame, 1])
     return np.concatenate([files[p][k:k + n] for p, k, n in runs])
 
+SEG_SUFFIX = '_seg.nii.gz'   # the label map the masks stage writes beside a volume (`labelvolumes`)
+
 def _beside(out:Path, ext:str) -> Path: return out.with_name(out.name.removesuffix('.nii.gz') + ext)
 
 def written_files(out, # a volume's .nii.gz
                  ) -> list[Path]:
-    "Every file written for the volume at `out`: the image, its JSON sidecar and its .bval/.bvec."
-    return [Path(out)] + [_beside(Path(out), ext) for ext in ('.json', '.bval', '.bvec')]
+    "Every file written for the volume at `out`: the image, its JSON sidecar, its .bval/.bvec and its label map."
+    return [Path(out)] + [_beside(Path(out), ext) for ext in ('.json', '.bval', '.bvec', SEG_SUFFIX)]
 
 def _write_sidecar(task:VolumeTask, out:Path) -> Path:
     "Write the JSON sidecar of `task` next to `out`; its path."
