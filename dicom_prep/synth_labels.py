@@ -1,6 +1,6 @@
 """Synthetic DICOM SEG (binary, fractional, label map) and RTSTRUCT over the synthetic series, in their patient geometry, plus the hostile ones and the masks benchmark's data.
 
-The annotations reference their images the way real ones do: by SOP Instance UID, in the images' Frame of Reference, with the image planes' positions, orientation and pixel spacing. pydicom writes them; highdicom and rt-utils only read them, in the tests.
+Annotations reference their images as real ones do: by SOP Instance UID, in their Frame of Reference, on their planes. pydicom writes them; highdicom and rt-utils only read them, in tests.
 
 Docs: https://dicom-prep.github.io/dicom_prep/synth_labels.html.md"""
 
@@ -212,7 +212,7 @@ def synth_seg(images:list, # the image files of one series
     "Write a SEG of `segments` over `images` to `dest`."
     return save(seg_dataset(images, segments, kind, refs, positions), dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #4ba2f634
+# %% ../nbs/01c_synth_labels.ipynb #2eeff5b3
 def disc(c:float, # centre column
          r:float, # centre row
          radius:float, # radius (pixels)
@@ -239,7 +239,7 @@ class RoiSpec:
     colour:tuple = (255, 0, 0) # ROIDisplayColor
     geometry:str = 'CLOSED_PLANAR' # ContourGeometricType ('OPEN_PLANAR': an open polyline)
 
-# %% ../nbs/01c_synth_labels.ipynb #f466f319
+# %% ../nbs/01c_synth_labels.ipynb #f7018232
 def contour_data(points:np.ndarray, # (N, 3) patient coordinates
                 ) -> DataElement:
     "ContourData as the DS bytes x\\y\\z\\..., each value at most 16 characters."
@@ -260,7 +260,7 @@ def _roi_items(number:int, roi:RoiSpec, hs:list, refs:bool) -> tuple[Dataset, Da
             item(ROIDisplayColor=list(roi.colour), ReferencedROINumber=number, ContourSequence=contours),
             item(ObservationNumber=number, ReferencedROINumber=number, RTROIInterpretedType='ORGAN', ROIInterpreter=''))
 
-# %% ../nbs/01c_synth_labels.ipynb #6fe80c01
+# %% ../nbs/01c_synth_labels.ipynb #a6d55da6
 _STUDY_COMPONENT = '1.2.840.10008.3.1.2.3.1'   # the SOP class an RTReferencedStudySequence item names (retired Study Component Management)
 
 def _frame_refs(hs:list, refs:bool) -> list[Dataset]:
@@ -294,7 +294,7 @@ def synth_rtstruct(images:list, # the image files of one series
     "Write an RTSTRUCT of `rois` over `images` to `dest`."
     return save(rtstruct_dataset(images, rois, refs), dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #0009804e
+# %% ../nbs/01c_synth_labels.ipynb #43e52b97
 def _blank(images:list) -> np.ndarray:
     "An all-zero (n_images, rows, cols) mask for `images`."
     h = image_headers(images[:1])[0]
@@ -310,7 +310,7 @@ def seg_many_frames(images:list, # the image files of one series
     ds.NumberOfFrames = frames
     return save(ds, dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #978cc8fd
+# %% ../nbs/01c_synth_labels.ipynb #7a075af9
 def seg_fractional_nan(images:list, # the image files of one series
                        dest, # where to write the SEG
                        max_value:int|None=0, # MaximumFractionalValue to write (None: left out)
@@ -322,7 +322,7 @@ def seg_fractional_nan(images:list, # the image files of one series
     else: ds.MaximumFractionalValue = max_value
     return save(ds, dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #c5ac284d
+# %% ../nbs/01c_synth_labels.ipynb #fb60a3aa
 def seg_bad_segment_number(images:list, # the image files of one series
                            dest, # where to write the SEG
                            number:int=2, # the ReferencedSegmentNumber its frames carry; the SegmentSequence holds only 1
@@ -335,7 +335,7 @@ def seg_bad_segment_number(images:list, # the image files of one series
         f.FrameContentSequence[0].DimensionIndexValues = [number, f.FrameContentSequence[0].DimensionIndexValues[1]]
     return save(ds, dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #e3f43d9c
+# %% ../nbs/01c_synth_labels.ipynb #7d3f6524
 def _repoint(seqs:list, keywords:set):
     "Point every UID named in `keywords` inside the items of `seqs` at a new UID, the same old UID at the same new one."
     new = {}
@@ -360,7 +360,7 @@ def rtstruct_open_contour(images:list, # the image files of one series
     "An RTSTRUCT whose one contour is an OPEN_PLANAR polyline: a line, not an area."
     return synth_rtstruct(images, dest, [RoiSpec('open', [(0, disc(4, 4, 3, 16)[:9])], geometry='OPEN_PLANAR')])
 
-# %% ../nbs/01c_synth_labels.ipynb #efd2b6de
+# %% ../nbs/01c_synth_labels.ipynb #e4c7d669
 def _repeated_values(points:np.ndarray, n:int) -> bytes:
     "DS bytes of `n` points cycling through `points`: a pattern multiplied, not a loop over n."
     each = [('\\'.join(f'{v:g}' for v in p) + '\\').encode() for p in points]
@@ -378,7 +378,7 @@ def rtstruct_huge_contour(images:list, # the image files of one series
     c.NumberOfContourPoints, c['ContourData'].value = points, _repeated_values(to_patient(image_headers(images[:1])[0], square), points)
     return save(ds, dest)
 
-# %% ../nbs/01c_synth_labels.ipynb #c7fe4c51
+# %% ../nbs/01c_synth_labels.ipynb #159bba9b
 @dataclasses.dataclass
 class Ellipsoid:
     "An ellipsoid in image index space: centre and semi-axes in (slice, row, column)."
@@ -414,7 +414,7 @@ def random_ellipsoids(n:int, # how many
     return [Ellipsoid((rng.uniform(0.1, 0.9) * z, rng.uniform(0.3, 0.7) * r, rng.uniform(0.25, 0.75) * c),
                       (rng.uniform(0.02, 0.1) * z, rng.uniform(0.02, 0.08) * r, rng.uniform(0.02, 0.08) * c)) for _ in range(n)]
 
-# %% ../nbs/01c_synth_labels.ipynb #45a7dbc6
+# %% ../nbs/01c_synth_labels.ipynb #29e0e3bc
 @dataclasses.dataclass
 class AnnotatedSeries:
     "What `synth_bench_annotated` wrote: the CT slices, the SEG and the RTSTRUCT, and the shapes they draw."
