@@ -1,7 +1,8 @@
 """Masks from real SEG and RTSTRUCT files, compared with the reference readers (highdicom, rt-utils), and through both pipelines.
 
 The real files live in ../shared/data (seg_highdicom, rtstruct_rtutils); the tests that need them skip when it is absent."""
-import os, shutil, sqlite3
+import os, shutil, sqlite3, subprocess, sys, time
+from functools import partial
 from contextlib import closing
 from pathlib import Path
 
@@ -234,3 +235,63 @@ def test_overlap_error_refuses_the_target_and_says_why(tmp_path):
     assert list(rows) == ['refused'] and 'overlap' in rows['refused']
     assert query(out, "select count(*) from images where mask_path like 'masks/p1/%'") == [(0,)]
     assert query(out, "select count(*) from images where mask_path like 'masks/p2/%'") == [(1,)]
+
+
+def test_hostile_annotations_each_give_a_recorded_reason(tmp_path):
+    """A SEG declaring a million frames, fractions that cannot be read, a segment number out of range, an RTSTRUCT pointing at
+    nothing, an open contour and a contour of 10⁷ points (80 MB): each is recorded with its reason, in bounded time and memory."""
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    src = tmp_path/'src'
+    images = synth_series(src/'ct', 8, 64, 64, FrameOfReferenceUID=generate_uid())
+    for name, make in dict(many=sl.seg_many_frames, nan=sl.seg_fractional_nan, badnum=sl.seg_bad_segment_number,
+                           dangling=partial(sl.rtstruct_dangling, frame=True), open=sl.rtstruct_open_contour,
+                           huge=partial(sl.rtstruct_huge_contour, points=10**7)).items():
+        make(images, src/f'{name}.dcm')
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, '-c', 'import resource, sys; from dicom_prep.preprocess import main; sys.argv[0] = "x"\n'
+                        'try: main()\nexcept SystemExit: pass\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)',
+                        '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '0'], capture_output=True, text=True)
+    seconds, peak_mib = time.perf_counter() - t, int(r.stdout.split()[-1]) >> 10
+    rows = {a.split('/')[-1]: (v, why) for a, v, why in query(tmp_path/'out', "select annotation, verdict, reason from mask_matches where verdict != 'matched'")}
+    assert {k: v for k, (v, _) in rows.items()} == {'many.dcm': 'too large', 'nan.dcm': 'bad values', 'badnum.dcm': 'bad segment number',
+                                                   'dangling.dcm': 'reference not found', 'open.dcm': 'open contour', 'huge.dcm': 'too large'}
+    assert '10,000,000 points' in rows['huge.dcm'][1] and 'MaximumFractionalValue' in rows['nan.dcm'][1] and 'segment 2' in rows['badnum.dcm'][1]
+    assert 'left out (mask_matches)' in r.stdout
+    assert seconds < 60 and peak_mib < 3 * 80 + 200, (seconds, peak_mib)        # the 80 MB contour is held raw once, never parsed
+
+
+def _many_annotated(root, n_series=24, rows=96) -> Path:
+    "`n_series` small CT series, each with a two-segment SEG and a two-ROI RTSTRUCT (a disc and a ring with a hole)."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    yy, xx = np.mgrid[0:rows, 0:rows]
+    for s in range(n_series):
+        images = synth_series(root/f'p{s:02d}/ct', 6, rows, rows, FrameOfReferenceUID=generate_uid(), series_number=s + 1)
+        ball = np.stack([np.hypot(yy - 40 - k, xx - 30 - s) < 12 + k for k in range(6)])
+        sl.synth_seg(images, root/f'p{s:02d}/seg.dcm', [sl.SegmentSpec('Liver', ball), sl.SegmentSpec('Lesion', np.roll(ball, 9, axis=2), type=('SCT', '52988006', 'Lesion'))])
+        sl.synth_rtstruct(images, root/f'p{s:02d}/rt.dcm', [sl.RoiSpec('Body', [(k, sl.disc(48, 48, 40)) for k in range(6)]),
+                                                          sl.RoiSpec('Ring', [(k, c) for k in (1, 2) for c in sl.ring(50, 50, 20, 8)])])
+    return root
+
+def _mask_state(out) -> tuple:
+    "What the masks stage leaves: mask files, image rows' mask paths, the verdicts, the targets and the segment ids."
+    return (_masks(out), query(out, 'select filename, mask_path from images order by 1'),
+            query(out, 'select * from mask_matches order by 1, 2, 3, 4'), query(out, 'select pipeline, target, sig, status, reason, n_masks from mask_targets order by 2'),
+            query(out, 'select id, key, label, category, type, colour from segments order by id'))
+
+@pytest.mark.parametrize('after', [1, 25, 60])
+def test_a_kill_during_the_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path, after):
+    "kill -9 once the masks stage has written `after` mask PNGs; the rerun's masks, rows and ids equal a clean run's."
+    src = _many_annotated(tmp_path/'src')
+    preprocess(src, tmp_path/'clean', n_workers=0, quiet=True)
+    cmd = [sys.executable, '-c', 'from dicom_prep.preprocess import main; main()', '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1']
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and len(list((tmp_path/'out'/'masks').rglob('*.png'))) < after: time.sleep(0.002)
+    p.kill(); p.wait()
+    assert p.returncode == -9, 'the run ended before the kill: the test did not test a kill'
+    preprocess(src, tmp_path/'out', n_workers=0, quiet=True)
+    assert _mask_state(tmp_path/'out') == _mask_state(tmp_path/'clean')
+    assert len(_masks(tmp_path/'clean')) == 24 * 6
