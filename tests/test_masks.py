@@ -295,3 +295,38 @@ def test_a_kill_during_the_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path,
     preprocess(src, tmp_path/'out', n_workers=0, quiet=True)
     assert _mask_state(tmp_path/'out') == _mask_state(tmp_path/'clean')
     assert len(_masks(tmp_path/'clean')) == 24 * 6
+
+
+@pytest.mark.parametrize('step', [2.0, -2.0])                     # -2: slices stored top-down (a flipped stack)
+def test_label_voxels_sit_on_their_image_voxels_in_oblique_series(tmp_path, step):
+    """An oblique series with non-square pixels, a SEG and an RTSTRUCT: each label voxel's patient position (from the NIfTI
+    affine) is the centre of the DICOM pixel it was painted from, and the label map holds exactly the masks put in."""
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    a, b = np.deg2rad(25), np.deg2rad(-15)
+    row = np.array([np.cos(a), np.sin(a), 0.]); col = np.array([-np.sin(a) * np.cos(b), np.cos(a) * np.cos(b), np.sin(b)])
+    src, n, rows, cols = tmp_path/'src', 6, 40, 52
+    images = synth_series(src/'p/ct', n, rows, cols, iop=tuple(row) + tuple(col), origin=(-20, 10, 30), step=step, spacing=(0.9, 0.6),
+                          FrameOfReferenceUID=generate_uid())
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    ball = np.stack([np.hypot(yy - 15 - k, (xx - 20) * 0.7) < 6 + k for k in range(n)])
+    sl.synth_seg(images, src/'p/seg.dcm', [sl.SegmentSpec('Liver', ball)])
+    sl.synth_rtstruct(images, src/'p/rt.dcm', [sl.RoiSpec('Lesion', [(k, sl.disc(38, 28, 7)) for k in (1, 3)])])
+    dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
+    [(out, seg)] = query(tmp_path/'out', 'select output_path, seg_path from volumes where seg_path is not null')
+    lab = nib.load(tmp_path/'out'/seg); lv = np.asarray(lab.dataobj)
+    assert lab.shape == nib.load(tmp_path/'out'/out).shape and np.allclose(lab.affine, nib.load(tmp_path/'out'/out).affine)
+    ids = dict(query(tmp_path/'out', 'select label, id from segments'))
+    lps = np.diag([-1, -1, 1, 1]) @ lab.affine                          # voxel -> LPS, DICOM's patient axes
+    for k, f in enumerate(images):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ipp = np.array(ds.ImagePositionPatient, float)
+        s = next(s for s in range(n) if np.allclose((lps @ [0, rows - 1, s, 1])[:3], ipp, atol=1e-3))   # pixel (0, 0) is voxel (0, rows-1)
+        for r, c in ((0, 0), (7, 11), (rows - 1, cols - 1)):              # any pixel: its voxel's position is the pixel centre
+            np.testing.assert_allclose((lps @ [c, rows - 1 - r, s, 1])[:3], ipp + c * 0.6 * row + r * 0.9 * col, atol=1e-3)
+        disc = fill_contours([sl.disc(38, 28, 7)], rows, cols) if k in (1, 3) else np.zeros((rows, cols), bool)
+        expected = np.where(disc, ids['Lesion'], np.where(ball[k], ids['Liver'], 0))   # the RTSTRUCT's path sorts first: the SEG paints last
+        expected = np.where(ball[k], ids['Liver'], expected)
+        np.testing.assert_array_equal(lv[:, ::-1, s].T, expected)
+    assert (lv == ids['Liver']).sum() == ball.sum() and (lv == ids['Lesion']).sum() > 0
