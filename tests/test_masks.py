@@ -30,6 +30,13 @@ def ct2() -> list[Path]:
     d = next(d for d in sample_data_dirs() if (d/'dicomdirtests').is_dir())
     return sorted((d/'dicomdirtests/77654033/CT2').glob('*'))
 
+def _ct2_with(tmp_path, seg:str, name:str) -> Path:
+    "A source tree: CT2 in src/p1, with highdicom's SEG `seg` beside it as `name`."
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    for f in ct2(): shutil.copy(f, src)
+    shutil.copy(SEGS/seg, src/name)
+    return tmp_path/'src'
+
 def planes_of(files) -> list:
     return [p for f in files for p in image_planes(pydicom.dcmread(f, stop_before_pixels=True))]
 
@@ -69,10 +76,7 @@ def test_single_frame_seg_on_its_ct_image():
 @needs_real
 def test_a_seg_whose_image_is_absent_is_recorded_as_such(tmp_path):
     "highdicom's CR SEG without its image (which no package ships): no mask, and a 'reference not found' row that says what is missing."
-    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
-    for f in ct2(): shutil.copy(f, src)
-    shutil.copy(SEGS/'seg_image_cr_binary.dcm', src/'cr_seg.dcm')
-    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    preprocess(_ct2_with(tmp_path, 'seg_image_cr_binary.dcm', 'cr_seg.dcm'), tmp_path/'out', n_workers=0, quiet=True)
     assert query(tmp_path/'out', 'select annotation, verdict, reason from mask_matches') == [
         ('p1/cr_seg.dcm', 'reference not found', 'none of its 1 referenced images or 1 series is in the tree')]
     assert query(tmp_path/'out', 'select count(*) from images where mask_path is not null') == [(0,)]
@@ -125,10 +129,7 @@ def test_rtstruct_against_rt_utils(tmp_path, rt):
 @needs_real
 def test_preprocess_writes_masks_beside_images(tmp_path):
     "CT2 plus the overlapping SEG: preprocess writes a mask PNG per labelled frame, equal to highdicom's labels, named in the image rows."
-    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
-    for f in ct2(): shutil.copy(f, src)
-    shutil.copy(SEGS/'seg_image_ct_binary_overlap.dcm', src/'seg.dcm')
-    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    preprocess(_ct2_with(tmp_path, 'seg_image_ct_binary_overlap.dcm', 'seg.dcm'), tmp_path/'out', n_workers=0, quiet=True)
     rows = query(tmp_path/'out', "select i.sop_uid, i.mask_path, i.thumbnail_path from images i where i.mask_path is not null order by 1")
     assert len(rows) == 4
     segments = dict(query(tmp_path/'out', 'select label, id from segments'))
