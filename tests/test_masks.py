@@ -331,3 +331,26 @@ def test_label_voxels_sit_on_their_image_voxels_in_oblique_series(tmp_path, step
         expected = np.where(ball[k], ids['Liver'], expected)
         np.testing.assert_array_equal(lv[:, ::-1, s].T, expected)
     assert (lv == ids['Liver']).sum() == ball.sum() and (lv == ids['Lesion']).sum() > 0
+
+
+def test_nnunet_export_of_a_ct_and_its_seg(tmp_path):
+    "CT plus a two-segment SEG through dicom_prep_nifti and the nnU-Net export: labelsTr loads, on the image's shape and affine, with dataset.json's values."
+    import json
+    from pydicom.uid import generate_uid
+    from dicom_prep.export import export
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    images = synth_series(tmp_path/'src/p/ct', 8, 32, 40, FrameOfReferenceUID=generate_uid())
+    liver = np.zeros((8, 32, 40), bool); liver[2:6, 5:20, 8:30] = True
+    lesion = np.zeros_like(liver); lesion[3:5, 10:14, 12:16] = True
+    sl.synth_seg(images, tmp_path/'src/p/seg.dcm', [sl.SegmentSpec('Liver', liver), sl.SegmentSpec('Lesion', lesion, type=('SCT', '52988006', 'Lesion'))])
+    dicom_to_nifti(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    export(tmp_path/'out'/'dicom_prep.db', tmp_path/'nn', 'nnunet')
+    [lab_path] = list((tmp_path/'nn').rglob('labels*/*.nii.gz')); [img_path] = list((tmp_path/'nn').rglob('images*/*_0000.nii.gz'))
+    lab, img = nib.load(lab_path), nib.load(img_path)
+    assert lab.shape == img.shape == (40, 32, 8) and np.allclose(lab.affine, img.affine)
+    labels = json.loads((tmp_path/'nn'/'dataset.json').read_text())['labels']
+    assert set(labels) == {'background', 'Liver', 'Lesion'} and sorted(labels.values()) == [0, 1, 2]
+    lv = np.asarray(lab.dataobj)[:, ::-1, :].transpose(2, 1, 0)              # back to (slice, row, column), slices in file order
+    expected = np.where(lesion, labels['Lesion'], np.where(liver, labels['Liver'], 0))     # the SEG's later segment over the earlier one
+    np.testing.assert_array_equal(lv, expected)
