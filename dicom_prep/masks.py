@@ -108,7 +108,7 @@ class Canvas:
               box:np.ndarray, # the segment's pixels (bool)
               seg:int, # the segment's id
              ) -> int:
-        "Label the pixels of `box` with `seg` by the overlap policy; returns how many it labelled."
+        "Label the pixels of `box` with `seg` by the overlap policy; returns how many of them hold `seg` now."
         lay = self.layer(k)
         if (rows := np.flatnonzero(box.any(axis=1))).size == 0: return 0
         cols = np.flatnonzero(box.any(axis=0))                     # paint only the box around the segment's pixels
@@ -120,7 +120,7 @@ class Canvas:
         if clash.any():
             self.overlaps.update({tuple(sorted((int(o), seg))): int(n) for o, n in zip(*np.unique(cur[clash], return_counts=True))})
             later = self.rank[cur] < self.rank[seg]
-            m = m & ((cur == 0) | (later if self.policy != 'first' else ~later))
+            m = m & ((cur == 0) | (cur == seg) | (later if self.policy != 'first' else ~later))   # its own pixels count as labelled
         cur[m] = seg
         return int(m.sum())
 

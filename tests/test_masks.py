@@ -354,3 +354,17 @@ def test_nnunet_export_of_a_ct_and_its_seg(tmp_path):
     lv = np.asarray(lab.dataobj)[:, ::-1, :].transpose(2, 1, 0)              # back to (slice, row, column), slices in file order
     expected = np.where(lesion, labels['Lesion'], np.where(liver, labels['Liver'], 0))     # the SEG's later segment over the earlier one
     np.testing.assert_array_equal(lv, expected)
+# ---------------------------------------------------------------------------------------------------- hostile review (issue 23)
+
+@needs_real
+def test_a_segment_repainted_over_an_overlap_is_not_called_empty():
+    "SEG binary, then overlap, then true_fractional on CT2 (their path order): the fractional SEG's segment 1 labels pixels, so no 'empty segment'."
+    planes = planes_of(ct2())
+    anns = [(SEGS/f'{n}.dcm', describe_annotation(pydicom.dcmread(SEGS/f'{n}.dcm', stop_before_pixels=True)))
+            for n in ('seg_image_ct_binary', 'seg_image_ct_binary_overlap', 'seg_image_ct_true_fractional')]
+    ids = {s.key: n for n, s in enumerate(anns[1][1].segments, 1)}
+    for policy in ('last', 'first'):
+        canvas, outcomes = paint_target(anns, planes, ids, policy)
+        rows = match_rows(anns, canvas, outcomes, ids)
+        assert not [r for r in rows if r.verdict == 'empty segment' and r.annotation == str(anns[2][0])], (policy, rows)
+        assert outcomes[str(anns[2][0])].painted[1] > 0
