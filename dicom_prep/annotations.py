@@ -101,11 +101,11 @@ def _uids(items, keyword) -> list[str]:
     return list(dict.fromkeys(u for i in items if (u := text_value(i.get(keyword)))))
 
 def _seg_segments(ds) -> list[Segment]:
-    "The segments a SEG declares."
+    "The segments a SEG declares; segment 0, a label map's background (pixel value 0), is no label."
     return [Segment(int(s.SegmentNumber), text_value(s.get('SegmentLabel')) or f'segment {s.SegmentNumber}',
                     code_of(s, 'SegmentedPropertyCategoryCodeSequence'), code_of(s, 'SegmentedPropertyTypeCodeSequence'),
                     lab_to_hex(s.RecommendedDisplayCIELabValue) if s.get('RecommendedDisplayCIELabValue') else None)
-            for s in ds.get('SegmentSequence') or []]
+            for s in ds.get('SegmentSequence') or [] if int(s.SegmentNumber)]
 
 def _seg_annotation(ds) -> Annotation:
     "The `Annotation` of a SEG."

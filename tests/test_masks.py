@@ -368,3 +368,17 @@ def test_a_segment_repainted_over_an_overlap_is_not_called_empty():
         rows = match_rows(anns, canvas, outcomes, ids)
         assert not [r for r in rows if r.verdict == 'empty segment' and r.annotation == str(anns[2][0])], (policy, rows)
         assert outcomes[str(anns[2][0])].painted[1] > 0
+
+def test_a_label_map_seg_declares_no_background_segment(tmp_path):
+    "A label-map SEG's segment 0 (pixel value 0: background) is no label: not a segment, no 'empty segment' verdict, ids from its first real segment."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep.synth_labels import SegmentSpec, synth_seg
+    files = synth_series(tmp_path/'ct', n=3, rows=8, cols=6, FrameOfReferenceUID=generate_uid())
+    m = np.zeros((3, 8, 6), bool); m[1, 2:5, 1:4] = True
+    path = synth_seg(files, tmp_path/'seg.dcm', [SegmentSpec('liver', m)], kind='LABELMAP')
+    a = describe_annotation(pydicom.dcmread(path, stop_before_pixels=True))
+    assert [s.label for s in a.segments] == ['liver']
+    mine, rows = painted(path, planes_of(files))
+    np.testing.assert_array_equal(mine, m.astype(np.uint8))
+    assert [r.verdict for r in rows] == ['matched']
