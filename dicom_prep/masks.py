@@ -22,8 +22,8 @@ from .annotations import Annotation, AnnotationError, Plane, MAX_CONTOUR_POINTS,
 
 # %% auto #0
 __all__ = ['GRID_TOL', 'ORIENT_TOL', 'PLANE_TOL', 'MAX_CROSSINGS', 'SNAP', 'OVERLAP_POLICIES', 'MASK_VERDICTS', 'PAINTERS',
-           'filled_box', 'fill_contours', 'Canvas', 'Outcome', 'PlaneIndex', 'paint_seg', 'paint_rtstruct', 'MaskMatch',
-           'paint_target', 'match_rows']
+           'filled_box', 'fill_contours', 'Canvas', 'Outcome', 'PlaneIndex', 'seg_frames', 'paint_seg',
+           'paint_rtstruct', 'MaskMatch', 'paint_target', 'match_rows']
 
 # %% ../nbs/06c_masks.ipynb #650c5ab9
 GRID_TOL = 0.01      # pixels: how far a mask frame's corner may sit from a pixel of the image grid
@@ -216,11 +216,26 @@ def _seg_places(ds, ix:PlaneIndex, a:Annotation, out:Outcome) -> dict:
         except AnnotationError as e: out.refuse(e.verdict, f"frame {s.frame + 1}: {e}")
     return places
 
+def _unpacked_frames(path, ds, indices:list):
+    "Frames `indices` of a native 1-bit SEG, cut from its bit stream (frames not byte-aligned share bytes)."
+    buf, n = np.frombuffer(pydicom.dcmread(path).PixelData, np.uint8), ds.Rows * ds.Columns
+    for i in indices:
+        s = i * n
+        yield np.unpackbits(buf[s // 8:(s + n + 7) // 8], bitorder='little')[s % 8:s % 8 + n].reshape(ds.Rows, ds.Columns)
+
+def seg_frames(path, # the SEG file
+               ds, # its header
+               indices:list, # frames wanted, from 0, ascending
+              ):
+    "The pixels of frames `indices` of SEG `path`, one at a time; 1-bit frames not byte-aligned are cut from the bit stream (pydicom 3.0.2 misreads them)."
+    packed = num_value(ds.get('BitsAllocated')) == 1 and (ds.Rows * ds.Columns) % 8 and not ds.file_meta.TransferSyntaxUID.is_compressed
+    return _unpacked_frames(path, ds, indices) if packed else iter_pixels(path, indices=indices)
+
 def paint_seg(path, ds, a:Annotation, canvas:Canvas, ix:PlaneIndex, ids:dict, threshold:float, out:Outcome):
     "Paint the frames of SEG `ds` (file `path`) that land on the target's planes; `ids` maps its segment numbers to label ids."
     check_size(ds)
     places = _seg_places(ds, ix, a, out)
-    for i, px in zip(sorted(places), iter_pixels(path, indices=sorted(places)) if places else []):
+    for i, px in zip(sorted(places), seg_frames(path, ds, sorted(places)) if places else []):
         k, r0, c0, num = places[i]
         try: masks = _seg_masks(i, num, px, ds, a, threshold)
         except AnnotationError as e: out.refuse(e.verdict, str(e)); continue

@@ -18,6 +18,7 @@ from dicom_prep.masks import fill_contours, match_rows, paint_target
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess
 from dicom_prep.sources import sample_data_dirs
+from dicom_prep.synth import synth_series
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
 SEGS, RTS = SHARED/'seg_highdicom', SHARED/'rtstruct_rtutils'
@@ -372,7 +373,6 @@ def test_a_segment_repainted_over_an_overlap_is_not_called_empty():
 def test_a_label_map_seg_declares_no_background_segment(tmp_path):
     "A label-map SEG's segment 0 (pixel value 0: background) is no label: not a segment, no 'empty segment' verdict, ids from its first real segment."
     from pydicom.uid import generate_uid
-    from dicom_prep.synth import synth_series
     from dicom_prep.synth_labels import SegmentSpec, synth_seg
     files = synth_series(tmp_path/'ct', n=3, rows=8, cols=6, FrameOfReferenceUID=generate_uid())
     m = np.zeros((3, 8, 6), bool); m[1, 2:5, 1:4] = True
@@ -380,5 +380,27 @@ def test_a_label_map_seg_declares_no_background_segment(tmp_path):
     a = describe_annotation(pydicom.dcmread(path, stop_before_pixels=True))
     assert [s.label for s in a.segments] == ['liver']
     mine, rows = painted(path, planes_of(files))
+    np.testing.assert_array_equal(mine, m.astype(np.uint8))
+    assert [r.verdict for r in rows] == ['matched']
+
+def test_a_seg_cropped_to_frames_that_are_not_byte_aligned(tmp_path):
+    "A binary SEG whose 5×7 frames (a crop of the 12×10 images) share bytes in the bit stream: every frame lands where it belongs (pydicom 3.0.2's frame reader misreads them)."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import oblique_orientation, save
+    from dicom_prep.synth_labels import SegmentSpec, seg_dataset
+    n, (r0, c0, h, w) = 5, (3, 2, 5, 7)
+    files = synth_series(tmp_path/'ct', n=n, rows=12, cols=10, iop=oblique_orientation(0.6, -0.3), step=-2.0, spacing=(0.7, 1.1),
+                         FrameOfReferenceUID=generate_uid())
+    m = np.zeros((n, 12, 10), bool); m[:, r0:r0 + h, c0:c0 + w] = np.random.default_rng(2).random((n, h, w)) < 0.4
+    ds = seg_dataset(files, [SegmentSpec('liver', m)])
+    iop, ps = (np.array(x, float) for x in (ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+                                             ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing))
+    for f in ds.PerFrameFunctionalGroupsSequence:      # each frame's corner moved to the crop's, as writers storing a bounding box do
+        p = f.PlanePositionSequence[0]
+        p.ImagePositionPatient = [f'{v:.6f}' for v in np.array(p.ImagePositionPatient, float) + r0 * ps[0] * iop[3:] + c0 * ps[1] * iop[:3]]
+    ds.Rows, ds.Columns = h, w
+    bits = np.packbits(m[:, r0:r0 + h, c0:c0 + w].astype(np.uint8).ravel(), bitorder='little').tobytes()
+    ds.PixelData = bits + b'\0' * (len(bits) % 2)
+    mine, rows = painted(save(ds, tmp_path/'seg.dcm'), planes_of(files))
     np.testing.assert_array_equal(mine, m.astype(np.uint8))
     assert [r.verdict for r in rows] == ['matched']
