@@ -356,12 +356,21 @@ def _rows_of(path, a:Annotation, out:Outcome, ids:dict, for_uids:set) -> list[Ma
                               f"{', '.join(sorted(for_uids - {''}))}; matched by SOP Instance UID", [], len(out.planes)))
     return rows
 
+def _one_per_key(rows:list) -> list[MaskMatch]:
+    "`rows` with those sharing an (annotation, verdict), the table's key, merged: reasons joined, segments and counts added up."
+    merged = {}
+    for r in rows:
+        m = merged.setdefault((r.annotation, r.verdict), r)
+        if m is not r: merged[r.annotation, r.verdict] = MaskMatch(m.annotation, m.verdict, f"{m.reason}; {r.reason}",
+                                                                   sorted({*m.segments, *r.segments}), m.n_planes + r.n_planes)
+    return list(merged.values())
+
 def match_rows(annotations:list, # (path, `Annotation`) pairs, as painted
                canvas:Canvas, # the painted canvas
                outcomes:dict, # path → `Outcome`, from `paint_target`
                ids:dict, # `Segment.key` → label id
               ) -> list[MaskMatch]:
-    "Every verdict of painting a target, as `mask_matches` rows: the overlaps are the target's own (annotation '')."
+    "Every verdict of painting a target, as `mask_matches` rows, one per (annotation, verdict): the overlaps are the target's own (annotation '')."
     for_uids = {p.frame_of_reference for p in canvas.planes}
     rows = [r for p, a in annotations for r in _rows_of(p, a, outcomes[str(p)], ids, for_uids)]
-    return rows + [MaskMatch('', 'overlap', why, list(pair), n) for (pair, n), why in zip(sorted(canvas.overlaps.items()), canvas.overlap_notes())]
+    return _one_per_key(rows + [MaskMatch('', 'overlap', why, list(pair), n) for (pair, n), why in zip(sorted(canvas.overlaps.items()), canvas.overlap_notes())])

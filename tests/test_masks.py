@@ -404,3 +404,23 @@ def test_a_seg_cropped_to_frames_that_are_not_byte_aligned(tmp_path):
     mine, rows = painted(save(ds, tmp_path/'seg.dcm'), planes_of(files))
     np.testing.assert_array_equal(mine, m.astype(np.uint8))
     assert [r.verdict for r in rows] == ['matched']
+
+def test_every_overlap_and_empty_segment_survives_the_tables_key(tmp_path):
+    "Three SEGs overlapping pairwise and a SEG with two empty segments: one row per (annotation, verdict), `mask_matches`' key, naming every pair and segment."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth_labels import SegmentSpec, synth_seg
+    files = synth_series(tmp_path/'ct', n=2, rows=6, cols=6, FrameOfReferenceUID=generate_uid())
+    full, none = np.ones((2, 6, 6), bool), np.zeros((2, 6, 6), bool)
+    specs = [[SegmentSpec('liver', full)], [SegmentSpec('kidney', full, type=('SCT', '64033007', 'Kidney'))],
+             [SegmentSpec('tumour', full, type=('SCT', '108369006', 'Tumor')), SegmentSpec('cyst', none, type=('SCT', '367643001', 'Cyst')),
+              SegmentSpec('stone', none, type=('SCT', '56381008', 'Calculus'))]]
+    anns = [(p, describe_annotation(pydicom.dcmread(p, stop_before_pixels=True)))
+            for p in (synth_seg(files, tmp_path/f'{k}.dcm', s) for k, s in enumerate(specs))]
+    ids = {s.key: i for i, s in enumerate((s for _, a in anns for s in a.segments), 1)}
+    canvas, outcomes = paint_target(anns, planes_of(files), ids)
+    rows = match_rows(anns, canvas, outcomes, ids)
+    assert len({(r.annotation, r.verdict) for r in rows}) == len(rows)
+    [over] = [r for r in rows if r.verdict == 'overlap']
+    assert over.segments == [1, 2, 3] and over.reason.count('overlap on') == 2     # 1|2, then 2|3: the last kept each pixel
+    [empty] = [r for r in rows if r.verdict == 'empty segment']
+    assert empty.segments == [4, 5] and 'cyst' in empty.reason and 'stone' in empty.reason
