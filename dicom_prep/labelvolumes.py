@@ -11,7 +11,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/labelvolumes.html.md"""
 # %% ../nbs/10a_labelvolumes.ipynb #73fae32c
 from __future__ import annotations
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from .core import atomic_path, remove_output, stable_hash
@@ -34,6 +34,7 @@ class VolumeRef:
     rows: int; cols: int    # its frame size
     slices: list            # (source file relative to the root, frame) of each slice of its first time point, in slice order
     resampled: bool = False # written on a resampled grid (--resample), which no label map is painted on
+    later: list = field(default_factory=list) # (source, frame, slice) of each slice of its later time points: annotations drawn there land on slice `slice`
 
 def volume_inputs(db, # the run's database
                   vid:str, # the target: a volume id
@@ -42,8 +43,10 @@ def volume_inputs(db, # the run's database
     v = db.execute("select output_path, affine, rows, cols, converted_sig, seg_path, resample from volumes where id = ? and status = 'ok' "
                    "and output_path is not null", [vid]).fetchone()
     if v is None: return None
-    slices = db.execute('select path, frame from volume_files where volume_id = ? and time_index = 0 order by slice_index', [vid]).fetchall()
-    ref = VolumeRef(vid, v[0], json.loads(v[1]), v[2], v[3], [tuple(s) for s in slices], bool(v[6]))
+    files = db.execute('select path, frame, slice_index, time_index from volume_files where volume_id = ? order by time_index, slice_index', [vid]).fetchall()
+    first = {s: k for k, (*_, s, t) in enumerate(r for r in files if r[3] == 0)}
+    ref = VolumeRef(vid, v[0], json.loads(v[1]), v[2], v[3], [(p, f) for p, f, _, t in files if t == 0], bool(v[6]),
+                    [(p, f, first[s]) for p, f, s, t in files if t and s in first])
     return TargetInputs(stable_hash(json.dumps([v[0], v[4], v[6]])), ref, int(v[5] is not None))
 
 def seg_file(out:str, # a volume's .nii.gz
@@ -52,13 +55,13 @@ def seg_file(out:str, # a volume's .nii.gz
     return out.removesuffix('.nii.gz') + SEG_SUFFIX
 
 # %% ../nbs/10a_labelvolumes.ipynb #20cf77ea
-def _volume_planes(ref:VolumeRef, root) -> list:
-    "The planes of a volume's slices, read from their sources' headers."
-    planes, read = [], {}
-    for path, frame in ref.slices:
+def _volume_planes(ref:VolumeRef, root) -> tuple[list, dict]:
+    "The planes of a volume's slices, and {(SOP Instance UID, frame): slice} of its later time points' images, read from their sources' headers."
+    read = {}
+    def plane(path, frame):
         if path not in read: read[path] = image_planes(read_dicom(inside(root, path, f"volume_files row {ref.id!r}: path", True), headers_only=True))
-        planes.append(read[path][frame])
-    return planes
+        return read[path][frame]
+    return [plane(*s) for s in ref.slices], {((p := plane(path, frame)).sop_uid, p.frame): k for path, frame, k in ref.later}
 
 def paint_volume(task:MaskTask, # a volume's task (its payload: a `VolumeRef`)
                 ) -> MaskResult:
@@ -66,10 +69,10 @@ def paint_volume(task:MaskTask, # a volume's task (its payload: a `VolumeRef`)
     ref = task.payload
     if ref is None or not task.annotations: return MaskResult(task.target, 'ok')
     if ref.resampled: return MaskResult(task.target, 'refused', 'the volume was written on a resampled grid (--resample): no label map is painted on it')
-    try: planes = _volume_planes(ref, task.root)
+    try: planes, aliases = _volume_planes(ref, task.root)
     except (DicomReadError, AnnotationError, IndexError) as e: return MaskResult(task.target, 'error', f"{getattr(e, 'reason', e)}")
     stack = np.zeros((len(planes), ref.rows, ref.cols), np.dtype(task.dtype))
-    canvas, rows, refused = paint_task(task, planes, stack)
+    canvas, rows, refused = paint_task(task, planes, stack, aliases)
     if refused or not stack.any(): return MaskResult(task.target, 'refused' if refused else 'ok', refused, rows)
     out = Path(task.output_dir)
     dest = inside(out, seg_file(ref.out), f"volumes row {ref.id!r}: output_path", within='nifti')

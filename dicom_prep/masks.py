@@ -144,8 +144,9 @@ class Outcome:
 
 class PlaneIndex:
     "The planes of a target, found by SOP Instance UID and frame, or by position in a frame of reference."
-    def __init__(self, planes:list):
-        self.planes, self.by_uid = planes, {(p.sop_uid, p.frame): k for k, p in enumerate(planes)}
+    def __init__(self, planes:list, # the target's `Plane`s
+                 aliases:dict|None=None): # {(SOP Instance UID, frame): plane} of other images on its planes (a 4D volume's later time points)
+        self.planes, self.by_uid = planes, (aliases or {}) | {(p.sop_uid, p.frame): k for k, p in enumerate(planes)}
         self.placed = [k for k, p in enumerate(planes) if p.origin is not None]
 
     def by_reference(self, uid:str, frame:int=0) -> int|None: return self.by_uid.get((uid, frame))
@@ -334,10 +335,11 @@ def paint_target(annotations:list, # (path, `Annotation`) pairs of the annotatio
                  threshold:float=0.5, # a FRACTIONAL SEG's pixel belongs to its segment from this fraction on
                  dtype=np.uint8, # the label type
                  stack:np.ndarray|None=None, # (planes, rows, cols) array to paint into (a volume)
+                 aliases:dict|None=None, # {(SOP Instance UID, frame): plane} of other images on the target's planes (see `PlaneIndex`)
                 ) -> tuple[Canvas, dict]:
     "Paint every annotation onto the target's planes: the `Canvas`, and each annotation's `Outcome`."
     numbered = [(p, a, {s.number: ids[s.key] for s in a.segments}) for p, a in annotations]
-    canvas, ix = Canvas(planes, list(dict.fromkeys(i for *_, m in numbered for i in m.values())), policy, dtype, stack), PlaneIndex(planes)
+    canvas, ix = Canvas(planes, list(dict.fromkeys(i for *_, m in numbered for i in m.values())), policy, dtype, stack), PlaneIndex(planes, aliases)
     return canvas, {str(p): _paint_one(p, a, canvas, ix, m, threshold) for p, a, m in numbered}
 
 # %% ../nbs/06c_masks.ipynb #a24f178e

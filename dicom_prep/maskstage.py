@@ -189,10 +189,11 @@ def plan_masks(run:Run, t:MaskTargets, annotations:dict, ids:dict, opts:MaskOpti
 def paint_task(task:MaskTask, # the target's task
                planes:list, # the target's `Plane`s
                stack:np.ndarray|None=None, # (planes, rows, cols) to paint into (a volume)
+               aliases:dict|None=None, # {(SOP Instance UID, frame): plane} of other images on those planes (a 4D volume's later time points)
               ) -> tuple[Canvas, list, str|None]:
     "Paint a task's annotations onto `planes`: the canvas, its `MaskMatch` rows, and why its masks are refused (or None)."
     anns = [(p, Annotation.from_json(j)) for p, j in task.annotations]
-    canvas, outcomes = paint_target(anns, planes, task.ids, task.policy, task.threshold, np.dtype(task.dtype), stack)
+    canvas, outcomes = paint_target(anns, planes, task.ids, task.policy, task.threshold, np.dtype(task.dtype), stack, aliases)
     rows = [replace(r, annotation=os.path.relpath(r.annotation, task.root)) if r.annotation else r for r in match_rows(anns, canvas, outcomes, task.ids)]
     refused = f"{len(canvas.overlaps)} pairs of segments overlap (--overlap error)" if task.policy == 'error' and canvas.overlaps else None
     return canvas, rows, refused

@@ -424,3 +424,19 @@ def test_every_overlap_and_empty_segment_survives_the_tables_key(tmp_path):
     assert over.segments == [1, 2, 3] and over.reason.count('overlap on') == 2     # 1|2, then 2|3: the last kept each pixel
     [empty] = [r for r in rows if r.verdict == 'empty segment']
     assert empty.segments == [4, 5] and 'cyst' in empty.reason and 'stone' in empty.reason
+
+def test_a_seg_drawn_on_a_later_time_point_of_a_4d_volume(tmp_path):
+    "A SEG whose frames reference the second time point's images lands on the volume's planes (the same grid), not 'reference not found'."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth_labels import SegmentSpec, synth_seg
+    kw = dict(n=3, rows=8, cols=6, FrameOfReferenceUID=generate_uid(), series_uid=generate_uid(), study_uid=generate_uid(), NumberOfTemporalPositions=2)
+    synth_series(tmp_path/'src/ct', TemporalPositionIdentifier=1, **kw)
+    later = synth_series(tmp_path/'src/ct', TemporalPositionIdentifier=2, first_instance=4, seed=1, **kw)
+    m = np.zeros((3, 8, 6), bool); m[1, 2:6, 1:4] = True
+    synth_seg(later, tmp_path/'src/seg.dcm', [SegmentSpec('liver', m)])
+    dicom_to_nifti(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    assert query(tmp_path/'out', 'select verdict from mask_matches') == [('matched',)]
+    [(out, seg)] = query(tmp_path/'out', 'select output_path, seg_path from volumes')
+    img, lab = nib.load(tmp_path/'out'/out), nib.load(tmp_path/'out'/seg)
+    assert img.shape[:3] == lab.shape and np.allclose(img.affine, lab.affine)
+    np.testing.assert_array_equal(np.asarray(lab.dataobj)[:, ::-1].transpose(2, 1, 0), m)    # slices ascend as the series does
