@@ -122,6 +122,7 @@ class MaskTargets:
     inputs: Callable        # (db, target) -> `TargetInputs`, or None when the target is gone
     work: Callable          # `MaskTask` -> `MaskResult`, in a worker
     write: Callable         # (db, output_dir, `MaskResult`) -> None: record what the worker wrote, remove what it replaced
+    where: str = 'in the tree'  # where a lost annotation's images were looked for, as its reason says
 
 @dataclass
 class MaskTask:
@@ -149,11 +150,11 @@ def _found(db, t:MaskTargets, a:Annotation) -> list[str]:
     found = [r[0] for r in db.execute(t.by_uid_sql)]
     return found or ([r[0] for r in db.execute(t.by_for_sql, [a.frame_of_reference])] if a.frame_of_reference else [])
 
-def _lost(path, a:Annotation) -> MaskMatch:
+def _lost(path, a:Annotation, where:str) -> MaskMatch:
     "The row of an annotation that lands on no target."
     what = (f"none of its {len(a.references)} referenced images or {len(a.ref_series)} series" if a.references or a.ref_series
             else f"no series of its frame of reference {a.frame_of_reference or '(none)'}")
-    return MaskMatch(path, 'reference not found', f"{what} is in the tree")
+    return MaskMatch(path, 'reference not found', f"{what} is {where}")
 
 def targets_of(db, t:MaskTargets, annotations:dict) -> tuple[dict, list]:
     "({target: [annotation paths]}, rows of the annotations that land on none)."
@@ -161,7 +162,7 @@ def targets_of(db, t:MaskTargets, annotations:dict) -> tuple[dict, list]:
     with db.atomic():
         db.execute('create temp table if not exists wanted (uid text primary key)')
         for path, a in annotations.items():
-            if not (found := _found(db, t, a)): lost.append(_lost(path, a))
+            if not (found := _found(db, t, a)): lost.append(_lost(path, a, t.where))
             for x in found: on[x].append(path)
     return on, lost
 

@@ -76,7 +76,7 @@ def test_single_frame_seg_on_its_ct_image():
 
 @needs_real
 def test_a_seg_whose_image_is_absent_is_recorded_as_such(tmp_path):
-    "highdicom's CR SEG without its image (which no package ships): no mask, and a 'reference not found' row that says what is missing."
+    "highdicom's CR SEG without its image (pydicom's dicomdirtests CR1/6154, left out here): no mask, and a 'reference not found' row that says what is missing."
     preprocess(_ct2_with(tmp_path, 'seg_image_cr_binary.dcm', 'cr_seg.dcm'), tmp_path/'out', n_workers=0, quiet=True)
     assert query(tmp_path/'out', 'select annotation, verdict, reason from mask_matches') == [
         ('p1/cr_seg.dcm', 'reference not found', 'none of its 1 referenced images or 1 series is in the tree')]
@@ -440,3 +440,17 @@ def test_a_seg_drawn_on_a_later_time_point_of_a_4d_volume(tmp_path):
     img, lab = nib.load(tmp_path/'out'/out), nib.load(tmp_path/'out'/seg)
     assert img.shape[:3] == lab.shape and np.allclose(img.affine, lab.affine)
     np.testing.assert_array_equal(np.asarray(lab.dataobj)[:, ::-1].transpose(2, 1, 0), m)    # slices ascend as the series does
+
+@needs_real
+def test_the_cr_seg_on_its_cr_image_and_a_volume_left_unconverted(tmp_path):
+    "highdicom's CR SEG on pydicom's CR1 image (dicomdirtests): the mask equals highdicom's; NIfTI skips the CR (no orientation), and says so, not that the image is missing."
+    cr = next(d for d in sample_data_dirs() if (d/'dicomdirtests').is_dir())/'dicomdirtests/77654033/CR1/6154'
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    shutil.copy(cr, src/'cr.dcm'); shutil.copy(SEGS/'seg_image_cr_binary.dcm', src/'cr_seg.dcm')
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    [(sop, mask)] = query(tmp_path/'out', 'select sop_uid, mask_path from images')
+    theirs = hd.seg.segread(src/'cr_seg.dcm').get_pixels_by_source_instance([sop], combine_segments=True)[0]
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path/'out'/mask)), theirs)
+    dicom_to_nifti(tmp_path/'src', tmp_path/'nii', n_workers=0, quiet=True)
+    [(verdict, reason)] = query(tmp_path/'nii', 'select verdict, reason from mask_matches')
+    assert verdict == 'reference not found' and 'converted volume' in reason, reason
