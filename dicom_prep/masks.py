@@ -153,10 +153,12 @@ class PlaneIndex:
 
     def nearest(self, point:np.ndarray, # a point in patient space
                 for_uid:str, # its frame of reference
+                normal:np.ndarray|None=None, # the normal of the plane it lies on: planes of another orientation (a reformat) are not candidates
                ) -> tuple[int|None, float]:
-        "The plane of this frame of reference nearest to `point`, and its distance (mm); (None, inf) when none."
+        "The plane of this frame of reference (and orientation) nearest to `point`, and its distance (mm); (None, inf) when none."
         best = min(((abs(float((point - self.planes[k].origin) @ self.planes[k].normal)), k) for k in self.placed
-                    if self.planes[k].frame_of_reference == for_uid), default=(np.inf, None))
+                    if self.planes[k].frame_of_reference == for_uid and (normal is None or abs(normal @ self.planes[k].normal) >= 1 - ORIENT_TOL)),
+                   default=(np.inf, None))
         return best[1], best[0]
 
 # %% ../nbs/06c_masks.ipynb #02ef4f2a
@@ -183,11 +185,11 @@ def _offset(s:Plane, p:Plane) -> tuple[int, int]:
     return round(r), round(c)
 
 def _seg_plane(groups:tuple, s:Plane, ix:PlaneIndex, a:Annotation) -> int|None:
-    "The target plane SEG frame `s` (functional `groups`) lies on: the image it references, else the nearest in its frame of reference; None: another target's."
+    "The target plane SEG frame `s` (functional `groups`) lies on: the image it references, else the nearest parallel one in its frame of reference; None: another target's."
     uid, frame = _seg_source(groups)
     if uid: return ix.by_reference(uid, frame)
     if s.origin is None: raise AnnotationError('reference not found', 'a frame names no source image and has no position')
-    k, dist = ix.nearest(s.origin, a.frame_of_reference)
+    k, dist = ix.nearest(s.origin, a.frame_of_reference, s.normal)
     return k if dist <= PLANE_TOL else None
 
 # %% ../nbs/06c_masks.ipynb #7654ac95
@@ -257,12 +259,17 @@ def _contour_points(c) -> np.ndarray:
     if len(pts) % 3 or not np.isfinite(pts).all(): raise AnnotationError('bad values', 'ContourData is not finite (x, y, z) triplets')
     return pts.reshape(-1, 3)
 
+def _normal(pts:np.ndarray) -> np.ndarray|None:
+    "The unit normal of a closed planar polygon (Newell's method); None when its points enclose no area."
+    n = np.cross(pts, np.roll(pts, -1, axis=0)).sum(axis=0)
+    return n / norm if (norm := np.linalg.norm(n)) > 0 else None
+
 def _contour_plane(c, pts, ix:PlaneIndex, a:Annotation) -> int|None:
-    "The plane contour `c` is drawn on: the image it references, else the nearest in its frame of reference; None: another target's."
+    "The plane contour `c` is drawn on: the image it references, else the nearest parallel one in its frame of reference; None: another target's."
     ref = (c.get('ContourImageSequence') or [None])[0]
     if ref is not None and (uid := text_value(ref.get('ReferencedSOPInstanceUID'))):
         return ix.by_reference(uid, int(num_value(ref.get('ReferencedFrameNumber')) or 1) - 1)
-    k, dist = ix.nearest(pts.mean(axis=0), a.frame_of_reference)
+    k, dist = ix.nearest(pts.mean(axis=0), a.frame_of_reference, _normal(pts))
     return k if dist <= PLANE_TOL else None
 
 def _contour_pixels(c, ix:PlaneIndex, a:Annotation) -> tuple[int|None, np.ndarray|None]:

@@ -454,3 +454,16 @@ def test_the_cr_seg_on_its_cr_image_and_a_volume_left_unconverted(tmp_path):
     dicom_to_nifti(tmp_path/'src', tmp_path/'nii', n_workers=0, quiet=True)
     [(verdict, reason)] = query(tmp_path/'nii', 'select verdict, reason from mask_matches')
     assert verdict == 'reference not found' and 'converted volume' in reason, reason
+
+def test_annotations_without_references_skip_reformats_of_another_orientation(tmp_path):
+    "An RTSTRUCT and a SEG without references, drawn on the axial series: its sagittal reformat (same frame of reference) is not theirs, so no 'off grid' there."
+    from dicom_prep.synth_labels import RoiSpec, SegmentSpec, disc, synth_rtstruct, synth_seg
+    ax = synth_series(tmp_path/'src/ax', n=8, rows=16, cols=16, FrameOfReferenceUID='1.2.3', spacing=(1, 1), step=1, series_number=1)
+    synth_series(tmp_path/'src/sag', n=16, rows=8, cols=16, FrameOfReferenceUID='1.2.3', iop=(0, 1, 0, 0, 0, 1), spacing=(1, 1), step=1, series_number=2)
+    synth_rtstruct(ax, tmp_path/'src/rt.dcm', [RoiSpec('gtv', [(k, disc(8, 8, 4)) for k in range(2, 6)])], refs=False)
+    synth_seg(ax, tmp_path/'src/seg.dcm', [SegmentSpec('liver', np.ones((8, 16, 16), bool))], refs=False)
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    sag = query(tmp_path/'out', "select distinct series_uid from images where filename like 'sag/%'")[0][0]
+    assert sorted(query(tmp_path/'out', 'select annotation, verdict from mask_matches where target = ?', [sag])) == [
+        ('rt.dcm', 'reference not found'), ('seg.dcm', 'reference not found')]
+    assert query(tmp_path/'out', "select count(*) from images where mask_path is not null and filename like 'ax/%'") == [(8,)]
