@@ -292,12 +292,18 @@ def _summary(db, pipeline:str, painted:int) -> str:
     return (f"Masks: {ann.get(1, 0):,} annotations{bad} · {n:,} masks in all ({painted:,} series or volumes painted by this run)"
             + (f" · {refused:,} refused" if refused else '') + notes)
 
+def _left_unread(run:Run, t:MaskTargets) -> int:
+    "A pseudonymised run makes no masks: its summary says how many annotation files it left unread (nothing when there are none)."
+    if n := run.db.execute(f'select count(*) from ({t.files_sql})').fetchone()[0]:
+        run.notes.append(f"Masks: none made: {n:,} SEG/RTSTRUCT file{'s' * (n != 1)} left unread, as annotations are not read into a pseudonymised index yet")
+    return 0
+
 def make_masks(run:Run, # the open run, its own outputs done
                t:MaskTargets, # the pipeline's targets
                opts:MaskOptions, # the overlap policy and the fractional threshold
               ) -> int:
     "The masks stage: read new or changed annotations, number their segments, repaint the targets out of date; returns how many it painted."
-    if run.key: run.notes.append('Masks: annotations are not read into a pseudonymised index yet'); return 0
+    if run.key: return _left_unread(run, t)
     refresh_annotations(run, t.pipeline, t.files_sql)
     annotations = annotations_of(run.db, t.pipeline)
     tasks, lost = plan_masks(run, t, annotations, segment_ids(run.db, annotations), opts)

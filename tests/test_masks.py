@@ -467,3 +467,16 @@ def test_annotations_without_references_skip_reformats_of_another_orientation(tm
     assert sorted(query(tmp_path/'out', 'select annotation, verdict from mask_matches where target = ?', [sag])) == [
         ('rt.dcm', 'reference not found'), ('seg.dcm', 'reference not found')]
     assert query(tmp_path/'out', "select count(*) from images where mask_path is not null and filename like 'ax/%'") == [(8,)]
+
+@needs_real
+def test_a_pseudonymised_run_says_how_many_annotations_it_left_unread(tmp_path):
+    "--pseudonymize makes no masks: with SEGs the summary counts the files left unread, without any it says nothing of masks; no annotation reaches the shared index."
+    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
+    for f in ct2(): shutil.copy(f, src)
+    r = preprocess(tmp_path/'src', tmp_path/'plain', n_workers=0, quiet=True, pseudonymize=True)
+    assert not [n for n in r.notes if n.startswith('Masks')], r.notes
+    for f in ('seg_image_ct_binary.dcm', 'seg_image_ct_binary_overlap.dcm'): shutil.copy(SEGS/f, src)
+    r = preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, pseudonymize=True)
+    [note] = [n for n in r.notes if n.startswith('Masks')]
+    assert '2 SEG/RTSTRUCT files' in note and 'pseudonymised' in note, note
+    assert [query(tmp_path/'out', f'select count(*) from {t}')[0][0] for t in ('annotations', 'segments', 'mask_matches', 'mask_targets')] == [0] * 4
