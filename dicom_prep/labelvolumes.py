@@ -47,7 +47,7 @@ def volume_inputs(db, # the run's database
     first = {s: k for k, (*_, s, t) in enumerate(r for r in files if r[3] == 0)}
     ref = VolumeRef(vid, v[0], json.loads(v[1]), v[2], v[3], [(p, f) for p, f, _, t in files if t == 0], bool(v[6]),
                     [(p, f, first[s]) for p, f, s, t in files if t and s in first])
-    return TargetInputs(stable_hash(json.dumps([v[0], v[4], v[6]])), ref, int(v[5] is not None))
+    return TargetInputs(stable_hash(json.dumps([v[0], v[4], v[6]])), ref, [v[5]] if v[5] else [])
 
 def seg_file(out:str, # a volume's .nii.gz
             ) -> str:
@@ -92,4 +92,4 @@ def write_volume_masks(db, # the run's database
 VOLUME_TARGETS = MaskTargets('nifti', "select path, study_id, size, mtime_ns from nifti_headers where json_extract(record, '$.object_kind') in ('seg', 'rtstruct')",
                              "select id from volumes where status = 'ok' and output_path is not null and series_uid in (select uid from temp.wanted)",
                              "select id from volumes where status = 'ok' and output_path is not null and frame_of_reference = ?",
-                             volume_inputs, paint_volume, write_volume_masks, 'in a converted volume (the volumes table says why a series was not converted)')
+                             volume_inputs, paint_volume, write_volume_masks, 'in a converted volume (the volumes table says why a series was not converted)', True)

@@ -110,7 +110,7 @@ class TargetInputs:
     "What one target's masks are made of besides its annotations, and what the worker needs of it."
     sig: str          # a signature of the target's own outputs (its images, or its volume)
     payload: object   # what the worker reads of the target (its image rows, or its volume's slices)
-    n_masks: int      # how many masks the index names for it now
+    masks: list       # the masks the index names for it now (paths relative to the output folder)
 
 @dataclass(frozen=True)
 class MaskTargets:
@@ -123,6 +123,7 @@ class MaskTargets:
     work: Callable          # `MaskTask` -> `MaskResult`, in a worker
     write: Callable         # (db, output_dir, `MaskResult`) -> None: record what the worker wrote, remove what it replaced
     where: str = 'in the tree'  # where a lost annotation's images were looked for, as its reason says
+    check_masks: bool = False   # check on every run that its masks are on disk (else under --verify only, as image PNGs are)
 
 @dataclass
 class MaskTask:
@@ -170,6 +171,10 @@ def _sig(inputs:TargetInputs, files:list, ids:dict, opts:MaskOptions, dtype) -> 
     "The signature of a target's masks: its own outputs, its annotation files, their label ids and the choices."
     return stable_hash(json.dumps([inputs.sig, files, sorted(ids.items()), opts.overlap, opts.seg_threshold, np.dtype(dtype).name]))
 
+def _gone(run:Run, t:MaskTargets, masks:list, opts) -> bool:
+    "Whether a mask the index names is missing from disk, where it is checked: every run (`t.check_masks`), or under --verify."
+    return (t.check_masks or getattr(opts, 'verify', False)) and not all((run.output_dir/p).is_file() for p in masks)
+
 def plan_masks(run:Run, t:MaskTargets, annotations:dict, ids:dict, opts:MaskOptions) -> tuple[list, list]:
     "The `MaskTask`s of the targets whose masks are missing or out of date, and the rows of annotations that land nowhere."
     db, dtype = run.db, label_dtype(ids)
@@ -178,10 +183,10 @@ def plan_masks(run:Run, t:MaskTargets, annotations:dict, ids:dict, opts:MaskOpti
     stat = {p: (s, m) for p, s, m in db.execute('select path, size, mtime_ns from annotations where pipeline = ?', [t.pipeline])}
     tasks = []
     for target in sorted(set(on) | set(stored)):
-        if (inputs := t.inputs(db, target)) is None: inputs = TargetInputs('', None, 0)
+        if (inputs := t.inputs(db, target)) is None: inputs = TargetInputs('', None, [])
         paths = on.get(target, [])
         sig = _sig(inputs, [(p, *stat[p]) for p in paths], {k: ids[k] for p in paths for k in (s.key for s in annotations[p].segments)}, opts, dtype)
-        if not run.rebuild and stored.get(target) == (sig, inputs.n_masks): continue
+        if not run.rebuild and stored.get(target) == (sig, len(inputs.masks)) and not _gone(run, t, inputs.masks, opts): continue
         tasks.append(MaskTask(t.pipeline, target, sig, [(str(run.dicom_dir/p), annotations[p].to_json()) for p in paths], inputs.payload,
                               ids, opts.overlap, opts.seg_threshold, np.dtype(dtype).name, str(run.dicom_dir), str(run.output_dir), run.run_id))
     return tasks, lost
@@ -225,7 +230,7 @@ def image_inputs(db, # the run's database
     rows = db.execute('''select i.filename, i.source_path, i.frame_number, i.thumbnail_path, f.size, f.mtime_ns, i.mask_path from images i
                          left join files f on f.path = i.source_path where i.series_uid = ? order by i.filename''', [series]).fetchall()
     if not rows: return None
-    return TargetInputs(stable_hash(json.dumps([r[:6] for r in rows])), [ImageRef(*r[:4]) for r in rows], sum(r[6] is not None for r in rows))
+    return TargetInputs(stable_hash(json.dumps([r[:6] for r in rows])), [ImageRef(*r[:4]) for r in rows], [r[6] for r in rows if r[6] is not None])
 
 def _image_planes(refs:list, root) -> tuple[list, list]:
     "(planes, image refs) of the frames of `refs`, read from their sources' headers."

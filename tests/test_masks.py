@@ -480,3 +480,19 @@ def test_a_pseudonymised_run_says_how_many_annotations_it_left_unread(tmp_path):
     [note] = [n for n in r.notes if n.startswith('Masks')]
     assert '2 SEG/RTSTRUCT files' in note and 'pseudonymised' in note, note
     assert [query(tmp_path/'out', f'select count(*) from {t}')[0][0] for t in ('annotations', 'segments', 'mask_matches', 'mask_targets')] == [0] * 4
+
+@needs_real
+def test_masks_deleted_from_disk_are_remade(tmp_path):
+    "A label volume deleted by hand is remade by the next run (as a deleted volume is); mask PNGs deleted by hand, by --verify (as image PNGs are)."
+    src = _annotated_tree(tmp_path/'src')
+    dicom_to_nifti(src, tmp_path/'nii', n_workers=0, quiet=True)
+    segs = [tmp_path/'nii'/p for (p,) in query(tmp_path/'nii', 'select seg_path from volumes where seg_path is not null')]
+    before = [np.asarray(nib.load(f).dataobj) for f in segs]
+    for f in segs: f.unlink()
+    dicom_to_nifti(src, tmp_path/'nii', n_workers=0, quiet=True)
+    for f, b in zip(segs, before): np.testing.assert_array_equal(np.asarray(nib.load(f).dataobj), b)
+    preprocess(src, tmp_path/'pp', n_workers=0, quiet=True)
+    clean = _masks(tmp_path/'pp')
+    shutil.rmtree(tmp_path/'pp'/'masks')
+    preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, verify=True)
+    assert _masks(tmp_path/'pp') == clean and clean
