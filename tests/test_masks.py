@@ -355,6 +355,8 @@ def test_nnunet_export_of_a_ct_and_its_seg(tmp_path):
     lv = np.asarray(lab.dataobj)[:, ::-1, :].transpose(2, 1, 0)              # back to (slice, row, column), slices in file order
     expected = np.where(lesion, labels['Lesion'], np.where(liver, labels['Liver'], 0))     # the SEG's later segment over the earlier one
     np.testing.assert_array_equal(lv, expected)
+
+
 # ---------------------------------------------------------------------------------------------------- hostile review (issue 23)
 
 @needs_real
