@@ -236,7 +236,7 @@ def _image_planes(refs:list, root) -> tuple[list, list]:
     "(planes, image refs) of the frames of `refs`, read from their sources' headers."
     planes, where = [], []
     for src in dict.fromkeys(r.source for r in refs):
-        ps = image_planes(read_dicom(Path(root)/src, headers_only=True))
+        ps = image_planes(read_dicom(inside(root, src, f"images row {refs[0].filename!r}'s series: source_path", True), headers_only=True))
         for r in (r for r in refs if r.source == src and r.frame < len(ps)): planes.append(ps[r.frame]); where.append(r)
     return planes, where
 
