@@ -498,3 +498,25 @@ def test_masks_deleted_from_disk_are_remade(tmp_path):
     shutil.rmtree(tmp_path/'pp'/'masks')
     preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, verify=True)
     assert _masks(tmp_path/'pp') == clean and clean
+
+
+def _label_state(out) -> tuple:
+    "What the masks stage leaves in a NIfTI run: label volumes (bytes), the volumes' seg paths, the verdicts, targets and ids."
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out/'nifti').rglob('*_seg.nii.gz'))}
+    return (files, query(out, 'select id, seg_path from volumes order by 1'), query(out, 'select * from mask_matches order by 1, 2, 3, 4'),
+            query(out, 'select pipeline, target, sig, status, reason, n_masks from mask_targets order by 2'),
+            query(out, 'select id, key, label, category, type, colour from segments order by id'))
+
+@pytest.mark.parametrize('after', [1, 12])
+def test_a_kill_during_the_nifti_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path, after):
+    "kill -9 of dicom_prep_nifti once `after` label volumes are written; the rerun's label volumes, rows and ids equal a clean run's."
+    src = _many_annotated(tmp_path/'src')
+    dicom_to_nifti(src, tmp_path/'clean', n_workers=0, quiet=True)
+    cmd = [sys.executable, '-c', 'from dicom_prep.nifti import main; main()', '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1']
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and len(list((tmp_path/'out').rglob('*_seg.nii.gz'))) < after: time.sleep(0.002)
+    p.kill(); p.wait()
+    assert p.returncode == -9, 'the run ended before the kill: the test did not test a kill'
+    dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
+    assert _label_state(tmp_path/'out') == _label_state(tmp_path/'clean')
+    assert len(_label_state(tmp_path/'clean')[0]) == 24
