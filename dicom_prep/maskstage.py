@@ -12,7 +12,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/maskstage.html.md"""
 
 # %% ../nbs/06d_maskstage.ipynb #45d7ba3e
 from __future__ import annotations
-import json, os
+import json, os, re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -28,15 +28,16 @@ from .read import DicomReadError, read_dicom
 from .tags import values_unvalidated
 from .pixels import save_png
 from .db import now
+from .privacy import pseudonym, replace_rows, source_id
 from .run import Run
 from .annotations import Annotation, AnnotationError, describe_annotation, image_planes
 from .masks import Canvas, MaskMatch, match_rows, paint_target
 
 # %% auto #0
-__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations', 'annotations_of',
-           'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult', 'targets_of',
-           'plan_masks', 'paint_task', 'record_masks', 'ImageRef', 'image_inputs', 'paint_images', 'mask_file',
-           'write_image_masks', 'make_masks']
+__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'UID_TEXT', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations',
+           'annotations_of', 'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult',
+           'targets_of', 'plan_masks', 'paint_task', 'shareable', 'record_masks', 'ImageRef', 'image_inputs',
+           'paint_images', 'mask_file', 'write_image_masks', 'make_masks']
 
 # %% ../nbs/06d_maskstage.ipynb #f3bfe694
 ANNOTATION_KINDS = ('seg', 'rtstruct')   # `files.kind` of the objects this stage reads
@@ -63,8 +64,8 @@ def read_annotation(item:tuple, # (path relative to `root`, study, size, mtime_n
 
 def _write_annotations(db, batch, pipeline):
     "Record a batch of read annotations (a worker that failed on one records why)."
-    db['annotations'].upsert_all([r if isinstance(r, dict) else _annotation_row(pipeline, *t, 'unreadable', f"{r.status}: {r.message}")
-                                  for t, r in batch], pk=('pipeline', 'path'))
+    replace_rows(db, 'annotations', [r if isinstance(r, dict) else _annotation_row(pipeline, *t, 'unreadable', f"{r.status}: {r.message}")
+                                     for t, r in batch])          # plain SQL: `annotations` may live in the attached private state
 
 def refresh_annotations(run:Run, # the open run
                         pipeline:str, # 'preprocess' or 'nifti'
@@ -145,25 +146,26 @@ class MaskResult:
     written: dict = field(default_factory=dict)   # what it wrote: {image filename: mask path}, or {volume id: label volume}
 
 # %% ../nbs/06d_maskstage.ipynb #ed7588e5
-def _found(db, t:MaskTargets, a:Annotation) -> list[str]:
+def _found(db, t:MaskTargets, a:Annotation, key:str|None=None) -> list[str]:
     "The targets annotation `a` lands on: those holding what it references, else (no reference found) those in its frame of reference."
-    db.execute('delete from temp.wanted'); db.conn.executemany('insert or ignore into temp.wanted values (?)', [(u,) for u in a.references + a.ref_series])
+    uid = (lambda u: pseudonym(u, key)) if key else (lambda u: u)       # a pseudonymised index holds its UIDs keyed
+    db.execute('delete from temp.wanted'); db.conn.executemany('insert or ignore into temp.wanted values (?)', [(uid(u),) for u in a.references + a.ref_series])
     found = [r[0] for r in db.execute(t.by_uid_sql)]
-    return found or ([r[0] for r in db.execute(t.by_for_sql, [a.frame_of_reference])] if a.frame_of_reference else [])
+    return found or ([r[0] for r in db.execute(t.by_for_sql, [uid(a.frame_of_reference)])] if a.frame_of_reference else [])
 
 def _lost(path, a:Annotation, where:str) -> MaskMatch:
     "The row of an annotation that lands on no target."
     what = (f"none of its {len(a.references)} referenced images or {len(a.ref_series)} series" if a.references or a.ref_series
-            else f"no series of its frame of reference {a.frame_of_reference or '(none)'}")
+            else f"no series of its frame of reference {a.frame_of_reference}" if a.frame_of_reference else "no image (it names no frame of reference)")
     return MaskMatch(path, 'reference not found', f"{what} is {where}")
 
-def targets_of(db, t:MaskTargets, annotations:dict) -> tuple[dict, list]:
-    "({target: [annotation paths]}, rows of the annotations that land on none)."
+def targets_of(db, t:MaskTargets, annotations:dict, key:str|None=None) -> tuple[dict, list]:
+    "({target: [annotation paths]}, rows of the annotations that land on none); `key`: the index's UIDs are keyed with it."
     on, lost = defaultdict(list), []
     with db.atomic():
         db.execute('create temp table if not exists wanted (uid text primary key)')
         for path, a in annotations.items():
-            if not (found := _found(db, t, a)): lost.append(_lost(path, a, t.where))
+            if not (found := _found(db, t, a, key)): lost.append(_lost(path, a, t.where))
             for x in found: on[x].append(path)
     return on, lost
 
@@ -178,7 +180,7 @@ def _gone(run:Run, t:MaskTargets, masks:list, opts) -> bool:
 def plan_masks(run:Run, t:MaskTargets, annotations:dict, ids:dict, opts:MaskOptions) -> tuple[list, list]:
     "The `MaskTask`s of the targets whose masks are missing or out of date, and the rows of annotations that land nowhere."
     db, dtype = run.db, label_dtype(ids)
-    on, lost = targets_of(db, t, annotations)
+    on, lost = targets_of(db, t, annotations, run.key)
     stored = {r[0]: (r[1], r[2]) for r in db.execute('select target, sig, n_masks from mask_targets where pipeline = ?', [t.pipeline])}
     stat = {p: (s, m) for p, s, m in db.execute('select path, size, mtime_ns from annotations where pipeline = ?', [t.pipeline])}
     tasks = []
@@ -204,14 +206,23 @@ def paint_task(task:MaskTask, # the target's task
     refused = f"{len(canvas.overlaps)} pairs of segments overlap (--overlap error)" if task.policy == 'error' and canvas.overlaps else None
     return canvas, rows, refused
 
+UID_TEXT = re.compile(r'\b\d+(?:\.\d+){3,}\b')   # a UID in a reason
+
+def shareable(m:MaskMatch, # a verdict row
+              key:str|None, # the pseudonym key of a pseudonymised index (None: the row as it is)
+             ) -> MaskMatch:
+    "Row `m` as a pseudonymised index may hold it: the annotation by its keyed source id, no UID in the reason."
+    return replace(m, annotation=m.annotation and source_id(m.annotation, key), reason=UID_TEXT.sub('(a UID)', m.reason)) if key else m
+
 def record_masks(db, # the run's database
                  task:MaskTask, # the target's task
                  res:MaskResult, # what the worker made of it
+                 key:str|None=None, # the pseudonym key of a pseudonymised index
                 ):
     "Record a target's verdicts and signature; a target left without annotations is forgotten."
     db.execute('delete from mask_matches where pipeline = ? and target = ?', [task.pipeline, task.target])
-    db['mask_matches'].insert_all([dict(vars(m), pipeline=task.pipeline, target=task.target, segments=json.dumps(m.segments)) for m in res.matches],
-                                  pk=('pipeline', 'target', 'annotation', 'verdict'), replace=True)
+    db['mask_matches'].insert_all([dict(vars(shareable(m, key)), pipeline=task.pipeline, target=task.target, segments=json.dumps(m.segments))
+                                   for m in res.matches], pk=('pipeline', 'target', 'annotation', 'verdict'), replace=True)
     if not task.annotations or task.payload is None:
         db.execute('delete from mask_targets where pipeline = ? and target = ?', [task.pipeline, task.target]); return
     db['mask_targets'].upsert(dict(pipeline=task.pipeline, target=task.target, sig=task.sig, status=res.status, reason=res.reason,
@@ -227,8 +238,9 @@ def image_inputs(db, # the run's database
                  series:str, # the target: a Series Instance UID
                 ) -> TargetInputs|None:
     "What the masks of a series' images are made of: its image rows (None when it has none)."
-    rows = db.execute('''select i.filename, i.source_path, i.frame_number, i.thumbnail_path, f.size, f.mtime_ns, i.mask_path from images i
-                         left join files f on f.path = i.source_path where i.series_uid = ? order by i.filename''', [series]).fetchall()
+    rows = db.execute('''select i.filename, coalesce(s.path, i.source_path), i.frame_number, i.thumbnail_path, f.size, f.mtime_ns, i.mask_path
+                         from images i left join temp.source_ids s on s.id = i.source_path left join files f on f.path = coalesce(s.path, i.source_path)
+                         where i.series_uid = ? order by i.filename''', [series]).fetchall()
     if not rows: return None
     return TargetInputs(stable_hash(json.dumps([r[:6] for r in rows])), [ImageRef(*r[:4]) for r in rows], [r[6] for r in rows if r[6] is not None])
 
@@ -280,12 +292,12 @@ IMAGE_TARGETS = MaskTargets('preprocess', "select path, study_id, size, mtime_ns
                             'select distinct series_uid from images where frame_of_reference = ?', image_inputs, paint_images, write_image_masks)
 
 # %% ../nbs/06d_maskstage.ipynb #925ef83c
-def _write(db, batch, t:MaskTargets, output_dir):
+def _write(db, batch, t:MaskTargets, output_dir, key=None):
     "Record a batch of painted targets (a worker that failed on one records why)."
     for task, res in batch:
         if not isinstance(res, MaskResult): res = MaskResult(task.target, 'error', f"{res.status}: {res.message}")
         t.write(db, output_dir, task, res)
-        record_masks(db, task, res)
+        record_masks(db, task, res, key)
 
 def _summary(db, pipeline:str, painted:int) -> str:
     "The stage's line of the SUMMARY: annotations read, targets painted, masks the index names, and what was refused."
@@ -297,24 +309,25 @@ def _summary(db, pipeline:str, painted:int) -> str:
     return (f"Masks: {ann.get(1, 0):,} annotations{bad} · {n:,} masks in all ({painted:,} series or volumes painted by this run)"
             + (f" · {refused:,} refused" if refused else '') + notes)
 
-def _left_unread(run:Run, t:MaskTargets) -> int:
-    "A pseudonymised run makes no masks: its summary says how many annotation files it left unread (nothing when there are none)."
-    if n := run.db.execute(f'select count(*) from ({t.files_sql})').fetchone()[0]:
-        run.notes.append(f"Masks: none made: {n:,} SEG/RTSTRUCT file{'s' * (n != 1)} left unread, as annotations are not read into a pseudonymised index yet")
-    return 0
+def _source_ids(db, key:str|None):
+    "`temp.source_ids`: the keyed source ids a pseudonymised index's image rows hold, back to their files (empty when not pseudonymised)."
+    with db.atomic():
+        db.execute('create temp table if not exists source_ids (id text primary key, path text)'); db.execute('delete from temp.source_ids')
+        if key: db.conn.executemany('insert or ignore into temp.source_ids values (?, ?)',
+                                    [(source_id(p, key), p) for (p,) in db.execute("select path from files where kind = 'image'").fetchall()])
 
 def make_masks(run:Run, # the open run, its own outputs done
                t:MaskTargets, # the pipeline's targets
                opts:MaskOptions, # the overlap policy and the fractional threshold
               ) -> int:
     "The masks stage: read new or changed annotations, number their segments, repaint the targets out of date; returns how many it painted."
-    if run.key: return _left_unread(run, t)
+    _source_ids(run.db, run.key)
     refresh_annotations(run, t.pipeline, t.files_sql)
     annotations = annotations_of(run.db, t.pipeline)
     tasks, lost = plan_masks(run, t, annotations, segment_ids(run.db, annotations), opts)
     with run.db.atomic():
         run.db.execute("delete from mask_matches where pipeline = ? and target = ''", [t.pipeline])
-        run.db['mask_matches'].insert_all([dict(vars(m), pipeline=t.pipeline, target='', segments='[]') for m in lost], replace=True)
-    n = run.stream(t.work, tasks, partial(_write, t=t, output_dir=run.output_dir), phase='Masks', label='targets') if tasks else 0
+        run.db['mask_matches'].insert_all([dict(vars(shareable(m, run.key)), pipeline=t.pipeline, target='', segments='[]') for m in lost], replace=True)
+    n = run.stream(t.work, tasks, partial(_write, t=t, output_dir=run.output_dir, key=run.key), phase='Masks', label='targets') if tasks else 0
     if annotations or n: run.notes.append(_summary(run.db, t.pipeline, n))
     return n

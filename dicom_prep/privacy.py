@@ -43,7 +43,7 @@ def source_id(path, # a source file, relative to the source root
     "What `images.source_path` holds for `path`: the path, or its keyed pseudonym."
     return pseudonym(str(path), key, 'src_') if key else str(path)
 
-PRIVATE_TABLES = ('files', 'nifti_headers', 'volume_files')   # tables whose rows name source files
+PRIVATE_TABLES = ('files', 'nifti_headers', 'volume_files', 'annotations')   # tables whose rows name source files
 
 def _to_private(db, table):
     "Create `private.<table>` (and its indexes) like the main one and drop the main one (which must hold no rows)."

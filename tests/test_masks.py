@@ -170,10 +170,10 @@ def test_nifti_label_volume_on_the_volume_grid(tmp_path):
 
 def _as_schema_6(out, private):
     "Turn a fresh pseudonymised index back into what schema 6 wrote: no kinds, no mask columns or tables."
-    with closing(sqlite3.connect(private)) as p: p.execute('alter table files drop column kind'); p.commit()
+    with closing(sqlite3.connect(private)) as p: p.execute('alter table files drop column kind'); p.execute('drop table annotations'); p.commit()
     with closing(sqlite3.connect(out/'dicom_prep.db')) as m:
         m.execute("update meta set value = '6' where key = 'schema_version'")
-        for t in ('segments', 'annotations', 'mask_targets', 'mask_matches'): m.execute(f'drop table {t}')
+        for t in ('segments', 'mask_targets', 'mask_matches'): m.execute(f'drop table {t}')
         for table, cols in (('images', ('frame_of_reference', 'mask_path')), ('volumes', ('frame_of_reference', 'seg_path'))):
             for c in cols:
                 for (ix,) in m.execute("select name from sqlite_master where type = 'index' and tbl_name = ? and sql like ?", [table, f'%{c}%']).fetchall():
@@ -470,18 +470,34 @@ def test_annotations_without_references_skip_reformats_of_another_orientation(tm
         ('rt.dcm', 'reference not found'), ('seg.dcm', 'reference not found')]
     assert query(tmp_path/'out', "select count(*) from images where mask_path is not null and filename like 'ax/%'") == [(8,)]
 
-@needs_real
-def test_a_pseudonymised_run_says_how_many_annotations_it_left_unread(tmp_path):
-    "--pseudonymize makes no masks: with SEGs the summary counts the files left unread, without any it says nothing of masks; no annotation reaches the shared index."
-    src = tmp_path/'src'/'p1'; src.mkdir(parents=True)
-    for f in ct2(): shutil.copy(f, src)
-    r = preprocess(tmp_path/'src', tmp_path/'plain', n_workers=0, quiet=True, pseudonymize=True)
-    assert not [n for n in r.notes if n.startswith('Masks')], r.notes
-    for f in ('seg_image_ct_binary.dcm', 'seg_image_ct_binary_overlap.dcm'): shutil.copy(SEGS/f, src)
-    r = preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True, pseudonymize=True)
-    [note] = [n for n in r.notes if n.startswith('Masks')]
-    assert '2 SEG/RTSTRUCT files' in note and 'pseudonymised' in note, note
-    assert [query(tmp_path/'out', f'select count(*) from {t}')[0][0] for t in ('annotations', 'segments', 'mask_matches', 'mask_targets')] == [0] * 4
+def _dump(db_file) -> bytes:
+    with closing(sqlite3.connect(db_file)) as c: return '\n'.join(c.iterdump()).encode()
+
+def test_pseudonymised_masks_equal_plain_ones_and_leak_nothing(tmp_path):
+    """--pseudonymize: the same masks and label volumes as a plain run, matched through keyed UIDs; the shared index holds no
+    UID, path or name of the sources or annotations (the `annotations` table lives in the private state)."""
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    src = tmp_path/'src'
+    images = synth_series(src/'DOE_JOHN/ct', 6, 32, 32, FrameOfReferenceUID=generate_uid(), PatientName='Doe^John', PatientID='MRN777')
+    ball = np.zeros((6, 32, 32), bool); ball[1:5, 8:20, 10:24] = True
+    sl.synth_seg(images, src/'DOE_JOHN/seg_DOE.dcm', [sl.SegmentSpec('Liver', ball)])
+    sl.synth_rtstruct(images, src/'DOE_JOHN/rt_DOE.dcm', [sl.RoiSpec('Lesion', [(k, sl.disc(16, 16, 5)) for k in (2, 3)])])
+    for kind, run in (('pp', preprocess), ('nii', dicom_to_nifti)):
+        run(src, tmp_path/kind, n_workers=0, quiet=True)
+        run(src, tmp_path/f'{kind}_p', n_workers=0, quiet=True, pseudonymize=True)
+    assert sorted(_masks(tmp_path/'pp').values()) == sorted(_masks(tmp_path/'pp_p').values()) and len(_masks(tmp_path/'pp')) == 4
+    segs = [np.asarray(nib.load(next((tmp_path/k/'nifti').rglob('*_seg.nii.gz'))).dataobj) for k in ('nii', 'nii_p')]
+    np.testing.assert_array_equal(*segs)
+    marks = {str(pydicom.dcmread(f, stop_before_pixels=True).get(k)) for f in [*images, src/'DOE_JOHN/seg_DOE.dcm', src/'DOE_JOHN/rt_DOE.dcm']
+             for k in ('SOPInstanceUID', 'SeriesInstanceUID', 'StudyInstanceUID', 'FrameOfReferenceUID')} | {'DOE', 'Doe^John', 'MRN777'}
+    for kind in ('pp_p', 'nii_p'):
+        shared = _dump(tmp_path/kind/'dicom_prep.db')
+        assert [m for m in marks if m.encode() in shared] == [] and b'create table "annotations"' not in shared.lower()
+        assert query(tmp_path/kind, "select count(*) from mask_matches where verdict = 'matched'") == [(2,)]
+        with closing(sqlite3.connect(tmp_path/f'{kind}.private.db')) as c: assert c.execute('select count(*) from annotations').fetchone() == (2,)
+
 
 @needs_real
 def test_masks_deleted_from_disk_are_remade(tmp_path):
