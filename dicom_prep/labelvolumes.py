@@ -18,7 +18,7 @@ from .core import atomic_path, remove_output, stable_hash
 from .paths import inside
 from .read import DicomReadError, read_dicom
 from .annotations import AnnotationError, image_planes
-from .maskstage import MaskResult, MaskTargets, MaskTask, TargetInputs, paint_task
+from .maskstage import ANNOTATION_KINDS, MaskResult, MaskTargets, MaskTask, TargetInputs, paint_task
 from .niftiwrite import SEG_SUFFIX, gzip_bytes, nifti_image
 
 # %% auto #0
@@ -89,7 +89,7 @@ def write_volume_masks(db, # the run's database
     db.execute('update volumes set seg_path = ? where id = ?', [new, task.target])
     if old and old[0] and old[0] != new: remove_output(inside(output_dir, old[0], f"volumes row {task.target!r}: seg_path", within='nifti'), output_dir)
 
-VOLUME_TARGETS = MaskTargets('nifti', "select path, study_id, size, mtime_ns from nifti_headers where json_extract(record, '$.object_kind') in ('seg', 'rtstruct')",
+VOLUME_TARGETS = MaskTargets('nifti', f"select path, study_id, size, mtime_ns from nifti_headers where json_extract(record, '$.object_kind') in {ANNOTATION_KINDS}",
                              "select id from volumes where status = 'ok' and output_path is not null and series_uid in (select uid from temp.wanted)",
                              "select id from volumes where status = 'ok' and output_path is not null and frame_of_reference = ?",
                              volume_inputs, paint_volume, write_volume_masks, 'in a converted volume (the volumes table says why a series was not converted)', True)

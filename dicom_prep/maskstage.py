@@ -287,7 +287,7 @@ def write_image_masks(db, # the run's database
     for f, p in old.items():
         if res.written.get(f) != p: remove_output(mask_file(output_dir, f, p), output_dir)
 
-IMAGE_TARGETS = MaskTargets('preprocess', "select path, study_id, size, mtime_ns from files where kind in ('seg', 'rtstruct')",
+IMAGE_TARGETS = MaskTargets('preprocess', f"select path, study_id, size, mtime_ns from files where kind in {ANNOTATION_KINDS}",
                             'select distinct series_uid from images where sop_uid in (select uid from temp.wanted) or series_uid in (select uid from temp.wanted)',
                             'select distinct series_uid from images where frame_of_reference = ?', image_inputs, paint_images, write_image_masks)
 
