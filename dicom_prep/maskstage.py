@@ -28,7 +28,7 @@ from .read import DicomReadError, read_dicom
 from .tags import values_unvalidated
 from .pixels import save_png
 from .db import now
-from .privacy import pseudonym, replace_rows, source_id
+from .privacy import pseudonym, replace_rows, source_id, without_paths
 from .run import Run
 from .annotations import Annotation, AnnotationError, describe_annotation, image_planes
 from .masks import Canvas, MaskMatch, match_rows, paint_target
@@ -36,8 +36,8 @@ from .masks import Canvas, MaskMatch, match_rows, paint_target
 # %% auto #0
 __all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'UID_TEXT', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations',
            'annotations_of', 'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult',
-           'targets_of', 'plan_masks', 'paint_task', 'shareable', 'record_masks', 'ImageRef', 'image_inputs',
-           'paint_images', 'mask_file', 'write_image_masks', 'make_masks']
+           'targets_of', 'plan_masks', 'paint_task', 'without_uids', 'annotation_uids', 'shareable_text', 'shareable',
+           'record_masks', 'ImageRef', 'image_inputs', 'paint_images', 'mask_file', 'write_image_masks', 'make_masks']
 
 # %% ../nbs/06d_maskstage.ipynb #f3bfe694
 ANNOTATION_KINDS = ('seg', 'rtstruct')   # `files.kind` of the objects this stage reads
@@ -135,6 +135,7 @@ class MaskTask:
     ids: dict             # `Segment.key` -> label id
     policy: str; threshold: float; dtype: str
     root: str; output_dir: str; run_id: int
+    hide_uids: bool = False   # a pseudonymised index: reasons name no UID of the target's images
 
 @dataclass
 class MaskResult:
@@ -190,7 +191,8 @@ def plan_masks(run:Run, t:MaskTargets, annotations:dict, ids:dict, opts:MaskOpti
         sig = _sig(inputs, [(p, *stat[p]) for p in paths], {k: ids[k] for p in paths for k in (s.key for s in annotations[p].segments)}, opts, dtype)
         if not run.rebuild and stored.get(target) == (sig, len(inputs.masks)) and not _gone(run, t, inputs.masks, opts): continue
         tasks.append(MaskTask(t.pipeline, target, sig, [(str(run.dicom_dir/p), annotations[p].to_json()) for p in paths], inputs.payload,
-                              ids, opts.overlap, opts.seg_threshold, np.dtype(dtype).name, str(run.dicom_dir), str(run.output_dir), run.run_id))
+                              ids, opts.overlap, opts.seg_threshold, np.dtype(dtype).name, str(run.dicom_dir), str(run.output_dir), run.run_id,
+                              bool(run.key)))
     return tasks, lost
 
 # %% ../nbs/06d_maskstage.ipynb #7bad3728
@@ -203,16 +205,37 @@ def paint_task(task:MaskTask, # the target's task
     anns = [(p, Annotation.from_json(j)) for p, j in task.annotations]
     canvas, outcomes = paint_target(anns, planes, task.ids, task.policy, task.threshold, np.dtype(task.dtype), stack, aliases)
     rows = [replace(r, annotation=os.path.relpath(r.annotation, task.root)) if r.annotation else r for r in match_rows(anns, canvas, outcomes, task.ids)]
+    if task.hide_uids: rows = [replace(r, reason=without_uids(r.reason, [u for p in planes for u in (p.sop_uid, p.frame_of_reference)])) for r in rows]
     refused = f"{len(canvas.overlaps)} pairs of segments overlap (--overlap error)" if task.policy == 'error' and canvas.overlaps else None
     return canvas, rows, refused
 
-UID_TEXT = re.compile(r'\b\d+(?:\.\d+){3,}\b')   # a UID in a reason
+UID_TEXT = re.compile(r'\b\d+(?:\.\d+){3,}\b')   # a UID-shaped number in a reason
+
+def without_uids(text:str|None, # a reason
+                 uids, # the UIDs it may quote, in whatever form a file gave them
+                ) -> str|None:
+    "`text` with each of `uids` (quoted whole) and any other UID-shaped number replaced by '(a UID)'."
+    if not text: return text
+    for u in sorted({u for u in uids if u}, key=len, reverse=True): text = re.sub(rf'(?<![\w.]){re.escape(u)}(?![\w.])', '(a UID)', text)
+    return UID_TEXT.sub('(a UID)', text)
+
+def annotation_uids(a:Annotation) -> list[str]: return [a.sop_uid, a.series_uid, a.frame_of_reference, *a.references, *a.ref_series]   # what a reason may quote
+
+def shareable_text(text:str|None, # a reason
+                   key:str|None, # the pseudonym key of a pseudonymised index (None: `text` as it is)
+                   root, # the source root
+                   uids=(), # the UIDs it may quote
+                  ) -> str|None:
+    "`text` as a pseudonymised index may hold it: paths under `root` keyed, no UID."
+    return without_uids(without_paths(text, root, key), uids) if key else text
 
 def shareable(m:MaskMatch, # a verdict row
               key:str|None, # the pseudonym key of a pseudonymised index (None: the row as it is)
+              root, # the source root
+              uids=(), # the UIDs its reason may quote
              ) -> MaskMatch:
-    "Row `m` as a pseudonymised index may hold it: the annotation by its keyed source id, no UID in the reason."
-    return replace(m, annotation=m.annotation and source_id(m.annotation, key), reason=UID_TEXT.sub('(a UID)', m.reason)) if key else m
+    "Row `m` as a pseudonymised index may hold it: the annotation by its keyed source id, no path or UID in the reason."
+    return replace(m, annotation=m.annotation and source_id(m.annotation, key), reason=shareable_text(m.reason, key, root, uids)) if key else m
 
 def record_masks(db, # the run's database
                  task:MaskTask, # the target's task
@@ -220,12 +243,13 @@ def record_masks(db, # the run's database
                  key:str|None=None, # the pseudonym key of a pseudonymised index
                 ):
     "Record a target's verdicts and signature; a target left without annotations is forgotten."
+    uids = [u for _, j in task.annotations for u in annotation_uids(Annotation.from_json(j))] if key else []
     db.execute('delete from mask_matches where pipeline = ? and target = ?', [task.pipeline, task.target])
-    db['mask_matches'].insert_all([dict(vars(shareable(m, key)), pipeline=task.pipeline, target=task.target, segments=json.dumps(m.segments))
+    db['mask_matches'].insert_all([dict(vars(shareable(m, key, task.root, uids)), pipeline=task.pipeline, target=task.target, segments=json.dumps(m.segments))
                                    for m in res.matches], pk=('pipeline', 'target', 'annotation', 'verdict'), replace=True)
     if not task.annotations or task.payload is None:
         db.execute('delete from mask_targets where pipeline = ? and target = ?', [task.pipeline, task.target]); return
-    db['mask_targets'].upsert(dict(pipeline=task.pipeline, target=task.target, sig=task.sig, status=res.status, reason=res.reason,
+    db['mask_targets'].upsert(dict(pipeline=task.pipeline, target=task.target, sig=task.sig, status=res.status, reason=shareable_text(res.reason, key, task.root, uids),
                                    n_masks=len(res.written), made_at=now(), run_id=task.run_id), pk=('pipeline', 'target'))
 
 # %% ../nbs/06d_maskstage.ipynb #4bf33b93
@@ -327,7 +351,8 @@ def make_masks(run:Run, # the open run, its own outputs done
     tasks, lost = plan_masks(run, t, annotations, segment_ids(run.db, annotations), opts)
     with run.db.atomic():
         run.db.execute("delete from mask_matches where pipeline = ? and target = ''", [t.pipeline])
-        run.db['mask_matches'].insert_all([dict(vars(shareable(m, run.key)), pipeline=t.pipeline, target='', segments='[]') for m in lost], replace=True)
+        run.db['mask_matches'].insert_all([dict(vars(shareable(m, run.key, run.dicom_dir, annotation_uids(annotations[m.annotation]))), pipeline=t.pipeline, target='', segments='[]')
+                                           for m in lost], replace=True)
     n = run.stream(t.work, tasks, partial(_write, t=t, output_dir=run.output_dir, key=run.key), phase='Masks', label='targets') if tasks else 0
     if annotations or n: run.notes.append(_summary(run.db, t.pipeline, n))
     return n

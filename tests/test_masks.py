@@ -536,3 +536,58 @@ def test_a_kill_during_the_nifti_masks_stage_then_a_rerun_equals_a_clean_run(tmp
     dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
     assert _label_state(tmp_path/'out') == _label_state(tmp_path/'clean')
     assert len(_label_state(tmp_path/'clean')[0]) == 24
+
+
+def _doe_tree(src) -> tuple[list, Path, Path]:
+    "A patient's series with a SEG and an RTSTRUCT, all named after him: (images, seg, rtstruct)."
+    from pydicom.uid import generate_uid
+    from dicom_prep import synth_labels as sl
+    images = synth_series(src/'DOE_JOHN/ct', 6, 32, 32, FrameOfReferenceUID=generate_uid(), PatientName='Doe^John', PatientID='MRN777')
+    ball = np.zeros((6, 32, 32), bool); ball[1:5, 8:20, 10:24] = True
+    seg = sl.synth_seg(images, src/'DOE_JOHN/seg_DOE.dcm', [sl.SegmentSpec('Liver', ball)])
+    return images, seg, sl.synth_rtstruct(images, src/'DOE_JOHN/rt_DOE.dcm', [sl.RoiSpec('Lesion', [(k, sl.disc(16, 16, 5)) for k in (2, 3)])])
+
+def _odd_frame(rt, dest, uid:str, refs:bool=True):
+    "A copy of RTSTRUCT `rt` in frame of reference `uid` (any text), with or without its image references."
+    from pydicom.uid import generate_uid
+    ds = pydicom.dcmread(rt); ds.SOPInstanceUID, ds.FrameOfReferenceUID = generate_uid(), uid
+    for it in ds.ReferencedFrameOfReferenceSequence:
+        it.FrameOfReferenceUID = uid
+        if not refs: it.RTReferencedStudySequence = []
+    for it in ds.StructureSetROISequence: it.ReferencedFrameOfReferenceUID = uid
+    for cc in (cc for c in ds.ROIContourSequence for cc in c.ContourSequence if not refs and 'ContourImageSequence' in cc): del cc.ContourImageSequence
+    ds.save_as(dest)
+
+@pytest.mark.filterwarnings('ignore:Invalid value for VR UI')
+def test_pseudonymised_reasons_quote_no_uid_of_an_unusual_form(tmp_path):
+    "A frame of reference UID that is not dotted digits ('DOE.JOHN.1', '1.2.3') is named in no reason of a pseudonymised index."
+    src = tmp_path/'src'
+    _, _, rt = _doe_tree(src)
+    _odd_frame(rt, src/'DOE_JOHN/rt_odd.dcm', 'DOE.JOHN.1')             # matched by SOP UID, in another frame of reference
+    _odd_frame(rt, src/'DOE_JOHN/rt_lost.dcm', '1.2.3', refs=False)     # matches nothing: its frame of reference is named
+    for kind, run in (('pp', preprocess), ('nii', dicom_to_nifti)):
+        run(src, tmp_path/kind, n_workers=0, quiet=True, pseudonymize=True)
+        verdicts = {v for (v,) in query(tmp_path/kind, 'select verdict from mask_matches')}
+        assert {'other frame of reference', 'reference not found'} <= verdicts
+        shared = _dump(tmp_path/kind/'dicom_prep.db')
+        assert [m for m in ('DOE.JOHN.1', '1.2.3', 'DOE') if m.encode() in shared] == []
+
+@pytest.mark.parametrize('gone', ['annotation', 'image'])
+def test_pseudonymised_reasons_quote_no_path_of_a_file_gone_while_painting(tmp_path, monkeypatch, gone):
+    "A source file gone between reading the annotations and painting: the error is recorded, its path keyed, in mask_matches or mask_targets."
+    from dicom_prep import maskstage
+    src = tmp_path/'src'
+    images, seg, _ = _doe_tree(src)
+    victim = Path(seg if gone == 'annotation' else images[2])
+    def refresh(*a, **k):
+        n = read(*a, **k); victim.rename(tmp_path/'away'); return n
+    read = maskstage.refresh_annotations
+    monkeypatch.setattr(maskstage, 'refresh_annotations', refresh)
+    for kind, run in (('pp', preprocess), ('nii', dicom_to_nifti)):
+        run(src, tmp_path/kind, n_workers=0, quiet=True, pseudonymize=True)
+        (tmp_path/'away').rename(victim)
+        why = query(tmp_path/kind, "select reason from mask_matches where verdict = 'unreadable' union all "
+                                   "select reason from mask_targets where status = 'error'")
+        assert len(why) == 1 and 'FileNotFoundError' in why[0][0]
+        shared = _dump(tmp_path/kind/'dicom_prep.db')
+        assert [m for m in (str(src), 'DOE') if m.encode() in shared] == []
