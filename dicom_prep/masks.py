@@ -21,8 +21,8 @@ from .guards import TooLargeError, check_size
 from .annotations import Annotation, AnnotationError, Plane, MAX_CONTOUR_POINTS, image_planes
 
 # %% auto #0
-__all__ = ['GRID_TOL', 'ORIENT_TOL', 'PLANE_TOL', 'MAX_CROSSINGS', 'SNAP', 'OVERLAP_POLICIES', 'MASK_VERDICTS', 'PAINTERS',
-           'filled_box', 'fill_contours', 'Canvas', 'Outcome', 'PlaneIndex', 'seg_frames', 'paint_seg',
+__all__ = ['GRID_TOL', 'ORIENT_TOL', 'PLANE_TOL', 'MAX_CROSSINGS', 'SNAP', 'OVERLAP_POLICIES', 'OPEN_CONTOURS', 'MASK_VERDICTS',
+           'PAINTERS', 'filled_box', 'fill_contours', 'Canvas', 'Outcome', 'PlaneIndex', 'seg_frames', 'paint_seg',
            'paint_rtstruct', 'MaskMatch', 'paint_target', 'match_rows']
 
 # %% ../nbs/06c_masks.ipynb #650c5ab9
@@ -272,10 +272,13 @@ def _contour_plane(c, pts, ix:PlaneIndex, a:Annotation) -> int|None:
     k, dist = ix.nearest(pts.mean(axis=0), a.frame_of_reference, _normal(pts))
     return k if dist <= PLANE_TOL else None
 
+OPEN_CONTOURS = ('POINT', 'OPEN_PLANAR', 'OPEN_NONPLANAR')   # the other ContourGeometricType terms
+
 def _contour_pixels(c, ix:PlaneIndex, a:Annotation) -> tuple[int|None, np.ndarray|None]:
     "(plane, (n, 2) column and row coordinates) of closed contour `c`; (None, None) when it lies on another target."
     kind = text_value(c.get('ContourGeometricType')).upper()
-    if kind not in ('CLOSED_PLANAR', 'CLOSEDPLANAR_XOR'): raise AnnotationError('open contour', f"a contour of type {kind or '(none)'} encloses no area")
+    if kind not in ('CLOSED_PLANAR', 'CLOSEDPLANAR_XOR'):       # the reason names a DICOM term only, never the file's own text
+        raise AnnotationError('open contour', f"a contour of type {kind if kind in OPEN_CONTOURS else '(none or not a DICOM term)'} encloses no area")
     pts = _contour_points(c)
     if (k := _contour_plane(c, pts, ix, a)) is None: return None, None
     if (p := ix.planes[k]).origin is None: raise AnnotationError('off grid', 'a contour on an image without geometry')

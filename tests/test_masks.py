@@ -591,3 +591,14 @@ def test_pseudonymised_reasons_quote_no_path_of_a_file_gone_while_painting(tmp_p
         assert len(why) == 1 and 'FileNotFoundError' in why[0][0]
         shared = _dump(tmp_path/kind/'dicom_prep.db')
         assert [m for m in (str(src), 'DOE') if m.encode() in shared] == []
+
+def test_pseudonymised_reasons_quote_no_contour_type_of_the_file(tmp_path):
+    "An RTSTRUCT whose ContourGeometricType is free text ('DOEJOHN'): its 'open contour' reason names no text of the file."
+    src = tmp_path/'src'
+    _, _, rt = _doe_tree(src)
+    ds = pydicom.dcmread(rt)
+    for cc in (cc for c in ds.ROIContourSequence for cc in c.ContourSequence): cc.ContourGeometricType = 'DOEJOHN'
+    ds.save_as(rt)
+    preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, pseudonymize=True)
+    assert query(tmp_path/'pp', "select count(*) from mask_matches where verdict = 'open contour'") == [(1,)]
+    assert b'DOE' not in _dump(tmp_path/'pp'/'dicom_prep.db')
