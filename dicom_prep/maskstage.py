@@ -216,7 +216,7 @@ def without_uids(text:str|None, # a reason
                 ) -> str|None:
     "`text` with each of `uids` (quoted whole) and any other UID-shaped number replaced by '(a UID)'."
     if not text: return text
-    for u in sorted({u for u in uids if u}, key=len, reverse=True): text = re.sub(rf'(?<![\w.]){re.escape(u)}(?![\w.])', '(a UID)', text)
+    for u in sorted({u for u in uids if u}, key=len, reverse=True): text = re.sub(rf'(?<!\w)(?<!\w\.){re.escape(u)}(?!\.?\w)', '(a UID)', text)
     return UID_TEXT.sub('(a UID)', text)
 
 def annotation_uids(a:Annotation) -> list[str]: return [a.sop_uid, a.series_uid, a.frame_of_reference, *a.references, *a.ref_series]   # what a reason may quote
