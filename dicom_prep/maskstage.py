@@ -15,11 +15,12 @@ from __future__ import annotations
 import json, os, re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable
 import numpy as np
 from PIL import Image
+from pydicom.datadict import DicomDictionary
 from .core import remove_output, stable_hash
 from .paths import inside
 from .options import MaskOptions
@@ -34,10 +35,11 @@ from .annotations import Annotation, AnnotationError, describe_annotation, image
 from .masks import Canvas, MaskMatch, match_rows, paint_target
 
 # %% auto #0
-__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'UID_TEXT', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations',
+__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'UID_TEXT', 'QUOTED', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations',
            'annotations_of', 'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult',
-           'targets_of', 'plan_masks', 'paint_task', 'without_uids', 'annotation_uids', 'shareable_text', 'shareable',
-           'record_masks', 'ImageRef', 'image_inputs', 'paint_images', 'mask_file', 'write_image_masks', 'make_masks']
+           'targets_of', 'plan_masks', 'paint_task', 'without_uids', 'annotation_uids', 'dicom_names', 'without_values',
+           'shareable_text', 'shareable', 'record_masks', 'ImageRef', 'image_inputs', 'paint_images', 'mask_file',
+           'write_image_masks', 'make_masks']
 
 # %% ../nbs/06d_maskstage.ipynb #f3bfe694
 ANNOTATION_KINDS = ('seg', 'rtstruct')   # `files.kind` of the objects this stage reads
@@ -221,13 +223,23 @@ def without_uids(text:str|None, # a reason
 
 def annotation_uids(a:Annotation) -> list[str]: return [a.sop_uid, a.series_uid, a.frame_of_reference, *a.references, *a.ref_series]   # what a reason may quote
 
+QUOTED = re.compile(r"""(?<!\w)(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")""")   # a quoted value (not an apostrophe): errors quote what they read
+
+@cache
+def dicom_names() -> frozenset: return frozenset(v[2] for v in DicomDictionary.values())   # 'Photometric Interpretation', ...
+
+def without_values(text:str|None, # a reason
+                  ) -> str|None:
+    "`text` with each quoted value, a DICOM attribute's name aside, replaced by '(a value)'."
+    return text and QUOTED.sub(lambda m: m[0] if m[0][1:-1] in dicom_names() else '(a value)', text)
+
 def shareable_text(text:str|None, # a reason
                    key:str|None, # the pseudonym key of a pseudonymised index (None: `text` as it is)
                    root, # the source root
                    uids=(), # the UIDs it may quote
                   ) -> str|None:
-    "`text` as a pseudonymised index may hold it: paths under `root` keyed, no UID."
-    return without_uids(without_paths(text, root, key), uids) if key else text
+    "`text` as a pseudonymised index may hold it: paths under `root` keyed, no quoted value, no UID."
+    return without_uids(without_values(without_paths(text, root, key)), uids) if key else text
 
 def shareable(m:MaskMatch, # a verdict row
               key:str|None, # the pseudonym key of a pseudonymised index (None: the row as it is)

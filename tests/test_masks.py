@@ -602,3 +602,13 @@ def test_pseudonymised_reasons_quote_no_contour_type_of_the_file(tmp_path):
     preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, pseudonymize=True)
     assert query(tmp_path/'pp', "select count(*) from mask_matches where verdict = 'open contour'") == [(1,)]
     assert b'DOE' not in _dump(tmp_path/'pp'/'dicom_prep.db')
+
+def test_pseudonymised_reasons_quote_no_value_a_library_error_read(tmp_path):
+    "A SEG whose PhotometricInterpretation is free text ('DOEJOHN'): pydicom's error quotes it; a pseudonymised index keeps the error, not the value."
+    src = tmp_path/'src'
+    _, seg, _ = _doe_tree(src)
+    ds = pydicom.dcmread(seg); ds.PhotometricInterpretation = 'DOEJOHN'; ds.save_as(seg)
+    preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, pseudonymize=True)
+    why = query(tmp_path/'pp', "select reason from mask_matches where verdict = 'unreadable'")
+    assert len(why) == 1 and 'Photometric Interpretation' in why[0][0]
+    assert b'DOE' not in _dump(tmp_path/'pp'/'dicom_prep.db')
