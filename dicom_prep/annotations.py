@@ -11,8 +11,8 @@ Docs: https://dicom-prep.github.io/dicom_prep/annotations.html.md"""
 
 # %% ../nbs/06b_annotations.ipynb #dcb0c54b
 from __future__ import annotations
-import json
-from dataclasses import dataclass, field
+import json, re
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 import numpy as np
 from .tags import num_value, raw_value, text_value
@@ -20,7 +20,8 @@ from .guards import frame_count
 
 # %% auto #0
 __all__ = ['SEG_CLASSES', 'RTSTRUCT_CLASS', 'LABELMAP_CLASS', 'MAX_CONTOUR_POINTS', 'GEOMETRY', 'AnnotationError', 'Segment',
-           'code_of', 'lab_to_hex', 'Annotation', 'annotation_kind', 'describe_annotation', 'Plane', 'image_planes']
+           'code_of', 'lab_to_hex', 'Annotation', 'annotation_kind', 'unnamed', 'describe_annotation', 'Plane',
+           'image_planes']
 
 # %% ../nbs/06b_annotations.ipynb #c45385a3
 SEG_CLASSES = {'1.2.840.10008.5.1.4.1.1.66.4': 'seg', '1.2.840.10008.5.1.4.1.1.66.7': 'seg'}   # Segmentation, Label Map Segmentation
@@ -132,13 +133,25 @@ def _rt_annotation(ds) -> Annotation:
     return Annotation('rtstruct', frame_of_reference=text_value(frames[0].get('FrameOfReferenceUID')) if frames else '',
                       segments=_roi_segments(ds), references=_uids(images, 'ReferencedSOPInstanceUID'), ref_series=_uids(series, 'SeriesInstanceUID'))
 
+def _words(text:str|None) -> set[str]: return {w for w in re.split(r'[^0-9a-z]+', (text or '').lower()) if len(w) >= 3}
+
+def unnamed(s:Segment, # a segment as its file declares it
+            patient:set[str], # the words of its file's PatientName and PatientID (see `_words`)
+           ) -> Segment:
+    "Segment `s` without its patient's name or ID: a label naming them becomes 'segment N', a code meaning naming them is dropped."
+    names = lambda t: bool(patient & _words(t))
+    code = lambda c: None if c and names(c[2]) else c
+    return replace(s, label=f'segment {s.number}' if names(s.label) else s.label, category=code(s.category), type=code(s.type))
+
 def describe_annotation(ds, # a SEG or RTSTRUCT dataset
                        ) -> Annotation:
-    "What annotation `ds` declares: its segments and the images it references; `AnnotationError` if it is not one or declares nothing."
+    "What annotation `ds` declares: its segments (none naming its patient) and the images it references; `AnnotationError` if it is not one or declares nothing."
     if (kind := annotation_kind(ds)) is None: raise AnnotationError('unreadable', f"SOP class {text_value(ds.get('SOPClassUID'))!r} is not SEG or RTSTRUCT")
     a = _seg_annotation(ds) if kind == 'seg' else _rt_annotation(ds)
     a.sop_uid, a.series_uid = text_value(ds.get('SOPInstanceUID')), text_value(ds.get('SeriesInstanceUID'))
     a.frame_of_reference = text_value(ds.get('FrameOfReferenceUID')) or a.frame_of_reference
+    patient = _words(text_value(ds.get('PatientName'))) | _words(text_value(ds.get('PatientID')))
+    a.segments = [unnamed(s, patient) for s in a.segments]
     if not a.segments: raise AnnotationError('empty segment', f"the {kind.upper()} declares no segments")
     if len({s.number for s in a.segments}) < len(a.segments): raise AnnotationError('bad segment number', 'two segments share a number')
     return a

@@ -483,7 +483,7 @@ def test_pseudonymised_masks_equal_plain_ones_and_leak_nothing(tmp_path):
     images = synth_series(src/'DOE_JOHN/ct', 6, 32, 32, FrameOfReferenceUID=generate_uid(), PatientName='Doe^John', PatientID='MRN777')
     ball = np.zeros((6, 32, 32), bool); ball[1:5, 8:20, 10:24] = True
     sl.synth_seg(images, src/'DOE_JOHN/seg_DOE.dcm', [sl.SegmentSpec('Liver', ball)])
-    sl.synth_rtstruct(images, src/'DOE_JOHN/rt_DOE.dcm', [sl.RoiSpec('Lesion', [(k, sl.disc(16, 16, 5)) for k in (2, 3)])])
+    sl.synth_rtstruct(images, src/'DOE_JOHN/rt_DOE.dcm', [sl.RoiSpec('GTV_DOE_JOHN', [(k, sl.disc(16, 16, 5)) for k in (2, 3)])])   # a label naming the patient
     for kind, run in (('pp', preprocess), ('nii', dicom_to_nifti)):
         run(src, tmp_path/kind, n_workers=0, quiet=True)
         run(src, tmp_path/f'{kind}_p', n_workers=0, quiet=True, pseudonymize=True)
@@ -497,6 +497,7 @@ def test_pseudonymised_masks_equal_plain_ones_and_leak_nothing(tmp_path):
         assert [m for m in marks if m.encode() in shared] == [] and b'create table "annotations"' not in shared.lower()
         assert query(tmp_path/kind, "select count(*) from mask_matches where verdict = 'matched'") == [(2,)]
         with closing(sqlite3.connect(tmp_path/f'{kind}.private.db')) as c: assert c.execute('select count(*) from annotations').fetchone() == (2,)
+        assert sorted(query(tmp_path/kind, 'select label from segments')) == [('Liver',), ('segment 1',)]
 
 
 @needs_real
