@@ -278,25 +278,32 @@ def _many_annotated(root, n_series=24, rows=96) -> Path:
                                                           sl.RoiSpec('Ring', [(k, c) for k in (1, 2) for c in sl.ring(50, 50, 20, 8)])])
     return root
 
-def _mask_state(out) -> tuple:
-    "What the masks stage leaves: mask files, image rows' mask paths, the verdicts, the targets and the segment ids."
-    return (_masks(out), query(out, 'select filename, mask_path from images order by 1'),
-            query(out, 'select * from mask_matches order by 1, 2, 3, 4'), query(out, 'select pipeline, target, sig, status, reason, n_masks from mask_targets order by 2'),
+def _stage_rows(out) -> tuple:
+    "What the masks stage records: the verdicts, the targets and the segment ids."
+    return (query(out, 'select * from mask_matches order by 1, 2, 3, 4'), query(out, 'select pipeline, target, sig, status, reason, n_masks from mask_targets order by 2'),
             query(out, 'select id, key, label, category, type, colour from segments order by id'))
 
-@pytest.mark.parametrize('after', [1, 25, 60])
-def test_a_kill_during_the_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path, after):
-    "kill -9 once the masks stage has written `after` mask PNGs; the rerun's masks, rows and ids equal a clean run's."
+def _written(out, pattern) -> dict:
+    "{path: bytes} of the files matching `pattern` under a run's output folder."
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob(pattern))}
+
+KILLED = {'preprocess': (preprocess, '*.png', 'masks', 'select filename, mask_path from images order by 1', 24 * 6),
+          'nifti': (dicom_to_nifti, '*_seg.nii.gz', 'nifti', 'select id, seg_path from volumes order by 1', 24)}
+
+@pytest.mark.parametrize('script,after', [('preprocess', 1), ('preprocess', 25), ('preprocess', 60), ('nifti', 1), ('nifti', 12)])
+def test_a_kill_during_the_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path, script, after):
+    "kill -9 once the masks stage has written `after` masks (PNGs, or label volumes); the rerun's masks, rows and ids equal a clean run's."
+    run, pattern, folder, paths_sql, n = KILLED[script]
     src = _many_annotated(tmp_path/'src')
-    preprocess(src, tmp_path/'clean', n_workers=0, quiet=True)
-    cmd = [sys.executable, '-c', 'from dicom_prep.preprocess import main; main()', '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1']
+    run(src, tmp_path/'clean', n_workers=0, quiet=True)
+    cmd = [sys.executable, '-c', f'from dicom_prep.{script} import main; main()', '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1']
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and len(list((tmp_path/'out'/'masks').rglob('*.png'))) < after: time.sleep(0.002)
+    while p.poll() is None and len(list((tmp_path/'out'/folder).rglob(pattern))) < after: time.sleep(0.002)
     p.kill(); p.wait()
     assert p.returncode == -9, 'the run ended before the kill: the test did not test a kill'
-    preprocess(src, tmp_path/'out', n_workers=0, quiet=True)
-    assert _mask_state(tmp_path/'out') == _mask_state(tmp_path/'clean')
-    assert len(_masks(tmp_path/'clean')) == 24 * 6
+    run(src, tmp_path/'out', n_workers=0, quiet=True)
+    state = lambda out: (_written(out/folder, pattern), query(out, paths_sql), _stage_rows(out))
+    assert state(tmp_path/'out') == state(tmp_path/'clean') and len(_written(tmp_path/'clean'/folder, pattern)) == n
 
 
 @pytest.mark.parametrize('step', [2.0, -2.0])                     # -2: slices stored top-down (a flipped stack)
@@ -515,28 +522,6 @@ def test_masks_deleted_from_disk_are_remade(tmp_path):
     shutil.rmtree(tmp_path/'pp'/'masks')
     preprocess(src, tmp_path/'pp', n_workers=0, quiet=True, verify=True)
     assert _masks(tmp_path/'pp') == clean and clean
-
-
-def _label_state(out) -> tuple:
-    "What the masks stage leaves in a NIfTI run: label volumes (bytes), the volumes' seg paths, the verdicts, targets and ids."
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out/'nifti').rglob('*_seg.nii.gz'))}
-    return (files, query(out, 'select id, seg_path from volumes order by 1'), query(out, 'select * from mask_matches order by 1, 2, 3, 4'),
-            query(out, 'select pipeline, target, sig, status, reason, n_masks from mask_targets order by 2'),
-            query(out, 'select id, key, label, category, type, colour from segments order by id'))
-
-@pytest.mark.parametrize('after', [1, 12])
-def test_a_kill_during_the_nifti_masks_stage_then_a_rerun_equals_a_clean_run(tmp_path, after):
-    "kill -9 of dicom_prep_nifti once `after` label volumes are written; the rerun's label volumes, rows and ids equal a clean run's."
-    src = _many_annotated(tmp_path/'src')
-    dicom_to_nifti(src, tmp_path/'clean', n_workers=0, quiet=True)
-    cmd = [sys.executable, '-c', 'from dicom_prep.nifti import main; main()', '--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1']
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while p.poll() is None and len(list((tmp_path/'out').rglob('*_seg.nii.gz'))) < after: time.sleep(0.002)
-    p.kill(); p.wait()
-    assert p.returncode == -9, 'the run ended before the kill: the test did not test a kill'
-    dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
-    assert _label_state(tmp_path/'out') == _label_state(tmp_path/'clean')
-    assert len(_label_state(tmp_path/'clean')[0]) == 24
 
 
 def _doe_tree(src) -> tuple[list, Path, Path]:
