@@ -64,7 +64,7 @@ def test_no_volume_from_a_non_image_object(tree, nifti_run):
     assert {p: cached.get(p) for p in others} == {p: kinds[p] for p in others}
     in_volumes = {p for (p,) in conn.execute('select distinct path from volume_files')}
     assert not in_volumes & others and in_volumes
-    assert not conn.execute(f"select modality from volumes where modality in ('SEG', 'RTSTRUCT', 'RTPLAN', 'SR')").fetchall()
+    assert not conn.execute("select modality from volumes where modality in ('SEG', 'RTSTRUCT', 'RTPLAN', 'SR')").fetchall()
     n = len(others)
     assert re.search(rf"{n} non-image objects indexed, not volumes: .*\bseg\b.*", r.stdout), r.stdout[-1500:]
 
