@@ -118,7 +118,7 @@ class Canvas:
         cur, m = lay[rs, cs], box[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0]
         clash = m & (cur != 0) & (cur != seg)
         if clash.any():
-            self.overlaps.update({tuple(sorted((int(o), seg))): int(n) for o, n in zip(*np.unique(cur[clash], return_counts=True))})
+            self.overlaps.update({tuple(sorted((int(o), seg))): int(n) for o, n in zip(*np.unique(cur[clash], return_counts=True), strict=True)})
             later = self.rank[cur] < self.rank[seg]
             m = m & ((cur == 0) | (cur == seg) | (later if self.policy != 'first' else ~later))   # its own pixels count as labelled
         cur[m] = seg
@@ -175,11 +175,11 @@ def _offset(s:Plane, p:Plane) -> tuple[int, int]:
     if p.origin is None or s.origin is None:
         if (s.rows, s.cols) == (p.rows, p.cols): return 0, 0
         raise AnnotationError('off grid', f"a {s.rows}×{s.cols} frame on a {p.rows}×{p.cols} image without geometry")
-    if max(abs(a - b) for a, b in zip((*s.row_dir, *s.col_dir), (*p.row_dir, *p.col_dir))) > ORIENT_TOL:   # plain floats: one frame's
+    if max(abs(a - b) for a, b in zip((*s.row_dir, *s.col_dir), (*p.row_dir, *p.col_dir), strict=True)) > ORIENT_TOL:   # plain floats: one frame's
         raise AnnotationError('off grid', 'its orientation differs from the image plane')                  # few numbers, thousands of frames
-    if any(abs(a - b) > 1e-4 * abs(b) for a, b in zip(s.spacing, p.spacing)): raise AnnotationError('off grid', f"pixel spacing {s.spacing} is not the image's {p.spacing}")
-    v = [a - b for a, b in zip(s.origin, p.origin)]
-    c, r, d = (sum(x * y for x, y in zip(v, u)) / k for u, k in ((p.row_dir, p.spacing[1]), (p.col_dir, p.spacing[0]), (p.normal, 1.)))
+    if any(abs(a - b) > 1e-4 * abs(b) for a, b in zip(s.spacing, p.spacing, strict=True)): raise AnnotationError('off grid', f"pixel spacing {s.spacing} is not the image's {p.spacing}")
+    v = [a - b for a, b in zip(s.origin, p.origin, strict=True)]
+    c, r, d = (sum(x * y for x, y in zip(v, u, strict=True)) / k for u, k in ((p.row_dir, p.spacing[1]), (p.col_dir, p.spacing[0]), (p.normal, 1.)))
     if abs(d) > GRID_TOL * min(p.spacing) or abs(c - round(c)) > GRID_TOL or abs(r - round(r)) > GRID_TOL:
         raise AnnotationError('off grid', f"its corner falls at row {r:.3f}, column {c:.3f}, {d:.3f} mm off the image plane")
     return round(r), round(c)
@@ -238,7 +238,7 @@ def paint_seg(path, ds, a:Annotation, canvas:Canvas, ix:PlaneIndex, ids:dict, th
     "Paint the frames of SEG `ds` (file `path`) that land on the target's planes; `ids` maps its segment numbers to label ids."
     check_size(ds)
     places = _seg_places(ds, ix, a, out)
-    for i, px in zip(sorted(places), seg_frames(path, ds, sorted(places)) if places else []):
+    for i, px in zip(sorted(places), seg_frames(path, ds, sorted(places)) if places else [], strict=True):   # a frame short is an error, not a skip
         k, r0, c0, num = places[i]
         try: masks = _seg_masks(i, num, px, ds, a, threshold)
         except AnnotationError as e: out.refuse(e.verdict, str(e)); continue
@@ -385,4 +385,4 @@ def match_rows(annotations:list, # (path, `Annotation`) pairs, as painted
     "Every verdict of painting a target, as `mask_matches` rows, one per (annotation, verdict): the overlaps are the target's own (annotation '')."
     for_uids = {p.frame_of_reference for p in canvas.planes}
     rows = [r for p, a in annotations for r in _rows_of(p, a, outcomes[str(p)], ids, for_uids)]
-    return _one_per_key(rows + [MaskMatch('', 'overlap', why, list(pair), n) for (pair, n), why in zip(sorted(canvas.overlaps.items()), canvas.overlap_notes())])
+    return _one_per_key(rows + [MaskMatch('', 'overlap', why, list(pair), n) for (pair, n), why in zip(sorted(canvas.overlaps.items()), canvas.overlap_notes(), strict=True)])

@@ -303,7 +303,7 @@ def paint_images(task:MaskTask, # a series' task (its payload: `ImageRef`s)
     canvas, rows, refused = paint_task(task, planes)
     if refused: return MaskResult(task.target, 'refused', refused, rows)
     out = Path(task.output_dir)
-    written = {r.filename: _save_mask(lay, r, out) for r, lay in zip(where, canvas.layers) if lay is not None and lay.any()}
+    written = {r.filename: _save_mask(lay, r, out) for r, lay in zip(where, canvas.layers, strict=True) if lay is not None and lay.any()}
     return MaskResult(task.target, 'ok', None, rows, written)
 
 def mask_file(output_dir, # the output folder
