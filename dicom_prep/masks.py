@@ -17,7 +17,7 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
 from .tags import num_value, text_value, values_unvalidated
-from .guards import TooLargeError, check_size
+from .guards import TooLargeError, check_size, frame_count
 from .annotations import Annotation, AnnotationError, Plane, MAX_CONTOUR_POINTS, image_planes
 
 # %% auto #0
@@ -234,9 +234,19 @@ def seg_frames(path, # the SEG file
     packed = num_value(ds.get('BitsAllocated')) == 1 and (ds.Rows * ds.Columns) % 8 and not ds.file_meta.TransferSyntaxUID.is_compressed
     return _unpacked_frames(path, ds, indices) if packed else iter_pixels(path, indices=indices)
 
+def _pixels_short(path, ds) -> str|None:
+    "Why the uncompressed pixel data of SEG `path` cannot hold the frames its header `ds` declares; None when it can (or is compressed)."
+    ts = getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)
+    if ts is None or ts.is_compressed: return None
+    n, size = frame_count(ds), int(num_value(ds.get('Rows')) or 0) * int(num_value(ds.get('Columns')) or 0)
+    need = -(-n * size * int(num_value(ds.get('BitsAllocated')) or 1) // 8)
+    have = getattr(pydicom.dcmread(path, specific_tags=['PixelData'], defer_size=1024)._dict.get(0x7FE00010), 'length', 0) or 0   # its length, unread
+    return None if have >= need else f"its pixel data holds {have:,} bytes of the {need:,} its {n:,} frames need"
+
 def paint_seg(path, ds, a:Annotation, canvas:Canvas, ix:PlaneIndex, ids:dict, threshold:float, out:Outcome):
     "Paint the frames of SEG `ds` (file `path`) that land on the target's planes; `ids` maps its segment numbers to label ids."
     check_size(ds)
+    if (why := _pixels_short(path, ds)): raise AnnotationError('unreadable', why)   # a reader would pad or misread the frames it lacks
     places = _seg_places(ds, ix, a, out)
     for i, px in zip(sorted(places), seg_frames(path, ds, sorted(places)) if places else [], strict=True):   # a frame short is an error, not a skip
         k, r0, c0, num = places[i]

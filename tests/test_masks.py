@@ -598,3 +598,16 @@ def test_pseudonymised_reasons_quote_no_value_a_library_error_read(tmp_path):
     why = query(tmp_path/'pp', "select reason from mask_matches where verdict = 'unreadable'")
     assert len(why) == 1 and 'Photometric Interpretation' in why[0][0]
     assert b'DOE' not in _dump(tmp_path/'pp'/'dicom_prep.db')
+
+
+def test_a_seg_whose_pixel_data_is_cut_short_is_refused_not_padded(tmp_path):
+    "A SEG whose pixel data holds half its frames: one 'unreadable' row saying how short it is, and no mask (a reader would pad the rest)."
+    from pydicom.uid import generate_uid
+    from dicom_prep.synth import synth_series
+    from dicom_prep import synth_labels as sl
+    images = synth_series(tmp_path/'src/p/ct', 4, 32, 32, FrameOfReferenceUID=generate_uid())
+    seg = sl.synth_seg(images, tmp_path/'src/p/seg.dcm', [sl.SegmentSpec('Liver', np.ones((4, 32, 32), bool))])
+    ds = pydicom.dcmread(seg); ds.PixelData = ds.PixelData[:len(ds.PixelData) // 2]; ds.save_as(seg)
+    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    assert query(tmp_path/'out', 'select verdict, reason from mask_matches') == [('unreadable', 'its pixel data holds 256 bytes of the 512 its 4 frames need')]
+    assert query(tmp_path/'out', 'select count(*) from images where mask_path is not null') == [(0,)]
