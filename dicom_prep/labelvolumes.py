@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from .core import atomic_path, remove_output, stable_hash
 from .paths import inside
-from .read import DicomReadError, read_dicom
-from .annotations import AnnotationError, image_planes
-from .maskstage import ANNOTATION_KINDS, MaskResult, MaskTargets, MaskTask, TargetInputs, paint_task
+from .read import DicomReadError
+from .annotations import AnnotationError
+from .maskstage import ANNOTATION_KINDS, MaskResult, MaskTargets, MaskTask, TargetInputs, paint_task, source_planes
 from .niftiwrite import SEG_SUFFIX, gzip_bytes, nifti_image
 
 # %% auto #0
@@ -59,7 +59,7 @@ def _volume_planes(ref:VolumeRef, root) -> tuple[list, dict]:
     "The planes of a volume's slices, and {(SOP Instance UID, frame): slice} of its later time points' images, read from their sources' headers."
     read = {}
     def plane(path, frame):
-        if path not in read: read[path] = image_planes(read_dicom(inside(root, path, f"volume_files row {ref.id!r}: path", True), headers_only=True))
+        if path not in read: read[path] = source_planes(root, path, f"volume_files row {ref.id!r}: path")
         return read[path][frame]
     return [plane(*s) for s in ref.slices], {((p := plane(path, frame)).sop_uid, p.frame): k for path, frame, k in ref.later}
 

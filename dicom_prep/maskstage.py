@@ -12,15 +12,14 @@ Docs: https://dicom-prep.github.io/dicom_prep/maskstage.html.md"""
 
 # %% ../nbs/06d_maskstage.ipynb #45d7ba3e
 from __future__ import annotations
-import json, os, re
+import json, os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Callable
 import numpy as np
 from PIL import Image
-from pydicom.datadict import DicomDictionary
 from .core import remove_output, stable_hash
 from .paths import inside
 from .options import MaskOptions
@@ -29,17 +28,16 @@ from .read import DicomReadError, read_dicom
 from .tags import values_unvalidated
 from .pixels import save_png
 from .db import now
-from .privacy import pseudonym, replace_rows, source_id, without_paths
+from .privacy import pseudonym, replace_rows, shareable_text, source_id, without_uids
 from .run import Run
 from .annotations import Annotation, AnnotationError, describe_annotation, image_planes
 from .masks import Canvas, MaskMatch, match_rows, paint_target
 
 # %% auto #0
-__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'UID_TEXT', 'QUOTED', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations',
-           'annotations_of', 'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult',
-           'targets_of', 'plan_masks', 'paint_task', 'without_uids', 'annotation_uids', 'dicom_names', 'without_values',
-           'shareable_text', 'shareable', 'record_masks', 'ImageRef', 'image_inputs', 'paint_images', 'mask_file',
-           'write_image_masks', 'make_masks']
+__all__ = ['ANNOTATION_KINDS', 'MASK_DIR', 'IMAGE_TARGETS', 'read_annotation', 'refresh_annotations', 'annotations_of',
+           'segment_ids', 'label_dtype', 'TargetInputs', 'MaskTargets', 'MaskTask', 'MaskResult', 'targets_of',
+           'plan_masks', 'paint_task', 'annotation_uids', 'shareable', 'record_masks', 'ImageRef', 'image_inputs',
+           'source_planes', 'paint_images', 'mask_file', 'write_image_masks', 'make_masks']
 
 # %% ../nbs/06d_maskstage.ipynb #f3bfe694
 ANNOTATION_KINDS = ('seg', 'rtstruct')   # `files.kind` of the objects this stage reads
@@ -211,35 +209,7 @@ def paint_task(task:MaskTask, # the target's task
     refused = f"{len(canvas.overlaps)} pairs of segments overlap (--overlap error)" if task.policy == 'error' and canvas.overlaps else None
     return canvas, rows, refused
 
-UID_TEXT = re.compile(r'\b\d+(?:\.\d+){3,}\b')   # a UID-shaped number in a reason
-
-def without_uids(text:str|None, # a reason
-                 uids, # the UIDs it may quote, in whatever form a file gave them
-                ) -> str|None:
-    "`text` with each of `uids` (quoted whole) and any other UID-shaped number replaced by '(a UID)'."
-    if not text: return text
-    for u in sorted({u for u in uids if u}, key=len, reverse=True): text = re.sub(rf'(?<!\w)(?<!\w\.){re.escape(u)}(?!\.?\w)', '(a UID)', text)
-    return UID_TEXT.sub('(a UID)', text)
-
 def annotation_uids(a:Annotation) -> list[str]: return [a.sop_uid, a.series_uid, a.frame_of_reference, *a.references, *a.ref_series]   # what a reason may quote
-
-QUOTED = re.compile(r"""(?<!\w)(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")""")   # a quoted value (not an apostrophe): errors quote what they read
-
-@cache
-def dicom_names() -> frozenset: return frozenset(v[2] for v in DicomDictionary.values())   # 'Photometric Interpretation', ...
-
-def without_values(text:str|None, # a reason
-                  ) -> str|None:
-    "`text` with each quoted value, a DICOM attribute's name aside, replaced by '(a value)'."
-    return text and QUOTED.sub(lambda m: m[0] if m[0][1:-1] in dicom_names() else '(a value)', text)
-
-def shareable_text(text:str|None, # a reason
-                   key:str|None, # the pseudonym key of a pseudonymised index (None: `text` as it is)
-                   root, # the source root
-                   uids=(), # the UIDs it may quote
-                  ) -> str|None:
-    "`text` as a pseudonymised index may hold it: paths under `root` keyed, no quoted value, no UID."
-    return without_uids(without_values(without_paths(text, root, key)), uids) if key else text
 
 def shareable(m:MaskMatch, # a verdict row
               key:str|None, # the pseudonym key of a pseudonymised index (None: the row as it is)
@@ -280,12 +250,19 @@ def image_inputs(db, # the run's database
     if not rows: return None
     return TargetInputs(stable_hash(json.dumps([r[:6] for r in rows])), [ImageRef(*r[:4]) for r in rows], [r[6] for r in rows if r[6] is not None])
 
+def source_planes(root, # the source root
+                  path:str, # a source file, as the index records it (relative to `root`)
+                  row:str, # the row it was read from, named if the path leads out of `root`
+                 ) -> list:
+    "The `Plane`s of the frames of source file `path`, read from its header (the path resolved under `root`)."
+    return image_planes(read_dicom(inside(root, path, row, True), headers_only=True))
+
 def _image_planes(refs:list, root) -> tuple[list, list]:
-    "(planes, image refs) of the frames of `refs`, read from their sources' headers."
-    planes, where = [], []
-    for src in dict.fromkeys(r.source for r in refs):
-        ps = image_planes(read_dicom(inside(root, src, f"images row {refs[0].filename!r}'s series: source_path", True), headers_only=True))
-        for r in (r for r in refs if r.source == src and r.frame < len(ps)): planes.append(ps[r.frame]); where.append(r)
+    "(planes, image refs) of the frames of `refs`, each source's header read once."
+    planes, where, read = [], [], {}
+    for r in refs:
+        if r.source not in read: read[r.source] = source_planes(root, r.source, f"images row {r.filename!r}: source_path")
+        if r.frame < len(ps := read[r.source]): planes.append(ps[r.frame]); where.append(r)
     return planes, where
 
 def _save_mask(layer:np.ndarray, ref:ImageRef, output_dir:Path) -> str:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import hashlib, hmac, math, re, secrets
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import DicomDictionary, dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from .core import stable_hash
 from .db import FILE_COLUMNS_V7, get_meta
 
 # %% auto #0
-__all__ = ['PRIVATE_TABLES', 'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KEEP_OPTIONS', 'SHIFTED_KEYWORDS', 'SAFE_PRIVATE',
-           'NUMERIC_VRS', 'SHIFT_DAYS', 'SOURCE_COLUMNS', 'PrivateStateError', 'pseudonym', 'source_id', 'private_key',
-           'without_paths', 'is_pseudonymised', 'replace_rows', 'attach_private', 'SafePrivate',
+__all__ = ['PRIVATE_TABLES', 'UID_TEXT', 'QUOTED', 'PHI_KEYS', 'SAFE_ATTRIBUTES', 'SAFE_KEYWORDS', 'KEEP_OPTIONS',
+           'SHIFTED_KEYWORDS', 'SAFE_PRIVATE', 'NUMERIC_VRS', 'SHIFT_DAYS', 'SOURCE_COLUMNS', 'PrivateStateError',
+           'pseudonym', 'source_id', 'private_key', 'without_paths', 'is_pseudonymised', 'replace_rows',
+           'attach_private', 'without_uids', 'dicom_names', 'without_values', 'shareable_text', 'SafePrivate',
            'deidentified_keywords', 'numbers_only', 'Deidentify', 'parse_keep', 'date_offset', 'shifted',
            'relativize_sources', 'private_state_file', 'deidentify_flags']
 
@@ -118,6 +119,35 @@ def attach_private(db, # the shared index
         for name, kind in FILE_COLUMNS_V7.items():      # a column a later schema gave `files`
             if name not in have: db.execute(f'alter table private.files add column {name} {"TEXT" if kind is str else "INTEGER"}')
         return _key(db, salt)
+
+# %% ../nbs/04a_privacy.ipynb #b3f27462
+UID_TEXT = re.compile(r'\b\d+(?:\.\d+){3,}\b')   # a UID-shaped number in a reason
+
+def without_uids(text:str|None, # a reason
+                 uids, # the UIDs it may quote, in whatever form a file gave them
+                ) -> str|None:
+    "`text` with each of `uids` (quoted whole) and any other UID-shaped number replaced by '(a UID)'."
+    if not text: return text
+    for u in sorted({u for u in uids if u}, key=len, reverse=True): text = re.sub(rf'(?<!\w)(?<!\w\.){re.escape(u)}(?!\.?\w)', '(a UID)', text)
+    return UID_TEXT.sub('(a UID)', text)
+
+QUOTED = re.compile(r"""(?<!\w)(?:'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")""")   # a quoted value (not an apostrophe): errors quote what they read
+
+@cache
+def dicom_names() -> frozenset: return frozenset(v[2] for v in DicomDictionary.values())   # 'Photometric Interpretation', ...
+
+def without_values(text:str|None, # a reason
+                  ) -> str|None:
+    "`text` with each quoted value, a DICOM attribute's name aside, replaced by '(a value)'."
+    return text and QUOTED.sub(lambda m: m[0] if m[0][1:-1] in dicom_names() else '(a value)', text)
+
+def shareable_text(text:str|None, # a reason
+                   key:str|None, # the pseudonym key of a pseudonymised index (None: `text` as it is)
+                   root, # the source root
+                   uids=(), # the UIDs it may quote
+                  ) -> str|None:
+    "`text` as a pseudonymised index may hold it: paths under `root` keyed, no quoted value, no UID."
+    return without_uids(without_values(without_paths(text, root, key)), uids) if key else text
 
 # %% ../nbs/04a_privacy.ipynb #974f7ac1
 PHI_KEYS = {'patient_id': 'pat_', 'study_uid': '', 'series_uid': '', 'sop_uid': ''}   # identifier columns, held as keyed pseudonyms (prefix)
