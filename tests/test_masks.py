@@ -94,7 +94,7 @@ def _near_contour(shape, contours, tol=1.0) -> np.ndarray:
     "Pixels whose centres lie within `tol` pixels of a contour's edges."
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]; near = np.zeros(shape, bool)
     for c in contours:
-        for (a, b), (e, f) in zip(c, np.roll(c, -1, 0)):
+        for (a, b), (e, f) in zip(c, np.roll(c, -1, 0), strict=True):
             t = np.clip(((xx - a) * (e - a) + (yy - b) * (f - b)) / max((e - a)**2 + (f - b)**2, 1e-12), 0, 1)
             near |= np.hypot(xx - a - t * (e - a), yy - b - t * (f - b)) <= tol
     return near
@@ -136,7 +136,7 @@ def test_preprocess_writes_masks_beside_images(tmp_path):
     segments = dict(query(tmp_path/'out', 'select label, id from segments'))
     seg = hd.seg.segread(SEGS/'seg_image_ct_binary_overlap.dcm')
     theirs = seg.get_pixels_by_source_instance([r[0] for r in rows], combine_segments=False)
-    for (uid, mask, png), t in zip(rows, theirs):
+    for (_, mask, png), t in zip(rows, theirs, strict=True):
         m = np.array(Image.open(tmp_path/'out'/mask))
         assert m.shape == Image.open(tmp_path/'out'/png).size[::-1]
         expected = np.zeros(m.shape, np.uint8)
@@ -516,7 +516,7 @@ def test_masks_deleted_from_disk_are_remade(tmp_path):
     before = [np.asarray(nib.load(f).dataobj) for f in segs]
     for f in segs: f.unlink()
     dicom_to_nifti(src, tmp_path/'nii', n_workers=0, quiet=True)
-    for f, b in zip(segs, before): np.testing.assert_array_equal(np.asarray(nib.load(f).dataobj), b)
+    for f, b in zip(segs, before, strict=True): np.testing.assert_array_equal(np.asarray(nib.load(f).dataobj), b)
     preprocess(src, tmp_path/'pp', n_workers=0, quiet=True)
     clean = _masks(tmp_path/'pp')
     shutil.rmtree(tmp_path/'pp'/'masks')
