@@ -11,7 +11,6 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 from __future__ import annotations
 import csv, functools, json, math, os, re, socket, sqlite3
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 from filelock import FileLock, Timeout
 from .core import atomic_path, import_without, stable_hash, log, resume_command
@@ -23,7 +22,7 @@ __all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_META
            'database_class', 'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of',
            'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError',
            'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv',
-           'batched', 'check_split_name', 'parse_splits', 'assign_split']
+           'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 @functools.cache
@@ -39,7 +38,7 @@ def open_index(db, # a `Database`, or the path of an existing dicom_prep index
     return database_class()(db)
 
 # %% ../nbs/04_db.ipynb #c4186a46
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 FINAL_OK = ('ok', 'no_pixels', 'not_image')
 FAILED = ('unreadable', 'decode_error', 'too_large', 'crashed', 'timeout', 'error')
 
@@ -179,7 +178,17 @@ def _create_v7(db):
     db['mask_matches'].create(dict(pipeline=str, target=str, annotation=str, verdict=str, segments=str, n_planes=int, reason=str),
                               pk=('pipeline', 'target', 'annotation', 'verdict'), if_not_exists=True)
 
-MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5, 6: _create_v6, 7: _create_v7}
+def _create_v8(db):
+    "Labels typed in `dicom_prep_label`: every change in `labels` (an undo is a row too), what holds now in `label_state` (kept by a trigger); filter indexes."
+    db.execute('create table if not exists labels (id integer primary key, scope text not null, key text not null, class text not null, value integer not null, '
+               'annotator text not null, at text not null, action integer not null, undoes integer)')
+    db.execute('create table if not exists label_state (scope, key, annotator, class, label_id, primary key (scope, key, annotator, class)) without rowid')
+    db.execute('create trigger if not exists labels_state after insert on labels begin delete from label_state where scope = new.scope and key = new.key and annotator = '
+               'new.annotator and class = new.class; insert into label_state select new.scope, new.key, new.annotator, new.class, new.id where new.value; end')
+    for t, cols in (('labels', ['annotator', 'id']), ('labels', ['undoes']), ('label_state', ['class']), ('label_state', ['annotator']),
+                    *(('images', [c]) for c in ('modality', 'split', 'body_part', 'study_uid'))): db[t].create_index(cols, if_not_exists=True)
+
+MIGRATIONS = {1: _create_v1, 2: _create_v2, 3: _create_v3, 4: _create_v4, 5: _create_v5, 6: _create_v6, 7: _create_v7, 8: _create_v8}
 
 # %% ../nbs/04_db.ipynb #bad07449
 def get_meta(db, # the database: a sqlite-utils `Database` or a `sqlite3.Connection`
@@ -401,17 +410,8 @@ def export_csv(db_path, # the database file
     "Write `table` (default: the files tracker) to a CSV file; returns the number of rows."
     rows = (conn or connect_ro(db_path)).execute(f'select * from {table} order by {order_by}')
     with atomic_path(dest) as tmp, open(tmp, 'w', newline='') as f:
-        w = csv.writer(f); w.writerow([d[0] for d in rows.description])
-        w.writerows(rows)
+        w = csv.writer(f); w.writerow([d[0] for d in rows.description]); w.writerows(rows)
     return (conn or connect_ro(db_path)).execute(f'select count(*) from {table}').fetchone()[0]
-
-# %% ../nbs/04_db.ipynb #bec858ae
-def batched(iterable, # any iterable
-            n:int, # the largest batch
-           ):
-    "Successive lists of up to `n` items from `iterable`."
-    it = iter(iterable)
-    while (b := list(islice(it, n))): yield b
 
 # %% ../nbs/04_db.ipynb #8a00ee68
 SPLIT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,31}')   # a split is a folder (imagefolder) and a file-name prefix (webdataset)

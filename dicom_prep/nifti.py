@@ -16,7 +16,8 @@ from fastcore.meta import delegates
 import dicom_prep
 from .core import log, remove_output
 from .sources import Found
-from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, batched, export_csv, get_meta, now
+from fastcore.basics import chunked
+from .db import VOLUME_COLUMNS, VOLUME_COLUMNS_V4, export_csv, get_meta, now
 from .privacy import PHI_KEYS, Deidentify, deidentify_flags, pseudonym, replace_rows, without_paths
 from .paths import inside
 from .parallel import TaskFailure
@@ -159,10 +160,10 @@ def _store(db, keys:list, rows:list, files:list, gone:list, not_volumes:list):
         for k in keys: db.execute('delete from volume_files where volume_id in (select id from volumes where series_uid = ?)', [k])
         _upsert(db, 'volumes', rows)
         replace_rows(db, 'volume_files', files)
-        for batch in batched(gone, 500):
+        for batch in chunked(gone, 500):
             db.execute(f"update volumes set verdict='gone', status='skipped', reason='its source files are no longer in the DICOM folder' "
                        f"where id in ({','.join('?'*len(batch))})", batch)
-        for batch in batched(not_volumes, 500):
+        for batch in chunked(not_volumes, 500):
             db.execute(f"update volumes set verdict='not_image', status='skipped' where id in ({','.join('?'*len(batch))})", batch)
 
 # %% ../nbs/11_nifti.ipynb #bef349ba

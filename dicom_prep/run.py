@@ -19,7 +19,8 @@ from fastcore.basics import patch
 from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
 from .options import RunOptions, UsageError
 from .sources import LocalFolder, is_dicom
-from .db import DbLock, batched, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
+from fastcore.basics import chunked
+from .db import DbLock, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
 from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
 from .paths import UnsafePath, folder_owner, mark_owner, owns, sweep_temps
 from .parallel import default_worker_memory, graceful_interrupts, in_process, require_dask, run_tasks
@@ -142,7 +143,7 @@ def stream(self:Run,
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
     with results as results, Progress(len(tasks) if total is None else total, done, label, out=io.StringIO() if self.quiet else None) as prog:
-        for batch in batched(results, batch_size):
+        for batch in chunked(results, batch_size):
             whys = [fatal(res) if fatal else None for _, res in batch]     # an environmental failure stops the run after this batch
             stop, batch = [w for w in whys if w], [pair for pair, w in zip(batch, whys) if not w]
             with t_db, self.db.atomic(): write(self.db, batch)
@@ -358,7 +359,7 @@ def scan(self:Run,
     db.execute('drop table if exists temp.scan')
     db.execute('create temp table scan (path text primary key, study_id text, size int, mtime_ns int, clash_key text, dicom int)')
     rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in LocalFolder(root, follow_symlinks, stats).entries())
-    for i, batch in enumerate(batched(rows, SCAN_BATCH), 1):
+    for i, batch in enumerate(chunked(rows, SCAN_BATCH), 1):
         with db.atomic(): db.conn.executemany('insert or ignore into temp.scan values (?, ?, ?, ?, ?, null)', batch)
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")
     _mark_dicom(db, known, stats, root)
