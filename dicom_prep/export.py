@@ -22,13 +22,14 @@ from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
 from .db import DbLock, assign_split, database_class, open_index, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
+from .labels import LABEL_RULES, image_labels
 from .layouts import (MAX_SEGMENT, IndexValueError, dataset_json, image_items, pair_items, segment_names, segment_values, sweep,
                       volume_items, write_files, write_shards)
 from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
-__all__ = ['KEYS', 'FORMATS', 'VOLUME_FORMATS', 'images_df', 'LabelError', 'LabelReport', 'label_columns', 'read_labels',
-           'join_labels', 'volumes_df', 'ExportResult', 'export', 'ExportFlags', 'main']
+__all__ = ['KEYS', 'FORMATS', 'VOLUME_FORMATS', 'FROM_DB', 'images_df', 'LabelError', 'LabelReport', 'label_columns',
+           'read_labels', 'join_labels', 'volumes_df', 'ExportResult', 'export', 'ExportFlags', 'main']
 
 # %% ../nbs/12b_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
@@ -267,7 +268,7 @@ def _adopt(db, db_path, out_dir:Path):
 
 def _labels_setting(db, labels, key) -> str|None:
     "What the index records of the labels file: its path; for a pseudonymised index a keyed pseudonym, the path going to the private state."
-    if not (labels and is_pseudonymised(db)): return str(labels) if labels else None
+    if not (labels and is_pseudonymised(db)) or labels == FROM_DB: return str(labels) if labels else None
     if not key: return None                         # no private state at hand: the path is recorded nowhere
     path = str(Path(labels).absolute())
     db.execute('create table if not exists private.export_labels (labels text primary key)')
@@ -319,25 +320,32 @@ def _write(db, df, out_dir, fmt, export_id, shard_size, classes=None) -> tuple[i
     return len(items), *write_files(db, out_dir, items, export_id)
 
 # %% ../nbs/12b_export.ipynb #ce774cb4
-def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding) -> tuple:
+FROM_DB = 'db'   # --labels db: the labels typed in `dicom_prep_label` (the `labels` table), one per image by --label-rule
+
+def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding, rule='latest') -> tuple:
     "(the images or volumes to export with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
     df = volumes_df(db) if fmt in VOLUME_FORMATS else images_df(db)
     if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in VOLUME_FORMATS else 'no images'} in {db_path}")
     if _segmenting(df, fmt, labels, label_col): return *_masked(df, fmt), None
+    if labels == FROM_DB: return *_join(df, image_labels(db, rule), None), None
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
     return *_labelled(df.drop(columns=['label_path'], errors='ignore'), labels, on, label_col, key, encoding, is_pseudonymised(db)), key
 
-def _start(db, db_path, fmt, out_dir, labels, on, label_col, key) -> int:
+def _start(db, db_path, fmt, out_dir, labels, on, label_col, key, rule) -> int:
     "Make `out_dir` this index's own (`_adopt`), sweep what a killed export into it left, and record this export as running; returns its id."
     _adopt(db, db_path, out_dir)                 # first: a sender's records of the folder drive no sweep
     sweep(db, out_dir)
-    settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col)
+    settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col) | ({'label_rule': rule} if labels == FROM_DB else {})
     return db['exports'].insert(dict(format=fmt, out_dir=index_path(db, out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
 
-def _check_args(fmt, labels, on, label_col):
+def _check_args(fmt, labels, on, label_col, rule='latest'):
     "Refuse (`UsageError`) a format, labels and label columns that do not go together."
     if fmt not in FORMATS: raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if labels and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
+    if rule not in LABEL_RULES: raise UsageError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, not {rule!r}")
+    if labels == FROM_DB and (on not in (None, 'filename') or label_col or fmt in VOLUME_FORMATS):
+        raise UsageError("--labels db gives each image the label typed in dicom_prep_label: it takes no --on or --label-column, "
+                         "and labels images, not the volumes of nnunet or monai (give those a CSV)")
+    if labels and labels != FROM_DB and not on: raise UsageError("--labels needs --on KEY (one of " + ', '.join(KEYS) + ")")
     if fmt == 'segmentation' and (labels or label_col):
         raise UsageError("--format segmentation takes its labels from the masks: --labels and --label-column do not apply")
     if len(label_columns(label_col)) < 2: return
@@ -348,16 +356,17 @@ def _check_args(fmt, labels, on, label_col):
 def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep_nifti)
            out_dir, # the export folder
            fmt:str='csv', # one of `FORMATS`
-           labels=None, # CSV file of labels
+           labels=None, # CSV file of labels, or `'db'`: the labels typed in `dicom_prep_label`
            on:str|None=None, # its key column: one of `KEYS`
            label_col=None, # its label column (several: a list or names separated by commas, a multi-hot label), or (without `labels`) a column of the index to use as label
            shard_size:float=100, # webdataset: about this many MB per shard
            salt:str|None=None, # the user's pseudonym salt, to join labels on a pseudonymised index
            private_state=None, # a pseudonymised index's private state [default: OUTPUT_DIR.private.db beside its output folder]
            labels_encoding:str='utf-8', # the text encoding of `labels`
+           label_rule:str='latest', # with `labels='db'`: one label per image from `latest` or `majority` (see `labels.image_labels`)
           ) -> ExportResult:
     "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database, completed by a rerun if killed."
-    _check_args(fmt, labels, on, label_col)
+    _check_args(fmt, labels, on, label_col, label_rule)
     if not Path(db_path).is_file(): raise UsageError(f"No dicom_prep database at {db_path}")
     out_dir = Path(out_dir).resolve(); out_dir.mkdir(parents=True, exist_ok=True)     # one folder, one record, however it is spelled
     forget_folders()                 # its folders are checked again (see `folder_fd`)
@@ -365,8 +374,8 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
         try:
-            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding)
-            export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key)
+            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding, label_rule)
+            export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key, label_rule)
             n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size, classes)
         except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
         if report:
@@ -380,7 +389,8 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
 class ExportFlags(Options):
     "The flags of `dicom_prep_export`."
     db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index
-    labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on
+    labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on; or db: the labels typed in dicom_prep_label (a file named db: ./db)
+    label_rule: str = flag('latest', 'input')  # With --labels db, one label per image: latest (the last annotator's) or majority (most annotators', a tie to the latest)
     on: str|None = flag(None, 'input')  # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path
     label_column: str|None = flag(None, 'input')  # The labels' label column (several separated by commas: 0/1 columns, a multi-hot label), or (without --labels) an index column to use as label (e.g. body_part)
     labels_encoding: str = flag('utf-8', 'input')  # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)
@@ -395,6 +405,6 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     "Export the index for training: manifests, image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI datasets."
     kw, _ = cli_args(ExportFlags, main.__doc__, "dicom_prep_export --db prepared/dicom_prep.db --format webdataset --labels labels.csv --on sop_uid", argv, extra=None)
     o = ExportFlags(**kw)
-    r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding))
+    r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding, o.label_rule))
     print(r.summary())
 

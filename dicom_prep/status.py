@@ -2,7 +2,7 @@
 reasons, the last runs — without touching it.
 
 `status_report` summarises a database read-only (files by status, images by split and modality, volumes by verdict,
-recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
+labelling progress, recent runs, most frequent errors); `dicom_prep_status` prints it and can list or export the failures.
 
 Docs: https://dicom-prep.github.io/dicom_prep/status.html.md"""
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .options import Options, flag
 from .core import atomic_path
 from .db import FAILED, connect_ro, export_csv, output_dir_of
+from .labels import label_progress
 from .paths import UnsafePath
 from .privacy import private_key, source_id
 from .cli import cli_args, cli_run
@@ -77,6 +78,7 @@ def status_report(db_path, # the dicom_prep database
         out += _section('Volumes by verdict', _counts(conn, 'select verdict, count(*) from volumes group by verdict order by 2 desc'))
         out += _section('Most frequent volume problems', _counts(conn, "select verdict || ': ' || coalesce(reason, error, ''), count(*) from volumes "
             f"where verdict != 'ok' or status = 'error' group by 1 order by 2 desc limit {n_errors}"), lambda r: f"{r[1]:,} × {r[0]}")
+    if _has(conn, 'labels'): out += ['Labelling (dicom_prep_label):', *(f"  {line}" for line in label_progress(conn).lines())]
     out += _section(f'Last {n_runs} runs', list(conn.execute('select * from runs order by id desc limit ?', [n_runs])), _run_line)
     errs = _counts(conn, f"select status || ': ' || coalesce(error, ''), count(*) from files where status in ({fail}) "
                          f"group by 1 order by 2 desc limit {n_errors}") if has_files else []
