@@ -17,10 +17,10 @@ import pandas as pd
 from .db import now
 
 # %% auto #0
-__all__ = ['LABEL_SCOPES', 'STATES', 'COLUMN_FILTERS', 'TILE_COLUMNS', 'LABEL_RULES', 'default_annotator', 'writing', 'Action',
-           'labels_of', 'set_label', 'undo', 'effective_sql', 'labelled_sql', 'Filters', 'filter_sql', 'Tile', 'Page',
-           'find_images', 'series_tiles', 'distinct_values', 'facets', 'image_detail', 'Progress', 'label_progress',
-           'image_labels']
+__all__ = ['LABEL_SCOPES', 'STATES', 'COLUMN_FILTERS', 'LABEL_FILTERS', 'SPARSE', 'TILE_COLUMNS', 'LABEL_RULES',
+           'default_annotator', 'writing', 'Action', 'labels_of', 'set_label', 'undo', 'effective_sql', 'labelled_sql',
+           'Filters', 'filter_sql', 'sparse_filters', 'Tile', 'Page', 'Frontiers', 'find_images', 'series_tiles',
+           'distinct_values', 'facets', 'image_detail', 'Progress', 'label_progress', 'image_labels']
 
 # %% ../nbs/04c_labels.ipynb #8291e84d
 LABEL_SCOPES = dict(image='filename', series='series_uid', study='study_uid')   # what a label is given to -> the images column holding its key
@@ -98,23 +98,24 @@ def undo(conn, # an index (schema 8)
         return _record(conn, Action(0, rows[0][0], rows[0][1], annotator, tuple((c, 1 - v) for _, _, c, v in rows), undoes=action))
 
 # %% ../nbs/04c_labels.ipynb #f0316706
-def effective_sql(where:str='1', # SQL condition on `images i` choosing the images
+def _at_scope(n:int) -> str:
+    "SQL: the `label_state` row `s` labels image `i` at scope number `n`, and its annotator labelled no more specific scope of `i`."
+    (scope, col), finer = list(LABEL_SCOPES.items())[n], list(LABEL_SCOPES.items())[:n]
+    return f"s.scope = '{scope}' and s.key = i.{col}" + ''.join(
+        f" and not exists (select 1 from label_state t where t.scope = '{o}' and t.key = i.{c} and t.annotator = s.annotator)" for o, c in finer)
+
+def effective_sql(where:str='1', # SQL condition on `images i` and `label_state s` choosing the images and labels
+                  few:bool=False, # `where` picks a few images (a page, a series): start from them, not from the labels
                  ) -> str:
     "SQL of the labels of the images `where` selects, each annotator's at their most specific scope: rows (id, filename, split, annotator, class, label_id)."
-    hits = ' union all '.join(f"select i.rowid as id, i.filename, i.split, s.annotator, s.class, s.label_id, {d} as depth from images i join label_state s "
-                              f"on s.scope = '{scope}' and s.key = i.{col} where {where}" for d, (scope, col) in enumerate(LABEL_SCOPES.items()))
-    return ("select id, filename, split, annotator, class, label_id from "
-            f"(select *, min(depth) over (partition by id, annotator) as best from ({hits})) where depth = best")
+    tables = 'images i cross join label_state s' if few else 'label_state s cross join images i'
+    return ' union all '.join(f"select i.rowid as id, i.filename, i.split, s.annotator, s.class, s.label_id from {tables} where {_at_scope(n)} and {where}"
+                              for n in range(len(LABEL_SCOPES)))
 
 def labelled_sql(cond:str='', # SQL condition on the `label_state` row `s` (e.g. "and s.annotator = :me")
                 ) -> str:
     "SQL condition: image `i` has a label, at its annotator's most specific scope, whose row meets `cond`."
-    scopes, parts = list(LABEL_SCOPES.items()), []
-    for n, (scope, col) in enumerate(scopes):
-        shadow = ''.join(f" and not exists (select 1 from label_state t where t.scope = '{o}' and t.key = i.{c} and t.annotator = s.annotator)"
-                         for o, c in scopes[:n])
-        parts.append(f"exists (select 1 from label_state s where s.scope = '{scope}' and s.key = i.{col} {cond}{shadow})")
-    return '(' + ' or '.join(parts) + ')'
+    return '(' + ' or '.join(f"exists (select 1 from label_state s where {_at_scope(n)} {cond})" for n in range(len(LABEL_SCOPES))) + ')'
 
 # %% ../nbs/04c_labels.ipynb #67ac74ce
 STATES = ('all', 'unlabelled', 'unlabelled-by-me', 'labelled')   # the label-state filter: unlabelled means by anyone
@@ -143,14 +144,24 @@ class Filters:
         "The fields that differ from the defaults, for a URL."
         return {k.name: v for k in fields(self) if (v := getattr(self, k.name)) != k.default}
 
-def filter_sql(f:Filters) -> str:
+LABEL_FILTERS = dict(label='class', annotator='annotator')   # the filters on labels -> their `label_state` column
+SPARSE = 20_000   # a label filter matching fewer label rows lists its images from them; one matching more probes image by image
+
+def filter_sql(f:Filters, # the filters
+               listed:tuple=(), # the label filters (`LABEL_FILTERS`) to serve from a list of their images: the sparse ones
+              ) -> str:
     "SQL condition on `images i` for `f`; its parameters are `f`'s fields and `:me`, the annotator."
     conds = [f"i.{c} = :{c}" for c in COLUMN_FILTERS if getattr(f, c) is not None]
     conds += {'unlabelled': [f"not {labelled_sql()}"], 'unlabelled-by-me': [f"not {labelled_sql('and s.annotator = :me')}"],
               'labelled': [labelled_sql()]}.get(f.state, [])
-    if f.label: conds.append(labelled_sql('and s.class = :label'))
-    if f.annotator: conds.append(labelled_sql('and s.annotator = :annotator'))
+    for name, col in ((n, c) for n, c in LABEL_FILTERS.items() if getattr(f, n)):
+        conds.append(f"i.rowid in (select id from ({effective_sql(f's.{col} = :{name}')}))" if name in listed else labelled_sql(f'and s.{col} = :{name}'))
     return ' and '.join(conds) or '1'
+
+def sparse_filters(conn, f:Filters) -> tuple:
+    "The label filters of `f` that match fewer than `SPARSE` label rows: listing their images costs less than probing for them."
+    return tuple(n for n, c in LABEL_FILTERS.items() if getattr(f, n) and
+                 conn.execute(f"select count(*) from (select 1 from label_state where {c} = ? limit {SPARSE})", [getattr(f, n)]).fetchone()[0] < SPARSE)
 
 # %% ../nbs/04c_labels.ipynb #300537d3
 @dataclass(frozen=True)
@@ -175,7 +186,7 @@ TILE_COLUMNS = ', '.join(f"i.{k.name}" for k in fields(Tile)[1:-2])
 def _tiles(conn, rows:list, annotator:str, where:str, args:dict) -> list[Tile]:
     "`Tile`s of image `rows` (rowid first, then `TILE_COLUMNS`) with the labels of the images `where` selects."
     mine, others = defaultdict(list), defaultdict(set)
-    for id_, _, _, who, cls, _ in (conn.execute(effective_sql(where), args) if rows else []):
+    for id_, _, _, who, cls, _ in (conn.execute(effective_sql(where, few=True), args) if rows else []):
         if who == annotator: mine[id_].append(cls)
         else: others[id_].add(who)
     return [Tile(*r, mine=tuple(sorted(mine[r[0]])), others=len(others[r[0]])) for r in rows]
@@ -188,22 +199,47 @@ class Page:
     prev_before: int|None = None     # `before=` for the previous page (None: this is the first)
     next_after: int|None = None      # `after=` for the next page (None: this is the last)
 
+class Frontiers:
+    "Where each unlabelled view's first page may start: every image before it was labelled when last looked, and no label went since."
+    def __init__(self): self.seen = {}   # (filters, annotator) -> (the first image found, the last labels row then)
+
+    def start(self, conn, f:Filters, annotator:str) -> int:
+        "The rowid to page after for the first page of `f`: 0 unless a look since which no label went off found labelled images first."
+        key = (f, annotator)
+        if key not in self.seen: return 0
+        first, seen = self.seen.pop(key)
+        off = conn.execute('select 1 from labels where id > ? and value = 0 limit 1', [seen]).fetchone()
+        return 0 if off or (conn.execute('select max(rowid) from images').fetchone()[0] or 0) < first else first - 1
+
+    def note(self, f:Filters, annotator:str, first:int|None, seen:int):
+        "Remember that `first` is the first image of `f`'s first page as of labels row `seen`."
+        if first is not None and f.state in ('unlabelled', 'unlabelled-by-me'): self.seen[(f, annotator)] = (first, seen)
+
+def _first_page(conn, filters, annotator, frontiers) -> tuple[int, int]:
+    "(the rowid the first page starts after, the last labels row now)."
+    seen = conn.execute('select coalesce(max(id), 0) from labels').fetchone()[0]
+    return (frontiers.start(conn, filters, annotator) if frontiers else 0), seen
+
 def find_images(conn, # an index (schema 8)
                 filters:Filters, # what to show
                 annotator:str, # whose labels are `mine`
                 after:int|None=None, # the page after this rowid
                 before:int|None=None, # the page before this rowid (instead of `after`)
                 limit:int=100, # images per page
+                frontiers:Frontiers|None=None, # a server's memory of where unlabelled views start (labels are never deleted, only turned off)
                ) -> Page:
     "A page of the images `filters` selects, in rowid order, with their labels."
-    back, cond = before is not None, filter_sql(filters)
+    back, cond = before is not None, filter_sql(filters, sparse_filters(conn, filters))
+    first_page = after is None and not back
+    if first_page: after, seen = _first_page(conn, filters, annotator, frontiers)
     sql = (f"select i.rowid, {TILE_COLUMNS} from images i where {cond} and i.rowid {'<' if back else '>'} :at "
            f"order by i.rowid {'desc' if back else 'asc'} limit :limit")
     rows = conn.execute(sql, dict(vars(filters), me=annotator, at=before if back else after or 0, limit=limit + 1)).fetchall()
     more, rows = len(rows) > limit, rows[:limit][::-1] if back else rows[:limit]
     tiles = _tiles(conn, rows, annotator, 'i.rowid in (select value from json_each(:ids))', dict(ids=json.dumps([r[0] for r in rows])))
     first, last = (rows[0][0], rows[-1][0]) if rows else (None, None)
-    return Page(tiles, first if (more if back else after is not None) else None, last if (back or more) else None)
+    if first_page and frontiers: frontiers.note(filters, annotator, first, seen)
+    return Page(tiles, first if (more if back else not first_page) else None, last if (back or more) else None)
 
 def series_tiles(conn, # an index (schema 8)
                  series_uid:str, # the series
@@ -257,12 +293,11 @@ class Progress:
 def label_progress(conn, # an index (schema 8)
                   ) -> Progress:
     "Labelled and unlabelled images, per class, per split and per annotator."
-    eff, q = f"({effective_sql()})", lambda sql: dict(conn.execute(sql).fetchall())
-    labelled = q(f"select split, count(distinct id) from {eff} group by split")
-    return Progress(conn.execute('select count(*) from images').fetchone()[0], conn.execute(f"select count(distinct id) from {eff}").fetchone()[0],
-                    q(f"select class, count(distinct id) from {eff} group by class order by 1"),
-                    {s: (labelled.get(s, 0), n) for s, n in q('select split, count(*) from images group by split order by 1').items()},
-                    q(f"select annotator, count(distinct id) from {eff} group by annotator order by 1"))
+    eff = pd.read_sql(f"select id, split, annotator, class from ({effective_sql()})", getattr(conn, 'conn', conn))
+    images = dict(conn.execute('select split, count(*) from images group by split order by 1').fetchall())
+    per = lambda col: {k: int(v) for k, v in eff.groupby(col)['id'].nunique().items()}
+    labelled = per('split')
+    return Progress(sum(images.values()), eff['id'].nunique(), per('class'), {s: (labelled.get(s, 0), n) for s, n in images.items()}, per('annotator'))
 
 # %% ../nbs/04c_labels.ipynb #a9842bfc
 LABEL_RULES = ('latest', 'majority')
