@@ -6,7 +6,7 @@ Modules:
 - `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.dask_backend`: Beyond one machine: the same `preprocess` and `nifti` runs, with the per-file work spread over a `dask.distributed` cluster (a LocalCluster, Slurm/PBS through dask-jobqueue, Kubernetes, Coiled): the Dask backend of `parallel`'s driver loop.
-- `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock, runs, settings guard and hold-out splits.
+- `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock with write transactions that take the lock at their start, runs and the settings guard.
 - `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
@@ -18,7 +18,7 @@ Modules:
 - `dicom_prep.metadata`: The metadata columns of an image row: the tags training sets are filtered on, `--tags` and `--all-tags`, as JSON values; under `--pseudonymize` only what the positive list keeps.
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
-- `dicom_prep.options`: Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them.
+- `dicom_prep.options`: Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them; `--splits` and each patient's stable hold-out split.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. One driver loop over two backends: fastcore's process pool, or Dask.
 - `dicom_prep.paths`: Where an index's outputs live: every path it stores is relative, every path read back is resolved strictly under its root, and each output folder names the index it belongs to.
 - `dicom_prep.pixels`: One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.

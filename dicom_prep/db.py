@@ -1,7 +1,7 @@
 """The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer
-lock, runs, settings guard and hold-out splits.
+lock with write transactions that take the lock at their start, runs and the settings guard.
 
-One SQLite file holds the state of every pipeline, under one schema version with migrations. `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and `assign_split` gives each patient a stable hold-out split. The paths it stores follow `dicom_prep.paths`; pseudonyms and the private state are `dicom_prep.privacy`'s.
+One SQLite file holds the state of every pipeline, under one schema version with migrations. `DbLock` makes each run its database's only writer, `check_settings` refuses settings that would mix with existing outputs, and every write transaction takes the write lock at its start (`writing`), so that writers sharing the index (a run, labellers) wait their turn instead of failing. The paths it stores follow `dicom_prep.paths`; pseudonyms and the private state are `dicom_prep.privacy`'s.
 
 Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
@@ -9,26 +9,40 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
-import csv, functools, json, math, os, re, socket, sqlite3
+import csv, functools, json, os, socket, sqlite3, time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from filelock import FileLock, Timeout
-from .core import atomic_path, import_without, stable_hash, log, resume_command
+from .core import atomic_path, import_without, log, resume_command
 from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, same_path, strictly_under
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
-           'VOLUME_FILE_COLUMNS_V4', 'FILE_COLUMNS_V7', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'SPLIT_NAME',
+           'VOLUME_FILE_COLUMNS_V4', 'FILE_COLUMNS_V7', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'writing',
            'database_class', 'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of',
            'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError',
-           'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv',
-           'check_split_name', 'parse_splits', 'assign_split']
+           'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
+@contextmanager
+def writing(conn, # a `sqlite3.Connection` (or sqlite-utils `Database`) with no transaction open
+           ):
+    "A write transaction that takes the write lock at its start (`BEGIN IMMEDIATE`), committed, or rolled back on any error."
+    conn.execute('begin immediate')
+    try: yield conn
+    except BaseException: conn.execute('rollback'); raise
+    conn.execute('commit')
+
 @functools.cache
 def database_class() -> type:
-    "sqlite-utils' `Database`, imported on first use and without pandas."
-    return import_without('sqlite_utils', 'pandas').Database
+    "sqlite-utils' `Database` (imported on first use, without pandas), whose outermost `atomic()` is `writing`."
+    base = import_without('sqlite_utils', 'pandas').Database
+    class Database(base):
+        def atomic(self):
+            "A transaction that takes the write lock at its start (a savepoint inside one)."
+            return base.atomic(self) if self.conn.in_transaction else writing(self)
+    return Database
 
 def open_index(db, # a `Database`, or the path of an existing dicom_prep index
               ):
@@ -184,7 +198,8 @@ def _create_v8(db):
                'annotator text not null, at text not null, action integer not null, undoes integer)')
     db.execute('create table if not exists label_state (scope, key, annotator, class, label_id, primary key (scope, key, annotator, class)) without rowid')
     db.execute('create trigger if not exists labels_state after insert on labels begin delete from label_state where scope = new.scope and key = new.key and annotator = '
-               'new.annotator and class = new.class; insert into label_state select new.scope, new.key, new.annotator, new.class, new.id where new.value; end')
+               'new.annotator and class = new.class; insert into label_state select new.scope, new.key, new.annotator, new.class, new.id where new.value; update label_state set label_id = new.id where scope = new.scope '
+               'and key = new.key and annotator = new.annotator; end')
     for t, cols in (('labels', ['annotator', 'id']), ('labels', ['undoes']), ('label_state', ['class']), ('label_state', ['annotator']),
                     *(('images', [c]) for c in ('modality', 'split', 'body_part', 'study_uid'))): db[t].create_index(cols, if_not_exists=True)
 
@@ -299,15 +314,18 @@ def open_db(path, # the database file (created if missing)
     return db
 
 # %% ../nbs/04_db.ipynb #628ff567
-CHECKPOINT_WAIT = 3.   # seconds a checkpoint waits for readers of the log to finish
+CHECKPOINT_WAIT = 3.   # seconds a checkpoint keeps trying while readers of the log finish
 
 def checkpoint(db, # an open index (written through WAL)
               ) -> bool:
     "Copy the write-ahead log into the database file and truncate it, so the file alone is the whole index; False if a reader kept it."
-    db.execute(f'PRAGMA busy_timeout={int(CHECKPOINT_WAIT * 1000)}')
-    try: busy = db.execute('PRAGMA main.wal_checkpoint(TRUNCATE)').fetchone()[0]
+    db.execute('PRAGMA busy_timeout=0')      # each try holds the write lock only a moment: other writers (labellers) go in between
+    try:
+        for _ in range(int(CHECKPOINT_WAIT / .05)):
+            if not db.execute('PRAGMA main.wal_checkpoint(TRUNCATE)').fetchone()[0]: return True
+            time.sleep(.05)
+        return False
     finally: db.execute(f'PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}')
-    return not busy
 
 # %% ../nbs/04_db.ipynb #d5e3b068
 class DbBusyError(Exception): "Another run holds the database."
@@ -412,39 +430,3 @@ def export_csv(db_path, # the database file
     with atomic_path(dest) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f); w.writerow([d[0] for d in rows.description]); w.writerows(rows)
     return (conn or connect_ro(db_path)).execute(f'select count(*) from {table}').fetchone()[0]
-
-# %% ../nbs/04_db.ipynb #8a00ee68
-SPLIT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,31}')   # a split is a folder (imagefolder) and a file-name prefix (webdataset)
-
-def check_split_name(name, # a split name, from --splits or read from an index
-                    ) -> str:
-    "`name` if it is a safe split name, else `ValueError` saying what is allowed."
-    if isinstance(name, str) and SPLIT_NAME.fullmatch(name): return name
-    raise ValueError(f"{name!r} is not a safe split name (1 to 32 ASCII letters, digits, '_' or '-', starting with a letter or digit)")
-
-def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:frac,name:frac'
-                ) -> dict[str, float]:
-    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; names must be safe split names."
-    bad = ValueError(f"cannot parse splits {spec!r}: use e.g. 80/10/10 or train:70,valid:30")
-    pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/')))
-    if ':' not in spec and spec.count('/') > 2 or any(len(p) != 2 for p in pairs): raise bad
-    try: fr = {k.strip(): float(v) for k, v in pairs}
-    except ValueError: raise bad from None
-    for k in fr:
-        try: check_split_name(k)
-        except ValueError as e: raise ValueError(f"splits {spec!r}: {e}") from None
-    tot = sum(fr.values())
-    if len(fr) < len(pairs): raise ValueError(f"splits {spec!r} name a split twice")
-    if not math.isfinite(tot) or tot <= 0 or any(v < 0 for v in fr.values()):
-        raise ValueError(f"splits {spec!r} must be finite, non-negative and not all zero")
-    return {k: v/tot for k, v in fr.items()}
-
-def assign_split(key:str, # the patient (or study) to assign
-                 fractions:dict[str, float], # split name -> fraction, from `parse_splits`
-                ) -> str:
-    "The split of patient `key`, stable across runs and machines."
-    x, acc = int(stable_hash(key, 12), 16) / 16**12, 0.
-    for name, f in fractions.items():
-        acc += f
-        if x < acc: return name
-    return name

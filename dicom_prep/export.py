@@ -21,8 +21,9 @@ from .options import Options, flag
 from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
-from .db import DbLock, assign_split, database_class, open_index, check_split_name, checkpoint, get_meta, now, open_db, output_dir_of, parse_splits
-from .labels import LABEL_RULES, image_labels
+from .db import DbLock, database_class, open_index, checkpoint, get_meta, now, open_db, output_dir_of
+from .options import assign_split, check_split_name, parse_splits
+from .labels import LABEL_RULES, image_labels, orphan_labels
 from .layouts import (MAX_SEGMENT, IndexValueError, dataset_json, image_items, pair_items, segment_names, segment_values, sweep,
                       volume_items, write_files, write_shards)
 from .cli import UsageError, cli_args, cli_run
@@ -322,12 +323,23 @@ def _write(db, df, out_dir, fmt, export_id, shard_size, classes=None) -> tuple[i
 # %% ../nbs/12b_export.ipynb #ce774cb4
 FROM_DB = 'db'   # --labels db: the labels typed in `dicom_prep_label` (the `labels` table), one per image by --label-rule
 
+def _typed(db, df, fmt, rule) -> tuple[pd.DataFrame, LabelReport]:
+    "`df` joined with the labels typed in `dicom_prep_label`, one per image by `rule`, the labels of removed images reported unmatched."
+    typed = image_labels(db, rule)
+    if typed.empty: raise UsageError(f"--labels db: no image of {db_file(db)} has a label yet: label them with dicom_prep_label")
+    if len(typed.columns) > 2 and fmt in ('imagefolder', 'nnunet'):
+        raise UsageError(f"--labels db: some images have several classes (labelled with --multi), and --format {fmt} takes one label: "
+                         "export them as csv, parquet or webdataset")
+    out, report = _join(df, typed, None)
+    report.unmatched = orphan_labels(db)
+    return out, report
+
 def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding, rule='latest') -> tuple:
     "(the images or volumes to export with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
     df = volumes_df(db) if fmt in VOLUME_FORMATS else images_df(db)
     if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in VOLUME_FORMATS else 'no images'} in {db_path}")
     if _segmenting(df, fmt, labels, label_col): return *_masked(df, fmt), None
-    if labels == FROM_DB: return *_join(df, image_labels(db, rule), None), None
+    if labels == FROM_DB: return *_typed(db, df, fmt, rule), None
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
     return *_labelled(df.drop(columns=['label_path'], errors='ignore'), labels, on, label_col, key, encoding, is_pseudonymised(db)), key
 
@@ -338,10 +350,11 @@ def _start(db, db_path, fmt, out_dir, labels, on, label_col, key, rule) -> int:
     settings = dict(labels=_labels_setting(db, labels, key), on=on, label_col=label_col) | ({'label_rule': rule} if labels == FROM_DB else {})
     return db['exports'].insert(dict(format=fmt, out_dir=index_path(db, out_dir), started_at=now(), status='running', settings=json.dumps(settings))).last_pk
 
-def _check_args(fmt, labels, on, label_col, rule='latest'):
+def _check_args(fmt, labels, on, label_col, rule=None):
     "Refuse (`UsageError`) a format, labels and label columns that do not go together."
     if fmt not in FORMATS: raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if rule not in LABEL_RULES: raise UsageError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, not {rule!r}")
+    if rule is not None and labels != FROM_DB: raise UsageError("--label-rule chooses among the labels typed in dicom_prep_label: give --labels db")
+    if rule not in (None, *LABEL_RULES): raise UsageError(f"--label-rule must be one of {', '.join(LABEL_RULES)}, not {rule!r}")
     if labels == FROM_DB and (on not in (None, 'filename') or label_col or fmt in VOLUME_FORMATS):
         raise UsageError("--labels db gives each image the label typed in dicom_prep_label: it takes no --on or --label-column, "
                          "and labels images, not the volumes of nnunet or monai (give those a CSV)")
@@ -363,7 +376,7 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
            salt:str|None=None, # the user's pseudonym salt, to join labels on a pseudonymised index
            private_state=None, # a pseudonymised index's private state [default: OUTPUT_DIR.private.db beside its output folder]
            labels_encoding:str='utf-8', # the text encoding of `labels`
-           label_rule:str='latest', # with `labels='db'`: one label per image from `latest` or `majority` (see `labels.image_labels`)
+           label_rule:str|None=None, # with `labels='db'`: one label per image by `latest` (the default) or `majority` (see `labels.image_labels`)
           ) -> ExportResult:
     "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database, completed by a rerun if killed."
     _check_args(fmt, labels, on, label_col, label_rule)
@@ -374,8 +387,8 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
         try:
-            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding, label_rule)
-            export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key, label_rule)
+            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding, label_rule or 'latest')
+            export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key, label_rule or 'latest')
             n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size, classes)
         except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
         if report:
@@ -390,7 +403,7 @@ class ExportFlags(Options):
     "The flags of `dicom_prep_export`."
     db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index
     labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on; or db: the labels typed in dicom_prep_label (a file named db: ./db)
-    label_rule: str = flag('latest', 'input')  # With --labels db, one label per image: latest (the last annotator's) or majority (most annotators', a tie to the latest)
+    label_rule: str|None = flag(None, 'input')  # With --labels db, one label per image: latest (the last annotator's, the default) or majority (most annotators', a tie to the latest)
     on: str|None = flag(None, 'input')  # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path
     label_column: str|None = flag(None, 'input')  # The labels' label column (several separated by commas: 0/1 columns, a multi-hot label), or (without --labels) an index column to use as label (e.g. body_part)
     labels_encoding: str = flag('utf-8', 'input')  # The text encoding of --labels (e.g. latin-1 for an old spreadsheet's CSV)

@@ -10,17 +10,18 @@ Docs: https://dicom-prep.github.io/dicom_prep/labels.html.md"""
 from __future__ import annotations
 import getpass, json
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 
 import pandas as pd
-from .db import now
+from .db import now, writing
+from .options import SPLIT_NAME
 
 # %% auto #0
 __all__ = ['LABEL_SCOPES', 'STATES', 'COLUMN_FILTERS', 'LABEL_FILTERS', 'SPARSE', 'TILE_COLUMNS', 'LABEL_RULES',
-           'default_annotator', 'writing', 'Action', 'labels_of', 'set_label', 'undo', 'effective_sql', 'labelled_sql',
-           'Filters', 'filter_sql', 'sparse_filters', 'Tile', 'Page', 'Frontiers', 'find_images', 'series_tiles',
-           'distinct_values', 'facets', 'image_detail', 'Progress', 'label_progress', 'image_labels']
+           'default_annotator', 'Action', 'labels_of', 'check_class', 'set_label', 'undo', 'effective_sql',
+           'labelled_sql', 'Filters', 'filter_sql', 'sparse_filters', 'Tile', 'Page', 'Frontiers', 'find_images',
+           'series_tiles', 'distinct_values', 'facets', 'image_detail', 'Progress', 'label_progress', 'image_labels',
+           'orphan_labels']
 
 # %% ../nbs/04c_labels.ipynb #8291e84d
 LABEL_SCOPES = dict(image='filename', series='series_uid', study='study_uid')   # what a label is given to -> the images column holding its key
@@ -29,15 +30,6 @@ def default_annotator() -> str:
     "The OS user: who labels when `--annotator` is not given."
     try: return getpass.getuser()
     except (KeyError, OSError): return 'annotator'
-
-@contextmanager
-def writing(conn, # a `sqlite3.Connection` or sqlite-utils `Database` with no transaction open
-           ):
-    "One short write transaction that takes the write lock at once, committed, or rolled back on any error."
-    conn.execute('begin immediate')
-    try: yield conn
-    except BaseException: conn.execute('rollback'); raise
-    conn.execute('commit')
 
 @dataclass(frozen=True)
 class Action:
@@ -59,6 +51,15 @@ def labels_of(conn, # an index
     return tuple(r[0] for r in conn.execute('select class from label_state where scope = ? and key = ? and annotator = ? order by class',
                                             [scope, key, annotator]))
 
+def check_class(conn, # an index
+                cls:str, # a class name
+               ) -> str:
+    "`cls` if it can be a class: a safe name (1 to 32 letters, digits, `_`, `-`) that is not a column of the index; else `ValueError`."
+    taken = {r[1].lower() for r in conn.execute('pragma table_info(images)')} | {'label', 'path', 'mask', 'id'}
+    if isinstance(cls, str) and SPLIT_NAME.fullmatch(cls) and cls.lower() not in taken: return cls
+    raise ValueError(f"{cls!r} cannot be a class: give 1 to 32 ASCII letters, digits, '_' or '-', starting with a letter or digit, "
+                     "and not the name of a column of the index (label, split, modality, ...)")
+
 def _record(conn, a:Action) -> Action:
     "Write action `a`'s rows in the caller's transaction, numbered from the next row id; `a` with that id."
     first, at = conn.execute('select coalesce(max(id), 0) + 1 from labels').fetchone()[0], now()
@@ -76,6 +77,7 @@ def set_label(conn, # an index (schema 8)
              ) -> Action|None:
     "Give `(scope, key)` class `cls` (the only one, or toggled when `multi`) from `annotator`; the action written, None if nothing changes."
     if scope not in LABEL_SCOPES: raise ValueError(f"scope must be one of {', '.join(LABEL_SCOPES)}, not {scope!r}")
+    check_class(conn, cls)
     with writing(conn):
         have = labels_of(conn, scope, key, annotator)
         changes = ((cls, int(cls not in have)),) if multi else tuple((c, 0) for c in have if c != cls) + ((cls, 1),) * (cls not in have)
@@ -84,8 +86,10 @@ def set_label(conn, # an index (schema 8)
 # %% ../nbs/04c_labels.ipynb #64d61cc9
 def _last_action(conn, annotator:str) -> int|None:
     "The latest action of `annotator` that is not an undo and not undone."
-    for (action,) in conn.execute('select distinct action from labels where annotator = ? and undoes is null order by action desc', [annotator]):
-        if not conn.execute('select 1 from labels where undoes = ?', [action]).fetchone(): return action
+    done = set()
+    for (action,) in conn.execute('select action from labels where annotator = ? and undoes is null order by id desc', [annotator]):
+        if action not in done and not conn.execute('select 1 from labels where undoes = ?', [action]).fetchone(): return action
+        done.add(action)
     return None
 
 def undo(conn, # an index (schema 8)
@@ -144,24 +148,25 @@ class Filters:
         "The fields that differ from the defaults, for a URL."
         return {k.name: v for k in fields(self) if (v := getattr(self, k.name)) != k.default}
 
-LABEL_FILTERS = dict(label='class', annotator='annotator')   # the filters on labels -> their `label_state` column
-SPARSE = 20_000   # a label filter matching fewer label rows lists its images from them; one matching more probes image by image
+LABEL_FILTERS = dict(label='s.class = :label', annotator='s.annotator = :annotator', state="1")   # the filters on labels -> the label rows they want
+SPARSE = 20_000   # a label filter matching fewer images lists them from the labels; one matching more probes image by image
 
 def filter_sql(f:Filters, # the filters
                listed:tuple=(), # the label filters (`LABEL_FILTERS`) to serve from a list of their images: the sparse ones
               ) -> str:
     "SQL condition on `images i` for `f`; its parameters are `f`'s fields and `:me`, the annotator."
     conds = [f"i.{c} = :{c}" for c in COLUMN_FILTERS if getattr(f, c) is not None]
-    conds += {'unlabelled': [f"not {labelled_sql()}"], 'unlabelled-by-me': [f"not {labelled_sql('and s.annotator = :me')}"],
-              'labelled': [labelled_sql()]}.get(f.state, [])
-    for name, col in ((n, c) for n, c in LABEL_FILTERS.items() if getattr(f, n)):
-        conds.append(f"i.rowid in (select id from ({effective_sql(f's.{col} = :{name}')}))" if name in listed else labelled_sql(f'and s.{col} = :{name}'))
+    conds += {'unlabelled': [f"not {labelled_sql()}"], 'unlabelled-by-me': [f"not {labelled_sql('and s.annotator = :me')}"]}.get(f.state, [])
+    for name, want in ((n, w) for n, w in LABEL_FILTERS.items() if _wanted(f, n)):
+        conds.append(f"i.rowid in (select id from ({effective_sql(want)}))" if name in listed else labelled_sql(f'and {want}'))
     return ' and '.join(conds) or '1'
 
+def _wanted(f:Filters, name:str) -> bool: return f.state == 'labelled' if name == 'state' else getattr(f, name) is not None   # is filter `name` set
+
 def sparse_filters(conn, f:Filters) -> tuple:
-    "The label filters of `f` that match fewer than `SPARSE` label rows: listing their images costs less than probing for them."
-    return tuple(n for n, c in LABEL_FILTERS.items() if getattr(f, n) and
-                 conn.execute(f"select count(*) from (select 1 from label_state where {c} = ? limit {SPARSE})", [getattr(f, n)]).fetchone()[0] < SPARSE)
+    "The label filters of `f` that match fewer than `SPARSE` images: listing them costs less than probing every image for them."
+    return tuple(n for n, want in LABEL_FILTERS.items() if _wanted(f, n) and conn.execute(
+        f"select count(*) from (select 1 from ({effective_sql(want)}) limit {SPARSE})", vars(f)).fetchone()[0] < SPARSE)
 
 # %% ../nbs/04c_labels.ipynb #300537d3
 @dataclass(frozen=True)
@@ -199,21 +204,25 @@ class Page:
     prev_before: int|None = None     # `before=` for the previous page (None: this is the first)
     next_after: int|None = None      # `after=` for the next page (None: this is the last)
 
+def _last_image(conn) -> tuple:
+    "(rowid, filename) of the last image row: another row there later means rows were deleted and their rowids given again."
+    return tuple(conn.execute('select rowid, filename from images order by rowid desc limit 1').fetchone() or (0, None))
+
 class Frontiers:
     "Where each unlabelled view's first page may start: every image before it was labelled when last looked, and no label went since."
-    def __init__(self): self.seen = {}   # (filters, annotator) -> (the first image found, the last labels row then)
+    def __init__(self): self.seen = {}   # (filters, annotator) -> (the first image found, the last labels row, the last image row then)
 
     def start(self, conn, f:Filters, annotator:str) -> int:
-        "The rowid to page after for the first page of `f`: 0 unless a look since which no label went off found labelled images first."
-        key = (f, annotator)
-        if key not in self.seen: return 0
-        first, seen = self.seen.pop(key)
+        "The rowid to page after for the first page of `f`: 0 unless a look since which no label went off, and no image row was given again, found labelled images first."
+        if (memory := self.seen.pop((f, annotator), None)) is None: return 0
+        first, seen, last = memory
         off = conn.execute('select 1 from labels where id > ? and value = 0 limit 1', [seen]).fetchone()
-        return 0 if off or (conn.execute('select max(rowid) from images').fetchone()[0] or 0) < first else first - 1
+        return 0 if off or _last_image(conn)[0] < last[0] or conn.execute('select filename from images where rowid = ?', [last[0]]).fetchone() != last[1:] else first - 1
 
-    def note(self, f:Filters, annotator:str, first:int|None, seen:int):
-        "Remember that `first` is the first image of `f`'s first page as of labels row `seen`."
-        if first is not None and f.state in ('unlabelled', 'unlabelled-by-me'): self.seen[(f, annotator)] = (first, seen)
+    def note(self, conn, f:Filters, annotator:str, first:int|None, seen:int):
+        "Remember that `first` is the first image of `f`'s first page as of labels row `seen` (only where a new label can only take images out of view)."
+        if first is not None and f.state in ('unlabelled', 'unlabelled-by-me') and not (f.label or f.annotator):
+            self.seen[(f, annotator)] = (first, seen, _last_image(conn))
 
 def _first_page(conn, filters, annotator, frontiers) -> tuple[int, int]:
     "(the rowid the first page starts after, the last labels row now)."
@@ -238,7 +247,8 @@ def find_images(conn, # an index (schema 8)
     more, rows = len(rows) > limit, rows[:limit][::-1] if back else rows[:limit]
     tiles = _tiles(conn, rows, annotator, 'i.rowid in (select value from json_each(:ids))', dict(ids=json.dumps([r[0] for r in rows])))
     first, last = (rows[0][0], rows[-1][0]) if rows else (None, None)
-    if first_page and frontiers: frontiers.note(filters, annotator, first, seen)
+    if first_page and frontiers: frontiers.note(conn, filters, annotator, first, seen)
+    if back and not rows: return Page([], None, before - 1)      # nothing before any more (labelled since): the next page is where we were
     return Page(tiles, first if (more if back else not first_page) else None, last if (back or more) else None)
 
 def series_tiles(conn, # an index (schema 8)
@@ -295,7 +305,7 @@ def label_progress(conn, # an index (schema 8)
     "Labelled and unlabelled images, per class, per split and per annotator."
     eff = pd.read_sql(f"select id, split, annotator, class from ({effective_sql()})", getattr(conn, 'conn', conn))
     images = dict(conn.execute('select split, count(*) from images group by split order by 1').fetchall())
-    per = lambda col: {k: int(v) for k, v in eff.groupby(col)['id'].nunique().items()}
+    per = lambda col: {k: int(v) for k, v in eff.groupby(col, dropna=False)['id'].nunique().items()}
     labelled = per('split')
     return Progress(sum(images.values()), eff['id'].nunique(), per('class'), {s: (labelled.get(s, 0), n) for s, n in images.items()}, per('annotator'))
 
@@ -319,3 +329,10 @@ def image_labels(conn, # an index (schema 8): a `sqlite3.Connection` or sqlite-u
     per['votes'] = per.groupby(['filename', 'label'])['annotator'].transform('size') if rule == 'majority' else 0
     best = per.sort_values(['votes', 'at']).groupby('filename').tail(1).sort_values('filename').reset_index(drop=True)
     return _multi_hot(best) if best['label'].str.contains('|', regex=False).any() else best[['filename', 'label']]
+
+def orphan_labels(conn, # an index (schema 8)
+                 ) -> list[str]:
+    "The labels that no image of the index has any more (their images were removed), as 'scope key'."
+    sql = ' union '.join(f"select '{scope}', s.key from label_state s where s.scope = '{scope}' and not exists "
+                         f"(select 1 from images i where i.{col} = s.key)" for scope, col in LABEL_SCOPES.items())
+    return [f"{scope} {key}" for scope, key in conn.execute(sql + ' order by 1, 2')]

@@ -1,4 +1,4 @@
-"""Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them.
+"""Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them; `--splits` and each patient's stable hold-out split.
 
 A flag is a dataclass field: its default, its `# docment` (the `--help` text), its `--help` section and, for a renamed one, its old spelling. The console scripts build their parsers from the fields (`cli.cli_parser`), and the settings guard stores `guarded()`.
 
@@ -8,16 +8,17 @@ Docs: https://dicom-prep.github.io/dicom_prep/options.html.md"""
 
 # %% ../nbs/01b_options.ipynb #53ba11b6
 from __future__ import annotations
-import functools, inspect, io, linecache, re, textwrap, tokenize, warnings
+import functools, inspect, io, linecache, math, re, textwrap, tokenize, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
+from .core import stable_hash
 
 
 # %% auto #0
-__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'UsageError', 'flag',
-           'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
-           'ImageOptions', 'MaskOptions']
+__all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'SPLIT_NAME', 'UsageError',
+           'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
+           'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -235,3 +236,39 @@ class MaskOptions(Options):
         super().__post_init__()
         if self.overlap not in OVERLAP_POLICIES: raise UsageError(f"--overlap must be one of {', '.join(OVERLAP_POLICIES)}, not {self.overlap!r}")
         if not 0 < self.seg_threshold <= 1: raise UsageError(f"--seg-threshold must be in (0, 1], not {self.seg_threshold}")
+
+# %% ../nbs/01b_options.ipynb #8a00ee68
+SPLIT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_-]{0,31}')   # a split is a folder (imagefolder) and a file-name prefix (webdataset)
+
+def check_split_name(name, # a split name, from --splits or read from an index
+                    ) -> str:
+    "`name` if it is a safe split name, else `ValueError` saying what is allowed."
+    if isinstance(name, str) and SPLIT_NAME.fullmatch(name): return name
+    raise ValueError(f"{name!r} is not a safe split name (1 to 32 ASCII letters, digits, '_' or '-', starting with a letter or digit)")
+
+def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:frac,name:frac'
+                ) -> dict[str, float]:
+    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; names must be safe split names."
+    bad = ValueError(f"cannot parse splits {spec!r}: use e.g. 80/10/10 or train:70,valid:30")
+    pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/')))
+    if ':' not in spec and spec.count('/') > 2 or any(len(p) != 2 for p in pairs): raise bad
+    try: fr = {k.strip(): float(v) for k, v in pairs}
+    except ValueError: raise bad from None
+    for k in fr:
+        try: check_split_name(k)
+        except ValueError as e: raise ValueError(f"splits {spec!r}: {e}") from None
+    tot = sum(fr.values())
+    if len(fr) < len(pairs): raise ValueError(f"splits {spec!r} name a split twice")
+    if not math.isfinite(tot) or tot <= 0 or any(v < 0 for v in fr.values()):
+        raise ValueError(f"splits {spec!r} must be finite, non-negative and not all zero")
+    return {k: v/tot for k, v in fr.items()}
+
+def assign_split(key:str, # the patient (or study) to assign
+                 fractions:dict[str, float], # split name -> fraction, from `parse_splits`
+                ) -> str:
+    "The split of patient `key`, stable across runs and machines."
+    x, acc = int(stable_hash(key, 12), 16) / 16**12, 0.
+    for name, f in fractions.items():
+        acc += f
+        if x < acc: return name
+    return name

@@ -23,7 +23,8 @@ from .guards import check_size, CodestreamMismatch, TooLargeError
 from .read import read_dicom, DicomReadError, has_pixels, kinds_note, object_kind
 from .tags import values_unvalidated
 from .pixels import frame_image, frame_image16, image_count, save_png, PixelDecodeError
-from .db import get_meta, parse_splits, assign_split, now, FAILED, FINAL_OK
+from .db import get_meta, now, FAILED, FINAL_OK
+from .options import assign_split, parse_splits
 from .paths import inside
 from .core import env_error
 from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags

@@ -18,7 +18,8 @@ import dicom_prep.layouts as lay
 from conftest import console_script, query
 from dicom_prep.core import UnsafeOutput, atomic_path, temp_of
 from dicom_prep.paths import OWNER_FILE, UnsafePath, owns
-from dicom_prep.db import open_db, parse_splits
+from dicom_prep.db import open_db
+from dicom_prep.options import parse_splits
 from dicom_prep.privacy import pseudonym
 from dicom_prep.export import export
 from dicom_prep.preprocess import preprocess

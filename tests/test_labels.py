@@ -78,3 +78,40 @@ def test_a_failed_write_leaves_no_half_action(tmp_path):
         with pytest.raises(sqlite3.IntegrityError): set_label(conn, 'image', 'im0', 'odd', 'ann')   # writes 'even' off, then fails on 'odd' on
         assert labels_of(conn, 'image', 'im0', 'ann') == ('even',)
         assert conn.execute('select count(*) from labels').fetchone()[0] == 1
+
+
+def _hammer(path, who, go, stop):
+    "Label the first images as fast as possible until `stop`."
+    go.wait()
+    with closing(sqlite3.connect(path, timeout=30)) as conn:
+        names = [r[0] for r in conn.execute('select filename from images order by rowid limit 20')]
+        n = 0
+        while not stop.is_set():
+            set_label(conn, 'image', names[n % len(names)], ('a', 'b')[n % 2], who); n += 1
+
+
+def test_a_real_run_and_export_beside_labellers(tmp_path):
+    "Regression: sqlite-utils' deferred transactions failed at once ('database is locked') when a labeller wrote between their read and write."
+    import subprocess, sys
+    from dicom_prep.synth import synth_series
+    from conftest import console_script
+    src, out = tmp_path/'src', tmp_path/'out'
+    synth_series(src/'first', n=20)
+    subprocess.run([*console_script('dicom_prep_preprocess'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '0'], check=True, capture_output=True)
+    for k in range(12): synth_series(src/f"more{k}", n=20, seed=k + 1)
+    ctx = mp.get_context('spawn'); go, stop = ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=_hammer, args=(out/'dicom_prep.db', f"ann{k}", go, stop)) for k in range(3)]
+    for p in procs: p.start()
+    go.set()
+    try:
+        run = subprocess.run([*console_script('dicom_prep_preprocess'), '--dicom-dir', str(src), '--output-dir', str(out), '--workers', '1'],
+                             capture_output=True, text=True, timeout=300)
+        exports = [subprocess.run([*console_script('dicom_prep_export'), '--db', str(out/'dicom_prep.db'), '--out', str(tmp_path/f"e{k}"),
+                                   '--format', 'csv', '--labels', 'db'], capture_output=True, text=True, timeout=120) for k in range(3)]
+    finally:
+        stop.set()
+        for p in procs: p.join(60)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert [e.returncode for e in exports] == [0, 0, 0], [e.stderr[-500:] for e in exports]
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    with closing(sqlite3.connect(out/'dicom_prep.db')) as c: assert c.execute('select count(*) from images').fetchone()[0] == 13 * 20
