@@ -92,7 +92,7 @@ def _hammer(path, who, go, stop):
 
 def test_a_real_run_and_export_beside_labellers(tmp_path):
     "Regression: sqlite-utils' deferred transactions failed at once ('database is locked') when a labeller wrote between their read and write."
-    import subprocess, sys
+    import subprocess
     from dicom_prep.synth import synth_series
     from conftest import console_script
     src, out = tmp_path/'src', tmp_path/'out'
