@@ -47,7 +47,7 @@ def database_class() -> type:
 def open_index(db, # a `Database`, or the path of an existing dicom_prep index
               ):
     "`db` if it is a `Database`, else the existing index at path `db` (`FileNotFoundError` if there is none)."
-    if isinstance(db, database_class()): return db
+    if isinstance(db, database_class().__base__): return db     # sqlite-utils' own `Database` too
     if not Path(db).is_file(): raise FileNotFoundError(f"No dicom_prep database at {db}")
     return database_class()(db)
 

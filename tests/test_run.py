@@ -5,7 +5,7 @@ import contextlib, errno, os, subprocess, sys, time
 import pytest
 import sqlite_utils
 
-import dicom_prep.preprocess
+import dicom_prep.db, dicom_prep.preprocess
 from dicom_prep.nifti import dicom_to_nifti
 from dicom_prep.preprocess import preprocess
 from dicom_prep.run import RunFailed, resume_hint
@@ -103,13 +103,14 @@ def test_db_locked_by_another_writer(tmp_path):
 def test_hard_interrupt_inside_a_transaction_is_recorded_interrupted(tmp_path, monkeypatch):
     "A second Ctrl+C landing between a batch's BEGIN and its try: the run is still recorded `interrupted`, not left `running`."
     src, out = _corpus(tmp_path/'src', 6, 32), tmp_path/'out'
-    real_atomic, real_tasks, armed = sqlite_utils.Database.atomic, dicom_prep.preprocess._tasks, []
+    db_class = dicom_prep.db.database_class()
+    real_atomic, real_tasks, armed = db_class.atomic, dicom_prep.preprocess._tasks, []
     @contextlib.contextmanager
     def atomic(self):
-        if armed: armed.clear(); self.conn.execute('BEGIN'); raise KeyboardInterrupt     # the race: BEGIN done, try not entered
+        if armed: armed.clear(); self.conn.execute('BEGIN IMMEDIATE'); raise KeyboardInterrupt     # the race: BEGIN done, try not entered
         with real_atomic(self) as db: yield db
     def tasks(*a, **kw): armed.append(1); return real_tasks(*a, **kw)                   # arm it for the first batch commit
-    monkeypatch.setattr(sqlite_utils.Database, 'atomic', atomic)
+    monkeypatch.setattr(db_class, 'atomic', atomic)
     monkeypatch.setattr(dicom_prep.preprocess, '_tasks', tasks)
     with pytest.raises(KeyboardInterrupt): preprocess(src, out, n_workers=0, quiet=True)
     assert query(out, 'select status from runs') == [('interrupted',)]
