@@ -23,15 +23,15 @@ from starlette.responses import FileResponse, PlainTextResponse
 from .options import Options, UsageError, flag
 from .db import BUSY_TIMEOUT, SPLIT_NAME, open_db, output_dir_of
 from .paths import UnsafePath, inside
-from .labels import (LABEL_SCOPES, STATES, Filters, default_annotator, facets, find_images, image_detail,
-                               label_progress, labels_of, series_tiles, set_label, undo)
+from .labels import (LABEL_SCOPES, STATES, Filters, Tile, default_annotator, facets, find_images, image_detail,
+                               label_progress, series_tiles, set_label, undo)
 from .cli import cli_args, cli_run
 
 # %% auto #0
-__all__ = ['CSS', 'JS', 'KEYS', 'SCOPE_COLUMNS', 'log', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes',
-           'index_file', 'Labeller', 'grid_url', 'badge_tags', 'key_help', 'page', 'tile', 'choice', 'filter_bar',
-           'grid_page', 'my_labels', 'image_page', 'series_page', 'counts_table', 'progress_page', 'progress_totals',
-           'label_image', 'undo_last', 'image_file', 'token_ok', 'guard', 'label_app', 'serve', 'main']
+__all__ = ['CSS', 'JS', 'KEYS', 'log', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'index_file', 'Labeller',
+           'grid_url', 'badge_tags', 'key_help', 'page', 'tile', 'choice', 'filter_bar', 'grid_page', 'tile_of',
+           'image_page', 'series_page', 'counts_table', 'progress_page', 'progress_totals', 'label_image', 'undo_last',
+           'image_file', 'token_ok', 'guard', 'label_app', 'serve', 'main']
 
 # %% ../nbs/14a_label.ipynb #4dc87111
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def page(lab:Labeller, # the app's state
 
 # %% ../nbs/14a_label.ipynb #9ce29c3f
 def tile(lab:Labeller, # the app's state
-         t, # a `labels.Tile`
+         t:Tile, # the image, as `labels.find_images` gives it
         ) -> Div:
     "One grid tile: the thumbnail (a link to the image view), your labels, links to its series and study."
     desc = t.series_description or f"series {'?' if t.series_number is None else t.series_number}"
@@ -280,7 +280,7 @@ def grid_page(lab:Labeller, # the app's state
               query:dict, # the request's query: filters, and `after` or `before`
              ) -> Html:
     "The grid: the filter bar, one page of tiles, the pager; `ValueError` for a filter that cannot be."
-    f = Filters.from_query({k: v for k, v in query.items() if v})
+    f = Filters.from_query(query)
     pg = find_images(lab.conn, f, lab.annotator, after=_int(query.get('after')), before=_int(query.get('before')), limit=lab.per_page)
     prev = None if pg.prev_before is None else grid_url(**f.query(), before=pg.prev_before)
     nxt = None if pg.next_after is None else grid_url(**f.query(), after=pg.next_after)
@@ -288,15 +288,13 @@ def grid_page(lab:Labeller, # the app's state
     pager = Nav(A('‹ previous', href=prev) if prev else Span(), A('next ›', href=nxt) if nxt else Span(), cls='pager')
     return page(lab, 'grid', filter_bar(lab, f), Div(*tiles, id='grid'), pager, view='grid', prev=prev or '', next=nxt or '')
 
-# %% ../nbs/14a_label.ipynb #0f493e80
-SCOPE_COLUMNS = dict(image='filename', series='series_uid', study='study_uid')   # the images column each label scope is keyed by
-
-def my_labels(lab:Labeller, # the app's state
-              row:dict, # an images row (`labels.image_detail`)
-             ) -> tuple:
-    "The annotator's classes for the image of `row`: those of its most specific scope that has any (image, series, study)."
-    keys = [(s, row.get(SCOPE_COLUMNS[s])) for s in LABEL_SCOPES]
-    return next((mine for s, k in keys if k and (mine := labels_of(lab.conn, s, k, lab.annotator))), ())
+# %% ../nbs/14a_label.ipynb #b4496026
+def tile_of(lab:Labeller, # the app's state
+            id:int, # the image (images.rowid)
+           ) -> Tile|None:
+    "Image `id` as a grid tile, with your labels; None if there is no such image."
+    tiles = find_images(lab.conn, Filters(state='all'), lab.annotator, after=id - 1, limit=1).tiles
+    return tiles[0] if tiles and tiles[0].id == id else None
 
 def image_page(lab:Labeller, # the app's state
                id:int, # the image (images.rowid)
@@ -304,7 +302,7 @@ def image_page(lab:Labeller, # the app's state
     "Image `id` with your labels and its row of the index; None if there is no such image."
     if (row := image_detail(lab.conn, id)) is None: return None
     meta = Table(*[Tr(Th(k), Td('' if v is None else str(v))) for k, v in row.items()], cls='meta')
-    side = Div(Div(*badge_tags(lab, my_labels(lab, row)), cls='badges', id='badges'), A('series view', href=f"/series/{id}"), meta, cls='side')
+    side = Div(Div(*badge_tags(lab, tile_of(lab, id).mine), cls='badges', id='badges'), A('series view', href=f"/series/{id}"), meta, cls='side')
     return page(lab, row.get('filename') or str(id), Div(Div(Img(src=f"/img/{id}", alt=''), cls='viewer main'), side, cls='split'),
                 view='image', id=id)
 
@@ -354,9 +352,9 @@ def label_image(lab:Labeller, # the app's state
     "Give `scope` of image `id` the class `cls` (--multi: toggle it); the image's labels and badges, or why not."
     row = image_detail(lab.conn, id)
     if row is None or cls not in lab.classes or scope not in LABEL_SCOPES: return f"no image {id}, class {cls!r} or scope {scope!r}"
-    if not (key := row.get(SCOPE_COLUMNS[scope])): return f"image {id} has no {SCOPE_COLUMNS[scope]}"
+    if not (key := row.get(LABEL_SCOPES[scope])): return f"image {id} has no {LABEL_SCOPES[scope]}"
     set_label(lab.conn, scope, key, cls, lab.annotator, multi=lab.multi)
-    mine = my_labels(lab, row)
+    mine = tile_of(lab, id).mine
     return dict(id=id, labels=list(mine), badges=''.join(map(to_xml, badge_tags(lab, mine))))
 
 def undo_last(lab:Labeller) -> dict:
