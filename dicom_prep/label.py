@@ -10,7 +10,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/label.html.md"""
 # %% ../nbs/14a_label.ipynb #b9125e9a
 from __future__ import annotations
 import base64, hashlib, json, logging, secrets, sqlite3, threading, webbrowser
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -30,8 +30,8 @@ from .cli import cli_args, cli_run
 # %% auto #0
 __all__ = ['CSS', 'JS', 'KEYS', 'log', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'index_file', 'Labeller',
            'grid_url', 'badge_tags', 'key_help', 'page', 'tile', 'choice', 'filter_bar', 'grid_page', 'tile_of',
-           'image_page', 'series_page', 'counts_table', 'progress_page', 'progress_totals', 'label_image', 'undo_last',
-           'image_file', 'token_ok', 'guard', 'label_app', 'serve', 'main']
+           'image_page', 'series_page', 'counts_table', 'progress_page', 'label_image', 'undo_last', 'image_file',
+           'token_ok', 'guard', 'label_app', 'serve', 'main']
 
 # %% ../nbs/14a_label.ipynb #4dc87111
 @dataclass(frozen=True)
@@ -92,11 +92,10 @@ class Labeller:
 
 # %% ../nbs/14a_label.ipynb #b9f1c201
 CSS = """
-:root{color-scheme:dark;--bg:#0f1216;--panel:#181d24;--line:#2a313b;--fg:#e6e9ee;--dim:#8d97a5;--acc:#4da3ff}
-*{box-sizing:border-box}body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
-a{color:var(--acc);text-decoration:none}nav.bar{display:flex;gap:18px;align-items:center;padding:8px 18px;background:var(--panel);
-border-bottom:1px solid var(--line);position:sticky;top:0;z-index:3}.home{color:var(--fg);font-weight:700}
-progress{width:180px;height:8px;accent-color:#4dd4ac}#count,.who,.hint,.cap,.cap a{color:var(--dim)}.who{margin-left:auto}
+:root{color-scheme:dark;--bg:#0f1216;--panel:#181d24;--line:#2a313b;--fg:#e6e9ee;--dim:#8d97a5;--acc:#4da3ff}*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}a{color:var(--acc);text-decoration:none}
+nav.bar{display:flex;gap:18px;align-items:center;padding:8px 18px;background:var(--panel);border-bottom:1px solid var(--line);position:sticky;top:0;z-index:3}
+.home{color:var(--fg);font-weight:700}progress{width:180px;height:8px;accent-color:#4dd4ac}#count,.who,.hint,.cap,.cap a{color:var(--dim)}.who{margin-left:auto}
 kbd{background:#262d37;border:1px solid #3a4350;border-bottom-width:2px;border-radius:4px;padding:0 6px;font:12px ui-monospace,monospace;color:var(--fg)}
 #filters{display:flex;gap:14px;flex-wrap:wrap;align-items:center;padding:12px 18px 4px;color:var(--dim)}
 select{margin-left:6px;background:var(--panel);color:var(--fg);border:1px solid var(--line);border-radius:5px;padding:3px 6px}
@@ -104,40 +103,37 @@ select{margin-left:6px;background:var(--panel);color:var(--fg);border:1px solid 
 #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(168px,1fr));gap:12px;padding:12px 18px}
 .tile{position:relative;background:var(--panel);border:2px solid transparent;border-radius:9px;padding:6px;outline:none}
 .tile:focus{border-color:var(--acc);box-shadow:0 0 0 4px #4da3ff44;transform:translateY(-1px)}
-.tile img{display:block;width:100%;aspect-ratio:1;object-fit:contain;background:#000;border-radius:5px}
-.tile.done img{opacity:.6}.badges{display:flex;gap:4px;flex-wrap:wrap}.tile .badges{position:absolute;top:11px;left:11px;right:11px}
-.b{padding:1px 8px;border-radius:10px;font-size:12px;font-weight:650;color:#0b0d10;box-shadow:0 1px 3px #0009}
-.c0{background:#4dd4ac}.c1{background:#ff6b6b}.c2{background:#ffd43b}.c3{background:#74c0fc}.c4{background:#b197fc}
-.c5{background:#ffa94d}.c6{background:#66d9e8}.c7{background:#f783ac}.c8{background:#a9e34b}.o{background:#495057;color:var(--fg)}
-.cap{display:flex;gap:8px;margin-top:5px;font-size:12px;white-space:nowrap;overflow:hidden}.cap a{text-overflow:ellipsis;overflow:hidden}
-nav.pager{display:flex;justify-content:space-between;padding:6px 18px 18px}.empty{padding:24px 18px;color:var(--dim)}
-#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}
+.tile img{display:block;width:100%;aspect-ratio:1;object-fit:contain;background:#000;border-radius:5px}.tile.done img{opacity:.6}
+.badges{display:flex;gap:4px;flex-wrap:wrap}.tile .badges{position:absolute;top:11px;left:11px;right:11px}
+.b{padding:1px 8px;border-radius:10px;font-size:12px;font-weight:650;color:#0b0d10;box-shadow:0 1px 3px #0009}.c0{background:#4dd4ac}.c1{background:#ff6b6b}
+.c2{background:#ffd43b}.c3{background:#74c0fc}.c4{background:#b197fc}.c5{background:#ffa94d}.c6{background:#66d9e8}.c7{background:#f783ac}
+.c8{background:#a9e34b}.o{background:#495057;color:var(--fg)}.cap{display:flex;gap:8px;margin-top:5px;font-size:12px;white-space:nowrap;overflow:hidden}
+.cap a{text-overflow:ellipsis;overflow:hidden}nav.pager{display:flex;justify-content:space-between;padding:6px 18px 18px}
+.empty{padding:24px 18px;color:var(--dim)}#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}
 #help[hidden],#toast[hidden]{display:none}#help .box{background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:8px 26px 18px}
-td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}th{color:var(--dim);font-weight:500}
-.split{display:flex;gap:18px;padding:14px 18px}.main{flex:1}.side{width:380px;overflow-wrap:anywhere}
+td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}th{color:var(--dim);font-weight:500}.split{display:flex;gap:18px;padding:14px 18px}.main{flex:1}
+.side{width:380px;overflow-wrap:anywhere}
 .viewer{display:flex;justify-content:center;align-items:center;background:#000;border-radius:8px;height:calc(100vh - 130px)}
-.viewer img{max-width:100%;max-height:100%;object-fit:contain}.frames{display:flex;gap:12px;align-items:center;padding-top:8px}
-#slider{flex:1}.tables{display:flex;gap:48px;padding:0 18px}h2{padding:0 18px;font-weight:600}.side h2{padding:0}
+.viewer img{max-width:100%;max-height:100%;object-fit:contain}.frames{display:flex;gap:12px;align-items:center;padding-top:8px}#slider{flex:1}
+.tables{display:flex;gap:48px;padding:0 18px}h2{padding:0 18px;font-weight:600}.side h2{padding:0}
 #toast{position:fixed;bottom:18px;right:18px;background:#c92a2a;color:#fff;padding:8px 14px;border-radius:6px;z-index:6}
 """
 
 # %% ../nbs/14a_label.ipynb #72fd7e30
 JS = """
-const D = document.body.dataset, CLASSES = JSON.parse(D.classes), $ = s => document.querySelector(s), pending = new Set();
+const D = document.body.dataset, CLASSES = JSON.parse(D.classes), $ = s => document.querySelector(s);
 history.replaceState(null, '', location.href.replace(/([?&])token=[^&#]*&?/, '$1').replace(/[?&](?=#|$)/, ''));
 const tiles = () => [...document.querySelectorAll('.tile')];
 function toast(msg) { const t = $('#toast'); t.textContent = msg; t.hidden = false; clearTimeout(toast.timer); toast.timer = setTimeout(() => t.hidden = true, 4000); }
-function post(path, data) {
-  const p = fetch(path, {method: 'POST', headers: {'X-Token': D.token}, body: new URLSearchParams(data)})
+let queue = Promise.resolve(null);
+function post(path, data) {   // one at a time, in the order typed: undo reverts the last key pressed
+  return queue = queue.then(() => fetch(path, {method: 'POST', headers: {'X-Token': D.token}, body: new URLSearchParams(data)}))
     .then(async r => { if (!r.ok) throw new Error(`${r.status} ${await r.text()}`); return r.json(); })
     .catch(e => { toast(`not saved: ${e.message}`); return null; });
-  pending.add(p); p.finally(() => pending.delete(p)); return p;
 }
-async function go(url) { await Promise.all(pending); location.href = url; }
-function progress() {
-  fetch('/progress.json').then(r => r.json()).then(p => { const bar = $('#done'); bar.max = p.n_images || 1; bar.value = p.n_labelled;
-    $('#count').textContent = `${p.n_labelled.toLocaleString()} / ${p.n_images.toLocaleString()} labelled`; });
-}
+async function go(url) { await queue; location.href = url; }
+function progress() { fetch('/progress.json').then(r => r.json()).then(p => { $('#done').max = p.n_images || 1; $('#done').value = p.n_labelled;
+  $('#count').textContent = `${p.n_labelled.toLocaleString()} / ${p.n_images.toLocaleString()} labelled`; }); }
 function paint(res) {
   const box = res && (D.view === 'grid' ? $(`#t${res.id} .badges`) : $('#badges'));
   if (!box) return;
@@ -161,7 +157,6 @@ function label(n, scope) {
   if (D.view === 'grid' && D.multi !== '1') move(1);
 }
 async function undoLast() {
-  await Promise.all(pending);
   const res = await post('/undo', {});
   if (!res) return;
   if (!res.scope) return toast('nothing to undo');
@@ -173,9 +168,8 @@ function frames() {
   const ids = JSON.parse(D.frames), img = $('#frame'), s = $('#slider'), pos = $('#pos');
   let i = +D.at;
   const show = j => {
-    i = Math.max(0, Math.min(ids.length - 1, j)); D.id = ids[i]; img.src = `/img/${ids[i]}`; s.value = i + 1;
-    pos.textContent = `frame ${i + 1}/${ids.length}`;
-    if (i + 1 < ids.length) new Image().src = `/img/${ids[i + 1]}`;
+    i = Math.max(0, Math.min(ids.length - 1, j)); D.id = ids[i]; img.src = `/img/${ids[i]}`; s.value = i + 1; pos.textContent = `frame ${i + 1}/${ids.length}`;
+    if (i + 1 < ids.length) new Image().src = `/img/${ids[i + 1]}`;   // the next frame, ahead
   };
   s.addEventListener('input', () => show(s.value - 1));
   img.closest('.viewer').addEventListener('wheel', e => { e.preventDefault(); show(i + Math.sign(e.deltaY)); }, {passive: false});
@@ -208,10 +202,9 @@ progress();
 """
 
 # %% ../nbs/14a_label.ipynb #8e2a8b61
-KEYS = (('1–9', 'the class of that number, then the next image (--multi: toggle it, stay)'),
-        ('Shift+1–9', 'in the series view: label the whole study (1–9 alone: the whole series)'),
-        ('← → ↑ ↓', 'move; past the page edge, the next page · series view: frames (the wheel too)'),
-        ('Enter', 'open the series'), ('u', 'undo your last label'), ('?', 'show or hide these keys'), ('Esc', 'back'))
+KEYS = (('1–9', 'the class of that number, then the next image (--multi: toggle it, stay)'), ('Shift+1–9', 'in the series view: label the whole study (1–9 alone: the whole series)'),
+        ('← → ↑ ↓', 'move; past the page edge, the next page · series view: frames (the wheel too)'), ('Enter', 'open the series'),
+        ('u', 'undo your last label'), ('?', 'show or hide these keys'), ('Esc', 'back'))
 
 def grid_url(**query) -> str:
     "The grid's URL for `query` (None values left out)."
@@ -338,11 +331,6 @@ def progress_page(lab:Labeller) -> Html:
                 Div(counts_table(('class', 'images'), classes), counts_table(('split', 'labelled', 'unlabelled'), splits),
                     counts_table(('annotator', 'images'), p.by_annotator.items()), cls='tables'), view='progress')
 
-def progress_totals(lab:Labeller) -> dict:
-    "The grid bar's numbers: images, and images labelled."
-    p = label_progress(lab.conn)
-    return dict(n_images=p.n_images, n_labelled=p.n_labelled)
-
 # %% ../nbs/14a_label.ipynb #0bc35719
 def label_image(lab:Labeller, # the app's state
                 id:int, # the image (images.rowid) the key was typed on
@@ -432,11 +420,13 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
     @app.get('/progress')
     def progress(): return progress_page(lab)
     @app.get('/progress.json')
-    def totals(): return progress_totals(lab)
+    def totals(): return asdict(label_progress(lab.conn))
     @app.post('/label')
     def label(id:int, cls:str, scope:str='image'): return _done(label_image(lab, id, cls, scope))
     @app.post('/undo')
     def undo_(): return undo_last(lab)
+    @app.get('/favicon.ico')
+    def icon(): return PlainTextResponse(status_code=204)     # none: the browser asks anyway
     return app
 
 # %% ../nbs/14a_label.ipynb #3f3c929f

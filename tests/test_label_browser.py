@@ -1,0 +1,90 @@
+"""The labelling app in a real browser: Debian's Chromium, driven by Selenium through Debian's chromedriver (nothing is
+downloaded), against `dicom_prep_label` in its own process. Skipped where chromium or chromium-driver is not installed
+(CI installs both: .ci/run)."""
+import os, shutil, tempfile, threading
+from contextlib import contextmanager
+
+import pytest
+
+from test_label import CLASSES, image_ids, index_fixture, label_server, label_state   # noqa: F401 (index_fixture: the fixture `index`)
+
+CHROMIUM, DRIVER = shutil.which('chromium'), '/usr/bin/chromedriver'
+pytestmark = pytest.mark.skipif(not (CHROMIUM and os.access(DRIVER, os.X_OK)),
+                                reason='needs chromium and chromium-driver (apt-get install chromium chromium-driver)')
+webdriver = pytest.importorskip('selenium.webdriver')
+from selenium.webdriver.chrome.service import Service          # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By                    # noqa: E402
+from selenium.webdriver.common.keys import Keys                # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait        # noqa: E402
+
+FLAGS = ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--window-size=1400,900')
+
+
+@contextmanager
+def chromium():
+    "A headless Chromium with a fresh profile, through Debian's chromedriver (Selenium Manager offline: it fetches nothing)."
+    os.environ['SE_OFFLINE'] = 'true'
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for f in FLAGS: opts.add_argument(f)
+    with tempfile.TemporaryDirectory() as profile:
+        opts.add_argument(f'--user-data-dir={profile}')
+        driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+        try: yield driver
+        finally: driver.quit()
+
+
+def keys(d, *ks): ActionChains(d).send_keys(*ks).perform()
+def until(d, check, timeout=10): return WebDriverWait(d, timeout, 0.05).until(lambda _: check())
+def tiles(d) -> list[int]: return [int(t.get_attribute('data-id')) for t in d.find_elements(By.CSS_SELECTOR, '.tile')]
+def focused(d) -> int|None: return (v := d.execute_script('return document.activeElement.dataset.id')) and int(v)   # atomic while a page reloads
+def n_done(d) -> int: return len(d.find_elements(By.CSS_SELECTOR, '.tile.done'))
+
+
+def test_label_by_keyboard_undo_series_filter_reload(index):
+    names, typed = image_ids(index), '12312312312312312312'
+    with label_server(index) as (url, _), chromium() as d:
+        d.get(url + '/?token=T')
+        ids = tiles(d)
+        assert ids == sorted(names) and focused(d) == ids[0]          # every image unlabelled; the first has focus
+        keys(d, typed)
+        until(d, lambda: n_done(d) == 20 and focused(d) == ids[20])
+        want = {('image', names[i][0], 'alice', CLASSES[int(k) - 1]) for i, k in zip(ids, typed)}
+        until(d, lambda: label_state(index) == want)
+        keys(d, 'u')                                                   # undo: the last tile is unlabelled again, and has focus
+        want -= {('image', names[ids[19]][0], 'alice', CLASSES[int(typed[19]) - 1])}
+        until(d, lambda: label_state(index) == want and focused(d) == ids[19])
+        keys(d, Keys.ENTER)                                            # its series, frame by frame
+        until(d, lambda: '/series/' in d.current_url)
+        assert d.find_element(By.ID, 'pos').text.startswith('frame ')
+        keys(d, '3')                                                   # the whole series
+        want |= {('series', names[ids[19]][1], 'alice', 'artefact')}
+        until(d, lambda: label_state(index) == want)
+        keys(d, Keys.ESCAPE)
+        until(d, lambda: '/series/' not in d.current_url)
+        d.get(url + '/?state=unlabelled')                              # reload, filtered: what nobody labelled
+        labelled = {i for i in ids[:19]} | {i for i in ids if names[i][1] == names[ids[19]][1]}
+        assert tiles(d) == [i for i in ids if i not in labelled]
+        d.get(url + '/?state=all')                                     # every badge is what the index holds
+        shown = {int(t.get_attribute('data-id')): t.find_element(By.CSS_SELECTOR, '.badges').text for t in d.find_elements(By.CSS_SELECTOR, '.tile')}
+        assert shown == {i: ('artefact' if names[i][1] == names[ids[19]][1] and i not in ids[:19] else
+                             CLASSES[int(typed[ids.index(i)]) - 1] if i in ids[:19] else '') for i in ids}
+    assert label_state(index) == want
+
+
+def test_two_annotators_at_once(index):
+    "Alice and Bob, each with a browser and a server on the same index, label the same images at the same time: both kept."
+    names = image_ids(index)
+    with label_server(index, 'alice') as (a_url, _), label_server(index, 'bob') as (b_url, _), chromium() as a, chromium() as b:
+        for d, url in ((a, a_url), (b, b_url)): d.get(url + '/?token=T')
+        typists = [threading.Thread(target=keys, args=(d, k * 10)) for d, k in ((a, '1'), (b, '2'))]
+        for t in typists: t.start()
+        for t in typists: t.join()
+        until(a, lambda: n_done(a) >= 10 and n_done(b) >= 10)
+        ids = sorted(names)[:10]
+        want = {('image', names[i][0], 'alice', 'normal') for i in ids} | {('image', names[i][0], 'bob', 'nodule') for i in ids}
+        until(a, lambda: label_state(index) == want)
+        a.get(a_url + '/?state=all')
+        assert a.find_element(By.ID, f't{ids[0]}').find_element(By.CSS_SELECTOR, '.badges').text.split() == ['normal', '+1']   # Bob's, counted
