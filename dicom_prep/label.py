@@ -41,6 +41,7 @@ class LabelFlags(Options):
     classes: str = flag('', 'input')  # The classes, comma-separated, 1 to 9 (keys 1-9), e.g. normal,nodule,artefact
     annotator: str|None = flag(None, 'input')  # Who is labelling [default: the OS user]
     multi: bool = flag(False, 'input')  # Multi-label: a key toggles its class (else it replaces the image's label)
+    per_page: int = flag(100, 'output')  # Images per grid page
     host: str = flag('127.0.0.1', 'run control')  # Address to listen on; any other than loopback serves the index to the network
     port: int = flag(8765, 'run control')  # Port to listen on
     token: str|None = flag(None, 'privacy')  # The access token every request must carry [default: a new random one]
@@ -51,8 +52,7 @@ def parse_classes(spec, # `--classes`: names separated by commas (or a sequence 
     "The classes of `spec`: 1 to 9 distinct safe names (one key each), else `UsageError`."
     names = tuple(s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec or ()) if s.strip())
     if not 1 <= len(names) <= 9 or len(set(names)) < len(names) or not all(SPLIT_NAME.fullmatch(n) for n in names):
-        raise UsageError(f"--classes {spec!r}: give 1 to 9 distinct names separated by commas (each 1 to 32 ASCII letters, "
-                         "digits, '_' or '-', starting with a letter or digit), e.g. --classes normal,nodule,artefact")
+        raise UsageError(f"--classes {spec!r}: give 1 to 9 distinct names, comma-separated, each of 1 to 32 ASCII letters, digits, '_' or '-' (e.g. normal,nodule,artefact)")
     return names
 
 def index_file(db, # `--db`: the index, or the folder holding it
@@ -75,13 +75,14 @@ class Labeller:
     per_page: int = 100  # tiles per grid page
 
     @classmethod
-    def open(cls, db, classes, annotator, multi, token):
+    def open(cls, db, classes, annotator, multi, token, per_page=100):
         "Open (and migrate) the index once; `UsageError` unless it has a preprocess output folder of its own."
+        if not 1 <= per_page <= 1000: raise UsageError(f"--per-page {per_page}: give 1 to 1000")
         idx = open_db(path := index_file(db))
         try: root = output_dir_of(idx)
         finally: idx.conn.close()
         if root is None: raise UsageError(f"{path} records no image output folder: run dicom_prep_preprocess into it first")
-        return cls(path, root, parse_classes(classes), annotator, multi, token)
+        return cls(path, root, parse_classes(classes), annotator, multi, token, per_page)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -109,13 +110,13 @@ select{margin-left:6px;background:var(--panel);color:var(--fg);border:1px solid 
 .c2{background:#ffd43b}.c3{background:#74c0fc}.c4{background:#b197fc}.c5{background:#ffa94d}.c6{background:#66d9e8}.c7{background:#f783ac}
 .c8{background:#a9e34b}.o{background:#495057;color:var(--fg)}.cap{display:flex;gap:8px;margin-top:5px;font-size:12px;white-space:nowrap;overflow:hidden}
 .cap a{text-overflow:ellipsis;overflow:hidden}nav.pager{display:flex;justify-content:space-between;padding:6px 18px 18px}
-.empty{padding:24px 18px;color:var(--dim)}#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}
+.empty{grid-column:1/-1;color:var(--dim)}#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}
 #help[hidden],#toast[hidden]{display:none}#help .box{background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:8px 26px 18px}
 td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}th{color:var(--dim);font-weight:500}.split{display:flex;gap:18px;padding:14px 18px}.main{flex:1}
 .side{width:380px;overflow-wrap:anywhere}
 .viewer{display:flex;justify-content:center;align-items:center;background:#000;border-radius:8px;height:calc(100vh - 130px)}
-.viewer img{max-width:100%;max-height:100%;object-fit:contain}.frames{display:flex;gap:12px;align-items:center;padding-top:8px}#slider{flex:1}
-.tables{display:flex;gap:48px;padding:0 18px}h2{padding:0 18px;font-weight:600}.side h2{padding:0}
+.viewer img{width:100%;height:100%;object-fit:contain}.frames{display:flex;gap:12px;align-items:center;padding-top:8px}#slider{flex:1}
+.tables{display:flex;gap:48px;padding:0 18px;align-items:flex-start}h2{padding:0 18px;font-weight:600}.side h2{padding:0}
 #toast{position:fixed;bottom:18px;right:18px;background:#c92a2a;color:#fff;padding:8px 14px;border-radius:6px;z-index:6}
 """
 
@@ -142,7 +143,7 @@ function paint(res) {
   clearTimeout(paint.timer); paint.timer = setTimeout(progress, 600);
 }
 function focusTile(t) { if (t) { t.focus({preventScroll: true}); t.scrollIntoView({block: 'nearest'}); } }
-function columns(ts) { return ts.filter(t => t.offsetTop === ts[0].offsetTop).length || 1; }
+const columns = ts => ts.filter(t => t.offsetTop === ts[0].offsetTop).length || 1;   // tiles per row
 function move(d) {
   const ts = tiles(), i = ts.indexOf(document.activeElement), j = i + d;
   if (!ts.length || i < 0) return focusTile(ts[0]);
@@ -203,8 +204,7 @@ progress();
 
 # %% ../nbs/14a_label.ipynb #8e2a8b61
 KEYS = (('1–9', 'the class of that number, then the next image (--multi: toggle it, stay)'), ('Shift+1–9', 'in the series view: label the whole study (1–9 alone: the whole series)'),
-        ('← → ↑ ↓', 'move; past the page edge, the next page · series view: frames (the wheel too)'), ('Enter', 'open the series'),
-        ('u', 'undo your last label'), ('?', 'show or hide these keys'), ('Esc', 'back'))
+        ('← → ↑ ↓', 'move; past the page edge, the next page · series view: frames (the wheel too)'), ('Enter', 'open the series'), ('u', 'undo your last label'), ('?', 'show or hide these keys'), ('Esc', 'back'))
 
 def grid_url(**query) -> str:
     "The grid's URL for `query` (None values left out)."
@@ -402,9 +402,10 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
               annotator:str|None=None, # who labels [default: `labels.default_annotator()`]
               multi:bool=False, # a key toggles its class
               token:str|None=None, # what every request must carry [default: a new random one]
+              per_page:int=100, # images per grid page
              ) -> FastHTML:
     "The labelling web app over the index at `db_path` (its state: `app.state.lab`)."
-    lab = Labeller.open(db_path, classes, annotator or default_annotator(), multi, token or secrets.token_urlsafe(24))
+    lab = Labeller.open(db_path, classes, annotator or default_annotator(), multi, token or secrets.token_urlsafe(24), per_page)
     app = FastHTML(default_hdrs=False, sess_cls=None, secret_key=lab.token, canonical=False, middleware=[guard(lab.token)])
     app.state.lab = lab
     @app.get('/')
@@ -435,7 +436,7 @@ def _url_host(host:str) -> str: return f"[{host}]" if ':' in host else '127.0.0.
 def serve(o:LabelFlags):
     "Serve the app for `o` until interrupted: print its URL, and open a browser on it unless --no-browser."
     import uvicorn
-    app = label_app(o.db, o.classes, o.annotator, o.multi, o.token)
+    app = label_app(o.db, o.classes, o.annotator, o.multi, o.token, o.per_page)
     lab, url = app.state.lab, f"http://{_url_host(o.host)}:{o.port}/?token={app.state.lab.token}"
     if o.host not in ('127.0.0.1', 'localhost', '::1'): print(f"Serving to the network on {o.host}: anyone with the URL and its token can label.")
     print(f"Labelling {lab.path} as {lab.annotator} ({', '.join(lab.classes)}): open {url}", flush=True)

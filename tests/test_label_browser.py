@@ -44,33 +44,43 @@ def n_done(d) -> int: return len(d.find_elements(By.CSS_SELECTOR, '.tile.done'))
 
 
 def test_label_by_keyboard_undo_series_filter_reload(index):
+    "20 labels typed over three pages of 8, an undo, a series, the arrows, the unlabelled filter and a reload, against the DB."
     names, typed = image_ids(index), '12312312312312312312'
-    with label_server(index) as (url, _), chromium() as d:
+    with label_server(index, 'alice', 'T', '--per-page', '8') as (url, _), chromium() as d:
         d.get(url + '/?token=T')
-        ids = tiles(d)
-        assert ids == sorted(names) and focused(d) == ids[0]          # every image unlabelled; the first has focus
-        keys(d, typed)
-        until(d, lambda: n_done(d) == 20 and focused(d) == ids[20])
+        ids = sorted(names)
+        assert tiles(d) == ids[:8] and focused(d) == ids[0]           # nothing labelled yet: the first image has focus
+        keys(d, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_LEFT)
+        assert focused(d) == ids[1]
+        keys(d, Keys.ARROW_LEFT)
+        for start in (0, 8, 16):                                       # a page at a time: a key typed while the next page loads is lost
+            keys(d, typed[start:start + 8 if start < 16 else 20])
+            until(d, lambda: focused(d) == ids[min(start + 8, 20)])    # past the last tile of a page: the next page, focus at its start
         want = {('image', names[i][0], 'alice', CLASSES[int(k) - 1]) for i, k in zip(ids, typed)}
         until(d, lambda: label_state(index) == want)
-        keys(d, 'u')                                                   # undo: the last tile is unlabelled again, and has focus
+        keys(d, 'u')                                                   # undo: the last label goes, and its tile has focus
         want -= {('image', names[ids[19]][0], 'alice', CLASSES[int(typed[19]) - 1])}
         until(d, lambda: label_state(index) == want and focused(d) == ids[19])
         keys(d, Keys.ENTER)                                            # its series, frame by frame
         until(d, lambda: '/series/' in d.current_url)
         assert d.find_element(By.ID, 'pos').text.startswith('frame ')
         keys(d, '3')                                                   # the whole series
-        want |= {('series', names[ids[19]][1], 'alice', 'artefact')}
+        series = names[ids[19]][1]
+        want |= {('series', series, 'alice', 'artefact')}
         until(d, lambda: label_state(index) == want)
         keys(d, Keys.ESCAPE)
         until(d, lambda: '/series/' not in d.current_url)
+        d.get(url + f'/?state=all&after={ids[7]}')                     # the arrows cross page edges both ways
+        keys(d, Keys.ARROW_LEFT)
+        until(d, lambda: focused(d) == ids[7] and tiles(d) == ids[:8])
         d.get(url + '/?state=unlabelled')                              # reload, filtered: what nobody labelled
-        labelled = {i for i in ids[:19]} | {i for i in ids if names[i][1] == names[ids[19]][1]}
-        assert tiles(d) == [i for i in ids if i not in labelled]
-        d.get(url + '/?state=all')                                     # every badge is what the index holds
-        shown = {int(t.get_attribute('data-id')): t.find_element(By.CSS_SELECTOR, '.badges').text for t in d.find_elements(By.CSS_SELECTOR, '.tile')}
-        assert shown == {i: ('artefact' if names[i][1] == names[ids[19]][1] and i not in ids[:19] else
-                             CLASSES[int(typed[ids.index(i)]) - 1] if i in ids[:19] else '') for i in ids}
+        labelled = set(ids[:19]) | {i for i in ids if names[i][1] == series}
+        assert tiles(d) == [i for i in ids if i not in labelled][:8]
+        expected = {i: CLASSES[int(typed[k]) - 1] if k < 19 else 'artefact' if names[i][1] == series else '' for k, i in enumerate(ids)}
+        for page in range(0, len(ids), 8):                             # every badge is what the index holds
+            d.get(url + '/?state=all' + (f'&after={ids[page - 1]}' if page else ''))
+            shown = {int(t.get_attribute('data-id')): t.find_element(By.CSS_SELECTOR, '.badges').text for t in d.find_elements(By.CSS_SELECTOR, '.tile')}
+            assert shown == {i: expected[i] for i in ids[page:page + 8]}
     assert label_state(index) == want
 
 
