@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/label.html.md"""
 
 # %% ../nbs/14a_label.ipynb #b9125e9a
 from __future__ import annotations
-import base64, hashlib, json, logging, secrets, sqlite3, threading, webbrowser
+import base64, hashlib, json, logging, secrets, socket, sqlite3, threading, webbrowser
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -28,7 +28,7 @@ from .labels import (LABEL_SCOPES, STATES, Filters, Tile, default_annotator, fac
 from .cli import cli_args, cli_run
 
 # %% auto #0
-__all__ = ['CSS', 'JS', 'KEYS', 'log', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'index_file', 'Labeller',
+__all__ = ['CSS', 'JS', 'KEYS', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'index_file', 'Labeller',
            'grid_url', 'badge_tags', 'key_help', 'page', 'tile', 'choice', 'filter_bar', 'grid_page', 'tile_of',
            'image_page', 'series_page', 'counts_table', 'progress_page', 'label_image', 'undo_last', 'image_file',
            'token_ok', 'guard', 'label_app', 'serve', 'main']
@@ -100,24 +100,20 @@ nav.bar{display:flex;gap:18px;align-items:center;padding:8px 18px;background:var
 kbd{background:#262d37;border:1px solid #3a4350;border-bottom-width:2px;border-radius:4px;padding:0 6px;font:12px ui-monospace,monospace;color:var(--fg)}
 #filters{display:flex;gap:14px;flex-wrap:wrap;align-items:center;padding:12px 18px 4px;color:var(--dim)}
 select{margin-left:6px;background:var(--panel);color:var(--fg);border:1px solid var(--line);border-radius:5px;padding:3px 6px}
-.chip{border:1px solid var(--acc);border-radius:12px;padding:1px 10px}
-#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(168px,1fr));gap:12px;padding:12px 18px}
+.chip{border:1px solid var(--acc);border-radius:12px;padding:1px 10px}#grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(168px,1fr));gap:12px;padding:12px 18px}
 .tile{position:relative;background:var(--panel);border:2px solid transparent;border-radius:9px;padding:6px;outline:none}
 .tile:focus{border-color:var(--acc);box-shadow:0 0 0 4px #4da3ff44;transform:translateY(-1px)}
-.tile img{display:block;width:100%;aspect-ratio:1;object-fit:contain;background:#000;border-radius:5px}.tile.done img{opacity:.6}
-.badges{display:flex;gap:4px;flex-wrap:wrap}.tile .badges{position:absolute;top:11px;left:11px;right:11px}
-.b{padding:1px 8px;border-radius:10px;font-size:12px;font-weight:650;color:#0b0d10;box-shadow:0 1px 3px #0009}.c0{background:#4dd4ac}.c1{background:#ff6b6b}
-.c2{background:#ffd43b}.c3{background:#74c0fc}.c4{background:#b197fc}.c5{background:#ffa94d}.c6{background:#66d9e8}.c7{background:#f783ac}
+.tile img{display:block;width:100%;aspect-ratio:1;object-fit:contain;background:#000;border-radius:5px}.tile.done img{opacity:.6}.badges{display:flex;gap:4px;flex-wrap:wrap}
+.tile .badges{position:absolute;top:11px;left:11px;right:11px}.b{padding:1px 8px;border-radius:10px;font-size:12px;font-weight:650;color:#0b0d10;box-shadow:0 1px 3px #0009}
+.c0{background:#4dd4ac}.c1{background:#ff6b6b}.c2{background:#ffd43b}.c3{background:#74c0fc}.c4{background:#b197fc}.c5{background:#ffa94d}.c6{background:#66d9e8}.c7{background:#f783ac}
 .c8{background:#a9e34b}.o{background:#495057;color:var(--fg)}.cap{display:flex;gap:8px;margin-top:5px;font-size:12px;white-space:nowrap;overflow:hidden}
-.cap a{text-overflow:ellipsis;overflow:hidden}nav.pager{display:flex;justify-content:space-between;padding:6px 18px 18px}
-.empty{grid-column:1/-1;color:var(--dim)}#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}
-#help[hidden],#toast[hidden]{display:none}#help .box{background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:8px 26px 18px}
-td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}th{color:var(--dim);font-weight:500}.split{display:flex;gap:18px;padding:14px 18px}.main{flex:1}
-.side{width:380px;overflow-wrap:anywhere}
-.viewer{display:flex;justify-content:center;align-items:center;background:#000;border-radius:8px;height:calc(100vh - 130px)}
-.viewer img{width:100%;height:100%;object-fit:contain}.frames{display:flex;gap:12px;align-items:center;padding-top:8px}#slider{flex:1}
-.tables{display:flex;gap:48px;padding:0 18px;align-items:flex-start}h2{padding:0 18px;font-weight:600}.side h2{padding:0}
-#toast{position:fixed;bottom:18px;right:18px;background:#c92a2a;color:#fff;padding:8px 14px;border-radius:6px;z-index:6}
+.cap a{text-overflow:ellipsis;overflow:hidden}nav.pager{display:flex;justify-content:space-between;padding:6px 18px 18px}.empty{grid-column:1/-1;color:var(--dim)}
+#help{position:fixed;inset:0;background:#000b;display:flex;align-items:center;justify-content:center;z-index:5}#help[hidden],#toast[hidden]{display:none}
+#help .box{background:var(--panel);border:1px solid var(--line);border-radius:12px;padding:8px 26px 18px}td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}
+th{color:var(--dim);font-weight:500}.split{display:flex;gap:18px;padding:14px 18px}.main{flex:1}.side{width:380px;overflow-wrap:anywhere}
+.viewer{display:flex;justify-content:center;align-items:center;background:#000;border-radius:8px;height:calc(100vh - 130px)}.viewer img{width:100%;height:100%;object-fit:contain}
+.frames{display:flex;gap:12px;align-items:center;padding-top:8px}#slider{flex:1}.tables{display:flex;gap:48px;padding:0 18px;align-items:flex-start}h2{padding:0 18px;font-weight:600}
+.side h2{padding:0}#toast{position:fixed;bottom:18px;right:18px;background:#c92a2a;color:#fff;padding:8px 14px;border-radius:6px;z-index:6}
 """
 
 # %% ../nbs/14a_label.ipynb #72fd7e30
@@ -153,14 +149,12 @@ function move(d) {
 }
 function label(n, scope) {
   const cls = CLASSES[n - 1], id = D.view === 'grid' ? document.activeElement?.closest?.('.tile')?.dataset.id : D.id;
-  if (!cls || !id) return;
-  post('/label', {id, cls, scope}).then(paint);
+  if (!cls || !id) return; post('/label', {id, cls, scope}).then(paint);
   if (D.view === 'grid' && D.multi !== '1') move(1);
 }
 async function undoLast() {
   const res = await post('/undo', {});
-  if (!res) return;
-  if (!res.scope) return toast('nothing to undo');
+  if (res && !res.scope) return toast('nothing to undo'); if (!res) return;
   const t = tiles().find(t => t.dataset[{image: 'key', series: 'series', study: 'study'}[res.scope]] === res.key);
   if (t || D.view !== 'grid') { location.hash = t ? t.id : ''; location.reload(); }
   else toast(`undone: your ${res.scope} label of ${res.key}`);
@@ -350,9 +344,7 @@ def undo_last(lab:Labeller) -> dict:
     a = undo(lab.conn, lab.annotator)
     return dict(scope=a.scope, key=a.key) if a else {}
 
-# %% ../nbs/14a_label.ipynb #2b9c160b
-log = logging.getLogger(__name__)
-
+# %% ../nbs/14a_label.ipynb #da99190d
 def image_file(lab:Labeller, # the app's state
                id:int, # the image (images.rowid)
               ) -> FileResponse|None:
@@ -360,7 +352,7 @@ def image_file(lab:Labeller, # the app's state
     row = image_detail(lab.conn, id)
     if not (row and row.get('thumbnail_path')): return None
     try: path = inside(lab.root, row['thumbnail_path'], f"images row {id}: thumbnail_path", within='images')
-    except UnsafePath as e: log.warning(e); return None
+    except UnsafePath as e: logging.getLogger(__name__).warning(e); return None
     return FileResponse(path, media_type='image/png', headers={'Cache-Control': 'private, max-age=600'}) if path.is_file() else None
 
 # %% ../nbs/14a_label.ipynb #1c2122a9
@@ -433,15 +425,22 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
 # %% ../nbs/14a_label.ipynb #3f3c929f
 def _url_host(host:str) -> str: return f"[{host}]" if ':' in host else '127.0.0.1' if host in ('0.0.0.0', '') else host   # the host of the printed URL
 
+def _listening(host:str, port:int) -> socket.socket:
+    "A socket bound to `host`:`port`, before anything is printed; `UsageError` when it cannot be (the port is in use)."
+    sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try: sock.bind((host, port)); return sock
+    except OSError as e: raise UsageError(f"cannot listen on {host}:{port}: {e.strerror} (give another --port)") from None
+
 def serve(o:LabelFlags):
     "Serve the app for `o` until interrupted: print its URL, and open a browser on it unless --no-browser."
     import uvicorn
-    app = label_app(o.db, o.classes, o.annotator, o.multi, o.token, o.per_page)
+    app, sock = label_app(o.db, o.classes, o.annotator, o.multi, o.token, o.per_page), _listening(o.host, o.port)
     lab, url = app.state.lab, f"http://{_url_host(o.host)}:{o.port}/?token={app.state.lab.token}"
     if o.host not in ('127.0.0.1', 'localhost', '::1'): print(f"Serving to the network on {o.host}: anyone with the URL and its token can label.")
     print(f"Labelling {lab.path} as {lab.annotator} ({', '.join(lab.classes)}): open {url}", flush=True)
     if not o.no_browser: threading.Timer(1, webbrowser.open, [url]).start()
-    uvicorn.run(app, host=o.host, port=o.port, log_level='warning')
+    uvicorn.Server(uvicorn.Config(app, log_level='warning')).run(sockets=[sock])
 
 def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
