@@ -10,7 +10,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/label.html.md"""
 # %% ../nbs/14a_label.ipynb #b9125e9a
 from __future__ import annotations
 import base64, hashlib, json, logging, secrets, socket, sqlite3, threading, webbrowser
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -23,7 +23,7 @@ from starlette.responses import FileResponse, PlainTextResponse
 from .options import Options, UsageError, flag
 from .db import BUSY_TIMEOUT, SPLIT_NAME, open_db, output_dir_of
 from .paths import UnsafePath, inside
-from .labels import (LABEL_SCOPES, STATES, Filters, Tile, default_annotator, facets, find_images, image_detail,
+from .labels import (LABEL_SCOPES, STATES, Filters, Frontiers, Tile, default_annotator, facets, find_images, image_detail,
                                label_progress, series_tiles, set_label, undo)
 from .cli import cli_args, cli_run
 
@@ -73,6 +73,7 @@ class Labeller:
     multi: bool  # a key toggles its class
     token: str  # what every request must carry
     per_page: int = 100  # tiles per grid page
+    frontiers: Frontiers = field(default_factory=Frontiers)  # where each unlabelled view's first page starts (`labels.Frontiers`)
 
     @classmethod
     def open(cls, db, classes, annotator, multi, token, per_page=100):
@@ -136,7 +137,7 @@ function paint(res) {
   if (!box) return;
   box.querySelectorAll('.b:not(.o)').forEach(b => b.remove()); box.insertAdjacentHTML('afterbegin', res.badges);
   box.closest('.tile')?.classList.toggle('done', res.labels.length > 0);
-  clearTimeout(paint.timer); paint.timer = setTimeout(progress, 600);
+  clearTimeout(paint.timer); paint.timer = setTimeout(progress, 3000);   // counting is the slow part: once typing pauses
 }
 function focusTile(t) { if (t) { t.focus({preventScroll: true}); t.scrollIntoView({block: 'nearest'}); } }
 const columns = ts => ts.filter(t => t.offsetTop === ts[0].offsetTop).length || 1;   // tiles per row
@@ -268,7 +269,7 @@ def grid_page(lab:Labeller, # the app's state
              ) -> Html:
     "The grid: the filter bar, one page of tiles, the pager; `ValueError` for a filter that cannot be."
     f = Filters.from_query(query)
-    pg = find_images(lab.conn, f, lab.annotator, after=_int(query.get('after')), before=_int(query.get('before')), limit=lab.per_page)
+    pg = find_images(lab.conn, f, lab.annotator, _int(query.get('after')), _int(query.get('before')), lab.per_page, lab.frontiers)
     prev = None if pg.prev_before is None else grid_url(**f.query(), before=pg.prev_before)
     nxt = None if pg.next_after is None else grid_url(**f.query(), after=pg.next_after)
     tiles = [tile(lab, t) for t in pg.tiles] or [P('No image matches these filters. ', A('Show all', href=grid_url(state='all')), cls='empty')]
