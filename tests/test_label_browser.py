@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and os.access(DRIVER, os.X_OK)),
 webdriver = pytest.importorskip('selenium.webdriver')
 from selenium.webdriver.chrome.service import Service          # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin  # noqa: E402
 from selenium.webdriver.common.by import By                    # noqa: E402
 from selenium.webdriver.common.keys import Keys                # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait        # noqa: E402
@@ -76,7 +77,18 @@ def test_label_by_keyboard_undo_series_filter_reload(index):
         d.get(url + '/?state=unlabelled')                              # reload, filtered: what nobody labelled
         labelled = set(ids[:19]) | {i for i in ids if names[i][1] == series}
         assert tiles(d) == [i for i in ids if i not in labelled][:8]
-        expected = {i: CLASSES[int(typed[k]) - 1] if k < 19 else 'artefact' if names[i][1] == series else '' for k, i in enumerate(ids)}
+        d.get(url + f'/series/{ids[21]}')                              # another study's series: the arrows step, Shift+2 labels the study
+        n = sum(v[1] == names[ids[21]][1] for v in names.values())
+        keys(d, Keys.ARROW_RIGHT)
+        assert d.find_element(By.ID, 'pos').text == f"frame 2/{n}"
+        ActionChains(d).scroll_from_origin(ScrollOrigin.from_element(d.find_element(By.ID, 'frame')), 0, 120).perform()   # the wheel
+        until(d, lambda: d.find_element(By.ID, 'pos').text == f"frame 3/{n}")
+        ActionChains(d).key_down(Keys.SHIFT).send_keys('2').key_up(Keys.SHIFT).perform()
+        study = names[ids[21]][2]
+        want |= {('study', study, 'alice', 'nodule')}
+        until(d, lambda: label_state(index) == want)
+        expected = {i: CLASSES[int(typed[k]) - 1] if k < 19 else 'artefact' if names[i][1] == series else 'nodule' if names[i][2] == study else ''
+                    for k, i in enumerate(ids)}
         for page in range(0, len(ids), 8):                             # every badge is what the index holds
             d.get(url + '/?state=all' + (f'&after={ids[page - 1]}' if page else ''))
             shown = {int(t.get_attribute('data-id')): t.find_element(By.CSS_SELECTOR, '.badges').text for t in d.find_elements(By.CSS_SELECTOR, '.tile')}
