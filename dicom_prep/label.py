@@ -38,7 +38,7 @@ __all__ = ['CSS', 'JS', 'KEYS', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 
 class LabelFlags(Options):
     "The flags of `dicom_prep_label`."
     db: Path = flag(Path('dicom_prep_out'), 'input')  # The index to label: a dicom_prep.db file, or the folder holding it
-    classes: str = flag('', 'input')  # The classes, comma-separated, 1 to 9 (keys 1-9), e.g. normal,nodule,artefact
+    classes: str|None = flag(None, 'input')  # The classes, comma-separated, 1 to 9 (keys 1-9), e.g. normal,nodule,artefact
     annotator: str|None = flag(None, 'input')  # Who is labelling [default: the OS user]
     multi: bool = flag(False, 'input')  # Multi-label: a key toggles its class (else it replaces the image's label)
     per_page: int = flag(100, 'output')  # Images per grid page
@@ -52,7 +52,7 @@ def parse_classes(spec, # `--classes`: names separated by commas (or a sequence 
     "The classes of `spec`: 1 to 9 distinct safe names (one key each), else `UsageError`."
     names = tuple(s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec or ()) if s.strip())
     if not 1 <= len(names) <= 9 or len(set(names)) < len(names) or not all(SPLIT_NAME.fullmatch(n) for n in names):
-        raise UsageError(f"--classes {spec!r}: give 1 to 9 distinct names, comma-separated, each of 1 to 32 ASCII letters, digits, '_' or '-' (e.g. normal,nodule,artefact)")
+        raise UsageError(f"--classes {spec or '(none given)'}: give 1 to 9 distinct names, comma-separated, each of 1 to 32 ASCII letters, digits, '_' or '-' (e.g. normal,nodule,artefact)")
     return names
 
 def index_file(db, # `--db`: the index, or the folder holding it
