@@ -21,9 +21,9 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import FileResponse, PlainTextResponse
 
 from .options import Options, UsageError, flag
-from .db import BUSY_TIMEOUT, SPLIT_NAME, open_db, output_dir_of
+from .db import BUSY_TIMEOUT, open_db, output_dir_of
 from .paths import UnsafePath, inside
-from .labels import (LABEL_SCOPES, STATES, Filters, Frontiers, Tile, default_annotator, facets, find_images, image_detail,
+from .labels import (LABEL_SCOPES, STATES, Filters, Frontiers, Tile, check_class, default_annotator, facets, find_images, image_detail,
                                label_progress, series_tiles, set_label, undo)
 from .cli import cli_args, cli_run
 
@@ -48,12 +48,14 @@ class LabelFlags(Options):
     no_browser: bool = flag(False, 'run control')  # Print the URL, do not open a browser
 
 def parse_classes(spec, # `--classes`: names separated by commas (or a sequence of names)
+                  conn, # the index they are for
                  ) -> tuple[str, ...]:
-    "The classes of `spec`: 1 to 9 distinct safe names (one key each), else `UsageError`."
+    "The classes of `spec`: 1 to 9 distinct names (one key each) that can be classes of the index (`labels.check_class`), else `UsageError`."
     names = tuple(s.strip() for s in (spec.split(',') if isinstance(spec, str) else spec or ()) if s.strip())
-    if not 1 <= len(names) <= 9 or len(set(names)) < len(names) or not all(SPLIT_NAME.fullmatch(n) for n in names):
-        raise UsageError(f"--classes {spec or '(none given)'}: give 1 to 9 distinct names, comma-separated, each of 1 to 32 ASCII letters, digits, '_' or '-' (e.g. normal,nodule,artefact)")
-    return names
+    if not 1 <= len(names) <= 9 or len(set(names)) < len(names):
+        raise UsageError(f"--classes {spec or '(none given)'}: give 1 to 9 distinct names, comma-separated (e.g. normal,nodule,artefact)")
+    try: return tuple(check_class(conn, n) for n in names)
+    except ValueError as e: raise UsageError(f"--classes: {e}") from None
 
 def index_file(db, # `--db`: the index, or the folder holding it
               ) -> Path:
@@ -80,10 +82,10 @@ class Labeller:
         "Open (and migrate) the index once; `UsageError` unless it has a preprocess output folder of its own."
         if not 1 <= per_page <= 1000: raise UsageError(f"--per-page {per_page}: give 1 to 1000")
         idx = open_db(path := index_file(db))
-        try: root = output_dir_of(idx)
+        try: root, classes = output_dir_of(idx), parse_classes(classes, idx.conn)
         finally: idx.conn.close()
         if root is None: raise UsageError(f"{path} records no image output folder: run dicom_prep_preprocess into it first")
-        return cls(path, root, parse_classes(classes), annotator, multi, token, per_page)
+        return cls(path, root, classes, annotator, multi, token, per_page)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -157,8 +159,7 @@ async function undoLast() {
   const res = await post('/undo', {});
   if (res && !res.scope) return toast('nothing to undo'); if (!res) return;
   const t = tiles().find(t => t.dataset[{image: 'key', series: 'series', study: 'study'}[res.scope]] === res.key);
-  if (t || D.view !== 'grid') { location.hash = t ? t.id : ''; location.reload(); }
-  else toast(`undone: your ${res.scope} label of ${res.key}`);
+  if (t || D.view !== 'grid') { location.hash = t ? t.id : ''; location.reload(); } else toast(`undone: your ${res.scope} label of ${res.key}`);
 }
 function frames() {
   const ids = JSON.parse(D.frames), img = $('#frame'), s = $('#slider'), pos = $('#pos');
@@ -386,9 +387,8 @@ def guard(token:str, # the app's token
         return resp
     return Middleware(BaseHTTPMiddleware, dispatch=check)
 
-# %% ../nbs/14a_label.ipynb #189dc113
-def _found(r): return PlainTextResponse('404 Not Found', 404) if r is None else r
-def _done(r): return PlainTextResponse(r, 400) if isinstance(r, str) else r
+# %% ../nbs/14a_label.ipynb #0c28b00b
+def _answer(r): return PlainTextResponse('404 Not Found', 404) if r is None else PlainTextResponse(r, 400) if isinstance(r, str) else r   # None: not found; text: why not
 
 def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding it
               classes, # the classes (keys 1-9): 'a,b,c' or a sequence
@@ -406,17 +406,17 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
         try: return grid_page(lab, dict(req.query_params))
         except ValueError as e: return PlainTextResponse(str(e), 400)
     @app.get('/image/{id}')
-    def image(id:int): return _found(image_page(lab, id))
+    def image(id:int): return _answer(image_page(lab, id))
     @app.get('/series/{id}')
-    def series(id:int): return _found(series_page(lab, id))
+    def series(id:int): return _answer(series_page(lab, id))
     @app.get('/img/{id}')
-    def img(id:int): return _found(image_file(lab, id))
+    def img(id:int): return _answer(image_file(lab, id))
     @app.get('/progress')
     def progress(): return progress_page(lab)
     @app.get('/progress.json')
     def totals(): return asdict(label_progress(lab.conn))
     @app.post('/label')
-    def label(id:int, cls:str, scope:str='image'): return _done(label_image(lab, id, cls, scope))
+    def label(id:int, cls:str, scope:str='image'): return _answer(label_image(lab, id, cls, scope))
     @app.post('/undo')
     def undo_(): return undo_last(lab)
     @app.get('/favicon.ico')

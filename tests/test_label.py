@@ -101,9 +101,6 @@ def _client(url, images, run) -> list:
     return posts
 
 
-@pytest.mark.xfail(reason="run room: Run.stream commits each batch in a deferred transaction (sqlite-utils' atomic) that reads before it writes; "
-                          "a label committed between the read and the write fails the run at once with 'database is locked' (SQLite cannot "
-                          "upgrade a stale read snapshot, the busy timeout does not apply). Fixed by BEGIN IMMEDIATE for the batch writes.", strict=False)
 def test_concurrent_labels_while_preprocess_adds_images(index):
     "Four clients label for as long as a preprocess run adding 40 images to the index lasts: every label kept, none waits long, the run completes."
     ids, src = sorted(image_ids(index)), index.parent/'src'
