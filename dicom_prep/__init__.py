@@ -10,6 +10,7 @@ Modules:
 - `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.
 - `dicom_prep.guards`: Size checks before any decoding: what the DICOM header declares, and what each compressed frame's own codestream declares.
+- `dicom_prep.label`: `dicom_prep_label`: label the prepared images in the browser, straight into the index.
 - `dicom_prep.labels`: The `labels` table: class labels typed for images, series and studies, every change kept, undo as a new row, and one label per image by a documented rule.
 - `dicom_prep.labelvolumes`: Label maps beside NIfTI volumes: each converted volume with annotations gets `<volume>_seg.nii.gz`, on exactly its grid and affine.
 - `dicom_prep.layouts`: The dataset layouts an export writes (image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI with label volumes), incremental, recorded item by item in the index, and completed by a rerun if killed.
