@@ -19,7 +19,6 @@ from fasthtml.common import (A, Body, Div, FastHTML, Form, H2, Head, Html, Img, 
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import FileResponse, PlainTextResponse
-
 from .options import Options, UsageError, flag
 from .db import BUSY_TIMEOUT, open_db, output_dir_of
 from .paths import UnsafePath, inside
@@ -151,8 +150,8 @@ function move(d) {
   focusTile(ts[j]);
 }
 function label(n, scope) {
-  const cls = CLASSES[n - 1], id = D.view === 'grid' ? document.activeElement?.closest?.('.tile')?.dataset.id : D.id;
-  if (!cls || !id) return; post('/label', {id, cls, scope}).then(paint);
+  const t = document.activeElement?.closest?.('.tile'), cls = CLASSES[n - 1], id = D.view === 'grid' ? t?.dataset.id : D.id;
+  if (!cls || !id) return; post('/label', t ? {id, cls, scope, key: t.dataset.key} : {id, cls, scope}).then(paint);
   if (D.view === 'grid' && D.multi !== '1') move(1);
 }
 async function undoLast() {
@@ -332,10 +331,12 @@ def label_image(lab:Labeller, # the app's state
                 id:int, # the image (images.rowid) the key was typed on
                 cls:str, # the class
                 scope:str='image', # what gets it: the image, its series or its study
+                key:str|None=None, # the image's filename as the page showed it: a row id given again to another image is refused
                ) -> dict|str:
     "Give `scope` of image `id` the class `cls` (--multi: toggle it); the image's labels and badges, or why not."
     row = image_detail(lab.conn, id)
-    if row is None or cls not in lab.classes or scope not in LABEL_SCOPES: return f"no image {id}, class {cls!r} or scope {scope!r}"
+    if row is None or key not in (None, row['filename']) or cls not in lab.classes or scope not in LABEL_SCOPES:
+        return f"no image {id}{f' named {key!r}' if key else ''} (reload the page), class {cls!r} or scope {scope!r}"
     if not (key := row.get(LABEL_SCOPES[scope])): return f"image {id} has no {LABEL_SCOPES[scope]}"
     set_label(lab.conn, scope, key, cls, lab.annotator, multi=lab.multi)
     mine = tile_of(lab, id).mine
@@ -343,8 +344,7 @@ def label_image(lab:Labeller, # the app's state
 
 def undo_last(lab:Labeller) -> dict:
     "Undo your last label: what it was on (empty when there is nothing to undo)."
-    a = undo(lab.conn, lab.annotator)
-    return dict(scope=a.scope, key=a.key) if a else {}
+    return dict(scope=a.scope, key=a.key) if (a := undo(lab.conn, lab.annotator)) else {}
 
 # %% ../nbs/14a_label.ipynb #da99190d
 def image_file(lab:Labeller, # the app's state
@@ -416,7 +416,7 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
     @app.get('/progress.json')
     def totals(): return asdict(label_progress(lab.conn))
     @app.post('/label')
-    def label(id:int, cls:str, scope:str='image'): return _answer(label_image(lab, id, cls, scope))
+    def label(id:int, cls:str, scope:str='image', key:str|None=None): return _answer(label_image(lab, id, cls, scope, key))
     @app.post('/undo')
     def undo_(): return undo_last(lab)
     @app.get('/favicon.ico')
