@@ -71,6 +71,7 @@ SCRIPTS = {  # console script -> arguments that cannot work
     'dicom_prep_nifti': ['--dicom-dir', '/no/such/folder'],
     'dicom_prep_sheet': ['--db', '/no/such/dicom_prep.db'],
     'dicom_prep_status': ['--db', '/no/such/dicom_prep.db'],
+    'dicom_prep_label': ['--db', '/no/such/dicom_prep.db', '--classes', 'a,b', '--no-browser'],
 }
 
 @pytest.mark.parametrize('script', SCRIPTS)
