@@ -3,7 +3,8 @@ of server time, a label keystroke in at most 30 ms, filters by index, never a sc
 
 The index is rows only: `images` rows in 1,000 studies of 5 series, four modalities, three splits, with a handful of real
 PNGs reused as thumbnails. Each grid page and keystroke is timed as the app's server does it (`labels.find_images`,
-`labels.set_label`, `labels.undo`) and, when the app is importable, as a whole request through its ASGI app. The
+`labels.set_label`, `labels.undo`) and as a whole request through the app (`label.label_app` under starlette's
+TestClient, in process: the server's time, no browser). The
 baseline, measured in the same run, is one full scan of `images` (a condition no index serves): a filter that scanned
 would cost about 1× that. Label states are measured with none, half (every other image) and 90% (a labelled prefix)
 of the index labelled; "a server's next look" is the unlabelled first page again, started where the server's
@@ -15,8 +16,12 @@ import argparse, random, sqlite3, statistics, time
 from contextlib import closing
 from pathlib import Path
 
-from dicom_prep.db import open_db
+import numpy as np
+from PIL import Image
+
+from dicom_prep.db import open_db, record_output_dir
 from dicom_prep.labels import Filters, Frontiers, find_images, label_progress, set_label, undo
+from dicom_prep.paths import mark_owner
 
 MODALITIES, SPLITS, PARTS = ('CT', 'MR', 'CR', 'US'), ('train', 'valid', 'test'), ('CHEST', 'HEAD', 'ABDOMEN', None)
 
@@ -34,6 +39,10 @@ def make_index(path:Path, n:int) -> Path:
             if c.execute('select count(*) from images').fetchone()[0] == n: return path
         path.unlink()
     db = open_db(path)
+    record_output_dir(db, 'preprocess', path.parent); mark_owner(path.parent, path)      # the folder the app serves PNGs from
+    for k in range(7):
+        (png := path.parent/f"images/sample/{k}.png").parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.default_rng(k).random((256, 256)) * 255).astype(np.uint8)).save(png)
     with db.conn:
         db.conn.executemany('insert into images (filename, study_uid, series_uid, sop_uid, modality, split, body_part, thumbnail_path, '
                             'series_number, series_description, instance_number, frame_number) values (?,?,?,?,?,?,?,?,?,?,?,?)', image_rows(n))
@@ -71,6 +80,19 @@ def keystroke(conn, n, repeat) -> float:
     keys = [f"study_{i // 1000}/im{i}" for i in random.Random(0).sample(range(n), repeat)]
     return timed(lambda: set_label(conn, 'image', keys.pop(), 'nodule', 'me'), repeat), timed(lambda: undo(conn, 'me'), repeat)
 
+def requests(path:Path, n:int, repeat:int) -> dict[str, float]:
+    "Median ms of whole requests through the app (starlette's TestClient, in process): grid pages, a keystroke, an undo."
+    from starlette.testclient import TestClient
+    from dicom_prep.label import label_app
+    client = TestClient(label_app(path, 'normal,nodule', 'web', token='T'), headers={'X-Token': 'T'})
+    client.get('/?token=T')                                                        # the cookie; the first look at unlabelled
+    keys = iter(random.Random(1).sample(range(1, n + 1), repeat))
+    out = {f"GET /?{q}": timed(lambda q=q: client.get(f"/?{q}").raise_for_status(), repeat)
+           for q in ('', 'state=all', f'state=all&after={n // 2}', 'modality=MR&state=all', 'modality=MR&split=test', 'label=normal&state=all')}
+    out['POST /label'] = timed(lambda: client.post('/label', data=dict(id=next(keys), cls='nodule')).raise_for_status(), repeat)
+    out['POST /undo'] = timed(lambda: client.post('/undo').raise_for_status(), repeat)
+    return out
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--images', type=int, default=1_000_000); ap.add_argument('--repeat', type=int, default=5)
@@ -89,5 +111,6 @@ def main():
             print(f"  keystroke: set_label {k:.1f} ms, undo {u:.1f} ms ({k / scan:.3f}× a scan)")
             p = timed(lambda: label_progress(conn), 1)
             print(f"  progress: {p:.0f} ms ({p / scan:.1f}× a scan)")
+            for k, ms in requests(path, a.images, a.repeat).items(): print(f"  request {k:<40} {ms:7.1f} ms  {ms / scan:5.2f}× a scan")
 
 if __name__ == '__main__': main()

@@ -10,11 +10,12 @@ Docs: https://dicom-prep.github.io/dicom_prep/db.html.md"""
 # %% ../nbs/04_db.ipynb #95d431ef
 from __future__ import annotations
 import csv, functools, json, os, socket, sqlite3, time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from filelock import FileLock, Timeout
 from .core import atomic_path, import_without, log, resume_command
+from .options import UsageError
 from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, same_path, strictly_under
 
 # %% auto #0
@@ -22,7 +23,8 @@ __all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_META
            'VOLUME_FILE_COLUMNS_V4', 'FILE_COLUMNS_V7', 'MIGRATIONS', 'BUSY_TIMEOUT', 'CHECKPOINT_WAIT', 'writing',
            'database_class', 'open_index', 'now', 'get_meta', 'set_meta', 'record_output_dir', 'output_dir_of',
            'CorruptDbError', 'NewerIndexError', 'migrate', 'suspect_marker', 'open_db', 'checkpoint', 'DbBusyError',
-           'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'export_csv']
+           'DbLock', 'SettingsMismatch', 'check_settings', 'start_run', 'finish_run', 'connect_ro', 'index_file',
+           'export_csv']
 
 # %% ../nbs/04_db.ipynb #0ce6637d
 @contextmanager
@@ -418,6 +420,18 @@ def connect_ro(db_path, # an existing database file
     if not Path(db_path).is_file(): raise FileNotFoundError(f"no database at {db_path}")
     conn = sqlite3.connect(f"file:{Path(db_path).absolute()}?mode=ro", uri=True); conn.row_factory = sqlite3.Row
     return conn
+
+def index_file(db, # `--db`: an index, or the folder holding it (FOLDER/dicom_prep.db)
+               kind:str='preprocess', # the pipeline whose outputs it must index
+              ) -> Path:
+    "The index file `db` names, read without writing; `UsageError` unless it is a dicom_prep index with `kind`'s output folder."
+    path = Path(db)/'dicom_prep.db' if Path(db).is_dir() else Path(db)
+    if not path.is_file(): raise UsageError(f"no dicom_prep index at {path}: run dicom_prep_{kind} first, or give --db")
+    try:
+        with closing(connect_ro(path)) as c: ok = get_meta(c, 'schema_version') is not None and get_meta(c, f'{kind}_output_dir') is not None
+    except sqlite3.DatabaseError: ok = False
+    if not ok: raise UsageError(f"{path} is not a dicom_prep index of a {kind} run: give the --db that dicom_prep_{kind} wrote")
+    return path
 
 def export_csv(db_path, # the database file
                dest, # the CSV file to write

@@ -20,17 +20,17 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import FileResponse, PlainTextResponse
 from .options import Options, UsageError, flag
-from .db import BUSY_TIMEOUT, open_db, output_dir_of
+from .db import BUSY_TIMEOUT, index_file, open_db, output_dir_of
 from .paths import UnsafePath, inside
-from .labels import (LABEL_SCOPES, STATES, Filters, Frontiers, Tile, check_class, default_annotator, facets, find_images, image_detail,
-                               label_progress, series_tiles, set_label, undo)
+from .labels import (LABEL_SCOPES, STATES, Filters, Frontiers, Tile, check_class, default_annotator, facets, find_images, image_detail, image_tile,
+                               ProgressCache, series_tiles, set_label, undo)
 from .cli import cli_args, cli_run
 
 # %% auto #0
-__all__ = ['CSS', 'JS', 'KEYS', 'COOKIE', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'index_file', 'Labeller',
-           'grid_url', 'badge_tags', 'key_help', 'page', 'tile', 'choice', 'filter_bar', 'grid_page', 'tile_of',
-           'image_page', 'series_page', 'counts_table', 'progress_page', 'label_image', 'undo_last', 'image_file',
-           'token_ok', 'guard', 'label_app', 'serve', 'main']
+__all__ = ['CSS', 'JS', 'KEYS', 'FORBIDDEN', 'HEADERS', 'LabelFlags', 'parse_classes', 'Labeller', 'grid_url', 'badge_tags',
+           'key_help', 'page', 'tile', 'choice', 'filter_bar', 'grid_page', 'image_page', 'series_page', 'counts_table',
+           'progress_page', 'label_image', 'undo_last', 'image_file', 'cookie_name', 'token_ok', 'guard', 'label_app',
+           'serve', 'main']
 
 # %% ../nbs/14a_label.ipynb #4dc87111
 @dataclass(frozen=True)
@@ -56,13 +56,6 @@ def parse_classes(spec, # `--classes`: names separated by commas (or a sequence 
     try: return tuple(check_class(conn, n) for n in names)
     except ValueError as e: raise UsageError(f"--classes: {e}") from None
 
-def index_file(db, # `--db`: the index, or the folder holding it
-              ) -> Path:
-    "The index file `db` names (a folder: FOLDER/dicom_prep.db); `UsageError` when there is none."
-    path = Path(db)/'dicom_prep.db' if Path(db).is_dir() else Path(db)
-    if not path.is_file(): raise UsageError(f"no dicom_prep index at {path}: run dicom_prep_preprocess first, or give --db")
-    return path
-
 # %% ../nbs/14a_label.ipynb #6b02f657
 @dataclass
 class Labeller:
@@ -75,15 +68,15 @@ class Labeller:
     token: str  # what every request must carry
     per_page: int = 100  # tiles per grid page
     frontiers: Frontiers = field(default_factory=Frontiers)  # where each unlabelled view's first page starts (`labels.Frontiers`)
+    progress: ProgressCache = field(default_factory=ProgressCache)  # the progress, counted again only after new labels or images
 
     @classmethod
     def open(cls, db, classes, annotator, multi, token, per_page=100):
         "Open (and migrate) the index once; `UsageError` unless it has a preprocess output folder of its own."
         if not 1 <= per_page <= 1000: raise UsageError(f"--per-page {per_page}: give 1 to 1000")
-        idx = open_db(path := index_file(db))
+        idx = open_db(path := index_file(db))           # checked first: another file is refused, never migrated or moved aside
         try: root, classes = output_dir_of(idx), parse_classes(classes, idx.conn)
         finally: idx.conn.close()
-        if root is None: raise UsageError(f"{path} records no image output folder: run dicom_prep_preprocess into it first")
         return cls(path, root, classes, annotator, multi, token, per_page)
 
     @property
@@ -130,7 +123,10 @@ function post(path, data) {   // one at a time, in the order typed: undo reverts
     .then(async r => { if (!r.ok) throw new Error(`${r.status} ${await r.text()}`); return r.json(); })
     .catch(e => { toast(`not saved: ${e.message}`); return null; });
 }
-async function go(url) { await queue; location.href = url; }
+let leaving = false;   // a key typed while the next page loads would land on this one: dropped
+async function go(url) { leaving = true; document.activeElement?.blur(); await queue; location.href = url; }
+const typed = () => JSON.parse(sessionStorage.getItem('typed') || '[]');   // this tab's actions, for u
+function remember(res) { if (res?.action) sessionStorage.setItem('typed', JSON.stringify([...typed(), res.action].slice(-1000))); return res; }
 function progress() { fetch('/progress.json').then(r => r.json()).then(p => { $('#done').max = p.n_images || 1; $('#done').value = p.n_labelled;
   $('#count').textContent = `${p.n_labelled.toLocaleString()} / ${p.n_images.toLocaleString()} labelled`; }); }
 function paint(res) {
@@ -151,11 +147,15 @@ function move(d) {
 }
 function label(n, scope) {
   const t = document.activeElement?.closest?.('.tile'), cls = CLASSES[n - 1], id = D.view === 'grid' ? t?.dataset.id : D.id;
-  if (!cls || !id) return; post('/label', t ? {id, cls, scope, key: t.dataset.key} : {id, cls, scope}).then(paint);
+  const key = t ? t.dataset.key : D.key;
+  if (!cls || !id) return; post('/label', key ? {id, cls, scope, key} : {id, cls, scope}).then(remember).then(paint);
   if (D.view === 'grid' && D.multi !== '1') move(1);
 }
 async function undoLast() {
-  const res = await post('/undo', {});
+  const mine = typed(), action = mine.pop();
+  if (!action) return toast('nothing to undo: no label typed in this tab');
+  sessionStorage.setItem('typed', JSON.stringify(mine));
+  const res = await post('/undo', {action});
   if (res && !res.scope) return toast('nothing to undo'); if (!res) return;
   const t = tiles().find(t => t.dataset[{image: 'key', series: 'series', study: 'study'}[res.scope]] === res.key);
   if (t || D.view !== 'grid') { location.hash = t ? t.id : ''; location.reload(); } else toast(`undone: your ${res.scope} label of ${res.key}`);
@@ -181,6 +181,7 @@ function gridKey(e) {
 }
 document.addEventListener('keydown', e => {
   if (e.ctrlKey || e.metaKey || e.altKey || e.target.matches('select, input:not([type=range])')) return;
+  if (leaving) return e.preventDefault();
   const digit = /^(?:Digit|Numpad)([1-9])$/.exec(e.code);
   if (digit) { e.preventDefault(); return label(+digit[1], D.view !== 'series' ? 'image' : e.shiftKey ? 'study' : 'series'); }
   if (e.key === '?') return $('#help').hidden = !$('#help').hidden;
@@ -262,7 +263,7 @@ def filter_bar(lab:Labeller, # the app's state
     return Form(*menus, choice('state', STATES, f.state, blank=None), choice('label', lab.classes, f.label),
                 *[Input(type='hidden', name=k, value=getattr(f, k)) for k in kept], *chips, method='get', action='/', id='filters')
 
-def _int(v) -> int|None: return int(v) if isinstance(v, str) and v.isdigit() else None   # a keyset bound from the query
+def _int(v) -> int|None: return min(int(v), 2**63 - 1) if isinstance(v, str) and v.isdigit() else None   # a keyset bound from the query
 
 def grid_page(lab:Labeller, # the app's state
               query:dict, # the request's query: filters, and `after` or `before`
@@ -277,22 +278,15 @@ def grid_page(lab:Labeller, # the app's state
     return page(lab, 'grid', filter_bar(lab, f), Div(*tiles, id='grid'), pager, view='grid', prev=prev or '', next=nxt or '')
 
 # %% ../nbs/14a_label.ipynb #b4496026
-def tile_of(lab:Labeller, # the app's state
-            id:int, # the image (images.rowid)
-           ) -> Tile|None:
-    "Image `id` as a grid tile, with your labels; None if there is no such image."
-    tiles = find_images(lab.conn, Filters(state='all'), lab.annotator, after=id - 1, limit=1).tiles
-    return tiles[0] if tiles and tiles[0].id == id else None
-
 def image_page(lab:Labeller, # the app's state
                id:int, # the image (images.rowid)
               ) -> Html|None:
     "Image `id` with your labels and its row of the index; None if there is no such image."
     if (row := image_detail(lab.conn, id)) is None: return None
     meta = Table(*[Tr(Th(k), Td('' if v is None else str(v))) for k, v in row.items()], cls='meta')
-    side = Div(Div(*badge_tags(lab, tile_of(lab, id).mine), cls='badges', id='badges'), A('series view', href=f"/series/{id}"), meta, cls='side')
+    side = Div(Div(*badge_tags(lab, image_tile(lab.conn, id, lab.annotator).mine), cls='badges', id='badges'), A('series view', href=f"/series/{id}"), meta, cls='side')
     return page(lab, row.get('filename') or str(id), Div(Div(Img(src=f"/img/{id}", alt=''), cls='viewer main'), side, cls='split'),
-                view='image', id=id)
+                view='image', id=id, key=row['filename'])
 
 def series_page(lab:Labeller, # the app's state
                 id:int, # an image of the series (images.rowid)
@@ -319,7 +313,7 @@ def counts_table(head:tuple, # the column titles
 
 def progress_page(lab:Labeller) -> Html:
     "Labelling progress: per class, per split (labelled against unlabelled), per annotator."
-    p = label_progress(lab.conn)
+    p = lab.progress(lab.conn)
     classes = [(c, p.by_class.get(c, 0)) for c in lab.classes] + [(c, n) for c, n in p.by_class.items() if c not in lab.classes]
     splits = [(s or '(none)', done, total - done) for s, (done, total) in p.by_split.items()]
     return page(lab, 'progress', H2(f"{p.n_labelled:,} of {p.n_images:,} images labelled, {p.n_images - p.n_labelled:,} to go"),
@@ -338,13 +332,14 @@ def label_image(lab:Labeller, # the app's state
     if row is None or key not in (None, row['filename']) or cls not in lab.classes or scope not in LABEL_SCOPES:
         return f"no image {id}{f' named {key!r}' if key else ''} (reload the page), class {cls!r} or scope {scope!r}"
     if not (key := row.get(LABEL_SCOPES[scope])): return f"image {id} has no {LABEL_SCOPES[scope]}"
-    set_label(lab.conn, scope, key, cls, lab.annotator, multi=lab.multi)
-    mine = tile_of(lab, id).mine
-    return dict(id=id, labels=list(mine), badges=''.join(map(to_xml, badge_tags(lab, mine))))
+    a, mine = set_label(lab.conn, scope, key, cls, lab.annotator, multi=lab.multi), image_tile(lab.conn, id, lab.annotator).mine
+    return dict(id=id, labels=list(mine), badges=''.join(map(to_xml, badge_tags(lab, mine))), action=a.id if a else None)
 
-def undo_last(lab:Labeller) -> dict:
-    "Undo your last label: what it was on (empty when there is nothing to undo)."
-    return dict(scope=a.scope, key=a.key) if (a := undo(lab.conn, lab.annotator)) else {}
+def undo_last(lab:Labeller, # the app's state
+              action:int|None=None, # the action a page typed last [default: the annotator's last]
+             ) -> dict:
+    "Undo your last label (or `action`): what it was on (empty when there is nothing to undo)."
+    return dict(scope=a.scope, key=a.key) if (a := undo(lab.conn, lab.annotator, action)) else {}
 
 # %% ../nbs/14a_label.ipynb #da99190d
 def image_file(lab:Labeller, # the app's state
@@ -358,7 +353,7 @@ def image_file(lab:Labeller, # the app's state
     return FileResponse(path, media_type='image/png', headers={'Cache-Control': 'private, max-age=600'}) if path.is_file() else None
 
 # %% ../nbs/14a_label.ipynb #1c2122a9
-COOKIE = 'dicom_prep_label'
+def cookie_name(token:str) -> str: return 'dicom_prep_label_' + hashlib.sha256(token.encode()).hexdigest()[:12]   # one per server: cookies ignore ports
 FORBIDDEN = "403 Forbidden: open the URL dicom_prep_label printed when it started (it carries ?token=...)"
 
 def _digest(text:str) -> str: return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"   # a CSP source of exactly `text`
@@ -374,7 +369,7 @@ def token_ok(req, # a Starlette request
             ) -> bool:
     "True if `req` carries `token`: a write in its `X-Token` header; a read in `?token=` or the cookie."
     if req.method not in ('GET', 'HEAD'): return _same(req.headers.get('x-token', ''), token)
-    return _same(req.query_params.get('token', ''), token) or _same(req.cookies.get(COOKIE, ''), token)
+    return _same(req.query_params.get('token', ''), token) or _same(req.cookies.get(cookie_name(token), ''), token)
 
 def guard(token:str, # the app's token
          ) -> Middleware:
@@ -382,13 +377,18 @@ def guard(token:str, # the app's token
     async def check(req, call_next):
         if not token_ok(req, token): return PlainTextResponse(FORBIDDEN, 403, headers=HEADERS)
         resp = await call_next(req)
-        if req.query_params.get('token'): resp.set_cookie(COOKIE, token, httponly=True, samesite='strict')
+        if req.query_params.get('token'): resp.set_cookie(cookie_name(token), token, httponly=True, samesite='strict')
         for k, v in HEADERS.items(): resp.headers.setdefault(k, v)
         return resp
     return Middleware(BaseHTTPMiddleware, dispatch=check)
 
 # %% ../nbs/14a_label.ipynb #0c28b00b
 def _answer(r): return PlainTextResponse('404 Not Found', 404) if r is None else PlainTextResponse(r, 400) if isinstance(r, str) else r   # None: not found; text: why not
+
+def _write(fn, *args):
+    "`fn(*args)`, answered; 503 when the index stays locked by another writer beyond the busy timeout (nothing was written)."
+    try: return _answer(fn(*args))
+    except sqlite3.OperationalError as e: return PlainTextResponse(f"not saved, the index is busy ({e}): try again", 503)
 
 def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding it
               classes, # the classes (keys 1-9): 'a,b,c' or a sequence
@@ -414,11 +414,11 @@ def label_app(db_path, # the index: a dicom_prep.db file, or the folder holding 
     @app.get('/progress')
     def progress(): return progress_page(lab)
     @app.get('/progress.json')
-    def totals(): return asdict(label_progress(lab.conn))
+    def totals(): return asdict(lab.progress(lab.conn))
     @app.post('/label')
-    def label(id:int, cls:str, scope:str='image', key:str|None=None): return _answer(label_image(lab, id, cls, scope, key))
+    def label(id:int, cls:str, scope:str='image', key:str|None=None): return _write(label_image, lab, id, cls, scope, key)
     @app.post('/undo')
-    def undo_(): return undo_last(lab)
+    def undo_(action:int|None=None): return _write(undo_last, lab, action)
     @app.get('/favicon.ico')
     def icon(): return PlainTextResponse(status_code=204)     # none: the browser asks anyway
     return app

@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/labels.html.md"""
 
 # %% ../nbs/04c_labels.ipynb #a40f6a7d
 from __future__ import annotations
-import getpass, json
+import getpass, json, threading
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
 
@@ -20,8 +20,8 @@ from .options import SPLIT_NAME
 __all__ = ['LABEL_SCOPES', 'STATES', 'COLUMN_FILTERS', 'LABEL_FILTERS', 'SPARSE', 'TILE_COLUMNS', 'LABEL_RULES',
            'default_annotator', 'Action', 'labels_of', 'check_class', 'set_label', 'undo', 'effective_sql',
            'labelled_sql', 'Filters', 'filter_sql', 'sparse_filters', 'Tile', 'Page', 'Frontiers', 'find_images',
-           'series_tiles', 'distinct_values', 'facets', 'image_detail', 'Progress', 'label_progress', 'image_labels',
-           'orphan_labels']
+           'series_tiles', 'distinct_values', 'facets', 'image_detail', 'image_tile', 'Progress', 'ProgressCache',
+           'label_progress', 'image_labels', 'orphan_labels']
 
 # %% ../nbs/04c_labels.ipynb #8291e84d
 LABEL_SCOPES = dict(image='filename', series='series_uid', study='study_uid')   # what a label is given to -> the images column holding its key
@@ -92,12 +92,20 @@ def _last_action(conn, annotator:str) -> int|None:
         done.add(action)
     return None
 
+def _undoable(conn, annotator:str, action:int) -> bool:
+    "True if `action` is `annotator`'s, is not an undo, and is not undone."
+    mine = conn.execute('select 1 from labels where id >= ? and action = ? and annotator = ? and undoes is null limit 1', [action, action, annotator])
+    return bool(mine.fetchone()) and not conn.execute('select 1 from labels where undoes = ?', [action]).fetchone()
+
 def undo(conn, # an index (schema 8)
-         annotator:str, # whose latest action to revert
+         annotator:str, # whose action to revert
+         action:int|None=None, # that action (one a page remembers), if it is theirs and not undone [default: their latest]
         ) -> Action|None:
-    "Revert `annotator`'s latest action not yet undone by writing its inverse rows; the undo written, None if there is nothing to undo."
+    "Revert `annotator`'s latest action not yet undone (or `action`) by writing its inverse rows; the undo written, None if there is nothing to undo."
     with writing(conn):
-        if (action := _last_action(conn, annotator)) is None: return None
+        if action is None: action = _last_action(conn, annotator)
+        elif not _undoable(conn, annotator, action): action = None
+        if action is None: return None
         rows = conn.execute('select scope, key, class, value from labels where id >= ? and action = ? order by id', [action, action]).fetchall()
         return _record(conn, Action(0, rows[0][0], rows[0][1], annotator, tuple((c, 1 - v) for _, _, c, v in rows), undoes=action))
 
@@ -274,13 +282,23 @@ def facets(conn, # an index (schema 8)
     "The values the grid's menus offer: modality, body part, split, annotator."
     return {c: distinct_values(conn, 'images', c) for c in ('modality', 'body_part', 'split')} | dict(annotator=distinct_values(conn, 'label_state', 'annotator'))
 
+def _rowid(id) -> int: return id if isinstance(id, int) and 0 < id < 2**63 else 0   # a row id SQLite can hold (0: none)
+
 def image_detail(conn, # an index
                  id:int, # an images rowid
                 ) -> dict|None:
     "The images row `id` as the index holds it (its `id` first), None if there is none."
-    cur = conn.execute('select rowid as id, * from images where rowid = ?', [id])
+    cur = conn.execute('select rowid as id, * from images where rowid = ?', [_rowid(id)])
     row = cur.fetchone()
     return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+def image_tile(conn, # an index (schema 8)
+               id:int, # an images rowid
+               annotator:str, # whose labels are `mine`
+              ) -> Tile|None:
+    "Image `id` as the grid shows it, with its labels; None if there is none."
+    rows = conn.execute(f"select i.rowid, {TILE_COLUMNS} from images i where i.rowid = ?", [_rowid(id)]).fetchall()
+    return next(iter(_tiles(conn, rows, annotator, 'i.rowid = :id', dict(id=_rowid(id)))), None)
 
 # %% ../nbs/04c_labels.ipynb #e26b3a03
 @dataclass(frozen=True)
@@ -299,6 +317,17 @@ class Progress:
         return [f"Labelled: {self.n_labelled:,} of {self.n_images:,} images{pct}; {self.n_images - self.n_labelled:,} unlabelled",
                 f"By class: {counts(self.by_class)}", f"By annotator: {counts(self.by_annotator)}",
                 "By split: " + (', '.join(f"{s or '(none)'} {n:,}/{t:,}" for s, (n, t) in self.by_split.items()) or '(none)')]
+
+class ProgressCache:
+    "A server's `label_progress`, counted again only once a label or an image row was added: one count for every request."
+    def __init__(self): self.lock, self.mark, self.progress = threading.Lock(), None, None
+
+    def __call__(self, conn) -> Progress:
+        "The progress of the index `conn`, counted again only if labels or images were added since the last count."
+        with self.lock:
+            mark = conn.execute('select (select max(id) from labels), (select max(rowid) from images)').fetchone()
+            if mark != self.mark: self.progress, self.mark = label_progress(conn), mark
+            return self.progress
 
 def label_progress(conn, # an index (schema 8)
                   ) -> Progress:

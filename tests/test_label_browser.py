@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from conftest import query
 from test_label import CLASSES, image_ids, index_fixture, label_server, label_state   # noqa: F401 (index_fixture: the fixture `index`)
 
 CHROMIUM, DRIVER = shutil.which('chromium'), '/usr/bin/chromedriver'
@@ -110,3 +111,35 @@ def test_two_annotators_at_once(index):
         until(a, lambda: label_state(index) == want)
         a.get(a_url + '/?state=all')
         assert a.find_element(By.ID, f't{ids[0]}').find_element(By.CSS_SELECTOR, '.badges').text.split() == ['normal', '+1']   # Bob's, counted
+
+
+def test_keys_across_a_page_edge_never_land_on_the_old_page(index):
+    "Regression: a key typed while the next page loaded labelled the old page's last tile again (its focus had not moved yet)."
+    names = image_ids(index)
+    ids = sorted(names)
+    with label_server(index, 'alice', 'T', '--per-page', '4') as (url, _), chromium() as d:
+        d.get(url + '/?token=T')
+        keys(d, '12123')                                               # the fifth key is typed as the second page loads
+        until(d, lambda: focused(d) in ids[4:6])
+    history = query(index, 'select key, count(*) from labels group by key')
+    assert dict(history)[names[ids[3]][0]] == 1                        # the fourth image labelled once: nodule, never relabelled
+    assert label_state(index) >= {('image', names[ids[3]][0], 'alice', 'nodule')}
+    assert {k for k, _ in history} <= {names[i][0] for i in ids[:5]}
+
+
+def test_undo_in_one_tab_leaves_another_tabs_labels(index):
+    "Two tabs on one server: `u` in one undoes its own last label, never the one the other tab typed after it."
+    names = image_ids(index)
+    ids = sorted(names)
+    with label_server(index, 'alice') as (url, _), chromium() as a, chromium() as b:
+        for d in (a, b): d.get(url + '/?token=T')
+        keys(a, '1')
+        until(a, lambda: label_state(index) == {('image', names[ids[0]][0], 'alice', 'normal')})
+        keys(b, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, '2')                # b had ids[0] in focus: two to the right
+        until(b, lambda: len(label_state(index)) == 2)
+        a.execute_script('window.before_undo = 1'); keys(a, 'u')
+        until(a, lambda: label_state(index) == {('image', names[ids[2]][0], 'alice', 'nodule')})
+        until(a, lambda: a.execute_script('return document.readyState === "complete" && window.before_undo === undefined'))   # the page shows it
+        keys(a, 'u')                                                   # nothing more typed in a: b's label stays
+        until(a, lambda: 'nothing to undo' in a.find_element(By.ID, 'toast').text)
+    assert label_state(index) == {('image', names[ids[2]][0], 'alice', 'nodule')}
