@@ -10,7 +10,7 @@ would cost about 1× that. Label states are measured with none, half (every othe
 of the index labelled; "a server's next look" is the unlabelled first page again, started where the server's
 `Frontiers` saw it start.
 
-    python bench/bench_label.py [--images 1000000] [--repeat 5] [--db /tmp/bench_label.db]
+    python bench/bench_label.py [--images 1000000] [--repeat 5] [--db /tmp/bench_label/dicom_prep.db]
 """
 import argparse, random, sqlite3, statistics, time
 from contextlib import closing
@@ -96,7 +96,7 @@ def requests(path:Path, n:int, repeat:int) -> dict[str, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--images', type=int, default=1_000_000); ap.add_argument('--repeat', type=int, default=5)
-    ap.add_argument('--db', type=Path, default=Path('/tmp/bench_label.db'))
+    ap.add_argument('--db', type=Path, default=Path('/tmp/bench_label/dicom_prep.db'))
     a = ap.parse_args()
     t = time.perf_counter(); path = make_index(a.db, a.images)
     print(f"index: {a.images:,} images at {path} ({time.perf_counter() - t:.0f} s to make or check)")
