@@ -208,7 +208,7 @@ def _volumes(db, fractions) -> pd.DataFrame:
     root = _root(db, 'nifti')
     df['path'] = _paths(root, df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
     df['label_path'] = _paths(root, df['id'], df['seg_path'], 'volumes', 'seg_path', 'nifti', optional=True)
-    df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'])]
+    df['split'] = [assign_split(p or s, fractions) for p, s in zip(df['patient_id'], df['study_id'], strict=True)]
     return df
 
 # %% ../nbs/12b_export.ipynb #f28c7eab

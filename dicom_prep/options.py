@@ -250,7 +250,7 @@ def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:
                 ) -> dict[str, float]:
     "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; names must be safe split names."
     bad = ValueError(f"cannot parse splits {spec!r}: use e.g. 80/10/10 or train:70,valid:30")
-    pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/')))
+    pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/'), strict=False))
     if ':' not in spec and spec.count('/') > 2 or any(len(p) != 2 for p in pairs): raise bad
     try: fr = {k.strip(): float(v) for k, v in pairs}
     except ValueError: raise bad from None

@@ -57,8 +57,8 @@ def test_label_by_keyboard_undo_series_filter_reload(index):
         keys(d, Keys.ARROW_LEFT)
         for start in (0, 8, 16):                                       # a page at a time: a key typed while the next page loads is lost
             keys(d, typed[start:start + 8 if start < 16 else 20])
-            until(d, lambda: focused(d) == ids[min(start + 8, 20)])    # past the last tile of a page: the next page, focus at its start
-        want = {('image', names[i][0], 'alice', CLASSES[int(k) - 1]) for i, k in zip(ids, typed)}
+            until(d, lambda start=start: focused(d) == ids[min(start + 8, 20)])    # past the last tile of a page: the next page, focus at its start
+        want = {('image', names[i][0], 'alice', CLASSES[int(k) - 1]) for i, k in zip(ids, typed, strict=False)}   # the first 20
         until(d, lambda: label_state(index) == want)
         keys(d, 'u')                                                   # undo: the last label goes, and its tile has focus
         want -= {('image', names[ids[19]][0], 'alice', CLASSES[int(typed[19]) - 1])}
