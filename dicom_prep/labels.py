@@ -11,8 +11,9 @@ from __future__ import annotations
 import getpass, json, threading
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING: import pandas as pd   # imported where a frame is made: the console scripts that only count start without it
 from .db import now, writing
 from .options import SPLIT_NAME
 
@@ -332,6 +333,7 @@ class ProgressCache:
 def label_progress(conn, # an index (schema 8)
                   ) -> Progress:
     "Labelled and unlabelled images, per class, per split and per annotator."
+    import pandas as pd
     eff = pd.read_sql(f"select id, split, annotator, class from ({effective_sql()})", getattr(conn, 'conn', conn))
     images = dict(conn.execute('select split, count(*) from images group by split order by 1').fetchall())
     per = lambda col: {k: int(v) for k, v in eff.groupby(col, dropna=False)['id'].nunique().items()}
@@ -343,6 +345,7 @@ LABEL_RULES = ('latest', 'majority')
 
 def _multi_hot(best:pd.DataFrame) -> pd.DataFrame:
     "`(filename, label, *classes)`: `label` the multi-hot list over the sorted classes, a 0/1 column each."
+    import pandas as pd
     sets = best['label'].str.split('|')
     classes = sorted({c for s in sets for c in s})
     hot = pd.DataFrame([[int(c in s) for c in classes] for s in sets], columns=classes, index=best.index)
@@ -353,6 +356,7 @@ def image_labels(conn, # an index (schema 8): a `sqlite3.Connection` or sqlite-u
                 ) -> pd.DataFrame:
     "One label per labelled image, by `rule`, shaped as `export.read_labels` shapes a labels file, keyed on `filename`."
     if rule not in LABEL_RULES: raise ValueError(f"the label rule must be one of {', '.join(LABEL_RULES)}, not {rule!r}")
+    import pandas as pd
     eff = pd.read_sql(effective_sql() + ' order by id, class', getattr(conn, 'conn', conn))
     per = eff.groupby(['filename', 'annotator'], sort=False).agg(label=('class', '|'.join), at=('label_id', 'max')).reset_index()
     per['votes'] = per.groupby(['filename', 'label'])['annotator'].transform('size') if rule == 'majority' else 0
