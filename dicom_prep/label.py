@@ -152,7 +152,7 @@ function label(n, scope) {
   if (D.view === 'grid' && D.multi !== '1') move(1);
 }
 async function undoLast() {
-  const mine = typed(), action = mine.pop();
+  await queue; const mine = typed(), action = mine.pop();   // after the labels typed before it: their action ids come back first
   if (!action) return toast('nothing to undo: no label typed in this tab');
   sessionStorage.setItem('typed', JSON.stringify(mine));
   const res = await post('/undo', {action});

@@ -1,7 +1,7 @@
 """The labelling app in a real browser: Debian's Chromium, driven by Selenium through Debian's chromedriver (nothing is
 downloaded), against `dicom_prep_label` in its own process. Skipped where chromium or chromium-driver is not installed
 (CI installs both: .ci/run)."""
-import os, shutil, tempfile, threading
+import json, os, shutil, tempfile, threading
 from contextlib import contextmanager
 
 import pytest
@@ -142,4 +142,6 @@ def test_undo_in_one_tab_leaves_another_tabs_labels(index):
         until(a, lambda: a.execute_script('return document.readyState === "complete" && window.before_undo === undefined'))   # the page shows it
         keys(a, 'u')                                                   # nothing more typed in a: b's label stays
         until(a, lambda: 'nothing to undo' in a.find_element(By.ID, 'toast').text)
+        keys(b, '3', 'u')                                              # typed at once: the undo waits for the label it undoes
+        until(b, lambda: len(json.loads(b.execute_script('return sessionStorage.getItem("typed")'))) == 1 and len(label_state(index)) == 1)
     assert label_state(index) == {('image', names[ids[2]][0], 'alice', 'nodule')}
