@@ -9,7 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/label.html.md"""
 
 # %% ../nbs/14a_label.ipynb #b9125e9a
 from __future__ import annotations
-import base64, hashlib, json, logging, secrets, socket, sqlite3, threading, webbrowser
+import base64, errno, hashlib, json, logging, secrets, socket, sqlite3, threading, webbrowser
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
@@ -161,11 +161,11 @@ async function undoLast() {
   if (t || D.view !== 'grid') { location.hash = t ? t.id : ''; location.reload(); } else toast(`undone: your ${res.scope} label of ${res.key}`);
 }
 function frames() {
-  const ids = JSON.parse(D.frames), img = $('#frame'), s = $('#slider'), pos = $('#pos');
+  const ids = JSON.parse(D.frames), img = $('#frame'), s = $('#slider'), pos = $('#pos');   // [row id, filename] of each frame
   let i = +D.at;
   const show = j => {
-    i = Math.max(0, Math.min(ids.length - 1, j)); D.id = ids[i]; img.src = `/img/${ids[i]}`; s.value = i + 1; pos.textContent = `frame ${i + 1}/${ids.length}`;
-    if (i + 1 < ids.length) new Image().src = `/img/${ids[i + 1]}`;   // the next frame, ahead
+    i = Math.max(0, Math.min(ids.length - 1, j)); [D.id, D.key] = ids[i]; img.src = `/img/${D.id}`; s.value = i + 1; pos.textContent = `frame ${i + 1}/${ids.length}`;
+    if (i + 1 < ids.length) new Image().src = `/img/${ids[i + 1][0]}`;   // the next frame, ahead
   };
   s.addEventListener('input', () => show(s.value - 1));
   img.closest('.viewer').addEventListener('wheel', e => { e.preventDefault(); show(i + Math.sign(e.deltaY)); }, {passive: false});
@@ -301,7 +301,7 @@ def series_page(lab:Labeller, # the app's state
     side = Div(H2(row.get('series_description') or f"series {row.get('series_number')}"), P(f"{row.get('modality') or ''} · {len(frames)} frames"),
                Div(*badge_tags(lab, frames[at].mine), cls='badges', id='badges'),
                P(Kbd('1–9'), ' label the series · ', Kbd('Shift'), '+', Kbd('1–9'), ' the study · ', Kbd('Esc'), ' back'), cls='side')
-    return page(lab, 'series', Div(viewer, side, cls='split'), view='series', frames=json.dumps([t.id for t in frames]), at=at, id=id)
+    return page(lab, 'series', Div(viewer, side, cls='split'), view='series', frames=json.dumps([(t.id, t.filename) for t in frames]), at=at, id=id, key=frames[at].filename)
 
 # %% ../nbs/14a_label.ipynb #5d843524
 def counts_table(head:tuple, # the column titles
@@ -431,7 +431,7 @@ def _listening(host:str, port:int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try: sock.bind((host, port)); return sock
-    except OSError as e: raise UsageError(f"cannot listen on {host}:{port}: {e.strerror} (give another --port)") from None
+    except (OSError, OverflowError) as e: raise UsageError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}" + " (give another --port)" * (getattr(e, 'errno', 0) == errno.EADDRINUSE)) from None
 
 def serve(o:LabelFlags):
     "Serve the app for `o` until interrupted: print its URL, and open a browser on it unless --no-browser."

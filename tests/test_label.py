@@ -85,7 +85,8 @@ def test_prints_a_url_with_a_new_token_and_refuses_requests_without_it(index):
         assert '?token=T2' in line and request(f'{url}/?token={token}')[0] == 403
 
 
-@pytest.mark.parametrize('argv', [['--classes', ''], ['--classes', 'a,b,c,d,e,f,g,h,i,j'], ['--classes', '../x'], ['--db', '/no/such/folder', '--classes', 'a']])
+@pytest.mark.parametrize('argv', [['--classes', ''], ['--classes', 'a,b,c,d,e,f,g,h,i,j'], ['--classes', '../x'], ['--db', '/no/such/folder', '--classes', 'a'],
+                                  ['--classes', 'a', '--port', '70000'], ['--classes', 'a', '--host', 'no.such.host.invalid']])
 def test_one_error_style(argv, index):
     r = subprocess.run(console_script('dicom_prep_label') + ['--db', str(index), '--no-browser', *argv], capture_output=True, text=True, timeout=60)
     lines = r.stderr.strip().splitlines()
