@@ -19,8 +19,8 @@ from typing import NamedTuple
 from .core import study_of, log
 
 # %% auto #0
-__all__ = ['is_dicom', 'Entry', 'LocalFolder', 'Found', 'find_dicoms', 'sample_data_dirs', 'sample_files', 'sample_file',
-           'sample_tree']
+__all__ = ['is_dicom', 'Entry', 'SourceError', 'Gone', 'LocalFolder', 'Found', 'find_dicoms', 'sample_data_dirs', 'sample_files',
+           'sample_file', 'sample_tree']
 
 # %% ../nbs/02a_sources.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -42,6 +42,10 @@ class Entry(NamedTuple):
     def key(self) -> str: "A stable key: the same file has the same key on every listing."; return self.path
     @property
     def token(self) -> tuple[int, int]: "The change token: it differs when the file's bytes may have changed."; return self.size, self.mtime_ns
+
+# %% ../nbs/02a_sources.ipynb #42e1be02
+class SourceError(Exception): "The source cannot be read (unreachable, credentials refused, a malformed answer): the run stops, recording nothing against any file."
+class Gone(Exception): "An entry listed before is no longer in the source."
 
 # %% ../nbs/02a_sources.ipynb #98fbc611
 def _utf8(s:str) -> bool:
