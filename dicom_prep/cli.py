@@ -119,9 +119,10 @@ def cli_run(run:Callable, # the call the console script makes
     from dicom_prep.paths import UnsafePath
     from dicom_prep.privacy import PrivateStateError
     from dicom_prep.run import RunFailed, resume_hint
+    from dicom_prep.sources import SourceError
     try: return run()
     except (UsageError, SettingsMismatch, DbBusyError, PrivateStateError, NewerIndexError, UnsafePath, ImportError, *usage) as e: cli_error(e)
-    except RunFailed as e: cli_error(f"run failed: {e}", 1)
+    except (RunFailed, SourceError) as e: cli_error(f"run failed: {e}", 1)
     except failed as e: cli_error(e, 1)
     except (OSError, sqlite3.Error) as e: cli_error(f"run failed: {e}", 1)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from .core import atomic_path, import_without, log, resume_command
 from .options import UsageError
-from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, same_path, strictly_under
+from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, real_root, same_path, strictly_under
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'FINAL_OK', 'FAILED', 'VOLUME_COLUMNS', 'IMAGE_METADATA', 'VOLUME_COLUMNS_V4',
@@ -376,10 +376,10 @@ def check_settings(db, # the run's database
                   ) -> bool:
     "Refuse (unless `force`) if `settings` differ from what `db` was built with, or (unless `rebase` too) its source root; then record them."
     old, old_root = get_meta(db, f'{kind}_settings'), get_meta(db, f'{kind}_source_root')
-    new_root = os.path.realpath(source_root)
+    new_root = real_root(source_root)
     if redact: new_root = redact(new_root)
     diffs = [f"{k}: {old.get(k)!r} in the database, {v!r} now" for k, v in settings.items() if old and old.get(k) != v]
-    moved = bool(old_root) and (old_root if redact else os.path.realpath(old_root)) != new_root
+    moved = bool(old_root) and (old_root if redact else real_root(old_root)) != new_root
     if diffs and not force or moved and not (force or rebase):
         raise SettingsMismatch(_refusal(diffs, f"source root: {old_root} in the database, {new_root} now" if moved else None, new_root, force_flag))
     with db.atomic(): set_meta(db, f'{kind}_settings', settings); set_meta(db, f'{kind}_source_root', new_root)
@@ -397,7 +397,7 @@ def start_run(db, # the database
     with db.atomic():
         db.execute("update runs set status='interrupted' where status='running'")
         return db['runs'].insert(dict(kind=kind, started_at=now(), host=redact(socket.gethostname()), pid=os.getpid(),
-            command=redact(resume_command()), source_root=redact(str(Path(source_root).absolute())), settings=json.dumps(settings),
+            command=redact(resume_command()), source_root=redact(real_root(source_root)), settings=json.dumps(settings),
             status='running')).last_pk
 
 def finish_run(db, # the database

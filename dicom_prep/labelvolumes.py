@@ -92,4 +92,5 @@ def write_volume_masks(db, # the run's database
 VOLUME_TARGETS = MaskTargets('nifti', f"select path, study_id, size, mtime_ns from nifti_headers where json_extract(record, '$.object_kind') in {ANNOTATION_KINDS}",
                              "select id from volumes where status = 'ok' and output_path is not null and series_uid in (select uid from temp.wanted)",
                              "select id from volumes where status = 'ok' and output_path is not null and frame_of_reference = ?",
-                             volume_inputs, paint_volume, write_volume_masks, 'in a converted volume (the volumes table says why a series was not converted)', True)
+                             volume_inputs, paint_volume, write_volume_masks, 'in a converted volume (the volumes table says why a series was not converted)', True,
+                             reads=lambda ref: [p for p, *_ in ref.slices + ref.later])

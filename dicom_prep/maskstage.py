@@ -80,7 +80,7 @@ def refresh_annotations(run:Run, # the open run
                          where a.path is null or a.size != f.size or a.mtime_ns != f.mtime_ns order by f.path''', [pipeline]).fetchall()
     if not todo: return 0
     return run.stream(partial(read_annotation, root=run.dicom_dir, pipeline=pipeline), [tuple(r) for r in todo], partial(_write_annotations, pipeline=pipeline),
-                      phase='Annotations', label='annotations')
+                      phase='Annotations', label='annotations', needs=lambda r: [(r[0], r[2], r[3])])
 
 # %% ../nbs/06d_maskstage.ipynb #217b2f3c
 def annotations_of(db, # the index
@@ -125,6 +125,7 @@ class MaskTargets:
     write: Callable         # (db, output_dir, `MaskResult`) -> None: record what the worker wrote, remove what it replaced
     where: str = 'in the tree'  # where a lost annotation's images were looked for, as its reason says
     check_masks: bool = False   # check on every run that its masks are on disk (else under --verify only, as image PNGs are)
+    reads: Callable = list      # `TargetInputs.payload` -> the source files it reads (relative to the root)
 
 @dataclass
 class MaskTask:
@@ -300,9 +301,15 @@ def write_image_masks(db, # the run's database
     for f, p in old.items():
         if res.written.get(f) != p: remove_output(mask_file(output_dir, f, p), output_dir)
 
+def _task_reads(task:MaskTask, reads:Callable, root) -> list[tuple]:
+    "The source entries painting `task` reads (its annotation files, and its images' or volume's), as `(path, size, token)` for `Cache.prefetch`."
+    paths = [Path(p).relative_to(root).as_posix() for p, _ in task.annotations] + reads(task.payload or [])
+    return [(p, None, None) for p in dict.fromkeys(paths)]
+
 IMAGE_TARGETS = MaskTargets('preprocess', f"select path, study_id, size, mtime_ns from files where kind in {ANNOTATION_KINDS}",
                             'select distinct series_uid from images where sop_uid in (select uid from temp.wanted) or series_uid in (select uid from temp.wanted)',
-                            'select distinct series_uid from images where frame_of_reference = ?', image_inputs, paint_images, write_image_masks)
+                            'select distinct series_uid from images where frame_of_reference = ?', image_inputs, paint_images, write_image_masks,
+                            reads=lambda refs: [r.source for r in refs])
 
 # %% ../nbs/06d_maskstage.ipynb #925ef83c
 def _write(db, batch, t:MaskTargets, output_dir, key=None):
@@ -342,6 +349,7 @@ def make_masks(run:Run, # the open run, its own outputs done
         run.db.execute("delete from mask_matches where pipeline = ? and target = ''", [t.pipeline])
         run.db['mask_matches'].insert_all([dict(vars(shareable(m, run.key, run.dicom_dir, annotation_uids(annotations[m.annotation]))), pipeline=t.pipeline, target='', segments='[]')
                                            for m in lost], replace=True)
-    n = run.stream(t.work, tasks, partial(_write, t=t, output_dir=run.output_dir, key=run.key), phase='Masks', label='targets') if tasks else 0
+    n = run.stream(t.work, tasks, partial(_write, t=t, output_dir=run.output_dir, key=run.key), phase='Masks', label='targets',
+                   needs=partial(_task_reads, reads=t.reads, root=run.dicom_dir)) if tasks else 0
     if annotations or n: run.notes.append(_summary(run.db, t.pipeline, n))
     return n

@@ -98,7 +98,7 @@ def refresh_headers(run:Run, # the open run, after `Run.scan('nifti_headers')`
     changes, gone = _plan_headers(run, reanalyze)
     todo, items = len(changes), (Found(Path(c.path), c.study_id, c.size, c.mtime_ns) for c in changes)
     n = run.stream(partial(_read_headers, root=run.dicom_dir), items, partial(_write_headers, key=run.key), batch_size, phase='Headers',
-                   label='headers', timeout=HEADER_TIMEOUT, count=_header_status, total=todo)
+                   label='headers', timeout=HEADER_TIMEOUT, count=_header_status, total=todo, needs=Found.needs)
     return dict(read=n, gone=gone, unreadable=run.counts['headers_unreadable'], pending=todo - n)
 
 # %% ../nbs/11_nifti.ipynb #a98abd1b
@@ -243,6 +243,10 @@ def _write_conversions(db, batch, output_dir, run_id, key=None, root=None):
     "Row writer of the conversion step: record how each `(VolumeTask, result)` went."
     _upsert(db, 'volumes', [_conversion_row(task, res, output_dir, run_id, key, root) for task, res in batch])
 
+def _frames_read(task:VolumeTask, root) -> list[tuple]:
+    "The source entries converting `task` reads, as `(path, size, token)` for `Cache.prefetch`."
+    return [(Path(p).relative_to(root).as_posix(), None, None) for p in dict.fromkeys(f.path for f in task.frames)]
+
 def _conversion_status(res) -> str:
     "The counter a conversion result adds to."
     return 'converted' if not isinstance(res, TaskFailure) and res.status == 'ok' else 'error'
@@ -259,7 +263,8 @@ def convert_volumes(run:Run, # the open run
     run.say(f"Converting with {run.workers} workers" + (f" on Dask ({run.scheduler})" if run.scheduler else "") + "...")
     n = run.stream(convert_volume, conversion_tasks(run, sidecar, follow_symlinks, deidentify),
                    partial(_write_conversions, output_dir=run.output_dir, run_id=run.run_id, key=run.key, root=run.dicom_dir),
-                   batch_size, phase='Conversion', label='volumes', count=_conversion_status, total=todo)
+                   batch_size, phase='Conversion', label='volumes', count=_conversion_status, total=todo,
+                   needs=partial(_frames_read, root=run.dicom_dir))
     counts = dict(already_done=done, converted=run.counts['converted'], error=run.counts['error'], pending=todo - n)
     return {k: v for k, v in counts.items() if v}
 
@@ -349,7 +354,7 @@ def _reanalyse(run:Run, o:NiftiOptions) -> bool: return o.reanalyze or bool(ANAL
 def _refresh(run:Run, o:NiftiOptions) -> dict:
     "Forget the names of a changed template, scan the tree, read the headers that changed; returns `refresh_headers`' counts."
     if 'name_template' in run.pending: _forget_names(run)
-    run.scan('nifti_headers', o.follow_symlinks)
+    run.scan('nifti_headers')
     h = refresh_headers(run, _reanalyse(run, o))
     if h['unreadable']: run.notes.append(f"{h['unreadable']:,} files could not be read (see nifti_headers.error)")
     return h

@@ -143,8 +143,14 @@ def _plain(v): return list(v) if isinstance(v, tuple) else v
 @dataclass(frozen=True)
 class RunOptions(Options):
     "What every pipeline's run is told: where to read and write, how many workers, what to redo, privacy and the cluster."
-    dicom_dir: Path|None = flag(None, 'input')  # Folder of DICOM files (searched recursively)
+    dicom_dir: str|None = flag(None, 'input')  # Folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
     follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR
+    query: str|None = flag(None, 'input')  # With a PACS: only the studies and series matching it, e.g. 'Modality=CT&StudyDate=20240101-20241231'
+    cache_dir: Path|None = flag(None, 'input')  # Where a remote source's files are copied while processed [default: ~/.cache/dicom_prep]
+    cache_max_gb: float = flag(10., 'input')  # GB of a remote source's copies kept once processed (0: none)
+    max_inflight: int = flag(4, 'input')  # Requests to a remote source at once
+    request_timeout: float = flag(30., 'input')  # Seconds a request to a remote source may take (each is tried 4 times, with backoff)
+    calling_aet: str = flag('DICOM_PREP', 'input')  # Our AE title, when DICOM_DIR is a dimse:// PACS
     rebase: bool = flag(False, 'input')  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     output_dir: Path|None = flag(None, 'output')  # Output folder for the outputs and the database [default: ./dicom_prep_out]
     db_path: Path|None = flag(None, 'output', cli='db')  # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
@@ -165,6 +171,9 @@ class RunOptions(Options):
         if self.n_workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {self.n_workers}")
         if self.batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if (self.keep or self.shift_dates) and not self.pseudonymize: raise UsageError("--keep and --shift-dates are options of --pseudonymize")
+        if self.max_inflight < 1 or not self.request_timeout > 0 or not self.cache_max_gb >= 0:
+            raise UsageError(f"--max-inflight must be at least 1, --request-timeout more than 0 and --cache-max-gb at least 0, not "
+                             f"{self.max_inflight}, {self.request_timeout} and {self.cache_max_gb}")
 
 
 # %% ../nbs/01b_options.ipynb #addd33c8

@@ -13,8 +13,8 @@ from pathlib import Path
 from .core import atomic_path
 
 # %% auto #0
-__all__ = ['OWNER_FILE', 'UnsafePath', 'db_file', 'strictly_under', 'inside', 'owner_line', 'folder_owner', 'same_path', 'owns',
-           'mark_owner', 'index_path', 'sweep_temps']
+__all__ = ['OWNER_FILE', 'UnsafePath', 'db_file', 'strictly_under', 'inside', 'real_root', 'owner_line', 'folder_owner',
+           'same_path', 'owns', 'mark_owner', 'index_path', 'sweep_temps']
 
 # %% ../nbs/00a_paths.ipynb #f3eead1a
 class UnsafePath(Exception): "A path read from an index that leads outside its root: the index is damaged or hostile."
@@ -56,6 +56,13 @@ def inside(root, # the folder the path must stay in
         return Path(root, *parts)
     else: why = 'leads out through a symlink'
     raise UnsafePath(f"{row} {rel!r} {why} under {root}; the index is damaged or hostile, refusing it")
+
+# %% ../nbs/00a_paths.ipynb #e3f4be17
+def real_root(root, # a source root: a folder, an archive or a URL
+             ) -> str:
+    "One spelling of a source root: a URL as given, a path without its symlinks."
+    s = os.fspath(root)
+    return s if '://' in s else os.path.realpath(s)
 
 # %% ../nbs/00a_paths.ipynb #2c40f07e
 OWNER_FILE = '.dicom_prep_db'   # in an output folder: the path of the index whose rows describe its files, relative to the folder

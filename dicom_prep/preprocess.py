@@ -321,7 +321,7 @@ def _plan_notes(plan:Plan, stats:Counter, n_bad:int, prune:bool) -> list[str]:
 # %% ../nbs/07_preprocess.ipynb #945e931a
 def _discover(run, opts:PreprocessOptions) -> Plan:
     "Scan the tree and plan the run against the `files` table (`Plan.changes`: the files to process)."
-    stats, db, verify, prune = run.scan('files', opts.follow_symlinks), run.db, opts.verify, opts.prune
+    stats, db, verify, prune = run.scan('files'), run.db, opts.verify, opts.prune
     t = run.phase('Plan')
     if (run.unfinished or verify) and (n := sweep_orphans(db, run.output_dir)):
         run.notes.append(f"Removed {n:,} images without a database row (left by an interrupted run)")
@@ -406,7 +406,8 @@ def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
     "Process the planned files in parallel, writing their rows a batch at a time; returns how many files were done."
     return run.stream(partial(_work, opts=opts, root=run.dicom_dir, output_dir=run.output_dir), _tasks(run, plan.changes),
                       partial(write_batch, output_dir=run.output_dir, run_id=run.run_id, fractions=opts.fractions, key=run.key), opts.batch_size,
-                      total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal)
+                      total=plan.found, done=plan.done + plan.failed_kept, timeout=opts.file_timeout, count=lambda r: r.status, fatal=_fatal,
+                      needs=lambda task: task.found.needs())
 
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None, overlap='last', seg_threshold=0.5)   # settings added later: an older DB was made with these
 

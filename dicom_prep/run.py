@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 from fastcore.basics import patch
 from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
 from .options import RunOptions, UsageError
-from .sources import LocalFolder, is_dicom
+from .pacs import open_source
 from fastcore.basics import chunked
 from .db import DbLock, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
 from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
@@ -27,7 +27,7 @@ from .parallel import default_worker_memory, graceful_interrupts, in_process, re
 
 
 # %% auto #0
-__all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_folders', 'RunConfig', 'Run',
+__all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_output', 'RunConfig', 'Run',
            'process_age', 'console_started', 'open_run', 'claim_output', 'Change', 'Diff']
 
 # %% ../nbs/06_run.ipynb #8a5c151e
@@ -57,11 +57,9 @@ def resume_hint() -> str:
 
 class RunFailed(Exception): "The environment stopped the run (a full, read-only or forbidden disk, a size limit, a database locked): no file's fault."
 
-def check_folders(dicom_dir, # the source tree
-                  output_dir, # the output folder (created if missing)
-                 ):
-    "Raise `UsageError` with a one-line reason for unusable folders."
-    if not Path(dicom_dir).is_dir(): raise UsageError(f"DICOM folder not found: {dicom_dir}")
+def check_output(output_dir, # the output folder (created if missing)
+                ):
+    "Raise `UsageError` with a one-line reason for an output folder that cannot be written."
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=output_dir): pass
@@ -73,13 +71,14 @@ class RunConfig:
     "What a run was opened with, fixed while it lasts: where it reads and writes, its workers, memory cap and pseudonym key."
     kind: str                 # pipeline name, as in `runs.kind`
     db_path: Path
-    dicom_dir: Path           # the source root, without its symlinks
+    dicom_dir: Path           # where the source's files are read: its folder (without its symlinks), or the local copies of a remote source
     output_dir: Path
     workers: int = 2          # worker processes (0: serial, in-process)
     scheduler: str|None = None   # Dask: 'local' or an address; None: the local pool
     quiet: bool = False       # no progress, no messages
     memory: int|None = None   # bytes each worker may allocate (None: no cap)
     key: str|None = None      # the pseudonym key when the index is pseudonymised (its private state attached)
+    source: object = None     # the source: a `sources.LocalFolder`, or a `sources.Cache` of a remote one
 
 @dataclass
 class Run:
@@ -134,21 +133,25 @@ def stream(self:Run,
            timeout:float|None=None, # seconds before a task's worker is considered hung
            count:Callable|None=None, # result -> name of the counter it adds to
            fatal:Callable|None=None, # result -> why it stops the run (an environmental error), or None
+           needs:Callable|None=None, # task -> the `(path, size, token)` of the source entries it reads (fetched first from a remote source)
           ) -> int:
     "Run `work` over `tasks` in parallel, committing results with `write` every `batch_size`; returns how many were committed."
     if self.db.conn.in_transaction: raise RuntimeError("a transaction is open before streaming: its batches would never commit")
     t, t_db, n = self.phase(phase), self._db_timer(), 0
     db_before = t_db.spent
     if self.workers == 0 and not self.scheduler and self.memory: work = partial(in_process, work, self.memory)   # see below
+    total, src = len(tasks) if total is None else total, self.source
+    if needs: tasks = src.prefetch(tasks, needs)
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
-    with results as results, Progress(len(tasks) if total is None else total, done, label, out=io.StringIO() if self.quiet else None) as prog:
+    with results as results, Progress(total, done, label, out=io.StringIO() if self.quiet else None) as prog:
         for batch in chunked(results, batch_size):
             whys = [fatal(res) if fatal else None for _, res in batch]     # an environmental failure stops the run after this batch
             stop, batch = [w for w in whys if w], [pair for pair, w in zip(batch, whys) if not w]
             with t_db, self.db.atomic(): write(self.db, batch)
             t_db.add(len(batch)); n += len(batch); t.add(len(batch)); prog.update(len(batch))
             if count: self.counts.update(count(res) for _, res in batch)
+            if needs: src.release([n[0] for task, _ in batch for n in needs(task)])
             if stop: raise RunFailed(stop[0])
     t.spent = time.perf_counter() - t.start - (t_db.spent - db_before)     # its commits are in `DB write`
     return n
@@ -162,6 +165,7 @@ def finish(self:Run,
           ) -> str:
     "Record how the run ended (`interrupted` if tasks remain), with the resume hint; returns the status."
     self.status = 'interrupted' if done < total else 'completed'
+    self.counts.update(self.source.counts)
     if self.status == 'interrupted':
         self.notes.append(f"INTERRUPTED after {done:,} of {total:,} {what}; progress saved. Resume with:\n    {resume_hint()}")
     finish_run(self.db, self.run_id, self.status, dict(self.counts), done if n_files is None else n_files,
@@ -214,12 +218,13 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
     if opts.dicom_dir is None: raise UsageError("give the DICOM folder (dicom_dir)")
     given, output_dir = Path(opts.dicom_dir).absolute(), Path(opts.output_dir or 'dicom_prep_out').absolute()
     db_path = Path(opts.db_path or output_dir/'dicom_prep.db').absolute()
-    check_folders(given, output_dir)
-    dicom_dir = Path(os.path.realpath(given))          # one spelling of the tree, whichever alias or relative path named it
+    check_output(output_dir)
+    source = open_source(opts)
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
     if opts.scheduler: require_dask()
-    config = RunConfig(kind, db_path, dicom_dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers))
+    config = RunConfig(kind, db_path, source.dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers),
+                       source=source)
     private, signalled = private_state_file(opts.pseudonymize, opts.private_state, output_dir), lambda: False
     stop = lambda: signalled() or bool(should_stop and should_stop())
     with DbLock(db_path):
@@ -251,7 +256,7 @@ def _spellings(db, kind, roots:tuple) -> list[str]:
 
 def _setup(config:RunConfig, given:Path, settings, opts:RunOptions, defaults, temp_dirs, private, stop) -> Run:
     "Open the database (and private state), settle the settings and source root, sweep what an unfinished run left, record the run."
-    kind, db_path, output_dir, root = config.kind, config.db_path, config.output_dir, config.dicom_dir
+    kind, db_path, output_dir, root = config.kind, config.db_path, config.output_dir, config.source.spelling
     taken_over = claim_output(output_dir, db_path, opts.force)
     db = open_db(db_path)
     if not private and is_pseudonymised(db):
@@ -265,6 +270,8 @@ def _setup(config:RunConfig, given:Path, settings, opts:RunOptions, defaults, te
     if (unfinished := _unfinished(db, kind) or taken_over):     # a folder taken over may hold another index's images
         for d in temp_dirs: sweep_temps(output_dir/d)
     run_id = start_run(db, kind, settings, root, redact)
+    if key:                               # the shared index keeps the root's pseudonym; the private state, the root
+        with db.atomic(): db.execute('insert or replace into private.meta values (?, ?)', [f'{kind}_source_root', root])
     if rebuild: set_meta(db, f'{kind}_rebuild_since', run_id)
     return Run(replace(config, key=key), db, run_id, rebuild, pending, unfinished, stop)
 
@@ -295,7 +302,8 @@ def _recorded_error(run:Run, exc:BaseException|None) -> str|None:
     "What `runs.error` keeps of why `run` ended: a pseudonymised index names no source file, not even in an error."
     if exc is None or isinstance(exc, KeyboardInterrupt): return None
     if run.key and isinstance(exc, UnsafePath): return "UnsafePath: a path read from the private state was refused (the console named it)"
-    return without_paths(str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}", run.dicom_dir, run.key)
+    why = without_paths(str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}", run.dicom_dir, run.key)
+    return without_paths(why, run.source.spelling, run.key)       # nor a remote source's URL
 
 def _record_end(run:Run, exc:BaseException|None):
     "Record the run's end in `runs` (a database that cannot be written is reported; the next run marks this one interrupted)."
@@ -330,39 +338,30 @@ def _lifecycle(run:Run, temp_dirs):
 # %% ../nbs/06_run.ipynb #45f1ad22
 SCAN_BATCH = 5000   # files per insert (and per DICOM check) while scanning
 
-def _dicom_mark(path:str, stats:Counter) -> int:
-    "1 if `path` is DICOM, else 0 (counted in `stats` as `not_dicom`, or `unreadable` with a warning)."
-    try:
-        if is_dicom(path): return 1
-        stats['not_dicom'] += 1
-    except OSError as e: log.warning(f"{path}: cannot read: {e.strerror}"); stats['unreadable'] += 1
-    return 0
-
-def _mark_dicom(db, known:str, stats:Counter, root:str):
+def _mark_dicom(db, known:str, src):
     "Set `scan.dicom`: 1 for files recorded unchanged in table `known`, else what their first bytes say."
     with db.atomic():
         db.execute(f"update temp.scan set dicom = 1 where exists (select 1 from {known} k where k.path = scan.path "
                    "and k.size = scan.size and k.mtime_ns = scan.mtime_ns)")
     while rows := db.execute('select path from temp.scan where dicom is null limit ?', [SCAN_BATCH]).fetchall():
-        marks = [(_dicom_mark(os.path.join(root, p), stats), p) for (p,) in rows]
+        marks = [(int(m), p) for m, (p,) in zip(src.dicom([p for (p,) in rows]), rows, strict=True)]
         with db.atomic(): db.conn.executemany('update temp.scan set dicom = ? where path = ?', marks)
 
 @patch
 def scan(self:Run,
          known:str, # the pipeline's table of recorded files (path, size, mtime_ns): unchanged ones are not opened
-         follow_symlinks:bool=False, # follow symlinks that lead outside the source tree
         ) -> Counter:
     "Walk the source tree into the temporary table `scan` (paths relative to the root) in bounded memory, marking its DICOM files; returns what was skipped."
-    t, stats, db, root = self.phase('Discover'), Counter(), self.db, str(self.dicom_dir)
-    cut = len(root.rstrip(os.sep)) + 1
-    self.say(f"Scanning {self.dicom_dir} for DICOM files...")
+    t, src, db = self.phase('Discover'), self.source, self.db
+    stats = src.stats; stats.clear()
+    self.say(f"Scanning {src.spelling} for DICOM files...")
     db.execute('drop table if exists temp.scan')
     db.execute('create temp table scan (path text primary key, study_id text, size int, mtime_ns int, clash_key text, dicom int)')
-    rows = ((p[cut:], study, size, mtime, clash_key(p[cut:])) for p, study, size, mtime in LocalFolder(root, follow_symlinks, stats).entries())
+    rows = ((p, study, size, mtime, clash_key(p)) for p, study, size, mtime in src.listing())
     for i, batch in enumerate(chunked(rows, SCAN_BATCH), 1):
         with db.atomic(): db.conn.executemany('insert or ignore into temp.scan values (?, ?, ?, ?, ?, null)', batch)
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")
-    _mark_dicom(db, known, stats, root)
+    _mark_dicom(db, known, src)
     db.execute('create index temp.scan_clash on scan(clash_key)')
     t.add(self.n_found()).stop()
     return stats

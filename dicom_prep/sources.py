@@ -16,11 +16,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+import threading, time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from fastcore.basics import patch
 from .core import study_of, log
+from .paths import inside
 
 # %% auto #0
-__all__ = ['is_dicom', 'Entry', 'SourceError', 'Gone', 'LocalFolder', 'Found', 'find_dicoms', 'sample_data_dirs', 'sample_files',
-           'sample_file', 'sample_tree']
+__all__ = ['CACHE_TOKEN', 'is_dicom', 'Entry', 'SourceError', 'Gone', 'LocalFolder', 'Cache', 'Found', 'find_dicoms',
+           'sample_data_dirs', 'sample_files', 'sample_file', 'sample_tree']
 
 # %% ../nbs/02a_sources.ipynb #a506eeb1
 def is_dicom(path, # file to check
@@ -72,6 +77,14 @@ def _entries(it, d:Path, stats:Counter):
         try: yield from it
         except OSError as e: log.warning(f"{d}: cannot list folder: {e.strerror}"); stats['unlistable'] += 1
 
+def _dicom_mark(path:str, stats:Counter) -> bool:
+    "True if `path` is DICOM, else False (counted in `stats` as `not_dicom`, or `unreadable` with a warning)."
+    try:
+        if is_dicom(path): return True
+        stats['not_dicom'] += 1
+    except OSError as e: log.warning(f"{path}: cannot read: {e.strerror}"); stats['unreadable'] += 1
+    return False
+
 # %% ../nbs/02a_sources.ipynb #520911b2
 class LocalFolder:
     "The files under a local folder, as a source: `entries()` lists them, `open(entry)` reads one."
@@ -110,6 +123,145 @@ class LocalFolder:
         "The bytes of `entry`, as a binary file object."
         return open(entry.path, 'rb')
 
+    dir = property(lambda self: self.root, doc="Where a run reads the entries: the folder itself.")
+    spelling = property(lambda self: str(self.root), doc="The source root a run records: the folder's path.")
+    counts = property(lambda self: Counter(), doc="What reading cost: nothing is fetched from a folder.")
+
+    def listing(self):
+        "The entries, with paths relative to the root."
+        cut = len(str(self.root).rstrip(os.sep)) + 1
+        for e in self.entries(): yield e._replace(path=e.path[cut:])
+
+    def dicom(self, paths:list, # paths relative to the root
+             ) -> list[bool]:
+        "Whether each file is DICOM, by its first bytes (counted in `stats` when not)."
+        return [_dicom_mark(os.path.join(self.root, p), self.stats) for p in paths]
+
+    def prefetch(self, items, needs=None): "`items` as they are: a folder's files are already local."; return items
+    def release(self, paths): "Nothing to do: a folder's files stay where they are."
+
+# %% ../nbs/02a_sources.ipynb #1074cc6d
+CACHE_TOKEN = 1 << 61     # a change token is kept as its copy's mtime in ns, modulo this: a time every file system stores
+
+def _fresh(p:Path, size:int|None, token:int|None) -> bool:
+    "True if the copy `p` exists with the entry's `size` (None or 0: unknown, as a PACS lists it) and change `token` (None: not checked)."
+    try: st = p.stat()
+    except OSError: return False
+    return (not size or st.st_size == size) and (token is None or st.st_mtime_ns == token % CACHE_TOKEN)
+
+class Cache:
+    "A source read through local copies of its entries under `dir`: fetched with retries, at most `max_inflight` at once, bounded to `max_bytes`."
+    def __init__(self,
+                 source, # a source with `root`, `entries()` and `fetch(path, dest)` (and maybe `head(path)`)
+                 dir, # the local folder of the copies
+                 max_bytes:int=10 << 30, # released copies beyond this are deleted, oldest first
+                 max_inflight:int=4, # requests at once
+                 tries:int=4, # tries per request before the run stops
+                 backoff:float=0.5, # seconds before the second try; doubled for each further one
+                 stats:Counter|None=None, # counts what was skipped, by reason (shared with the source's own)
+                ):
+        self.source, self.dir, self.max_bytes, self.max_inflight, self.tries, self.backoff = source, Path(dir), max_bytes, max_inflight, tries, backoff
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock, self.idle, self.total, self.counts = threading.Lock(), OrderedDict(), 0, Counter()
+        self.stats = Counter() if stats is None else stats
+        self._adopt()
+    def __repr__(self): return f"Cache({self.source.root!r}, {str(self.dir)!r})"
+    spelling = property(lambda self: self.source.root, doc="The source root a run records: the source's own spelling.")
+
+    def _adopt(self):
+        "Count the copies an earlier run left as released; delete its unfinished downloads."
+        for p in sorted(self.dir.rglob('*'), key=lambda p: p.stat().st_mtime_ns if p.is_file() else 0):
+            if not p.is_file(): continue
+            if p.name.endswith('.part'): p.unlink(missing_ok=True); continue
+            self.idle[p.relative_to(self.dir).as_posix()] = p.stat().st_size; self.total += p.stat().st_size
+        self._evict()
+
+    def _evict(self):
+        "Delete released copies, oldest first, while the cache holds more than `max_bytes`."
+        with self.lock:
+            while self.total > self.max_bytes and self.idle:
+                path, size = self.idle.popitem(last=False)
+                (self.dir/path).unlink(missing_ok=True); self.total -= size
+
+# %% ../nbs/02a_sources.ipynb #4d3f83ab
+@patch
+def _fetch(self:Cache, path:str, dest:Path):
+    "Fetch entry `path` into `dest`, retrying timeouts and dropped connections with backoff; `SourceError` after `tries`."
+    for i in range(self.tries):
+        try: return self.source.fetch(path, dest)
+        except (TimeoutError, ConnectionError) as e:
+            if i == self.tries - 1: raise SourceError(f"{self.source.root}: {path}: {e or type(e).__name__} (tried {self.tries} times)") from None
+            self.counts['retries'] += 1; time.sleep(self.backoff * 2 ** i)
+
+@patch
+def ensure(self:Cache, path:str, # an entry's path, as listed
+           size:int|None=None, # its size in bytes (None: not checked)
+           token:int|None=None, # its change token (None: not checked)
+          ) -> Path:
+    "The local copy of entry `path`, fetched unless a fresh copy is there; in use until released."
+    dest = inside(self.dir, path, f"{self.source.root}: entry {path!r}")
+    with self.lock: old = self.idle.pop(path, None)
+    if _fresh(dest, size, token): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{threading.get_ident()}.part")
+    try:
+        self._fetch(path, part)
+        if token is not None: os.utime(part, ns=(token % CACHE_TOKEN,) * 2)
+        os.replace(part, dest)
+    finally: part.unlink(missing_ok=True)
+    with self.lock: self.total += dest.stat().st_size - (old or 0); self.counts['fetched'] += 1
+    return dest
+
+@patch
+def release(self:Cache, paths, # entries' paths the run is done with
+           ):
+    "Let the copies of `paths` go when the cache is over its bound."
+    for path in paths:
+        try: size = (self.dir/path).stat().st_size
+        except OSError: continue
+        with self.lock: self.idle[path] = size; self.idle.move_to_end(path)
+    self._evict()
+
+# %% ../nbs/02a_sources.ipynb #ca0cd4b2
+@patch
+def _ready(self:Cache, item, fetches:list):
+    "`item`, once its fetches are done (a vanished entry is warned about and counted as `gone`)."
+    for f in fetches:
+        try: f.result()
+        except Gone as e: log.warning(f"{self.source.root}: {e}: gone from the source since it was listed"); self.counts['gone'] += 1
+    return item
+
+@patch
+def prefetch(self:Cache, items, # work items, in order
+             needs, # item -> the `(path, size, token)` of the entries it reads
+            ):
+    "Yield `items` in order, each once the entries it `needs` are local, fetching up to `max_inflight` at once."
+    pool, ahead = ThreadPoolExecutor(self.max_inflight, thread_name_prefix='fetch'), deque()
+    try:
+        for item in items:
+            ahead.append((item, [pool.submit(self.ensure, *n) for n in needs(item)]))
+            if len(ahead) > 2 * self.max_inflight: yield self._ready(*ahead.popleft())
+        while ahead: yield self._ready(*ahead.popleft())
+    finally: pool.shutdown(cancel_futures=True)
+
+@patch
+def listing(self:Cache):
+    "The source's entries (their paths are already relative)."
+    yield from self.source.entries()
+
+@patch
+def dicom(self:Cache, paths:list, # entries' paths
+         ) -> list[bool]:
+    "Whether each entry is DICOM: by its name (`.dcm`), else by its first bytes where the source can read them apart (a PACS serves only DICOM)."
+    head = getattr(self.source, 'head', None)
+    def mark(p):
+        if p.lower().endswith('.dcm') or head is None: return True
+        try: is_it = head(p)[128:132] == b'DICM'
+        except Gone: self.counts['gone'] += 1; return False
+        if not is_it: self.stats['not_dicom'] += 1
+        return is_it
+    with ThreadPoolExecutor(self.max_inflight) as pool: return list(pool.map(mark, paths))
+
 # %% ../nbs/02a_sources.ipynb #285c27fe
 @dataclass(frozen=True)
 class Found:
@@ -118,6 +270,8 @@ class Found:
     study_id: str # its study: the first folder under the root
     size: int # size in bytes
     mtime_ns: int # modification time, ns
+
+    def needs(self) -> list[tuple]: "The source entry it reads, as `(path, size, token)` for `Cache.prefetch`."; return [(str(self.path), self.size, self.mtime_ns)]
 
 def _readable_dicom(path:str) -> bool:
     "`is_dicom(path)`, with a warning (and False) for a file that cannot be read."
