@@ -2,6 +2,7 @@
 import json, shutil, socket, subprocess, time
 from pathlib import Path
 
+import pytest
 import requests
 
 ORTHANC = shutil.which('Orthanc') or '/usr/sbin/Orthanc'
@@ -86,3 +87,10 @@ class OrthancServer:
         "Delete the instance with SOP Instance UID `sop_uid`."
         [oid] = self.rest('POST', '/tools/lookup', data=sop_uid).json()
         self.rest('DELETE', f"/instances/{oid['ID']}")
+
+
+def started(tmpdir, **kw) -> OrthancServer:
+    "A started `OrthancServer(tmpdir, **kw)`, or a pytest skip that says why there is none (not installed, or it did not start)."
+    if not Path(ORTHANC).exists(): pytest.skip(f"Orthanc is not installed ({ORTHANC}): apt-get install orthanc orthanc-dicomweb")
+    try: return OrthancServer(tmpdir, **kw).start()
+    except (OSError, RuntimeError) as e: pytest.skip(f"Orthanc does not start: {e}")

@@ -15,7 +15,7 @@ import pytest
 from dicom_prep.pacs import DicomWeb, Dimse
 from dicom_prep.sources import Gone, SourceError, sample_file, sample_files
 from dicom_prep.synth import synth_dicom
-from orthanc import ORTHANC, OrthancServer, free_port
+from orthanc import free_port, started
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
 SOURCES = {'dicomweb': lambda o, **kw: DicomWeb(o.dicomweb_url, page=2, **kw),   # page=2: every listing level pages
@@ -34,16 +34,9 @@ def _key(path) -> str:
     return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
 
 
-def _start(tmp, **kw) -> OrthancServer:
-    "A started Orthanc, or a skip that says why not."
-    if not Path(ORTHANC).exists(): pytest.skip(f"Orthanc is not installed ({ORTHANC}): apt-get install orthanc orthanc-dicomweb")
-    try: return OrthancServer(tmp, **kw).start()
-    except (OSError, RuntimeError) as e: pytest.skip(f"Orthanc does not start: {e}")
-
-
 @pytest.fixture(scope='module')
 def orthanc(tmp_path_factory):
-    o = _start(tmp_path_factory.mktemp('orthanc'))
+    o = started(tmp_path_factory.mktemp('orthanc'))
     files = _files()
     o.upload(files)
     o.originals = {_key(p): p for p in files}
@@ -54,7 +47,7 @@ def orthanc(tmp_path_factory):
 @pytest.fixture(scope='module')
 def guarded(tmp_path_factory):
     "A second Orthanc that asks for a password and checks the AE title it is called by."
-    o = _start(tmp_path_factory.mktemp('guarded'), users={'alice': 's3cret'}, check_called_aet=True)
+    o = started(tmp_path_factory.mktemp('guarded'), users={'alice': 's3cret'}, check_called_aet=True)
     yield o
     o.kill()
 
@@ -182,7 +175,7 @@ def test_a_server_answering_garbage_is_malformed(garbage, tmp_path):
     with pytest.raises(SourceError) as err: list(src.entries())
     assert 'malformed answer' in _one_line(err)
     with pytest.raises(SourceError, match='malformed answer'): src.fetch('1.2/3.4/5.6.dcm', tmp_path/'x.dcm')
-    with pytest.raises(SourceError) as err: list(Dimse(f'dimse://PACS@127.0.0.1:{garbage}', timeout=5).entries())   # HTTP on a DICOM port
+    with pytest.raises(SourceError) as err: list(Dimse(f'dimse://PACS@127.0.0.1:{garbage}', timeout=2).entries())   # HTTP on a DICOM port
     _one_line(err)
 
 
