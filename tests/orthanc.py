@@ -51,8 +51,9 @@ class OrthancServer:
                 if requests.get(f'{self.url}/system', auth=self.auth, timeout=1).ok: return self
             except requests.RequestException: pass
             time.sleep(0.1)
+        why = f"exited with code {self.proc.returncode}" if self.proc.poll() is not None else f"no answer within {wait:.0f} s"
         self.kill()
-        raise RuntimeError(f"Orthanc did not start within {wait:.0f} s: {(self.dir/'orthanc.log').read_text(errors='replace')[-800:]}")
+        raise RuntimeError(f"Orthanc {why}: {(self.dir/'orthanc.log').read_text(errors='replace')[-800:]}")
 
     def stop(self):
         "Stop Orthanc gracefully (its data stays for the next `start()`)."
