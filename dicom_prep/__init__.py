@@ -20,6 +20,7 @@ Modules:
 - `dicom_prep.nifti`: Analyse every series into volumes, record the analysis in SQLite, convert the usable ones to `.nii.gz` exactly as dcm2niix would — tracked per volume and resumable.
 - `dicom_prep.niftiwrite`: One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 - `dicom_prep.options`: Every flag defined once: frozen `ImageOptions` and `RunOptions` dataclasses, validated once; the console scripts' parsers and the guarded settings are derived from them; `--splits` and each patient's stable hold-out split.
+- `dicom_prep.pacs`: Pull from a PACS: DICOMweb (QIDO-RS, WADO-RS) and DIMSE (C-FIND, C-GET) servers as sources, with timeouts and errors a run can act on.
 - `dicom_prep.parallel`: Run a per-file function over many files, streaming results back as they complete; a worker that crashes or hangs costs only the file it was on. One driver loop over two backends: fastcore's process pool, or Dask.
 - `dicom_prep.paths`: Where an index's outputs live: every path it stores is relative, every path read back is resolved strictly under its root, and each output folder names the index it belongs to.
 - `dicom_prep.pixels`: One frame in, one uint8 image out: decode, modality LUT, VOI window, colour, resize, and an atomic PNG.
