@@ -225,6 +225,8 @@ def test_s3_listing_fetch_head_and_requests(s3, dicoms, tmp_path):
         src.fetch(k, tmp_path/'out'); assert (tmp_path/'out').read_bytes() == b
     assert src.head('s1/ser1/IM1') == dicoms['s1/ser1/IM1'][:132]
     assert src.requests == len(dicoms) + 1
+    whole = {e.path: e.study for e in ObjectStore(f's3://{s3[1]}').entries()}       # a whole bucket: keys from its top
+    assert whole == {**{f'study-data/{k}': 'study-data' for k in dicoms}, 'elsewhere.dcm': TOP}
 
 
 def test_s3_overwritten_gets_new_token_deleted_is_gone(s3, dicoms, tmp_path):
