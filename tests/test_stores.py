@@ -145,7 +145,8 @@ def test_http_folder_listing_fetch_head_and_gone(tmp_path, dicoms):
         assert src.head('s2/IM 1.dcm') == dicoms['s2/IM 1.dcm'][:132]
         assert src.requests == len(dicoms) + 1
         (www/'top.dcm').unlink()
-        with pytest.raises(Gone): src.fetch('top.dcm', tmp_path/'out')
+        with pytest.raises(Gone) as e: src.fetch('top.dcm', tmp_path/'out')
+        one_line(e.value, url, 'top.dcm'); assert 'secret' not in str(e.value)
         os.utime(www/'s2'/'IM 1.dcm', ns=(0, 10**18))
         again = {e.path: e.mtime_ns for e in ObjectStore(url, timeout=5).entries()}
         assert [k for k in again if again[k] != dict((e.path, e.mtime_ns) for e in entries)[k]] == ['s2/IM 1.dcm']
