@@ -32,6 +32,7 @@ Modules:
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
 - `dicom_prep.sources`: Where DICOM files come from: a source lists its entries, each with a stable key and a change token, and opens their bytes.
 - `dicom_prep.status`: `dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their reasons, the last runs — without touching it.
+- `dicom_prep.stores`: Archives and object storage as sources: zip and tar files read in place, and s3://, gs:// and http(s):// prefixes listed and read through fsspec.
 - `dicom_prep.synth`: Every well-formed synthetic DICOM the tests, docs and benchmarks use: single files, CT series, enhanced multi-frame, Siemens mosaic and UIH grids, in-memory datasets and fast bulk corpora.
 - `dicom_prep.synth_labels`: Synthetic DICOM SEG (binary, fractional, label map) and RTSTRUCT over the synthetic series, in their patient geometry, plus the hostile ones and the masks benchmark's data.
 - `dicom_prep.tags`: Every way to read a value from a dataset: quick keyword access, plain text and numbers from the raw bytes, a frame's functional groups, defensive parsers.
