@@ -245,7 +245,7 @@ def _write_conversions(db, batch, output_dir, run_id, key=None, root=None):
 
 def _frames_read(task:VolumeTask, root) -> list[tuple]:
     "The source entries converting `task` reads, as `(path, size, token)` for `Cache.prefetch`."
-    return [(Path(p).relative_to(root).as_posix(), None, None) for p in dict.fromkeys(f.path for f in task.frames)]
+    return list(dict.fromkeys((Path(f.path).relative_to(root).as_posix(), f.size, f.mtime_ns) for f in task.frames))
 
 def _conversion_status(res) -> str:
     "The counter a conversion result adds to."

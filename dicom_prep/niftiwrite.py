@@ -287,10 +287,10 @@ def volume_task(v:dict, # a `volumes` row
 
 # %% ../nbs/10_niftiwrite.ipynb #eb5e0ec0
 def _check_sources(frames):
-    "Raise if any source file's size or mtime differs from what analysis recorded."
+    "Raise if any source file's size or mtime differs from what analysis recorded (a size of 0: unknown, as a PACS lists its instances)."
     for path, size, mtime_ns in {(s.path, s.size, s.mtime_ns) for s in frames}:
         st = os.stat(path)
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns): raise RuntimeError(f"{path} changed since analysis; run again to re-analyse it")
+        if (st.st_size if size else 0, st.st_mtime_ns) != (size, mtime_ns): raise RuntimeError(f"{path} changed since analysis; run again to re-analyse it")
 
 def _file_frames(s:SourceFrame, rows, cols) -> np.ndarray:
     "All frames (n, rows, cols) of the file of `s` (a grid's tiles): from its bytes when uncompressed, else decoded by pydicom."

@@ -20,7 +20,8 @@ from .sources import Entry, SourceError, Gone
 
 # %% auto #0
 __all__ = ['QUERY_KEYS', 'HTTP_ERRORS', 'FIND', 'GET', 'MAX_CLASSES', 'Query', 'parse_query', 'dicomweb_address', 'DimseAddress',
-           'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'DicomWeb', 'Dimse']
+           'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'DicomWeb', 'Dimse', 'cache_dir',
+           'remote_source', 'open_source']
 
 # %% ../nbs/02ab_pacs.ipynb #7b8b0010
 QUERY_KEYS = {  # the attributes `--query` may filter on, by the level of the search they go to
@@ -301,3 +302,51 @@ class Dimse(_Counted):
         if not receiver.stored:
             if s in (0xA701, 0xA702): raise ConnectionError(f"{self.root}: C-GET: the PACS is out of resources (status 0x{s:04X})")
             raise Gone(f"{self.root}: {path}: C-GET completed no sub-operation (status 0x{s:04X})")
+
+# %% ../nbs/02ab_pacs.ipynb #96251e02
+import hashlib, os
+from collections import Counter
+from .options import RunOptions, UsageError
+from .sources import Cache, LocalFolder
+from .stores import ARCHIVE_SUFFIXES, Archive, ObjectStore, is_archive
+
+# %% ../nbs/02ab_pacs.ipynb #22cfe56d
+def cache_dir(spelling:str, # the source's root
+              given=None, # --cache-dir [default: $XDG_CACHE_HOME or ~/.cache, then dicom_prep]
+             ) -> Path:
+    "The folder of a remote source's local copies: one per source, named by a digest of its spelling."
+    base = Path(given) if given else Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache')/'dicom_prep'
+    return base/hashlib.sha256(spelling.encode()).hexdigest()[:16]
+
+def _refuse_credentials(spec:str):
+    "Refuse (`UsageError`) a URL with a password in it."
+    if '://' in spec and urlsplit(spec).password is not None:
+        raise UsageError("give credentials through ~/.netrc or the environment (AWS_*, GOOGLE_*), not in the URL: "
+                         "it would land in your shell history and in the index")
+
+def remote_source(spec:str, # what --dicom-dir says
+                  opts:RunOptions, # the run's options
+                  stats:Counter, # counts what the listing skips
+                 ):
+    "The remote source `spec` names, made with the flags that apply to it; None for a local folder."
+    timeout = opts.request_timeout
+    if spec.startswith(('dicomweb+http://', 'dicomweb+https://')): return DicomWeb(spec, opts.query, timeout)
+    if spec.startswith('dimse://'): return Dimse(spec, opts.query, timeout, opts.calling_aet)
+    if opts.query: raise UsageError(f"--query applies to a PACS (dicomweb+https:// or dimse://), not to {spec}")
+    if '://' in spec: return ObjectStore(spec, timeout, stats)
+    if not spec.lower().endswith(ARCHIVE_SUFFIXES): return None
+    if not is_archive(spec): raise UsageError(f"archive not found: {spec}")
+    return Archive(spec, stats)
+
+def open_source(opts:RunOptions, # the run's options: --dicom-dir and the flags of remote sources
+               ):
+    "The source `opts.dicom_dir` names: a `LocalFolder`, or a `Cache` of an archive, a bucket or a PACS."
+    spec, stats = str(opts.dicom_dir), Counter()
+    _refuse_credentials(spec)
+    if (remote := remote_source(spec, opts, stats)) is None:
+        if not Path(spec).is_dir(): raise UsageError(f"DICOM folder not found: {spec}")
+        return LocalFolder(os.path.realpath(spec), opts.follow_symlinks, stats)
+    spelling = f"{remote.root}?{opts.query}" if opts.query else remote.root      # another query is another source
+    where = cache_dir(spelling, opts.cache_dir)
+    try: return Cache(remote, where, int(opts.cache_max_gb * 2**30), opts.max_inflight, stats=stats, spelling=spelling)
+    except OSError as e: raise UsageError(f"cache folder not writable: {where} ({e.strerror}); give another --cache-dir") from None

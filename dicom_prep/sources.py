@@ -159,14 +159,14 @@ class Cache:
                  tries:int=4, # tries per request before the run stops
                  backoff:float=0.5, # seconds before the second try; doubled for each further one
                  stats:Counter|None=None, # counts what was skipped, by reason (shared with the source's own)
+                 spelling:str|None=None, # the source root a run records [default: the source's `root`]
                 ):
         self.source, self.dir, self.max_bytes, self.max_inflight, self.tries, self.backoff = source, Path(dir), max_bytes, max_inflight, tries, backoff
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock, self.idle, self.total, self.counts = threading.Lock(), OrderedDict(), 0, Counter()
-        self.stats = Counter() if stats is None else stats
+        self.stats, self.spelling = Counter() if stats is None else stats, spelling or source.root
         self._adopt()
     def __repr__(self): return f"Cache({self.source.root!r}, {str(self.dir)!r})"
-    spelling = property(lambda self: self.source.root, doc="The source root a run records: the source's own spelling.")
 
     def _adopt(self):
         "Count the copies an earlier run left as released; delete its unfinished downloads."
@@ -246,8 +246,8 @@ def prefetch(self:Cache, items, # work items, in order
 
 @patch
 def listing(self:Cache):
-    "The source's entries (their paths are already relative)."
-    yield from self.source.entries()
+    "The source's entries (their paths are already relative), each change token as its copy's mtime keeps it."
+    for e in self.source.entries(): yield e._replace(mtime_ns=e.mtime_ns % CACHE_TOKEN)
 
 @patch
 def dicom(self:Cache, paths:list, # entries' paths
