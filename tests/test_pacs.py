@@ -4,7 +4,7 @@ Each source lists exactly what was uploaded, filters by `--query`, fetches insta
 byte for byte), counts its requests, and fails the way a run can act on: `Gone` for a deleted instance, a one-line
 `SourceError` for a closed port, refused credentials, a rejected association or a server that is not DICOMweb, and a
 `TimeoutError` within the timeout for a server that never answers. Skipped, with the reason, where Orthanc cannot start."""
-import socket, threading, time
+import contextlib, socket, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -150,7 +150,9 @@ def test_a_rejected_association_is_one_line(guarded, tmp_path):
     src = Dimse(f'dimse://NOT_ORTHANC@127.0.0.1:{guarded.dicom_port}')
     with pytest.raises(SourceError) as err: list(src.entries())
     assert 'association rejected' in _one_line(err) and 'DICOM_PREP' in _one_line(err)
-    with pytest.raises(SourceError, match='rejected'): src.fetch('1.2/3.4/5.6.dcm', tmp_path/'x.dcm')
+    with pytest.raises(SourceError, match='rejected'):
+        for _ in range(3):      # as a run does, a transient failure is retried: pynetdicom now and then sees the peer close before its rejection
+            with contextlib.suppress(ConnectionError): src.fetch('1.2/3.4/5.6.dcm', tmp_path/'x.dcm')
 
 
 class _Garbage(BaseHTTPRequestHandler):
