@@ -1,5 +1,5 @@
 "A real Orthanc on loopback for the PACS tests: a temporary config (HTTP, DICOMweb, DIMSE), started, stopped, restarted and killed by the tests."
-import json, shutil, socket, subprocess, time
+import json, os, shutil, socket, subprocess, time
 from pathlib import Path
 
 import pytest
@@ -43,7 +43,8 @@ class OrthancServer:
     def start(self, wait:float=20.):
         "Start Orthanc (same ports, same storage) and wait until its REST API answers; RuntimeError with its log if it does not."
         self.log = open(self.dir/'orthanc.log', 'ab')
-        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        self.proc = subprocess.Popen([ORTHANC, str(self.config)], stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir,
+                                     env={**os.environ, 'TCP_NODELAY': '1'})     # DCMTK: no Nagle delay on each DIMSE message
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.proc.poll() is not None: break
