@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
-import requests
 from .sources import Entry, SourceError, Gone
 
 # %% auto #0
-__all__ = ['QUERY_KEYS', 'HTTP_ERRORS', 'WADO_ACCEPT', 'FIND', 'GET', 'MAX_CLASSES', 'Query', 'parse_query', 'dicomweb_address',
-           'DimseAddress', 'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'multipart_parts',
-           'DicomWeb', 'Dimse', 'cache_dir', 'remote_source', 'open_source']
+__all__ = ['QUERY_KEYS', 'WADO_ACCEPT', 'FIND', 'GET', 'MAX_CLASSES', 'Query', 'parse_query', 'dicomweb_address', 'DimseAddress',
+           'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'http_errors', 'multipart_parts', 'DicomWeb',
+           'Dimse', 'cache_dir', 'remote_source', 'open_source']
 
 # %% ../nbs/02ab_pacs.ipynb #e3a29009
 QUERY_KEYS = {  # the attributes `--query` may filter on, by the level of the search they go to
@@ -107,6 +106,7 @@ def http_failure(root:str, # the source, as its errors name it
                  path:str|None=None, # the entry being fetched; None while listing
                 ) -> Exception:
     "The exception a run acts on: `Gone`, a retried `TimeoutError`/`ConnectionError`, or a one-line `SourceError`."
+    import requests                     # here, not at import: a console script that reads no PACS never loads it
     status = getattr(getattr(err, 'response', None), 'status_code', None)
     if isinstance(err, requests.Timeout): reason, transient = "no answer within the timeout", TimeoutError
     elif isinstance(err, requests.ConnectionError): reason, transient = "unreachable (connection failed)", ConnectionError
@@ -118,10 +118,14 @@ def http_failure(root:str, # the source, as its errors name it
     return (transient or SourceError)(f"{root}: {path}: {reason}")
 
 # %% ../nbs/02ab_pacs.ipynb #2acaf45d
-HTTP_ERRORS = (requests.RequestException, ValueError, KeyError, IndexError, TypeError)   # a failed request or a malformed answer
+def http_errors() -> tuple:
+    "What a failed request or a malformed answer raises (`requests` is imported when one is caught, not at import)."
+    import requests
+    return requests.RequestException, ValueError, KeyError, IndexError, TypeError
 
 def _timed_session(timeout:float, count):
     "A requests.Session whose every request has `timeout` and is counted by `count()`; credentials from ~/.netrc as usual."
+    import requests
     class Adapter(requests.adapters.HTTPAdapter):
         def send(self, request, **kw):
             count(); kw['timeout'] = timeout
@@ -194,7 +198,7 @@ class DicomWeb(_Remote):
             for st in self._search(c.search_for_studies, '0020000D', q.study):
                 for se in self._search(c.search_for_series, '0020000E', q.series, st):
                     for sop in self._search(c.search_for_instances, '00080018', q.instance, st, se): yield instance_entry(st, se, sop)
-        except HTTP_ERRORS as e: raise http_failure(self.root, e) from e
+        except http_errors() as e: raise http_failure(self.root, e) from e
 
     def fetch(self, path:str, # an entry's path
               dest, # local file to write the instance to
@@ -206,7 +210,7 @@ class DicomWeb(_Remote):
             r.raise_for_status()
             parts = multipart_parts(r.content, r.headers.get('Content-Type', ''))
             if len(parts) != 1 or not parts[0]: raise ValueError(f"{len(parts)} parts for one instance")
-        except HTTP_ERRORS as e: raise http_failure(self.root, e, path) from e
+        except http_errors() as e: raise http_failure(self.root, e, path) from e
         Path(dest).write_bytes(parts[0])
 
 # %% ../nbs/02ab_pacs.ipynb #8c5174ec

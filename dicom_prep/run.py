@@ -328,6 +328,7 @@ def _lifecycle(run:Run, temp_dirs):
         if exc is e: raise
         raise exc from None
     finally:
+        run.source.close()
         if run.status == 'running' or exc is not None: _record_end(run, exc)
         if run.status != 'completed' or run.counts['crashed'] or run.counts['timeout']:
             for d in temp_dirs: sweep_temps(run.output_dir/d)

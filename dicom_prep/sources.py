@@ -139,6 +139,7 @@ class LocalFolder:
 
     def prefetch(self, items, needs=None): "`items` as they are: a folder's files are already local."; return items
     def release(self, paths): "Nothing to do: a folder's files stay where they are."
+    def close(self): "Nothing to close."
 
 # %% ../nbs/02a_sources.ipynb #1074cc6d
 CACHE_TOKEN = 1 << 61     # a change token is kept as its copy's mtime in ns, modulo this: a time every file system stores
@@ -248,6 +249,11 @@ def prefetch(self:Cache, items, # work items, in order
 def listing(self:Cache):
     "The source's entries (their paths are already relative), each change token as its copy's mtime keeps it."
     for e in self.source.entries(): yield e._replace(mtime_ns=e.mtime_ns % CACHE_TOKEN)
+
+@patch
+def close(self:Cache):
+    "End the source's connections (a PACS counts each association a thread left open)."
+    if hasattr(self.source, 'close'): self.source.close()
 
 @patch
 def dicom(self:Cache, paths:list, # entries' paths
