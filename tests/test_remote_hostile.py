@@ -124,3 +124,31 @@ def test_dimse_a_local_write_failure_is_not_blamed_on_the_pacs(orthanc, tmp_path
     (tmp_path/'afile').write_text('')                       # dest's parent is a file: the write fails here, locally
     with pytest.raises(Exception) as e: src.fetch(entry.path, tmp_path/'afile'/'x.dcm')
     assert isinstance(e.value, OSError) and not isinstance(e.value, (ConnectionError, TimeoutError)), repr(e.value)   # a ConnectionError is retried, then blamed on the PACS
+
+
+# --- --pseudonymize: no source URL, query or AE title in the shared DB, even in a failed run's error --------------------
+
+def _leaks(out:Path, *secrets) -> list:
+    "The `secrets` found anywhere under `out` (the DB, its WAL, the outputs)."
+    blobs = [p.read_bytes() for p in out.rglob('*') if p.is_file()]
+    return [s for s in secrets if any(s.encode() in b for b in blobs)]
+
+def test_pseudonymised_failed_run_with_a_query_records_no_url(tmp_path):
+    "The error of a failed run is scrubbed of the source's spelling: with --query that is 'URL?query', which the message never quotes whole."
+    out = tmp_path/'out'
+    r = _run('--dicom-dir', 'dicomweb+http://127.0.0.1:1/secret-path', '--query', 'PatientID=SECRETPID', '--pseudonymize', '--salt', 'x',
+             '--private-state', tmp_path/'private.db', '--output-dir', out, '--cache-dir', tmp_path/'c', '--request-timeout', '2')
+    assert r.returncode == 1, r.stderr[-300:]
+    assert _leaks(out, '127.0.0.1', 'secret-path', 'SECRETPID') == []   # was: runs.error = 'SourceError: dicomweb+http://127.0.0.1:1/secret-path: unreachable ...'
+
+
+def test_pseudonymised_rejected_association_records_no_ae_title(tmp_path):
+    from orthanc import started
+    o = started(tmp_path/'orthanc', check_called_aet=True)
+    try:
+        out, url = tmp_path/'out', o.dimse_url.replace(f'{o.aet}@', 'NOTTHEPACS@')
+        r = _run('--dicom-dir', url, '--calling-aet', 'SECRETAE', '--pseudonymize', '--salt', 'x', '--private-state', tmp_path/'private.db',
+                 '--output-dir', out, '--cache-dir', tmp_path/'c', '--request-timeout', '5')
+        assert r.returncode == 1, r.stderr[-300:]
+        assert _leaks(out, 'SECRETAE', 'NOTTHEPACS', str(o.dicom_port)) == []
+    finally: o.kill()
