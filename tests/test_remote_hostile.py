@@ -152,3 +152,38 @@ def test_pseudonymised_rejected_association_records_no_ae_title(tmp_path):
         assert r.returncode == 1, r.stderr[-300:]
         assert _leaks(out, 'SECRETAE', 'NOTTHEPACS', str(o.dicom_port)) == []
     finally: o.kill()
+
+
+# --- a hostile DIMSE peer: C-FIND answers with UIDs that are not UIDs ---------------------------------------------------
+
+@pytest.fixture
+def evil_pacs():
+    "A pynetdicom SCP on loopback whose C-FIND answers carry the study UID `evil_pacs.study` (set by the test)."
+    from pynetdicom import AE, evt
+    from pydicom.dataset import Dataset
+    from orthanc import free_port
+    state = type('S', (), {'study': '1.2.3'})()
+    def on_find(event):
+        lvl = event.identifier.QueryRetrieveLevel
+        ds = Dataset(); ds.QueryRetrieveLevel = lvl
+        if lvl == 'STUDY': ds.StudyInstanceUID = state.study
+        elif lvl == 'SERIES': ds.SeriesInstanceUID = '4.5'
+        else: ds.SOPInstanceUID, ds.SOPClassUID = '6.7', '1.2.840.10008.5.1.4.1.1.2'
+        yield 0xFF00, ds
+    ae = AE(ae_title='EVIL')
+    for cx in ('1.2.840.10008.5.1.4.1.2.2.1', '1.2.840.10008.5.1.4.1.2.2.3'): ae.add_supported_context(cx)
+    port = free_port()
+    server = ae.start_server(('127.0.0.1', port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    state.url = f'dimse://EVIL@127.0.0.1:{port}'
+    yield state
+    server.shutdown()
+
+
+@pytest.mark.parametrize('uid', ['1.2/3', '../..', ''])
+def test_a_pacs_answering_a_uid_that_is_not_a_uid_is_one_line(evil_pacs, uid, tmp_path):
+    "A C-FIND match whose UID has a '/' (or is '..') is a malformed answer: one line and exit 1 (or the entry skipped), never a traceback."
+    evil_pacs.study = uid
+    r = _run('--dicom-dir', evil_pacs.url, '--output-dir', tmp_path/'out', '--cache-dir', tmp_path/'c', '--request-timeout', '3')
+    assert 'Traceback' not in r.stderr, r.stderr[-300:]      # '1.2/3': ValueError from split_key escapes
+    assert 'index is damaged' not in r.stderr                 # '..': blamed on the index, exit 2
+    assert r.returncode in (0, 1)
