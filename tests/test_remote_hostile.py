@@ -187,3 +187,11 @@ def test_a_pacs_answering_a_uid_that_is_not_a_uid_is_one_line(evil_pacs, uid, tm
     assert 'Traceback' not in r.stderr, r.stderr[-300:]      # '1.2/3': ValueError from split_key escapes
     assert 'index is damaged' not in r.stderr                 # '..': blamed on the index, exit 2
     assert r.returncode in (0, 1)
+
+
+@pytest.mark.parametrize('timeout', ['inf', '1e300'])
+def test_an_infinite_request_timeout_is_refused_or_works(timeout, tmp_path):
+    "--request-timeout inf passes the option check (> 0), then every PACS request dies with OverflowError: a traceback."
+    r = _run('--dicom-dir', 'dicomweb+http://127.0.0.1:1/dicom-web', '--request-timeout', timeout, '--output-dir', tmp_path/'out', '--cache-dir', tmp_path/'c')
+    assert 'Traceback' not in r.stderr, r.stderr[-300:]
+    assert r.returncode in (1, 2) and len(r.stderr.strip().splitlines()) == 1
