@@ -171,8 +171,8 @@ class RunOptions(Options):
         if self.n_workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {self.n_workers}")
         if self.batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if (self.keep or self.shift_dates) and not self.pseudonymize: raise UsageError("--keep and --shift-dates are options of --pseudonymize")
-        if self.max_inflight < 1 or not self.request_timeout > 0 or not self.cache_max_gb >= 0:
-            raise UsageError(f"--max-inflight must be at least 1, --request-timeout more than 0 and --cache-max-gb at least 0, not "
+        if self.max_inflight < 1 or not 0 < self.request_timeout < 1e6 or not self.cache_max_gb >= 0:
+            raise UsageError(f"--max-inflight must be at least 1, --request-timeout more than 0 (and finite) and --cache-max-gb at least 0, not "
                              f"{self.max_inflight}, {self.request_timeout} and {self.cache_max_gb}")
 
 

@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl, urlsplit
 from .sources import Entry, SourceError, Gone
 
 # %% auto #0
-__all__ = ['QUERY_KEYS', 'WADO_ACCEPT', 'FIND', 'GET', 'MAX_CLASSES', 'Query', 'parse_query', 'dicomweb_address', 'DimseAddress',
-           'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'http_errors', 'multipart_parts', 'DicomWeb',
-           'Dimse', 'cache_dir', 'remote_source', 'open_source']
+__all__ = ['QUERY_KEYS', 'WADO_ACCEPT', 'UID', 'FIND', 'GET', 'MAX_CLASSES', 'Query', 'parse_query', 'dicomweb_address',
+           'DimseAddress', 'dimse_address', 'split_key', 'instance_entry', 'http_failure', 'http_errors',
+           'multipart_parts', 'DicomWeb', 'Dimse', 'cache_dir', 'remote_source', 'open_source']
 
 # %% ../nbs/02ab_pacs.ipynb #e3a29009
 QUERY_KEYS = {  # the attributes `--query` may filter on, by the level of the search they go to
@@ -222,12 +222,14 @@ def _ae(title:str, timeout:float, contexts):
     for cx, ts in contexts: ae.add_requested_context(cx, ts)
     return ae
 
+UID = re.compile(r'(?=.{1,64}$)[0-9]+(\.[0-9]+)*')   # what a DICOM UID may be: it becomes part of a file's path
+
 def _identifier(level:str, keys:dict, want:str, uids:dict):
     "A C-FIND/C-GET identifier at `level`: the filter `keys`, `want` asked for, and the UIDs of the entities above."
     from pydicom.dataset import Dataset
     ds = Dataset()
     ds.QueryRetrieveLevel = level
-    for k, v in {**keys, want: '', **uids}.items(): setattr(ds, k, v)
+    for k, v in {want: '', **keys, **uids}.items(): setattr(ds, k, v)      # a filter on `want` itself stays a filter
     return ds
 
 FIND, GET = '1.2.840.10008.5.1.4.1.2.2.1', '1.2.840.10008.5.1.4.1.2.2.3'   # Study Root Query/Retrieve: C-FIND, C-GET
@@ -245,9 +247,10 @@ def _no_delay(event):
 
 class _Receiver:
     "Where the C-STORE sub-operations of this association's C-GETs write: the current fetch's `dest`."
-    dest, stored = None, False
+    dest, stored, failed = None, False, None
     def store(self, event):
-        Path(self.dest).write_bytes(event.encoded_dataset())     # preamble, file meta, and the dataset as sent
+        try: Path(self.dest).write_bytes(event.encoded_dataset())     # preamble, file meta, and the dataset as sent
+        except OSError as e: self.failed = e; return 0xA700           # our disk, not the PACS: raised once the C-GET ends
         self.stored = True
         return 0x0000
 
@@ -314,7 +317,8 @@ class Dimse(_Remote):
             s = getattr(status, 'Status', None)
             if s is None: raise self._lost(t0, 'C-FIND')
             if s in (0xFF00, 0xFF01):
-                if not (v := str(ds.get(want, '') if ds is not None else '')): raise SourceError(f"{self.root}: malformed C-FIND answer: a {level} match without {want}")
+                if not UID.fullmatch(v := str(ds.get(want, '') if ds is not None else '')):
+                    raise SourceError(f"{self.root}: malformed C-FIND answer: a {level} match whose {want} is not a UID: {v[:70]!r}")
                 found.append(v)
             elif s: raise SourceError(f"{self.root}: C-FIND at {level} level failed (status 0x{s:04X})")
         return found
@@ -337,9 +341,10 @@ class Dimse(_Remote):
         uids = dict(StudyInstanceUID=st, SeriesInstanceUID=se, SOPInstanceUID=sop)
         if not (found := self._find('IMAGE', {}, 'SOPClassUID', **uids)): raise Gone(f"{self.root}: {path}: no such instance")
         assoc, receiver, _ = self._held(found[0])
-        receiver.dest, receiver.stored, final, t0 = dest, False, None, time.monotonic()
+        receiver.dest, receiver.stored, receiver.failed, final, t0 = dest, False, None, None, time.monotonic()
         self._count()
         for final, _ in assoc.send_c_get(_identifier('IMAGE', {}, 'SOPInstanceUID', uids), GET): pass
+        if receiver.failed: raise receiver.failed
         if (s := getattr(final, 'Status', None)) is None: raise self._lost(t0, 'C-GET')
         if not receiver.stored:
             if s in (0xA701, 0xA702): raise ConnectionError(f"{self.root}: C-GET: the PACS is out of resources (status 0x{s:04X})")
@@ -362,7 +367,9 @@ def cache_dir(spelling:str, # the source's root
 
 def _refuse_credentials(spec:str):
     "Refuse (`UsageError`) a URL with a password in it."
-    if '://' in spec and urlsplit(spec).password is not None:
+    try: password = urlsplit(spec).password if '://' in spec else None
+    except ValueError as e: raise UsageError(f"{spec}: {e}") from None           # e.g. 'Invalid IPv6 URL'
+    if password is not None:
         raise UsageError("give credentials through ~/.netrc or the environment (AWS_*, GOOGLE_*), not in the URL: "
                          "it would land in your shell history and in the index")
 
@@ -372,8 +379,10 @@ def remote_source(spec:str, # what --dicom-dir says
                  ):
     "The remote source `spec` names, made with the flags that apply to it; None for a local folder."
     timeout = opts.request_timeout
-    if spec.startswith(('dicomweb+http://', 'dicomweb+https://')): return DicomWeb(spec, opts.query, timeout)
-    if spec.startswith('dimse://'): return Dimse(spec, opts.query, timeout, opts.calling_aet)
+    try:
+        if spec.startswith(('dicomweb+http://', 'dicomweb+https://')): return DicomWeb(spec, opts.query, timeout)
+        if spec.startswith('dimse://'): return Dimse(spec, opts.query, timeout, opts.calling_aet)
+    except ValueError as e: raise UsageError(str(e)) from None      # a malformed URL or --query
     if opts.query: raise UsageError(f"--query applies to a PACS (dicomweb+https:// or dimse://), not to {spec}")
     if '://' in spec: return ObjectStore(spec, timeout, stats)
     if not spec.lower().endswith(ARCHIVE_SUFFIXES): return None
@@ -388,7 +397,7 @@ def open_source(opts:RunOptions, # the run's options: --dicom-dir and the flags 
     if (remote := remote_source(spec, opts, stats)) is None:
         if not Path(spec).is_dir(): raise UsageError(f"DICOM folder not found: {spec}")
         return LocalFolder(os.path.realpath(spec), opts.follow_symlinks, stats)
-    spelling = f"{remote.root}?{opts.query}" if opts.query else remote.root      # another query is another source
+    spelling = f"{remote.root}?{'&'.join(sorted(opts.query.split('&')))}" if opts.query else remote.root   # another query is another source
     where = cache_dir(spelling, opts.cache_dir)
     try: return Cache(remote, where, int(opts.cache_max_gb * 2**30), opts.max_inflight, stats=stats, spelling=spelling)
     except OSError as e: raise UsageError(f"cache folder not writable: {where} ({e.strerror}); give another --cache-dir") from None

@@ -219,7 +219,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
     given, output_dir = Path(opts.dicom_dir).absolute(), Path(opts.output_dir or 'dicom_prep_out').absolute()
     db_path = Path(opts.db_path or output_dir/'dicom_prep.db').absolute()
     check_output(output_dir)
-    source = open_source(opts)
+    (source := open_source(opts)).check()       # a source that cannot be listed stops the run before it records anything
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
     if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
     if opts.scheduler: require_dask()
@@ -303,7 +303,7 @@ def _recorded_error(run:Run, exc:BaseException|None) -> str|None:
     if exc is None or isinstance(exc, KeyboardInterrupt): return None
     if run.key and isinstance(exc, UnsafePath): return "UnsafePath: a path read from the private state was refused (the console named it)"
     why = without_paths(str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}", run.dicom_dir, run.key)
-    return without_paths(why, run.source.spelling, run.key)       # nor a remote source's URL
+    return without_paths(why, run.source.spelling.partition('?')[0], run.key)       # nor a remote source's URL (errors quote it without a query)
 
 def _record_end(run:Run, exc:BaseException|None):
     "Record the run's end in `runs` (a database that cannot be written is reported; the next run marks this one interrupted)."

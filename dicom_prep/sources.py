@@ -16,7 +16,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-import threading, time
+import shutil, threading, time
+from contextlib import closing
+from filelock import FileLock, Timeout
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from fastcore.basics import patch
@@ -140,6 +142,7 @@ class LocalFolder:
     def prefetch(self, items, needs=None): "`items` as they are: a folder's files are already local."; return items
     def release(self, paths): "Nothing to do: a folder's files stay where they are."
     def close(self): "Nothing to close."
+    def check(self): "Nothing to check: `open_source` found the folder."
 
 # %% ../nbs/02a_sources.ipynb #1074cc6d
 CACHE_TOKEN = 1 << 61     # a change token is kept as its copy's mtime in ns, modulo this: a time every file system stores
@@ -149,6 +152,22 @@ def _fresh(p:Path, size:int|None, token:int|None) -> bool:
     try: st = p.stat()
     except OSError: return False
     return (not size or st.st_size == size) and (token is None or st.st_mtime_ns == token % CACHE_TOKEN)
+
+def _claim(d:Path) -> tuple[Path, FileLock|None]:
+    "Folder `d` and its lock, taken for this run; while another run holds it, a private folder `d-PID` beside it instead."
+    d.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{d}.lock", timeout=0)
+    try: lock.acquire(); return d, lock
+    except Timeout:
+        log.warning(f"{d} is in use by another run: this run keeps its copies in {d}-{os.getpid()}, removed at its end")
+        return Path(f"{d}-{os.getpid()}"), None
+
+def _sweep_private(d:Path):
+    "Remove the private folders beside `d` that runs now ended left behind (a killed run cannot remove its own)."
+    for p in d.parent.glob(f"{d.name}-*"):
+        try: os.kill(int(p.name.rpartition('-')[2]), 0)
+        except ProcessLookupError: shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError): pass
 
 class Cache:
     "A source read through local copies of its entries under `dir`: fetched with retries, at most `max_inflight` at once, bounded to `max_bytes`."
@@ -162,7 +181,8 @@ class Cache:
                  stats:Counter|None=None, # counts what was skipped, by reason (shared with the source's own)
                  spelling:str|None=None, # the source root a run records [default: the source's `root`]
                 ):
-        self.source, self.dir, self.max_bytes, self.max_inflight, self.tries, self.backoff = source, Path(dir), max_bytes, max_inflight, tries, backoff
+        self.source, self.max_bytes, self.max_inflight, self.tries, self.backoff = source, max_bytes, max_inflight, tries, backoff
+        self.dir, self.held = _claim(Path(dir))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock, self.idle, self.total, self.counts = threading.Lock(), OrderedDict(), 0, Counter()
         self.stats, self.spelling = Counter() if stats is None else stats, spelling or source.root
@@ -170,7 +190,9 @@ class Cache:
     def __repr__(self): return f"Cache({self.source.root!r}, {str(self.dir)!r})"
 
     def _adopt(self):
-        "Count the copies an earlier run left as released; delete its unfinished downloads."
+        "Count the copies earlier runs left as released; delete their unfinished downloads (none is running: this run holds the folder)."
+        if self.held is None: return
+        _sweep_private(self.dir)
         for p in sorted(self.dir.rglob('*'), key=lambda p: p.stat().st_mtime_ns if p.is_file() else 0):
             if not p.is_file(): continue
             if p.name.endswith('.part'): p.unlink(missing_ok=True); continue
@@ -191,8 +213,12 @@ def _fetch(self:Cache, path:str, dest:Path):
     for i in range(self.tries):
         try: return self.source.fetch(path, dest)
         except (TimeoutError, ConnectionError) as e:
-            if i == self.tries - 1: raise SourceError(f"{self.source.root}: {path}: {e or type(e).__name__} (tried {self.tries} times)") from None
+            if i == self.tries - 1: raise SourceError(f"{e or type(e).__name__} (tried {self.tries} times)") from None
             self.counts['retries'] += 1; time.sleep(self.backoff * 2 ** i)
+
+def _both(cache:Cache, path:str) -> Gone:
+    "The `Gone` of a key that is a file and a folder in its source (`a` and `a/b`): a file system holds only one of them."
+    return Gone(f"{cache.source.root}: {path}: the source has a file and a folder of this name, and only one can be read")
 
 @patch
 def ensure(self:Cache, path:str, # an entry's path, as listed
@@ -203,12 +229,14 @@ def ensure(self:Cache, path:str, # an entry's path, as listed
     dest = inside(self.dir, path, f"{self.source.root}: entry {path!r}")
     with self.lock: old = self.idle.pop(path, None)
     if _fresh(dest, size, token): return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f"{dest.name}.{threading.get_ident()}.part")
+    part, clash = dest.with_name(f"{dest.name}.{threading.get_ident()}.part"), (FileExistsError, NotADirectoryError, IsADirectoryError)
+    try: dest.parent.mkdir(parents=True, exist_ok=True)
+    except clash: raise _both(self, path) from None                     # `a` is a file, and this is `a/b`
     try:
         self._fetch(path, part)
         if token is not None: os.utime(part, ns=(token % CACHE_TOKEN,) * 2)
         os.replace(part, dest)
+    except clash: raise _both(self, path) from None                     # `a/b` came first, and this is `a`
     finally: part.unlink(missing_ok=True)
     with self.lock: self.total += dest.stat().st_size - (old or 0); self.counts['fetched'] += 1
     return dest
@@ -226,10 +254,10 @@ def release(self:Cache, paths, # entries' paths the run is done with
 # %% ../nbs/02a_sources.ipynb #ca0cd4b2
 @patch
 def _ready(self:Cache, item, fetches:list):
-    "`item`, once its fetches are done (a vanished entry is warned about and counted as `gone`)."
+    "`item`, once its fetches are done (an entry that cannot be fetched, such as one gone since it was listed, is warned about and counted as `gone`)."
     for f in fetches:
         try: f.result()
-        except Gone as e: log.warning(f"{self.source.root}: {e}: gone from the source since it was listed"); self.counts['gone'] += 1
+        except Gone as e: log.warning(f"{e} (its file is reported missing)"); self.counts['gone'] += 1
     return item
 
 @patch
@@ -251,9 +279,16 @@ def listing(self:Cache):
     for e in self.source.entries(): yield e._replace(mtime_ns=e.mtime_ns % CACHE_TOKEN)
 
 @patch
+def check(self:Cache):
+    "Raise `SourceError` now if the source cannot be listed, before a run records anything of it."
+    with closing(self.source.entries()) as it: next(it, None)
+
+@patch
 def close(self:Cache):
-    "End the source's connections (a PACS counts each association a thread left open)."
+    "End the source's connections (a PACS counts each association a thread left open); let the folder go (a private one is removed)."
     if hasattr(self.source, 'close'): self.source.close()
+    if self.held: self.held.release()
+    else: shutil.rmtree(self.dir, ignore_errors=True)
 
 @patch
 def dicom(self:Cache, paths:list, # entries' paths
