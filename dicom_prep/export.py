@@ -200,7 +200,7 @@ def volumes_df(db, # the index
 
 def _volumes(db, fractions) -> pd.DataFrame:
     "`volumes_df` of an open database; `IndexValueError` for recorded splits that are not safe names."
-    try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')))
+    try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')), exact=False)
     except ValueError as e: raise IndexValueError(f"meta preprocess_settings: {e}") from None
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints, seg_path from volumes where verdict='ok' and status='ok' order by output_name"))
