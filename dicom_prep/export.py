@@ -265,7 +265,7 @@ def pick_modality(df:pd.DataFrame, # images or volumes, from `images_df` or `vol
         raise UsageError(f"--format {fmt} takes one modality per dataset (each case is one channel), and the index has {counts(mods)}: give --modality")
     if fmt not in VOLUME_FORMATS or include_4d or not (four := df['n_timepoints'].fillna(1) > 1).any(): return df, []
     if four.all(): raise UsageError(f"nothing to export: all {len(df):,} volumes are 4-D (fMRI, DTI): give --include-4d")
-    return df[~four], [f"Left out {four.sum():,} 4-D volumes (fMRI, DTI, perfusion): --include-4d exports them"]
+    return df[~four], [f"4-D volumes left out (fMRI, DTI, perfusion): {four.sum():,}; --include-4d exports them"]
 
 # %% ../nbs/12b_export.ipynb #c18fdab6
 def _check_out(db, out_dir:Path, fmt:str):

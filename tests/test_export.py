@@ -238,9 +238,9 @@ def test_nnunet_takes_one_modality_per_dataset_and_leaves_out_4d_volumes(tmp_pat
     assert r.returncode == 0 and ds['channel_names'] == {'0': 'CT'} and len(ds['training'] + ds['validation'] + ds['test']) == 2
     assert sorted(p.name for p in (tmp_path/'ct').rglob('*.nii.gz')) == sorted(e['image'].rsplit('/', 1)[1] for e in ds['training'] + ds['validation'] + ds['test'])
     r = run('mr', '--modality', 'MR')
-    assert r.returncode == 0 and 'Left out 1 4-D volumes' in r.stdout and len(list((tmp_path/'mr').rglob('*.nii.gz'))) == 1
+    assert r.returncode == 0 and '4-D volumes left out (fMRI, DTI, perfusion): 1;' in r.stdout and len(list((tmp_path/'mr').rglob('*.nii.gz'))) == 1
     r = run('mr4d', '--modality', 'MR', '--include-4d')
-    assert r.returncode == 0 and 'Left out' not in r.stdout and len(list((tmp_path/'mr4d').rglob('*.nii.gz'))) == 2
+    assert r.returncode == 0 and 'left out' not in r.stdout and len(list((tmp_path/'mr4d').rglob('*.nii.gz'))) == 2
     assert json.loads((tmp_path/'mr4d/dataset.json').read_text())['channel_names'] == {'0': 'MR'}
 
 
