@@ -6,6 +6,7 @@ Modules:
 - `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
 - `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.dask_backend`: Beyond one machine: the same `preprocess` and `nifti` runs, with the per-file work spread over a `dask.distributed` cluster (a LocalCluster, Slurm/PBS through dask-jobqueue, Kubernetes, Coiled): the Dask backend of `parallel`'s driver loop.
+- `dicom_prep.dataset`: The index as a training set: `DicomPrepDataset`, one split as `(image array, label)` pairs that torch's `DataLoader` takes as they are, with no torch import.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock with write transactions that take the lock at their start, runs and the settings guard.
 - `dicom_prep.export`: From the index to a training loop: the images or volumes as a DataFrame with your labels joined, CSV/Parquet manifests, and the `export` driver behind every dataset layout.
 - `dicom_prep.faults`: Files that break things on purpose, and the offline guard every test runs under: decompression bombs made from real encoded frames, and `block_network`.

@@ -30,7 +30,7 @@ from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
 __all__ = ['KEYS', 'FORMATS', 'VOLUME_FORMATS', 'FROM_DB', 'images_df', 'LabelError', 'LabelReport', 'label_columns',
-           'read_labels', 'join_labels', 'volumes_df', 'ExportResult', 'export', 'ExportFlags', 'main']
+           'read_labels', 'join_labels', 'volumes_df', 'ExportResult', 'pick_modality', 'export', 'ExportFlags', 'main']
 
 # %% ../nbs/12b_export.ipynb #d99bbf17
 KEYS = ('sop_uid', 'series_uid', 'study_uid', 'patient_id', 'filename', 'source_path')   # what labels can be joined on
@@ -200,7 +200,7 @@ def volumes_df(db, # the index
 
 def _volumes(db, fractions) -> pd.DataFrame:
     "`volumes_df` of an open database; `IndexValueError` for recorded splits that are not safe names."
-    try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')))
+    try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')), exact=False)
     except ValueError as e: raise IndexValueError(f"meta preprocess_settings: {e}") from None
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
                                "n_timepoints, seg_path from volumes where verdict='ok' and status='ok' order by output_name"))
@@ -224,11 +224,12 @@ class ExportResult:
     written: int                    # items written by this run (new or changed)
     removed: int                    # items removed (their source is gone or changed label/split)
     report: LabelReport|None = None # the label join, when labels were given
+    notes: list = field(default_factory=list) # what was left out, and why
 
     def summary(self) -> str:
         "A few lines for the console."
         return '\n'.join([f"{self.fmt}: {self.n_items:,} items in {self.out_dir} ({self.written:,} written, {self.removed:,} removed)",
-                          *(self.report.lines() if self.report else [])])
+                          *(self.report.lines() if self.report else []), *self.notes])
 
 def _labelled(df, labels, on, label_col, key=None, encoding='utf-8', withhold=False) -> tuple[pd.DataFrame, LabelReport|None]:
     "`df` with labels from a CSV (keyed with `key` for a pseudonymised index), or from one of its own columns (`label_col`), or unlabelled."
@@ -249,6 +250,22 @@ def _masked(df:pd.DataFrame, fmt:str) -> tuple[pd.DataFrame, LabelReport]:
                                        "for the SEG and RTSTRUCT objects in its source)")
     has = df[col].notna()
     return df[has], LabelReport(on, int(has.sum()), int(has.sum()), [], sorted(df.loc[~has, name]))
+
+def pick_modality(df:pd.DataFrame, # images or volumes, from `images_df` or `volumes_df`
+                  fmt:str, # the export format
+                  modality:str|None=None, # only this modality (any case); a volume format of a mixed index needs one
+                  include_4d:bool=False, # a volume format: keep 4-D volumes (fMRI, DTI), left out by default
+                 ) -> tuple[pd.DataFrame, list[str]]:
+    "The rows an export of `fmt` takes, and notes on what it left out; `UsageError` for a volume format over several modalities, or nothing left."
+    mods, counts = df['modality'].fillna('').astype(str), lambda m: ', '.join(f"{k or '(none)'} {n:,}" for k, n in m.value_counts().items())
+    if modality is not None:
+        if not (keep := mods.str.upper() == modality.upper()).any(): raise UsageError(f"--modality {modality}: none in the index, which has {counts(mods)}")
+        df, mods = df[keep], mods[keep]
+    elif fmt in VOLUME_FORMATS and mods.nunique() > 1:
+        raise UsageError(f"--format {fmt} takes one modality per dataset (each case is one channel), and the index has {counts(mods)}: give --modality")
+    if fmt not in VOLUME_FORMATS or include_4d or not (four := df['n_timepoints'].fillna(1) > 1).any(): return df, []
+    if four.all(): raise UsageError(f"nothing to export: all {len(df):,} volumes are 4-D (fMRI, DTI): give --include-4d")
+    return df[~four], [f"4-D volumes left out (fMRI, DTI, perfusion): {four.sum():,}; --include-4d exports them"]
 
 # %% ../nbs/12b_export.ipynb #c18fdab6
 def _check_out(db, out_dir:Path, fmt:str):
@@ -334,10 +351,15 @@ def _typed(db, df, fmt, rule) -> tuple[pd.DataFrame, LabelReport]:
     report.unmatched = orphan_labels(db)
     return out, report
 
-def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding, rule='latest') -> tuple:
-    "(the images or volumes to export with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
+def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding, rule='latest', pick=(None, False)) -> tuple:
+    "(the images or volumes to export (`pick`: modality and include_4d) with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
     df = volumes_df(db) if fmt in VOLUME_FORMATS else images_df(db)
     if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in VOLUME_FORMATS else 'no images'} in {db_path}")
+    df, notes = pick_modality(df, fmt, *pick)
+    return *_labels_of(db, df, fmt, labels, on, label_col, salt, private, encoding, rule), notes
+
+def _labels_of(db, df, fmt, labels, on, label_col, salt, private, encoding, rule) -> tuple:
+    "(`df` with its labels, the label report, a pseudonymised index's key when labels need or can use it)."
     if _segmenting(df, fmt, labels, label_col): return *_masked(df, fmt), None
     if labels == FROM_DB: return *_typed(db, df, fmt, rule), None
     key = _key_of(db, salt, private, required=on in _KEYED) if labels else None
@@ -377,6 +399,8 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
            private_state=None, # a pseudonymised index's private state [default: OUTPUT_DIR.private.db beside its output folder]
            labels_encoding:str='utf-8', # the text encoding of `labels`
            label_rule:str|None=None, # with `labels='db'`: one label per image by `latest` (the default) or `majority` (see `labels.image_labels`)
+           modality:str|None=None, # only this modality (any case); nnunet and monai take one per dataset
+           include_4d:bool=False, # nnunet, monai: also export 4-D volumes (fMRI, DTI), left out by default
           ) -> ExportResult:
     "Export the index to `out_dir` as `fmt`, joining `labels`; incremental, recorded in the database, completed by a rerun if killed."
     _check_args(fmt, labels, on, label_col, label_rule)
@@ -387,7 +411,7 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
     with DbLock(db_path), closing(open_db(db_path)) as db:
         _check_out(db, out_dir, fmt)
         try:
-            df, report, key = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding, label_rule or 'latest')
+            df, report, key, notes = _read(db, db_path, fmt, labels, on, label_col, salt, private_state, labels_encoding, label_rule or 'latest', (modality, include_4d))
             export_id = _start(db, db_path, fmt, out_dir, labels, on, label_col, key, label_rule or 'latest')
             n, written, removed = _write(db, df, out_dir, fmt, export_id, shard_size, classes)
         except (LabelError, IndexValueError) as e: raise UsageError(str(e)) from None
@@ -395,7 +419,7 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
             with atomic_path(out_dir/'labels_report.json') as tmp: tmp.write_text(json.dumps(report.__dict__, indent=1))
         db['exports'].update(export_id, dict(finished_at=now(), n_items=n, n_written=written, n_removed=removed, status='completed'))
         checkpoint(db)          # the .db file alone is the whole index again
-    return ExportResult(fmt, out_dir, n, written, removed, report)
+    return ExportResult(fmt, out_dir, n, written, removed, report, notes)
 
 # %% ../nbs/12b_export.ipynb #485ca7ce
 @dataclass(frozen=True)
@@ -410,6 +434,8 @@ class ExportFlags(Options):
     out: str = flag('dicom_prep_export', 'output')  # The export folder
     format: str = flag('csv', 'output')  # csv | parquet | imagefolder | webdataset | nnunet | monai | segmentation (image/mask PNG pairs)
     shard_size: float = flag(100, 'output')  # webdataset: about this many MB per shard
+    modality: str|None = flag(None, 'input')  # Only this modality (CT, MR, ...; any case); nnunet and monai take one per dataset, so an index of several needs it
+    include_4d: bool = flag(False, 'input')  # nnunet, monai: also export 4-D volumes (fMRI, DTI, perfusion), left out by default
     salt: str|None = flag(None, 'privacy')  # Your --pseudonymize salt, to join labels on a pseudonymised index
     private_state: str|None = flag(None, 'privacy')  # A pseudonymised index's private state [default: beside its output folder]
 
@@ -418,6 +444,6 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     "Export the index for training: manifests, image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI datasets."
     kw, _ = cli_args(ExportFlags, main.__doc__, "dicom_prep_export --db prepared/dicom_prep.db --format webdataset --labels labels.csv --on sop_uid", argv, extra=None)
     o = ExportFlags(**kw)
-    r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding, o.label_rule))
+    r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding, o.label_rule, o.modality, o.include_4d))
     print(r.summary())
 

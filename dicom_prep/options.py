@@ -18,7 +18,7 @@ from .core import stable_hash
 # %% auto #0
 __all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'SPLIT_NAME', 'UsageError',
            'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
-           'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split']
+           'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split', 'empty_split_warnings']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -255,14 +255,22 @@ def check_split_name(name, # a split name, from --splits or read from an index
     if isinstance(name, str) and SPLIT_NAME.fullmatch(name): return name
     raise ValueError(f"{name!r} is not a safe split name (1 to 32 ASCII letters, digits, '_' or '-', starting with a letter or digit)")
 
-def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:frac,name:frac'
-                ) -> dict[str, float]:
-    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; names must be safe split names."
+def _split_pairs(spec:str) -> list:
+    "[(name, fraction)] of a `--splits` value, names unchecked."
     bad = ValueError(f"cannot parse splits {spec!r}: use e.g. 80/10/10 or train:70,valid:30")
     pairs = [p.split(':') for p in spec.split(',')] if ':' in spec else list(zip(['train', 'valid', 'test'], spec.split('/'), strict=False))
     if ':' not in spec and spec.count('/') > 2 or any(len(p) != 2 for p in pairs): raise bad
-    try: fr = {k.strip(): float(v) for k, v in pairs}
+    try: return [(k.strip(), float(v)) for k, v in pairs]
     except ValueError: raise bad from None
+
+def _sums_to_one(tot:float) -> bool: return math.isclose(tot, 1, abs_tol=1e-6) or math.isclose(tot, 100, abs_tol=1e-4)   # fractions or percentages
+
+def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:frac,name:frac'
+                 exact:bool=True, # three or more fractions must add up to 1 (or 100); False: scale any (a recorded setting)
+                ) -> dict[str, float]:
+    "Split fractions from `'80/10/10'` (train/valid/test) or `'train:70,valid:15,test:15'`; exactly two are a ratio (`70/20`: 7/9, 2/9)."
+    pairs = _split_pairs(spec)
+    fr = dict(pairs)
     for k in fr:
         try: check_split_name(k)
         except ValueError as e: raise ValueError(f"splits {spec!r}: {e}") from None
@@ -270,6 +278,8 @@ def parse_splits(spec:str='80/10/10', # 'train/valid/test' percentages or 'name:
     if len(fr) < len(pairs): raise ValueError(f"splits {spec!r} name a split twice")
     if not math.isfinite(tot) or tot <= 0 or any(v < 0 for v in fr.values()):
         raise ValueError(f"splits {spec!r} must be finite, non-negative and not all zero")
+    if exact and len(fr) != 2 and not _sums_to_one(tot):
+        raise ValueError(f"splits {spec!r} add up to {tot:g}, not 1 or 100 (only two splits may be a ratio, e.g. 70/20)")
     return {k: v/tot for k, v in fr.items()}
 
 def assign_split(key:str, # the patient (or study) to assign
@@ -281,3 +291,12 @@ def assign_split(key:str, # the patient (or study) to assign
         acc += f
         if x < acc: return name
     return name
+
+# %% ../nbs/01b_options.ipynb #128d3ae5
+def empty_split_warnings(fractions:dict[str, float], # split name -> fraction, from `parse_splits`
+                         patients:dict[str, int], # split name -> patients (or studies) assigned to it
+                        ) -> list[str]:
+    "One warning per split with a share of the data but no patient, saying where the patients went."
+    got = ', '.join(f"{k} {n:,}" for k, n in patients.items() if n) or 'none'
+    return [f"Split {k!r} ({f:.0%}) is empty: {sum(patients.values()):,} patients went to {got}; "
+            f"splits are drawn per patient, so use fewer splits or more patients" for k, f in fractions.items() if f > 0 and not patients.get(k)]

@@ -28,11 +28,12 @@ from .paths import db_file, inside
 from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
-__all__ = ['GAP', 'CAPTION_PX', 'HEADER_PX', 'EmptySelection', 'output_dir', 'sample_key', 'describe_filters', 'sample_images',
-           'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile', 'caption', 'image_tile', 'cell_height',
-           'header_height', 'tile_origin', 'sheet_size', 'page_paths', 'Sheet', 'render_page', 'remove_stale_pages',
-           'write_pages', 'contact_sheet', 'sample_failures', 'failure_tile', 'failures_sheet', 'write_sheets',
-           'sheets_after', 'SheetFlags', 'main']
+__all__ = ['SAMPLE_UNITS', 'GAP', 'CAPTION_PX', 'HEADER_PX', 'SPLIT_NAMES', 'EmptySelection', 'output_dir', 'sample_key',
+           'describe_filters', 'sample_images', 'fit_text', 'to_8bit', 'letterbox', 'wrap_text', 'note_tile',
+           'series_caption', 'caption', 'image_tile', 'cell_height', 'header_height', 'tile_origin', 'sheet_size',
+           'page_paths', 'Sheet', 'render_page', 'remove_stale_pages', 'write_pages', 'resolve_value', 'contact_sheet',
+           'NoFailures', 'sample_failures', 'failure_tile', 'failures_sheet', 'write_sheets', 'sheets_after',
+           'SheetFlags', 'main']
 
 # %% ../nbs/13_sheet.ipynb #2ec1e7af
 class EmptySelection(ValueError):
@@ -72,20 +73,27 @@ def _images_from(db) -> str:
     if 'files' in db.table_names(): return "from images i left join files f on f.path = i.source_path"
     return "from images i left join (select null as path, null as status) f on 0"
 
+SAMPLE_UNITS = dict(file="coalesce(i.source_path, i.filename)", series="coalesce(i.series_uid, i.source_path, i.filename)")   # what a tile stands for
+_RANKS = ('unit', 'n_unit', 'k')   # the sampling query's own columns
+
 def sample_images(db, # index path or `Database`
-                  n:int=64, # how many to draw (0: all)
+                  n:int=64, # how many files (or series) to draw (0: all)
                   seed:int=0, # the same seed draws the same sample
+                  per:str='file', # one tile per 'file' (its middle frame) or per 'series' (its middle image)
                   **filters
-                 ) -> tuple[list[dict], int]: # the sample, and how many images match
-    "A stable sample of `n` (0: all) images matching `filters` (modality, split, study, status, window), in filename order."
+                 ) -> tuple[list[dict], int]: # the sample, and how many files (or series) match
+    "A stable sample of `n` (0: all) files or series matching `filters` (modality, split, study, status, window), one image each, in filename order."
     db = open_index(db)
+    if per not in SAMPLE_UNITS: raise UsageError(f"per must be one of {', '.join(SAMPLE_UNITS)}, not {per!r}")
     if 'images' not in db.table_names(): return [], 0
-    cond, params = _where(filters)
-    total = db.execute(f"select count(*) {_images_from(db)} where {cond}", params).fetchone()[0]
+    unit, (cond, params) = SAMPLE_UNITS[per], _where(filters)
+    total = db.execute(f"select count(distinct {unit}) {_images_from(db)} where {cond}", params).fetchone()[0]
     db.register_function(sample_key, deterministic=True, replace=True)
-    rows = db.query(f"select i.*, f.status as status {_images_from(db)} where {cond} "
-                    "order by sample_key(:seed, i.filename), i.filename limit :n", dict(params, seed=seed, n=n if n > 0 else -1))
-    return sorted(rows, key=lambda r: r['filename']), total
+    rows = db.query(f"select * from (select i.*, f.status as status, {unit} as unit, count(*) over u as n_unit, "
+                    f"row_number() over (u order by i.instance_number, i.frame_number, i.filename) as k {_images_from(db)} "
+                    f"where {cond} window u as (partition by {unit})) where k = (n_unit + 1) / 2 "
+                    "order by sample_key(:seed, unit), unit limit :n", dict(params, seed=seed, n=n if n > 0 else -1))
+    return sorted(({c: v for c, v in r.items() if c not in _RANKS} for r in rows), key=lambda r: r['filename']), total
 
 # %% ../nbs/13_sheet.ipynb #dd4462b2
 _BG, _FG, _DIM, _WARN = (24, 24, 24), (235, 235, 235), (160, 160, 160), (255, 120, 90)
@@ -150,13 +158,20 @@ def note_tile(title:str, # headline, in a warning colour
     return box
 
 # %% ../nbs/13_sheet.ipynb #cd25e6a5
+def series_caption(row:dict, # a row of `images`
+                  ) -> str:
+    "`study · series 3 · T1 AX`: the study, then the series number and description the index holds (the file's name where it holds neither)."
+    num, desc = row.get('series_number'), row.get('series_description')
+    which = [f"series {num}" if num is not None else None, desc] if num is not None or desc else [Path(row['filename']).name]
+    return ' · '.join(str(v) for v in (row.get('study_id'), *which) if v)
+
 def caption(row:dict, # a row of `images`
            ) -> list[str]:
-    "Caption lines of an image tile: its `filename`, then modality, photometric, size, frame count and window."
+    "Caption lines of an image tile: its series (`series_caption`), then modality, photometric, size, frame and window."
     photometric = (row.get('photometric') or '').replace('MONOCHROME', 'MONO')
     size = f"{row['columns']}x{row['rows']}" if row.get('columns') and row.get('rows') else None
-    frame = f"{row['num_frames']} frames" if (row.get('num_frames') or 1) > 1 else None
-    return [row['filename'], ' · '.join(str(v) for v in (row.get('modality'), photometric, size, frame, row.get('window')) if v)]
+    frame = f"frame {(row.get('frame_number') or 0) + 1}/{row['num_frames']}" if (row.get('num_frames') or 1) > 1 else None
+    return [series_caption(row), ' · '.join(str(v) for v in (row.get('modality'), photometric, size, frame, row.get('window')) if v)]
 
 def image_tile(row:dict, # a row of `images`
                tile:int, # side of the square, px
@@ -263,6 +278,21 @@ def write_pages(rows:list, # what to draw, one tile each
     return Sheet(paths, chunks, captions, total, header)
 
 # %% ../nbs/13_sheet.ipynb #75e00899
+SPLIT_NAMES = (('val', 'valid', 'validation'),)   # names of one split: any of them finds the one an index uses
+
+def resolve_value(db, # an open index
+                  column:str, # the `images` column: 'split' or 'modality'
+                  value:str|None, # what was asked for (None: no filter)
+                 ) -> str|None:
+    "The value of `images.column` that `value` names: itself, in any case, or another name of the split; `UsageError` listing those there are."
+    if value is None or 'images' not in db.table_names(): return value
+    counts = dict(db.execute(f"select coalesce({column}, ''), count(*) from images group by 1 order by 2 desc, 1").fetchall())
+    names = next((set(a) for a in SPLIT_NAMES if column == 'split' and value.lower() in a), {value.lower()})
+    if value in counts: return value
+    if hit := [k for k in counts if k.lower() in names]: return hit[0]
+    there = ', '.join(f"{k or '(none)'} ({v:,})" for k, v in counts.items()) or 'no images'
+    raise UsageError(f"no {column} {value!r} in {db_file(db) or 'the database'}; it has {there}")
+
 @delegates(write_pages)
 def contact_sheet(db, # index path or `Database`
                   split:str=None, # only images of this split
@@ -273,20 +303,24 @@ def contact_sheet(db, # index path or `Database`
                   n:int=64, # how many to sample (0: all)
                   out_path='sheet.png', # the first page's file
                   seed:int=0, # the same seed draws the same sample
+                  per:str='file', # one tile per 'file' (its middle frame) or per 'series' (its middle image)
                   **kwargs, # the page layout: `cols`, `tile`, `per_page`, `root` of `write_pages`
                  ) -> Sheet:
-    "Grid PNG(s) of a stable sample of `n` images (0: all) matching the filters, each captioned with its filename."
+    "Grid PNG(s) of a stable sample of `n` files or series (0: all) matching the filters, each captioned with its series."
     db = open_index(db)
-    filters = dict(modality=modality, split=split, study=study, status=status, window=window)
-    rows, total = sample_images(db, n, seed, **filters)
+    filters = dict(modality=resolve_value(db, 'modality', modality), split=resolve_value(db, 'split', split), study=study, status=status, window=window)
+    rows, total = sample_images(db, n, seed, per, **filters)
     sel = describe_filters(filters)
     if not rows:
         n_all = db['images'].count if 'images' in db.table_names() else 0
         raise EmptySelection(f"No images{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_all:,} images in total)")
-    header = f"{sel or 'all images'} · {len(rows):,} sampled of {total:,} images (seed {seed})"
+    header = f"{sel or 'all images'} · {len(rows):,} sampled of {total:,} {'series' if per == 'series' else 'files'} (seed {seed})"
     return write_pages(rows, partial(image_tile, root=output_dir(db)), header, out_path, total, **kwargs)
 
 # %% ../nbs/13_sheet.ipynb #7551fd7f
+class NoFailures(EmptySelection):
+    "No failed file matches: nothing to draw, and nothing wrong (`dicom_prep_sheet --failures` says so and exits 0)."
+
 _FAILED = f"coalesce(f.status, 'ok') not in ({', '.join(repr(s) for s in FINAL_OK)})"
 _FILE_FILTERS = dict(study="f.study_id = :study", status="f.status = :status")
 
@@ -330,7 +364,7 @@ def failures_sheet(db, # index path or `Database`
     total, sel = sum(counts.values()), describe_filters(filters)
     if not rows:
         n_files = db['files'].count if 'files' in db.table_names() else 0
-        raise EmptySelection(f"No failed files{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_files:,} files in total)")
+        raise NoFailures(f"No failed files{' match ' + sel if sel else ''} in {db_file(db) or 'the database'} ({n_files:,} files in total)")
     kinds = ' · '.join(f"{k} {v:,}" for k, v in counts.items())
     header = f"failures{' · ' + sel if sel else ''} · {len(rows):,} sampled of {total:,} failed files (seed {seed}) · {kinds}"
     return write_pages(rows, failure_tile, header, out_path, total, **kwargs)
@@ -364,31 +398,33 @@ def sheets_after(r, # a run's outcome (`run.RunOutcome`): its database, output f
 class SheetFlags(Options):
     "The flags of `dicom_prep_sheet`."
     db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # SQLite index written by dicom_prep_preprocess
-    split: str|None = flag(None, 'input')  # only images of this split (train/val/test)
-    modality: str|None = flag(None, 'input')  # only images of this modality (CT, MR, ...)
+    split: str|None = flag(None, 'input')  # only images of this split (train/valid/test; val is valid)
+    modality: str|None = flag(None, 'input')  # only images of this modality (CT, MR, ...; any case)
     study: str|None = flag(None, 'input')  # only images of this study id or StudyInstanceUID
     status: str|None = flag(None, 'input')  # only images (or, with --failures, files) with this file status
     window: str|None = flag(None, 'input')  # only images with this window setting
     failures: bool = flag(False, 'input')  # draw the files that failed, with their reasons, instead of images
-    n: int = flag(64, 'input')  # how many to sample (0: all)
+    n: int = flag(64, 'input')  # how many files (or series) to sample (0: all)
+    per: str = flag('file', 'input')  # one tile per file (its middle frame) or per series (its middle image): file | series
     seed: int = flag(0, 'input')  # sampling seed: the same seed draws the same sample
     out: str = flag('sheet.png', 'output')  # PNG to write; further pages go beside it as <name>_002.png, ...
     cols: int = flag(8, 'image')  # tiles per row
     tile: int = flag(160, 'image')  # tile size in pixels
     per_page: int = flag(100, 'output')  # tiles per page file
 
-def _draw(o:SheetFlags) -> Sheet:
-    "Draw the sheet the flags ask for (`UsageError` for flags that cannot work together)."
+def _draw(o:SheetFlags) -> list[str]:
+    "Draw the sheet the flags ask for; the lines to print: its pages, or that no file failed (`UsageError` for flags that cannot work together)."
     if min(o.cols, o.per_page) < 1 or o.tile < 32 or o.n < 0: raise UsageError("--cols and --per-page must be >= 1, --tile >= 32, --n >= 0")
     if o.failures and any(v is not None for v in (o.split, o.modality, o.window)):
         raise UsageError("--split, --modality and --window do not apply to --failures (use --study or --status)")
     opts = dict(n=o.n, cols=o.cols, out_path=o.out, seed=o.seed, tile=o.tile, per_page=o.per_page)
-    return (failures_sheet(o.db, study=o.study, status=o.status, **opts) if o.failures else
-            contact_sheet(o.db, split=o.split, modality=o.modality, study=o.study, status=o.status, window=o.window, **opts))
+    if not o.failures: return [str(p) for p in contact_sheet(o.db, o.split, o.modality, o.study, o.status, o.window, per=o.per, **opts).pages]
+    try: return [str(p) for p in failures_sheet(o.db, study=o.study, status=o.status, **opts).pages]
+    except NoFailures as e: return [f"{e}: nothing to draw"]
 
 def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Draw a contact sheet: a captioned grid of a reproducible sample of the prepared images."
     kw, _ = cli_args(SheetFlags, main.__doc__, "dicom_prep_sheet --db prepared/dicom_prep.db --modality CT --n 32 --out ct.png", argv, extra=None)
-    for p in cli_run(lambda: _draw(SheetFlags(**kw)), usage=(FileNotFoundError,), failed=(EmptySelection,)).pages: print(p)
+    for line in cli_run(lambda: _draw(SheetFlags(**kw)), usage=(FileNotFoundError,), failed=(EmptySelection,)): print(line)
 

@@ -218,6 +218,32 @@ def test_nnunet_and_monai_dataset_json(tmp_path):
     assert ds['labels'] == {'0': 'none', '1': 'tumour'}
 
 
+def test_nnunet_takes_one_modality_per_dataset_and_leaves_out_4d_volumes(tmp_path):
+    "CT and MR series, and an fMRI-like 4-D MR series: one modality per dataset, its only channel named for it; 4-D only when asked."
+    from pydicom.uid import generate_uid
+    src, uid = tmp_path/'src', generate_uid()
+    for s in range(2): synth_series(src/f'ct{s}', n=4, series_number=1, seed=s, PatientID=f'C{s}')
+    synth_series(src/'mr', n=4, series_number=2, modality='MR', seed=5, PatientID='M0')
+    for t in range(3): synth_series(src/'fmri', n=4, series_uid=uid, modality='MR', prefix=f'T{t}', first_instance=10 * t + 1, seed=t,
+                                    TemporalPositionIdentifier=t + 1, AcquisitionNumber=t + 1, RepetitionTime='2000', PatientID='M1')
+    dicom_to_nifti(src, tmp_path/'out', n_workers=0, quiet=True)
+    db = tmp_path/'out/dicom_prep.db'
+    assert sorted(query(db, "select modality, n_timepoints from volumes where status='ok'")) == [('CT', 1), ('CT', 1), ('MR', 1), ('MR', 3)]
+    run = lambda out, *a: subprocess.run(console_script('dicom_prep_export') + ['--db', str(db), '--out', str(tmp_path/out), '--format', 'nnunet', *a],
+                                         capture_output=True, text=True, timeout=120)
+    r = run('mixed')
+    assert r.returncode == 2 and 'takes one modality per dataset (each case is one channel), and the index has CT 2, MR 2: give --modality' in r.stderr
+    r = run('ct', '--modality', 'ct')
+    ds = json.loads((tmp_path/'ct/dataset.json').read_text())
+    assert r.returncode == 0 and ds['channel_names'] == {'0': 'CT'} and len(ds['training'] + ds['validation'] + ds['test']) == 2
+    assert sorted(p.name for p in (tmp_path/'ct').rglob('*.nii.gz')) == sorted(e['image'].rsplit('/', 1)[1] for e in ds['training'] + ds['validation'] + ds['test'])
+    r = run('mr', '--modality', 'MR')
+    assert r.returncode == 0 and '4-D volumes left out (fMRI, DTI, perfusion): 1;' in r.stdout and len(list((tmp_path/'mr').rglob('*.nii.gz'))) == 1
+    r = run('mr4d', '--modality', 'MR', '--include-4d')
+    assert r.returncode == 0 and 'left out' not in r.stdout and len(list((tmp_path/'mr4d').rglob('*.nii.gz'))) == 2
+    assert json.loads((tmp_path/'mr4d/dataset.json').read_text())['channel_names'] == {'0': 'MR'}
+
+
 # ---------------------------------------------------------------------------------------------------- PHI
 
 PLANTED = dict(PatientName='Doe^Johnathan', PatientID='PID7654321', PatientBirthDate='19580704', OtherPatientIDs='ALTID99887',

@@ -68,7 +68,7 @@ def test_unsafe_split_names_are_refused_when_parsed(tmp_path):
     for spec in ('../../../ESCAPED:1', '/tmp/x:1,train:1', 'a/b:1', '..:1', '.hidden:1', '-x:1', ':1', 'tr ain:1', 'x' * 40 + ':1',
                  'train:1,valid\x00:1'):
         with pytest.raises(ValueError, match='not a safe split name'): parse_splits(spec)
-    assert parse_splits('train:1,Valid_2:1,hold-out:2') == {'train': .25, 'Valid_2': .25, 'hold-out': .5}
+    assert parse_splits('train:25,Valid_2:25,hold-out:50') == {'train': .25, 'Valid_2': .25, 'hold-out': .5}
     for synth in range(2): synth_dicom(tmp_path/f'src/im{synth}.dcm', 8, 8, seed=synth)
     r = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(tmp_path/'src'), '--output-dir',
                        str(tmp_path/'out'), '--workers', '0', '--splits', '../../../ESCAPED:1'], capture_output=True, text=True)

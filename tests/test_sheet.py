@@ -98,10 +98,10 @@ def test_tiles_show_the_image_their_caption_names(index, tmp_path):
     db = open_db(index)
     s = contact_sheet(index, n=40, cols=7, tile=90, per_page=25, out_path=tmp_path/'c.png')
     assert sum(map(len, s.captions)) == 40
-    for path, caps in zip(s.pages, s.captions, strict=True):
+    for path, rows, caps in zip(s.pages, s.rows, s.captions, strict=True):
         page = Image.open(path).convert('RGB')
-        for k, cap in enumerate(caps):
-            row = db['images'].get(cap[0])   # the caption's filename is a row of the index ...
+        for k, (drawn, cap) in enumerate(zip(rows, caps, strict=True)):
+            row = db['images'].get(drawn['filename'])   # the tile's row is a row of the index ...
             assert cap == caption(row)
             x, y = tile_origin(k, 7, 90)
             centre = page.getpixel((x + 45, y + 50))
@@ -112,7 +112,7 @@ def test_tiles_show_the_image_their_caption_names(index, tmp_path):
 def test_header_says_what_was_sampled_from_how_many(index, tmp_path):
     s = contact_sheet(index, modality='CT', split='train', n=4, out_path=tmp_path/'h.png')
     n_match = sum(matches(i, modality='CT', split='train') for i in range(N_IMAGES))
-    assert s.header == f"modality=CT · split=train · 4 sampled of {n_match} images (seed 0)"
+    assert s.header == f"modality=CT · split=train · 4 sampled of {n_match} files (seed 0)"
     assert s.total == n_match
 
 def test_missing_and_unreadable_pngs_become_note_tiles(index, tmp_path):
@@ -171,14 +171,34 @@ def test_cli_filters(index, tmp_path):
 # --- empty selections and bad input ------------------------------------------------------------------------------
 
 def test_empty_selection_is_a_clear_message(index, tmp_path):
-    r = cli('--db', index, '--out', tmp_path/'e.png', '--split', 'x', '--modality', 'MR')
+    "Values the index has, that no image has together (issue 29: an unknown split is an error of its own, below)."
+    r = cli('--db', index, '--out', tmp_path/'e.png', '--split', 'val', '--modality', 'CT', '--status', 'crashed')
     assert r.returncode == 1 and r.stdout == ''
-    assert r.stderr.strip() == f"dicom_prep_sheet: error: No images match modality=MR · split=x in {index.resolve()} ({N_IMAGES} images in total)"
+    assert r.stderr.strip() == (f"dicom_prep_sheet: error: No images match modality=CT · split=val · status=crashed in {index.resolve()} "
+                                f"({N_IMAGES} images in total)")
     assert not (tmp_path/'e.png').exists()
+
+def test_an_unknown_split_lists_the_splits_there_are(index, tmp_path):
+    r = cli('--db', index, '--out', tmp_path/'e.png', '--split', 'holdout')
+    assert r.returncode == 2 and r.stderr.strip() == f"dicom_prep_sheet: error: no split 'holdout' in {index.resolve()}; it has test (40), train (40), val (40)"
+    assert not (tmp_path/'e.png').exists()
+
+@pytest.mark.parametrize('flag,asked,found', [('split', 'valid', 'val'), ('split', 'VAL', 'val'), ('modality', 'ct', 'CT')])
+def test_other_names_and_cases_find_a_split_or_modality(index, tmp_path, flag, asked, found):
+    "The index calls its split 'val': `valid` finds it (and `val` a 'valid' one: a real run's, below); a modality is found in any case."
+    r = cli('--db', index, '--out', tmp_path/'v.png', '--n', 0, f'--{flag}', asked)
+    assert r.returncode == 0, r.stderr
+    n_match = sum(matches(i, **{flag: found}) for i in range(N_IMAGES))
+    assert Image.open(tmp_path/'v.png').size[1] == header_height() + -(-n_match // 8) * (cell_height(160) + GAP)
+    assert contact_sheet(index, n=0, out_path=tmp_path/'w.png', **{flag: asked}).header.startswith(f"{flag}={found} · {n_match} sampled")
+
+def test_help_names_the_splits_a_run_writes():
+    r = cli('--help')
+    assert 'train/valid/test' in ' '.join(r.stdout.split()) and 'train/val/' not in r.stdout
 
 @pytest.mark.parametrize('args,msg,code', [(['--db', 'nope.db'], 'No dicom_prep database at nope.db', 2),          # unusable arguments
                                            (['--failures', '--modality', 'CT'], 'do not apply to --failures', 2),
-                                           (['--failures', '--status', 'too_large'], 'No failed files match status=too_large', 1)])  # nothing matched
+                                           (['--modality', 'CT', '--split', 'test', '--status', 'crashed'], 'No images match', 1)])  # nothing matched
 def test_cli_errors_are_one_line(index, tmp_path, args, msg, code):
     "One style for every console script: `PROGRAM: error: reason` on one line; 2 for unusable arguments, 1 for nothing to draw."
     args = args if args[:1] == ['--db'] else ['--db', index, *args]
@@ -195,6 +215,12 @@ def test_failures_sheet_shows_every_kind_of_failure(index, tmp_path):
     assert 'no_pixels' not in s.header and 'ok' not in s.header
     errors = {f"/raw/bad/f{k:02d}.dcm": e for k, (_, e) in enumerate(FAILURES)} | {spec(i)['source_path']: None for i in range(N_CRASHED)}
     assert all(r['error'] == errors[r['path']] and c[0] == r['path'] for r, c in zip(s.rows[0], s.captions[0], strict=True))
+
+def test_no_failures_is_a_message_not_an_error(index, tmp_path):
+    "No failed file to draw is good news: one line on stdout, exit 0, no sheet."
+    r = cli('--db', index, '--failures', '--status', 'too_large', '--out', tmp_path/'x.png')
+    assert r.returncode == 0 and r.stderr == '' and not (tmp_path/'x.png').exists()
+    assert r.stdout.strip() == f"No failed files match status=too_large in {index.resolve()} ({len(FAILURES) + N_IMAGES + 1} files in total): nothing to draw"
 
 def test_failures_via_cli(index, tmp_path):
     r = cli('--db', index, '--failures', '--status', 'decode_error', '--n', 0, '--per-page', 8, '--out', tmp_path/'fail.png')
@@ -218,12 +244,33 @@ def test_sheets_of_a_real_preprocess_run(tmp_path):
     res = cli('--db', r.db_path, '--modality', 'CT', '--n', 0, '--out', tmp_path/'ct.png')
     assert res.returncode == 0, res.stderr
     s = contact_sheet(r.db_path, modality='CT', n=0, out_path=tmp_path/'ct2.png')
-    assert [c[0] for c in s.captions[0]] == ['study_0/im0', 'study_0/im2', 'study_0/im4_frame0000', 'study_0/im4_frame0001', 'study_0/im4_frame0002']
+    assert [row['filename'] for row in s.rows[0]] == ['study_0/im0', 'study_0/im2', 'study_0/im4_frame0001']   # a file, its middle frame
     page = Image.open(tmp_path/'ct.png').convert('RGB')
-    for k in range(5):   # every PNG was found through meta.output_dir: pictures, not 'missing PNG' notes
+    for k in range(3):   # every PNG was found through meta.output_dir: pictures, not 'missing PNG' notes
         x, y = tile_origin(k, 8, 160)
         assert _WARN not in {c for _, c in page.crop((x, y, x + 160, y + 160)).getcolors(160 * 160)}
     paths = write_sheets(r.db_path, tmp_path/'out/sheets')
     assert [p.name for p in paths] == ['sheet_CT.png', 'sheet_MR.png', 'sheet_failures.png']
     f = failures_sheet(r.db_path, out_path=tmp_path/'f.png')
     assert [(row['path'], row['status']) for row in f.rows[0]] == [('study_0/bad.dcm', 'unreadable')]   # relative to the source root
+
+
+def test_a_cine_is_one_tile_and_captions_name_series_pseudonymised_where_the_index_is(tmp_path):
+    "A 30-frame cine among three CT slices: four tiles, one each; captions give series number and description, and a pseudonymised index's give neither description nor a raw UID."
+    from dicom_prep.preprocess import preprocess
+    from dicom_prep.synth import synth_cine, synth_series
+    raw = tmp_path/'raw'
+    synth_cine(raw/'s1/cine.dcm', frames=30, syntax=None)
+    paths = synth_series(raw/'s1/ct', n=3, series_number=2, description='AX LUNG', series_uid='1.2.826.0.1.3680043.8.498.777')
+    for out, kw in (('plain', {}), ('pseudo', dict(pseudonymize=True))):
+        preprocess(raw, tmp_path/out, n_workers=0, quiet=True, splits='valid:1', **kw)
+    s = contact_sheet(tmp_path/'plain/dicom_prep.db', n=4, out_path=tmp_path/'p.png')
+    assert sorted(r['source_path'] for r in s.rows[0]) == sorted(['s1/cine.dcm'] + [p.relative_to(raw).as_posix() for p in paths])
+    cine = next(r for r in s.rows[0] if r['source_path'] == 's1/cine.dcm')
+    assert cine['frame_number'] == 14 and s.header.endswith('4 sampled of 4 files (seed 0)')
+    assert [c[0] for c in s.captions[0] if c[0] != 's1 · cine_frame0014'] == ['s1 · series 2 · AX LUNG'] * 3
+    r = cli('--db', tmp_path/'plain/dicom_prep.db', '--split', 'val', '--per', 'series', '--out', tmp_path/'v.png')   # the run's split is 'valid'
+    assert r.returncode == 0 and r.stdout.split() == [str(tmp_path/'v.png')], r.stderr
+    p = contact_sheet(tmp_path/'pseudo/dicom_prep.db', n=0, out_path=tmp_path/'q.png', per='series')
+    assert len(p.rows[0]) == 2 and sum(c[0].startswith('study_') and c[0].endswith(' · series 2') for c in p.captions[0]) == 1
+    assert not any('AX LUNG' in c[0] or '777' in c[0] or 'cine' in c[0] for c in p.captions[0]), p.captions
