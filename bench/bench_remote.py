@@ -28,7 +28,7 @@ def timed(f) -> tuple[float, object]:
 def preprocess(src, out:Path, cache:Path, workers:int) -> float:
     "Wall time of a fresh `dicom_prep_preprocess` run of `src` (a cold cache)."
     shutil.rmtree(out, ignore_errors=True); shutil.rmtree(cache, ignore_errors=True)
-    cmd = [CLI, '--dicom-dir', str(src), '--output-dir', str(out), '--cache-dir', str(cache), '--workers', str(workers), '--quiet']
+    cmd = [CLI, '--dicom-dir', str(src), '--output-dir', str(out), '--cache-dir', str(cache), '--workers', str(workers)]
     t, r = timed(lambda: subprocess.run(cmd, capture_output=True, text=True))
     if r.returncode: sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return t
