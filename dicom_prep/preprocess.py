@@ -24,7 +24,7 @@ from .read import read_dicom, DicomReadError, has_pixels, kinds_note, object_kin
 from .tags import values_unvalidated
 from .pixels import frame_image, frame_image16, image_count, save_png, PixelDecodeError
 from .db import get_meta, now, FAILED, FINAL_OK
-from .options import assign_split, parse_splits
+from .options import assign_split, empty_split_warnings, parse_splits
 from .paths import inside
 from .core import env_error
 from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
@@ -37,9 +37,9 @@ from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_
 
 
 # %% auto #0
-__all__ = ['PRUNE_SHARE', 'SETTING_DEFAULTS', 'EXAMPLE', 'FileResult', 'process_dicom', 'FileTask', 'Plan', 'plan_run',
-           'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult', 'preprocess',
-           'PreprocessScript', 'main']
+__all__ = ['PRUNE_SHARE', 'SETTING_DEFAULTS', 'PATIENTS_PER_SPLIT', 'EXAMPLE', 'FileResult', 'process_dicom', 'FileTask', 'Plan',
+           'plan_run', 'file_stems', 'private_name', 'write_batch', 'sweep_orphans', 'PreprocessOptions', 'RunResult',
+           'preprocess', 'PreprocessScript', 'main']
 
 # %% ../nbs/07_preprocess.ipynb #3911538e
 @dataclass
@@ -354,7 +354,7 @@ def _work(task:FileTask, opts:ImageOptions, root, output_dir) -> FileResult:
 @dataclass(frozen=True)
 class PreprocessOptions(ImageOptions, MaskOptions, RunOptions):
     "Every option of a `preprocess` run: the image worker's (`ImageOptions`), the masks' (`MaskOptions`), the run's (`RunOptions`), and what to redo."
-    splits: str = flag('80/10/10', 'output', guard=True)  # Split fractions train/valid/test, or name:frac,name:frac
+    splits: str = flag('80/10/10', 'output', guard=True)  # Split fractions train/valid/test adding up to 100 (or 1), or name:frac,name:frac; exactly two are a ratio (70/20 = 7:2, no test split)
     retry_failed: bool = flag(False, 'run control')  # Retry files that failed in earlier runs
     verify: bool = flag(False, 'run control')  # Check every recorded image exists and decodes; redo those that don't
     prune: bool = flag(False, 'run control')  # Forget files gone from the source folder (refused if none is found, or more than half would go without --force)
@@ -412,6 +412,8 @@ def _process(run, plan:Plan, opts:PreprocessOptions) -> int:
 SETTING_DEFAULTS = dict(bit_depth=8, tags=[], all_tags=False, deidentify=None, overlap='last', seg_threshold=0.5)   # settings added later: an older DB was made with these
 
 # %% ../nbs/07_preprocess.ipynb #5a4ea819
+PATIENTS_PER_SPLIT = "select split, count(distinct coalesce(nullif(patient_id, ''), study_id)) from images group by split"   # as `assign_split` draws them
+
 @delegates(PreprocessOptions, but=['key', 'deidentify'])   # set by the run, not by a caller
 def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
                output_dir=None, # images go to OUTPUT_DIR/images [default: ./dicom_prep_out]
@@ -426,6 +428,7 @@ def preprocess(dicom_dir=None, # folder of DICOM files (searched recursively)
         plan = _discover(run, opts)
         n = _process(run, plan, replace(opts, key=run.key))
         if not run.stop(): make_masks(run, IMAGE_TARGETS, opts)
+        run.notes += empty_split_warnings(opts.fractions, dict(run.db.execute(PATIENTS_PER_SPLIT).fetchall()))
         return _finish(run, plan, n)
 
 # %% ../nbs/07_preprocess.ipynb #9bb26007

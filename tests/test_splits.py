@@ -27,7 +27,8 @@ def test_every_split_a_small_cohort_leaves_empty_is_warned(tmp_path):
     fr = parse_splits('80/10/10')
     names = [p for p in (f'P{i}' for i in range(200)) if assign_split(p, fr) != 'test'][:10]
     for i, p in enumerate(names): synth_dicom(tmp_path/f'src/{p}/im.dcm', patient=p, seed=i)
-    preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    r = preprocess(tmp_path/'src', tmp_path/'out', n_workers=0, quiet=True)
+    assert "Split 'test' (10%) is empty" in r.summary()                  # the run's own summary says so
     patients = dict(query(tmp_path/'out', PATIENTS_SQL))
     assert sum(patients.values()) == 10 and 'test' not in patients
     [w] = empty_split_warnings(fr, patients)
