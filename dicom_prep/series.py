@@ -129,11 +129,14 @@ def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
 
 # %% ../nbs/08_series.ipynb #d58d3dee
 def _diffusion(ds, i, vendor, csa, pds) -> tuple:
-    "(b-value, gradient direction) of frame `i`, each None when not recorded."
+    "(b-value, gradient direction) of frame `i`, each None when not recorded; a derived isotropic (trace) image has no gradient."
     b = num_value(tag_value(ds, 'DiffusionBValue', i))
     seq = tag_value(ds, 'DiffusionGradientDirectionSequence', i)
     g = num_value(seq[0].get('DiffusionGradientOrientation') if seq else tag_value(ds, 'DiffusionGradientOrientation', i), 3)
-    return (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
+    b, g = (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
+    iso = text_value(tag_value(ds, 'DiffusionDirectionality', i)).upper() == 'ISOTROPIC' or (
+        vendor == 'Philips' and text_value(private_value(pds, 0x2001, 'Philips Imaging DD 001', 0x04)).upper() == 'I')
+    return b, (0., 0., 0.) if iso and b else g
 
 # %% ../nbs/08_series.ipynb #1c611851
 COMPONENTS = {'M': 'MAGNITUDE', 'P': 'PHASE', 'R': 'REAL', 'I': 'IMAGINARY'}

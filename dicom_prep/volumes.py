@@ -12,18 +12,20 @@ Docs: https://dicom-prep.github.io/dicom_prep/volumes.html.md"""
 from __future__ import annotations
 import json, math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 import numpy as np
 from .core import stable_hash
 from .db import now
 from .series import FileRecord, FrameRecord
+from .vendor import fsl_bvec, ge_bvec
 
 # %% auto #0
 __all__ = ['ORIENT_SPLIT_TOL', 'ORIENT_TOL', 'POS_TOL', 'SPACING_TOL', 'TIME_KEYS', 'VOLUME_KINDS', 'LPS_TO_RAS', 'VERDICT_RULES',
            'RESAMPLABLE', 'TILT_TOL', 'KIND_SUFFIX', 'PHILIPS_SCALINGS', 'split_time', 'Member', 'Candidate',
-           'group_volumes', 'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict', 'resample_grid',
-           'grid_offsets', 'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table', 'analyze_volume']
+           'split_adc', 'group_volumes', 'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict',
+           'resample_grid', 'grid_offsets', 'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table',
+           'analyze_volume']
 
 # %% ../nbs/09_volumes.ipynb #675494fa
 ORIENT_SPLIT_TOL = 0.05   # direction cosines further apart than this: different stacks
@@ -70,7 +72,6 @@ def _time_split(frames, pos, key) -> list[tuple[str, list[int]]]|None:
     return [(f'{key}={v:g}' if v is not None else f'{key}=none', [0 if t[i] == k else -1 for i in range(n)])
             for k, v in enumerate(values)]
 
-# %% ../nbs/09_volumes.ipynb #a80df946
 def split_time(frames:list[FrameRecord], # the frames of one stack
               ) -> list[tuple[str, list[int]]]:
     "Split a stack of frame records into volumes: `(time label, time index per frame)` for each."
@@ -107,6 +108,19 @@ class Candidate:
     members: list[Member] = field(default_factory=list) # its frames, in path order
     echo_index: int = 0 # its echo's rank in a multi-echo series (1, 2, ...); 0 when the series has one echo
     kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'; 'fieldmaphz' (a real B0 map in Hz)
+    adc: bool = False # a diffusion series whole, derived trace/ADC volumes included: dcm2niix's `_ADC` copy
+
+# %% ../nbs/09_volumes.ipynb #9eecd523
+def _derived(m:Member) -> bool: return (m.frame.bval or 0) > 0 and m.frame.bvec is not None and not any(m.frame.bvec)
+
+def split_adc(v:Candidate, # a candidate volume
+             ) -> list[Candidate]:
+    "`[v]`, or `v` without its derived trace/ADC time points (b > 0, no gradient) and `v` whole as `_ADC`, when 2 or more others remain."
+    derived = {m.t for m in v.members if _derived(m)}
+    keep = {t: k for k, t in enumerate(sorted(set(range(v.n_t)) - derived))}
+    if not derived or len(keep) < 2: return [v]
+    return [replace(v, n_t=len(keep), members=[Member(m.file, m.frame, keep[m.t]) for m in v.members if m.t in keep]),
+            replace(v, id=stable_hash(f"{v.id}|ADC", 16), split=f"{v.split}|ADC", adc=True)]
 
 # %% ../nbs/09_volumes.ipynb #4e055a63
 def _echo(f:FrameRecord) -> str:
@@ -138,7 +152,7 @@ def _series_candidates(uid, members) -> list[Candidate]:
     for key, stack in stacks.items():
         for label, t in split_time([m.frame for m in stack]):
             split, f0 = f"{key}|t={label}", stack[0].frame
-            vols.append(Candidate(stable_hash(f"{uid}|{split}", 16), uid, split, tri_plane, max(t) + 1,
+            vols += split_adc(Candidate(stable_hash(f"{uid}|{split}", 16), uid, split, tri_plane, max(t) + 1,
                                   [Member(m.file, m.frame, ti) for m, ti in zip(stack, t) if ti >= 0], echo_index[f0.kind, _echo(f0)], f0.kind))
     return vols
 
@@ -172,7 +186,6 @@ class Geometry:
     gantry_tilt: float # degrees between the slice-to-slice vector and the normal
     affine: np.ndarray # voxel (column, row, slice) → RAS mm
 
-# %% ../nbs/09_volumes.ipynb #62c69bb8
 LPS_TO_RAS = np.diag([-1., -1., 1., 1.])
 
 def slice_geometry(ipp, # per-frame positions (n, 3)
@@ -219,7 +232,6 @@ class Rule:
 
 def _missing(v:Candidate, key:str) -> int: return sum(getattr(m.frame, key) is None for m in v.members)
 
-# %% ../nbs/09_volumes.ipynb #464d2963
 VERDICT_RULES = [
     Rule('no pixel data', lambda v, g, tol: not all(m.file.has_pixels for m in v.members), 'no image in these files (Rows/Columns absent)'),
     Rule('colour', lambda v, g, tol: v.members[0].file.samples != 1,
@@ -303,8 +315,8 @@ KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary', 'fiel
 
 def volume_suffix(v:Candidate, # a candidate volume
                  ) -> str:
-    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`."
-    return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '')
+    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`, then `_ADC`."
+    return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '') + ('_ADC' if v.adc else '')
 
 # %% ../nbs/09_volumes.ipynb #8f700526
 PHILIPS_SCALINGS = ('precise', 'display')
@@ -345,30 +357,13 @@ def slice_timing(v:Candidate, # a candidate volume
     return None
 
 # %% ../nbs/09_volumes.ipynb #1a524e57
-def _ge_bvec(b, g, col_pe:bool, normal) -> tuple:
-    "dcm2niix's GE logical-to-FSL direction, and the b-value scaled by |g|² when GE shortened the vector."
-    g, n = np.asarray(g, float), float(np.linalg.norm(g))
-    if 0.03 < n < 0.97: b, g = b * n * n, g / n
-    axis = int(np.argmax(np.abs(normal)))
-    flip = [[1, 1, 0], [0, 1, 1], [0, 0, 1]][axis]
-    if normal[axis] < 0: flip[2] = 1 - flip[2]
-    x, y, z = [-c if f else c for c, f in zip(g, flip)]
-    y = -y
-    if not col_pe: x, y = -y, x
-    return b, (-x, -y, -z)
-
-def _fsl_bvec(g, row, col, normal) -> tuple:
-    "A patient-axes gradient direction in FSL's axes of the written image (column, row bottom-up, slice), unit length."
-    v = np.array([g @ row, -(g @ col), g @ normal]); n = np.linalg.norm(v)
-    return tuple(v / n) if n > 1e-6 else (0., 0., 0.)
-
 def _bvec(m:Member, row, col, normal) -> tuple:
     "(b-value, FSL direction) of one volume's first frame."
     b, g = m.frame.bval or 0., m.frame.bvec
     if b <= 0 or g is None or not np.any(g): return b, (0., 0., 0.)
-    if m.file.manufacturer == 'GE': return _ge_bvec(b, g, m.file.phase_dir != 'ROW', normal)
-    if m.file.manufacturer == 'UIH': return b, _fsl_bvec(np.asarray(g, float), *np.eye(3))      # already in image axes
-    return b, _fsl_bvec(np.asarray(g, float), row, col, normal)
+    if m.file.manufacturer == 'GE': return ge_bvec(b, g, m.file.phase_dir != 'ROW', normal)
+    if m.file.manufacturer == 'UIH': return b, fsl_bvec(np.asarray(g, float), *np.eye(3))      # already in image axes
+    return b, fsl_bvec(np.asarray(g, float), row, col, normal)
 
 def diffusion_table(v:Candidate, # a candidate volume
                     g:Geometry, # its geometry
@@ -403,13 +398,12 @@ def _file_rows(v:Candidate, g:Geometry|None, philips_scaling:str, grid:dict|None
                  bits_allocated=m.file.bits, bits_stored=m.file.bits_stored, signed=m.file.signed, mosaic=m.file.mosaic,
                  row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off, strict=True)]
 
-# %% ../nbs/09_volumes.ipynb #6c56d690
 _GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates',
                     'gantry_tilt')
 
 def _acquisition(v:Candidate, g:Geometry|None, grid:dict|None) -> dict:
     "The `volumes` columns on the acquisition: complex component, name suffix, slice timing, b-values and directions, resampled grid."
-    table = diffusion_table(v, g) if g else None
+    table = diffusion_table(v, g) if g and not v.adc else None       # dcm2niix's `_ADC` copy has no .bval/.bvec
     timing = slice_timing(v, g) if g and not grid else None             # a resampled grid has no acquisition times
     return dict(image_kind=v.kind, suffix=volume_suffix(v), slice_timing=json.dumps(timing) if timing else None,
                 bvals=json.dumps(table[0]) if table else None, bvecs=json.dumps(table[1]) if table else None,

@@ -1,0 +1,64 @@
+"""Issue 28's differences from dcm2niix, each checked against dcm2niix's own output on a synthesised case (or real data
+where we have it): the Philips trace volume (`_ADC`), ...
+
+dcm2niix comes with the dev extra (its pip package); the tests that run it skip when it is absent."""
+import gzip, subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dicom_prep.synth import synth_philips_dwi
+from test_nifti import DCM2NIIX, canonical, needs_dcm2niix, ours
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+NIB_DATA = Path(nib.__file__).parent/'nicom'/'tests'/'data'
+
+
+def dcm2niix_named(src, dest, *flags) -> dict:
+    "dcm2niix's output of `src` with its own names (%s: series number, plus its suffixes): {name without .nii.gz: path}."
+    dest.mkdir(parents=True)
+    subprocess.run([DCM2NIIX, '-z', 'y', '-b', 'y', '-f', '%s', *flags, '-o', str(dest), str(src)], check=True, capture_output=True)
+    return {p.name[:-7]: p for p in dest.glob('*.nii.gz')}
+
+
+def by_suffix(files, stem='') -> dict:
+    "Our .nii.gz files by what follows the series part of their name, e.g. {'': ..., '_ADC': ...}."
+    return {p.name[:-7].split('_dwi', 1)[-1] if '_dwi' in p.name else p.name[:-7]: p for p in files}
+
+
+@needs_dcm2niix
+def test_philips_trace_volume_is_set_apart_as_dcm2niix(tmp_path):
+    """A Philips DWI with a derived isotropic (trace) volume last: the DWI is written without it (4 volumes, its .bval/.bvec
+    too), and the whole series beside it as `_ADC` (5 volumes, no .bval), the same voxels as dcm2niix writes."""
+    synth_philips_dwi(tmp_path/'src')
+    r, mine = ours(tmp_path/'src', tmp_path/'ours')
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    assert sorted(theirs) == ['1', '1_ADC']
+    mine = by_suffix(mine)
+    assert sorted(mine) == ['', '_ADC'] and r.verdicts == {'ok': 2}
+    for suffix, name in (('', '1'), ('_ADC', '1_ADC')):
+        a, b = canonical(mine[suffix])[0], canonical(theirs[name])[0]
+        assert a.shape == b.shape and np.array_equal(a, b), suffix
+    assert nib.load(mine['']).shape[3] == 4 and nib.load(mine['_ADC']).shape[3] == 5
+    bval = lambda p: p.with_name(p.name[:-7] + '.bval')
+    assert bval(mine['']).read_text().split() == bval(theirs['1']).read_text().split() == ['0', '1000', '1000', '1000']
+    assert not bval(mine['_ADC']).exists() and not bval(theirs['1_ADC']).exists()
+
+
+@needs_dcm2niix
+def test_philips_b0_and_trace_pair_stays_whole(tmp_path):
+    "A b=0 + trace pair is one volume of two, as dcm2niix leaves it: the trace is the only diffusion-weighted image."
+    synth_philips_dwi(tmp_path/'src', bvals=(0, 1000), bvecs=((0, 0, 0),) * 2, isotropic=(False, True))
+    r, mine = ours(tmp_path/'src', tmp_path/'ours')
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    assert sorted(theirs) == ['1'] and len(mine) == 1 and nib.load(mine[0]).shape[3] == 2
+
+
+def test_philips_enhanced_mprage_has_no_adc(tmp_path):
+    "nibabel's real Philips enhanced MPRAGE (no diffusion) is one volume, no `_ADC` copy."
+    (tmp_path/'src').mkdir()
+    (tmp_path/'src'/'philips.dcm').write_bytes(gzip.decompress((NIB_DATA/'philips_mprage.dcm.gz').read_bytes()))
+    r, mine = ours(tmp_path/'src', tmp_path/'ours')
+    assert len(mine) == 1 and '_ADC' not in mine[0].name
