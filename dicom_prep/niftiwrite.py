@@ -1,7 +1,7 @@
 """One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 
 `convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional
-BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
+BIDS-style sidecar (`sidecar`); `render_name` and `unique_name` give it a readable, collision-free name.
 
 Docs: https://dicom-prep.github.io/dicom_prep/niftiwrite.html.md"""
 
@@ -15,19 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import nibabel as nib
-from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
 from .privacy import Deidentify
-from .tags import tag_value, text_value
-from .vendor import maker, untile
-from .series import EpiFields, epi_fields, is_enhanced
+from .sidecar import sidecar
+from .vendor import untile
 
 # %% auto #0
-__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
-           'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar', 'image_type', 'acquisition_time', 'g6',
-           'phase_encoding', 'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task', 'written_files',
-           'resample_stack', 'Converted', 'convert_volume', 'name_fields', 'render_name', 'unique_name', 'output_file']
+__all__ = ['GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS', 'rescaled',
+           'nifti_image', 'gzip_bytes', 'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task',
+           'written_files', 'resample_stack', 'Converted', 'convert_volume', 'name_fields', 'render_name',
+           'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -79,112 +77,6 @@ def gzip_bytes(data, # the bytes to compress
         return c.compress(chunks[k]) + c.flush(zlib.Z_FINISH if k == len(chunks) - 1 else zlib.Z_SYNC_FLUSH)
     with ThreadPoolExecutor(min(n, len(chunks))) as ex: body = b''.join(ex.map(deflate, range(len(chunks))))
     return b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff' + body + struct.pack('<II', zlib.crc32(view), len(view) & 0xffffffff)
-
-# %% ../nbs/10_niftiwrite.ipynb #ca096eaa
-SIDECAR_KEYS = [  # (JSON key, DICOM keyword, scale)
-    ('Modality', 'Modality', None), ('MagneticFieldStrength', 'MagneticFieldStrength', None),
-    ('ImagingFrequency', 'ImagingFrequency', None), ('Manufacturer', 'Manufacturer', None),
-    ('ManufacturersModelName', 'ManufacturerModelName', None), ('InstitutionName', 'InstitutionName', None),
-    ('InstitutionalDepartmentName', 'InstitutionalDepartmentName', None), ('DeviceSerialNumber', 'DeviceSerialNumber', None),
-    ('StationName', 'StationName', None), ('SeriesInstanceUID', 'SeriesInstanceUID', None),
-    ('StudyInstanceUID', 'StudyInstanceUID', None), ('BodyPart', 'BodyPartExamined', None),
-    ('PatientPosition', 'PatientPosition', None), ('SoftwareVersions', 'SoftwareVersions', None),
-    ('MRAcquisitionType', 'MRAcquisitionType', None), ('StudyDescription', 'StudyDescription', None),
-    ('SeriesDescription', 'SeriesDescription', None), ('ProtocolName', 'ProtocolName', None),
-    ('ScanningSequence', 'ScanningSequence', None), ('SequenceVariant', 'SequenceVariant', None),
-    ('ScanOptions', 'ScanOptions', None), ('SequenceName', 'SequenceName', None), ('ImageType', 'ImageType', None),
-    ('SeriesNumber', 'SeriesNumber', None), ('AcquisitionNumber', 'AcquisitionNumber', None),
-    ('ConvolutionKernel', 'ConvolutionKernel', None), ('ExposureTime', 'ExposureTime', 1e-3),
-    ('XRayTubeCurrent', 'XRayTubeCurrent', None), ('KVP', 'KVP', None), ('SliceThickness', 'SliceThickness', None),
-    ('SpacingBetweenSlices', 'SpacingBetweenSlices', None), ('EchoNumber', 'EchoNumbers', None),
-    ('EchoTime', 'EchoTime', 1e-3), ('RepetitionTime', 'RepetitionTime', 1e-3), ('InversionTime', 'InversionTime', 1e-3),
-    ('FlipAngle', 'FlipAngle', None), ('CoilString', 'ReceiveCoilName', None), ('EchoTrainLength', 'EchoTrainLength', None),
-    ('PixelBandwidth', 'PixelBandwidth', None), ('SAR', 'SAR', None), ('PercentSampling', 'PercentSampling', None),
-    ('PercentPhaseFOV', 'PercentPhaseFieldOfView', None), ('InstitutionAddress', 'InstitutionAddress', None),
-    ('ImageComments', 'ImageComments', None)]
-
-# %% ../nbs/10_niftiwrite.ipynb #3d71c9b1
-def _json_value(v, scale=None):
-    "A DICOM value as JSON: numbers as numbers (times scaled), numeric multi-values as lists, text ones joined by backslashes."
-    if isinstance(v, (MultiValue, list, tuple)):
-        vs = [_json_value(x, scale) for x in v]
-        return '\\'.join(vs) if vs and all(isinstance(x, str) for x in vs) else vs
-    if isinstance(v, (int, float)): x = float(f'{v * scale:.12g}') if scale else v; return int(x) if float(x).is_integer() else float(x)
-    return text_value(v)
-
-def _tag_keys(ds, frame, keys:list, deidentify:Deidentify|None=None) -> dict:
-    "The sidecar `keys` read straight from tags, for frame `frame` (its own echo time in an enhanced file); only values `deidentify` keeps, if given."
-    out = {}
-    for key, kw, scale in keys:
-        if deidentify and kw not in deidentify.keywords: continue
-        v = tag_value(ds, 'EffectiveEchoTime' if kw == 'EchoTime' and is_enhanced(ds) else kw, frame, fast=False)
-        if deidentify and not deidentify.keeps(kw, v): continue           # a name, or text where a number belongs
-        if v not in (None, '') and _json_value(v) not in ('', []): out[key] = _json_value(v, scale)
-    return out
-
-def sidecar(ds, # dataset of the volume's first frame
-            orientation:list|None=None, # direction cosines, as ImageOrientationPatientDICOM
-            version:str='', # dicom_prep's version, as ConversionSoftwareVersion
-            frame:int=0, # the frame of `ds` the volume starts with (enhanced files)
-            shape:tuple|None=None, # (rows, cols) of a slice as written, for the phase-encoding matrix
-            slice_timing:list|None=None, # acquisition time of each slice as written (s)
-            deidentify:Deidentify|None=None, # a pseudonymised index's options: only the attributes they keep (and `keep`'s own)
-           ) -> dict:
-    "BIDS-style sidecar of a volume whose first frame is frame `frame` of `ds`, with dcm2niix's keys and values."
-    out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], deidentify)
-    e = epi_fields(ds, frame)
-    if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
-    if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)
-    if (t := acquisition_time(ds, frame)) and (not deidentify or 'AcquisitionTime' in deidentify.keywords): out['AcquisitionTime'] = t
-    if slice_timing: out['SliceTiming'] = [g6(s) for s in slice_timing]
-    if orientation: out['ImageOrientationPatientDICOM'] = orientation
-    return {**out, **phase_encoding(e, *(shape or (0, 0))), 'ConversionSoftware': 'dicom_prep', 'ConversionSoftwareVersion': version}
-
-# %% ../nbs/10_niftiwrite.ipynb #14aa6867
-def image_type(ds, # a dataset
-               component:str='', # MAGNITUDE, PHASE, REAL or IMAGINARY, appended when known and not already there
-              ) -> list[str]:
-    "`ImageType` (the file's, not an enhanced frame's) as dcm2niix reports it: values split at underscores, then the complex component."
-    words = [w for v in (ds.get('ImageType') or tag_value(ds, 'ImageType') or []) for w in text_value(v).split('_') if w]
-    return words + [component] if component and component not in words else words
-
-def acquisition_time(ds, # a dataset
-                     frame:int=0, # the frame (enhanced files date each frame)
-                    ) -> str|None:
-    "AcquisitionTime (else the time of the frame's acquisition date-time) as `hh:mm:ss.ffffff`; None when absent."
-    t = text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False))
-    if not t: t = text_value(tag_value(ds, 'FrameAcquisitionDateTime', frame) or tag_value(ds, 'AcquisitionDateTime'))[8:]
-    if len(t) < 6 or not t[:6].isdigit(): return None
-    return f"{t[:2]}:{t[2:4]}:{float(t[4:].split('+')[0].split('-')[0] or 0):09.6f}"
-
-# %% ../nbs/10_niftiwrite.ipynb #6c801e8e
-def g6(x:float, # a number
-      ) -> float:
-    "`x` to 6 significant digits, as dcm2niix prints derived values (`%g`)."
-    return float(f'{x:.6g}')
-
-def phase_encoding(e:EpiFields, # what the header says about the EPI acquisition
-                   rows:int=0, # rows of a slice as written
-                   cols:int=0, # columns of a slice as written
-                  ) -> dict:
-    "dcm2niix's phase-encoding, echo-spacing and readout-time sidecar keys for `e`."
-    out, recon = {}, {'COL': rows, 'ROW': cols}.get(e.phase_axis) or None
-    if e.ge_polarity: out['PhaseEncodingPolarityGE'] = e.ge_polarity
-    if e.acq_matrix_pe: out['AcquisitionMatrixPE'] = e.acq_matrix_pe
-    if recon: out['ReconMatrixPE'] = recon
-    if e.bandwidth_pe: out['BandwidthPerPixelPhaseEncode'] = e.bandwidth_pe
-    if e.dwell_time: out['DwellTime'] = g6(e.dwell_time)
-    ees = e.echo_spacing or (1 / (e.bandwidth_pe * recon) if e.bandwidth_pe and recon else None)
-    if e.accel_pe and e.accel_pe > 1: out['ParallelReductionFactorInPlane'] = e.accel_pe
-    if ees: out['EffectiveEchoSpacing'] = g6(ees)
-    if ees and e.bandwidth_pe: out['DerivedVendorReportedEchoSpacing'] = g6(ees * (e.accel_pe or 1))   # the echo spacing itself
-    if ees and recon: out['TotalReadoutTime'] = g6(ees * (recon - 1))
-    if e.phase_axis in ('ROW', 'COL') and not e.is_3d:
-        axis = 'j' if e.phase_axis == 'COL' else 'i'
-        if e.phase_positive is None: out['PhaseEncodingAxis'] = axis
-        else: out['PhaseEncodingDirection'] = axis + ('-' if e.phase_positive == (e.phase_axis == 'COL') else '')
-    if e.phase_axis: out['InPlanePhaseEncodingDirectionDICOM'] = e.phase_axis
-    return out
 
 # %% ../nbs/10_niftiwrite.ipynb #fa27f94b
 _UNCOMPRESSED = {'1.2.840.10008.1.2': ('<', 8), '1.2.840.10008.1.2.1': ('<', 12), '1.2.840.10008.1.2.2': ('>', 12)}
