@@ -17,6 +17,7 @@ import numpy as np
 import nibabel as nib
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
+from .tags import num_value, tag_value
 from .privacy import Deidentify
 from .sidecar import sidecar
 from .vendor import untile
@@ -229,34 +230,40 @@ def _write_diffusion(task:VolumeTask, out:Path):
         with atomic_path(_beside(out, ext), task.root) as tmp: tmp.write_text(text)
 
 # %% ../nbs/10_niftiwrite.ipynb #8effaf91
-def _place(img, dr, dc, rows, cols) -> np.ndarray:
-    "`img` with its corner moved to (dr, dc) pixels of a rows × cols canvas, interpolated bilinearly, zero outside."
+def _place(img, dr, dc, rows, cols, fill=0.) -> np.ndarray:
+    "`img` with its corner moved to (dr, dc) pixels of a rows × cols canvas, interpolated bilinearly, `fill` outside."
     r, c = np.arange(rows)[:, None] - dr, np.arange(cols)[None, :] - dc
     r0, c0 = np.floor(r).astype(int), np.floor(c).astype(int)
     out = np.zeros((rows, cols))
     for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
         for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
             inside = (rr >= 0) & (rr < img.shape[0]) & (cc >= 0) & (cc < img.shape[1])
-            out += np.where(inside, img[rr.clip(0, img.shape[0] - 1), cc.clip(0, img.shape[1] - 1)], 0) * wr * wc
+            out += np.where(inside, img[rr.clip(0, img.shape[0] - 1), cc.clip(0, img.shape[1] - 1)], fill) * wr * wc
     return out
 
 def resample_stack(slices:np.ndarray, # source slices (n, rows, cols), sorted along the normal
                    positions, # their positions along the normal (mm)
                    offsets, # their corners on the grid: (row, column) pixels each
                    grid:Grid, # the grid
+                   fill:float=0., # the value of voxels outside the source slab
                   ) -> np.ndarray:
     "The slices interpolated onto `grid`: (grid.slices, grid.rows, grid.cols), float."
-    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols) for s, (dr, dc) in zip(slices, offsets)])
+    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets)])
     p, pos = grid.first + grid.step * np.arange(grid.slices), np.asarray(positions, float)
     i = np.clip(np.searchsorted(pos, p + 1e-6, side='right') - 1, 0, len(pos) - 2)
     w = np.clip((p - pos[i]) / (pos[i + 1] - pos[i]), 0, 1)[:, None, None]
     return placed[i] * (1 - w) + placed[i + 1] * w
 
-def _resampled(data:np.ndarray, task:VolumeTask) -> np.ndarray:
-    "Volume `data` (time, slices, rows, cols) resampled onto `task.grid`, integers rounded back to their type."
-    n = data.shape[1]
+def _padding(data:np.ndarray, task:VolumeTask, stored:bool) -> float:
+    "What voxels outside the source slab hold, as dcm2niix fills them: the series' PixelPaddingValue, else the darkest voxel."
+    pad, f0 = num_value(tag_value(read_dicom(task.frames[0].path, headers_only=True), 'PixelPaddingValue')), task.frames[0]
+    return float(data.min()) if pad is None else pad if stored else pad * f0.slope + f0.inter
+
+def _resampled(data:np.ndarray, task:VolumeTask, stored:bool) -> np.ndarray:
+    "Volume `data` (time, slices, rows, cols; `stored` values, else rescaled) resampled onto `task.grid`, integers rounded back to their type."
+    n, fill = data.shape[1], _padding(data, task, stored)
     out = np.stack([resample_stack(data[t], [s.position for s in task.frames[t * n:(t + 1) * n]],
-                                   [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid)
+                                   [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid, fill)
                     for t in range(data.shape[0])])
     if not np.issubdtype(data.dtype, np.integer): return out.astype(data.dtype)
     return np.rint(out).clip(np.iinfo(data.dtype).min, np.iinfo(data.dtype).max).astype(data.dtype)
@@ -279,7 +286,7 @@ def convert_volume(task:VolumeTask, # the volume to write
         raw = _read_frames(task.frames, task.rows, task.cols)
         data, slope, inter = rescaled(raw, [s.slope for s in task.frames], [s.inter for s in task.frames])
         data = data.reshape(task.n_timepoints, -1, *data.shape[1:])
-        if task.grid: data = _resampled(data, task)
+        if task.grid: data = _resampled(data, task, (slope, inter) != (1., 0.))
         data = data[:, :, ::-1].transpose(3, 2, 1, 0)                 # rows bottom-up
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)

@@ -1,5 +1,5 @@
 """Issue 28's differences from dcm2niix, each checked against dcm2niix's own output on a synthesised case (or real data
-where we have it): the Philips trace volume (`_ADC`), ...
+where we have it): the Philips trace volume (`_ADC`), the fill outside a resampled slab, ...
 
 dcm2niix comes with the dev extra (its pip package); the tests that run it skip when it is absent."""
 import gzip, subprocess
@@ -9,8 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicom_prep.synth import synth_philips_dwi
+from dicom_prep.synth import synth_philips_dwi, synth_series
 from test_nifti import DCM2NIIX, canonical, needs_dcm2niix, ours
+from test_nifti_vendors import d2n_extra
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 NIB_DATA = Path(nib.__file__).parent/'nicom'/'tests'/'data'
@@ -62,3 +63,23 @@ def test_philips_enhanced_mprage_has_no_adc(tmp_path):
     (tmp_path/'src'/'philips.dcm').write_bytes(gzip.decompress((NIB_DATA/'philips_mprage.dcm.gz').read_bytes()))
     r, mine = ours(tmp_path/'src', tmp_path/'ours')
     assert len(mine) == 1 and '_ADC' not in mine[0].name
+
+
+def tilted_ct(folder, intercept, **tags):
+    "A CT stack with gantry tilt (0.2 mm of y per mm of z), stored values from 50 up: a stored 0 is not its darkest voxel."
+    return synth_series(folder, rows=6, cols=4, positions=[np.array([-5., 4 + 0.2 * z, 20 + z]) for z in (0, 2.5, 5, 7.5, 10)],
+                        intercept=intercept, GantryDetectorTilt='11.3', pixels=lambda k: np.arange(24).reshape(6, 4) * 10 + 1000 * k + 50, **tags)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('intercept,pad', [(0, None), (-1024, None), (-1024, -2000)])
+def test_resample_fills_outside_the_slab_as_dcm2niix(intercept, pad, tmp_path):
+    """Voxels a tilted slab does not cover hold the series' PixelPaddingValue, else its darkest voxel, in the written
+    values (intercept applied): what dcm2niix's `_Tilt` copy holds there, never a stored 0 (0 HU, water, at −1024)."""
+    tilted_ct(tmp_path/'src', intercept, **({} if pad is None else dict(PixelPaddingValue=pad)))
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', resample=True)
+    a, b = nib.load(mine).get_fdata(), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Tilt').get_fdata()
+    fill = (50 if pad is None else pad) + intercept
+    assert a.min() == b.min() == fill
+    uncovered = a.shape[1] - 6                                     # rows the shift adds; the first slice lies in the last 6
+    assert (a[:, :uncovered, 0] == fill).all() and (b[:, :uncovered, 0] == fill).all()
