@@ -183,10 +183,17 @@ class Geometry:
     largest_step: float # largest step
     n_duplicates: int # steps shorter than POS_TOL
     n_missing: int # slices missing in gaps that are whole multiples of the typical step
+    spacing_change: tuple|None # (step before, step after, slice where it changes) when the spacing changes once for good
     gantry_tilt: float # degrees between the slice-to-slice vector and the normal
     affine: np.ndarray # voxel (column, row, slice) → RAS mm
 
 LPS_TO_RAS = np.diag([-1., -1., 1., 1.])
+
+def _spacing_change(steps, tol=SPACING_TOL) -> tuple|None:
+    "(first step, last step, slice at which the one changes to the other) when each holds for 2 or more steps, with at most one between."
+    near = lambda s, ref: abs(s - ref) <= tol * ref
+    k, m = (next((i for i, s in enumerate(ss) if not near(s, ss[0])), len(ss)) for ss in (steps, steps[::-1]))
+    return (float(steps[0]), float(steps[-1]), k + 1) if min(k, m) >= 2 and k + m >= len(steps) - 1 and not near(steps[-1], steps[0]) else None
 
 def slice_geometry(ipp, # per-frame positions (n, 3)
                    iop, # per-frame orientations (n, 6)
@@ -198,8 +205,7 @@ def slice_geometry(ipp, # per-frame positions (n, 3)
     row, col, normal = mean_iop[:3], mean_iop[3:], _normal(mean_iop)
     d = ipp @ normal
     order = np.argsort(d, kind='stable'); sd = d[order]; n = len(d)
-    steps = np.diff(sd)
-    moves = steps[steps >= POS_TOL]
+    steps = np.diff(sd); moves = steps[steps >= POS_TOL]
     unit = float(np.median(moves)) if len(moves) else 0.
     step_vec = (ipp[order[-1]] - ipp[order[0]]) / (n - 1) if n > 1 else normal
     mean = float(sd[-1] - sd[0]) / (n - 1) if n > 1 else 0.
@@ -211,7 +217,7 @@ def slice_geometry(ipp, # per-frame positions (n, 3)
                     orientation_dev=float(np.abs(iop - mean_iop).max()), orthogonality=float(abs(row @ col)),
                     slice_spacing=mean, slice_spacing_max_dev=float(np.abs(steps - mean).max()) if n > 1 else 0.,
                     typical_step=unit, largest_step=float(steps.max()) if n > 1 else 0., n_duplicates=int((steps < POS_TOL).sum()),
-                    n_missing=int(sum(round(s / unit) - 1 for s in moves if s > 1.5 * unit)) if unit else 0,
+                    n_missing=int(sum(round(s / unit) - 1 for s in moves if s > 1.5 * unit)) if unit else 0, spacing_change=_spacing_change(moves),
                     gantry_tilt=tilt, affine=LPS_TO_RAS @ lps)
 
 # %% ../nbs/09_volumes.ipynb #d1c022a0
@@ -252,6 +258,8 @@ VERDICT_RULES = [
     Rule('single slice', lambda v, g, tol: g.n_slices < 2, 'one slice is an image, not a volume'),
     Rule('duplicate positions', lambda v, g, tol: g.n_duplicates,
          '{g.n_duplicates} slices repeat a position and no time attribute separates them'),
+    Rule('spacing changes', lambda v, g, tol: g.spacing_change, 'spacing changes from {g.spacing_change[0]:.3g} to '
+         '{g.spacing_change[1]:.3g} mm at slice {g.spacing_change[2]} (--resample writes it on an equidistant grid)'),
     Rule('missing slices', lambda v, g, tol: g.n_missing,
          '{g.n_missing} slice(s) missing: a gap of {g.largest_step:.3g} mm where slices are {g.typical_step:.3g} mm apart '
          '(--resample writes it on an equidistant grid)'),
@@ -260,7 +268,7 @@ VERDICT_RULES = [
          '--resample writes it on an equidistant grid)')]
 
 # %% ../nbs/09_volumes.ipynb #a70f1d4d
-RESAMPLABLE = ('missing slices', 'inconsistent spacing')   # verdicts `--resample` turns into an equidistant grid
+RESAMPLABLE = ('spacing changes', 'missing slices', 'inconsistent spacing')   # verdicts `--resample` turns into an equidistant grid
 
 def volume_verdict(v:Candidate, # the candidate volume
                    g:Geometry|None, # its geometry (None when it cannot be measured)
@@ -412,7 +420,6 @@ def _acquisition(v:Candidate, g:Geometry|None, grid:dict|None) -> dict:
 def _volume_row(v:Candidate, g:Geometry|None, n_slices:int, verdict:str, reason:str, philips_scaling:str, resampled=None) -> dict:
     "The `volumes` row of `v`: identity, geometry, verdict and reason."
     r0, f0 = v.members[0].file, v.members[0].frame
-    rescale = {frame_rescale(m.frame, philips_scaling) for m in v.members}
     geo = {c: getattr(g, c) for c in _GEOMETRY_COLUMNS} if g else dict(n_slices=n_slices)
     return dict(id=v.id, series_uid=v.series_uid, split=v.split, study_id=r0.study_id, patient_id=r0.patient_id,
                 study_uid=r0.study_uid, modality=r0.modality, series_number=None if r0.series_number is None else int(r0.series_number),
@@ -422,7 +429,7 @@ def _volume_row(v:Candidate, g:Geometry|None, n_slices:int, verdict:str, reason:
                 orthogonal=int(g.orthogonality <= ORIENT_TOL and g.gantry_tilt < 0.1) if g else None,
                 orientation=json.dumps(g.orientation) if g else None, pixel_type=_pixel_type(r0),
                 rescale_slope=frame_rescale(f0, philips_scaling)[0], rescale_intercept=frame_rescale(f0, philips_scaling)[1],
-                rescale_varies=int(len(rescale) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason, frame_of_reference=r0.frame_of_reference or None,
+                rescale_varies=int(len({frame_rescale(m.frame, philips_scaling) for m in v.members}) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason, frame_of_reference=r0.frame_of_reference or None,
                 affine=json.dumps(np.round(written_affine(*(resampled[1], resampled[0]['rows']) if resampled else (g.affine, r0.rows)),
                                            6).tolist()) if verdict == 'ok' else None,
                 sources_sig=_sources_sig(v.members), analyzed_at=now(), **_acquisition(v, g, resampled and resampled[0]))
@@ -433,8 +440,7 @@ def analyze_volume(v:Candidate, # a candidate from `group_volumes`
                    resample:bool=False, # tilted or irregular stacks go onto an orthogonal equidistant grid (not refused, no shear)
                   ) -> tuple[dict, list[dict]]:
     "The `volumes` row and the `volume_files` rows of candidate volume `v`."
-    first = [m.frame for m in v.members if m.t == 0]
-    measurable = all(m.frame.ipp and m.frame.iop and m.frame.ps for m in v.members)
+    first, measurable = [m.frame for m in v.members if m.t == 0], all(m.frame.ipp and m.frame.iop and m.frame.ps for m in v.members)
     g = slice_geometry(*zip(*[(f.ipp, f.iop, f.ps) for f in first], strict=True)) if measurable else None
     verdict, reason = volume_verdict(v, g, spacing_tol, resample)
     grid = resample_grid(g, [first[i].ipp for i in g.order], first[0].ps, v.members[0].file.rows, v.members[0].file.cols,

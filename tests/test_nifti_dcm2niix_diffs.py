@@ -1,5 +1,6 @@
 """Issue 28's differences from dcm2niix, each checked against dcm2niix's own output on a synthesised case (or real data
-where we have it): the Philips trace volume (`_ADC`), the fill outside a resampled slab, ...
+where we have it): the Philips trace volume (`_ADC`), the fill outside a resampled slab,
+a verdict for a spacing that changes, ...
 
 dcm2niix comes with the dev extra (its pip package); the tests that run it skip when it is absent."""
 import gzip, subprocess
@@ -9,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from dicom_prep.db import open_db
 from dicom_prep.synth import synth_philips_dwi, synth_series
 from test_nifti import DCM2NIIX, canonical, needs_dcm2niix, ours
 from test_nifti_vendors import d2n_extra
@@ -83,3 +85,16 @@ def test_resample_fills_outside_the_slab_as_dcm2niix(intercept, pad, tmp_path):
     assert a.min() == b.min() == fill
     uncovered = a.shape[1] - 6                                     # rows the shift adds; the first slice lies in the last 6
     assert (a[:, :uncovered, 0] == fill).all() and (b[:, :uncovered, 0] == fill).all()
+
+
+def test_spacing_change_verdict_names_it_and_resample_converts_it(tmp_path):
+    """A GE-like series, 4.22 mm apart, one 1.14 mm step, then 7.38 mm apart: nothing is missing, the spacing changes,
+    and the verdict says where; --resample (the way out it names) writes it."""
+    zs = [4.22 * k for k in range(15)] + [4.22 * 14 + 1.14 + 7.38 * k for k in range(14)]
+    synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in zs])
+    r, mine = ours(tmp_path/'src', tmp_path/'plain')
+    assert mine == [] and r.verdicts == {'spacing changes': 1}
+    [reason] = [v['reason'] for v in open_db(tmp_path/'plain'/'dicom_prep.db')['volumes'].rows]
+    assert reason == 'spacing changes from 4.22 to 7.38 mm at slice 15 (--resample writes it on an equidistant grid)'
+    r, [vol] = ours(tmp_path/'src', tmp_path/'resampled', resample=True)
+    assert r.verdicts == {'ok': 1} and nib.load(vol).header.get_zooms()[2] == pytest.approx(1.14, abs=1e-4)
