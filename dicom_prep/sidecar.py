@@ -89,9 +89,11 @@ def image_type(ds, # a dataset
 def acquisition_time(ds, # a dataset
                      frame:int=0, # the frame (enhanced files date each frame)
                     ) -> str|None:
-    "AcquisitionTime (else the time of the frame's acquisition date-time) as `hh:mm:ss.ffffff`; None when absent."
-    t = text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False))
-    if not t: t = text_value(tag_value(ds, 'FrameAcquisitionDateTime', frame) or tag_value(ds, 'AcquisitionDateTime'))[8:]
+    "AcquisitionTime, else AcquisitionDateTime's, else the earliest frame's acquisition time, as `hh:mm:ss.ffffff`; None when absent."
+    t = text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False)) or text_value(ds.get('AcquisitionDateTime'))[8:]
+    if not t:
+        n = len(ds.get('PerFrameFunctionalGroupsSequence') or [])
+        t = min(filter(None, (text_value(tag_value(ds, 'FrameAcquisitionDateTime', k)) for k in range(n))), default='')[8:]
     if len(t) < 6 or not t[:6].isdigit(): return None
     return f"{t[:2]}:{t[2:4]}:{float(t[4:].split('+')[0].split('-')[0] or 0):09.6f}"
 

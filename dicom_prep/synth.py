@@ -216,6 +216,8 @@ def synth_enhanced(path, # where to write the file
                    intercept:float=0, # RescaleIntercept
                    seed:int=0, # random pixels' seed
                    dimension_index:bool=True, # write DimensionIndexValues
+                   frame_times=None, # when each slice was acquired (ms after 12:00:00), as per-frame FrameAcquisitionDateTime
+                   **tags # further attributes of the file, by keyword
                   ) -> Path:
     "Write a tiny Enhanced MR file: `n` slices × `len(echo_times)` echoes, frames interleaved."
     ds = new_instance(MR_ENHANCED)
@@ -229,7 +231,10 @@ def synth_enhanced(path, # where to write the file
         PlanePositionSequence=[item(ImagePositionPatient=[f'{v:.5f}' for v in np.asarray(origin) + k*step*normal])],
         MREchoSequence=[item(EffectiveEchoTime=te)],
         FrameContentSequence=[item(StackID='1', InStackPositionNumber=k + 1)]) for k, te in frames]
+    for f, (k, _) in zip(ds.PerFrameFunctionalGroupsSequence, frames if frame_times else []):
+        f.FrameContentSequence[0].FrameAcquisitionDateTime = f'20240101{120000 + frame_times[k] / 1000:013.6f}'
     if dimension_index: _dimension_index(ds, frames, echo_times)
+    for key, v in tags.items(): setattr(ds, key, v)
     ds.PixelData = np.random.default_rng(seed).integers(-500, 1500, (len(frames), rows, cols)).astype('<i2').tobytes()
     return save(ds, path)
 

@@ -349,8 +349,8 @@ def _recorded_times(v:Candidate, first, order) -> list[float]|None:
     "Siemens slice times (s, written order) of the first volume, or of the second when the first looks untruthful."
     pick = lambda t: [m.frame.slice_time for m in v.members if m.t == t]
     t0, t1, tr = pick(0), pick(1), first[0].file.tr or math.inf
-    if None in t0: return None
     span = lambda ts: max(ts) - min(ts)
+    if None in t0 or span(t0) == 0: return None                          # all at once: no timing (dcm2niix: 'corrupted')
     if len(t1) == len(t0) and None not in t1 and (span(t1) > span(t0) or span(t0) > tr): t0 = t1
     return [(t0[i] - min(t0)) / 1000 for i in order]
 

@@ -98,3 +98,40 @@ def test_spacing_change_verdict_names_it_and_resample_converts_it(tmp_path):
     assert reason == 'spacing changes from 4.22 to 7.38 mm at slice 15 (--resample writes it on an equidistant grid)'
     r, [vol] = ours(tmp_path/'src', tmp_path/'resampled', resample=True)
     assert r.verdicts == {'ok': 1} and nib.load(vol).header.get_zooms()[2] == pytest.approx(1.14, abs=1e-4)
+
+
+def siemens_xa(path, frame_times=(500, 1500, 0, 1000), pe_positive=1, bandwidth_pe=27.778):
+    """A Siemens XA enhanced EPI file: 4 slices acquired at `frame_times` (ms; frame 0 is not the first), phase encoded
+    along columns ('COLUMN' in MRFOVGeometrySequence), polarity and bandwidth in each frame's private (0021,11FE) item."""
+    from pydicom import dcmread
+    from pydicom.dataset import Dataset
+    from dicom_prep.synth import item, synth_enhanced
+    from dicom_prep.vendor import XA_SDI
+    ds = dcmread(synth_enhanced(path, n=4, frame_times=frame_times, Manufacturer='Siemens Healthineers', SoftwareVersions='syngo MR XA30',
+                                ImageType=['ORIGINAL', 'PRIMARY', 'M', 'ND'], MRAcquisitionType='2D', AcquisitionDateTime='20240101120000.000000'))
+    ds.SharedFunctionalGroupsSequence[0].MRFOVGeometrySequence = [item(InPlanePhaseEncodingDirection='COLUMN')]
+    ds.SharedFunctionalGroupsSequence[0].MRTimingAndRelatedParametersSequence = [item(RepetitionTime=2000.)]
+    for f in ds.PerFrameFunctionalGroupsSequence:       # SDS 01 holds block 0x10, as in XA files: SDI 02's elements are (0021,11xx)
+        f.private_block(0x0021, 'SIEMENS MR SDS 01', create=True); f.private_block(0x0021, XA_SDI, create=True).add_new(0xFE, 'SQ', [Dataset()])
+        inner = f[0x0021, 0x11FE].value[0]; inner.private_block(0x0021, 'SIEMENS MR SDS 01', create=True)
+        blk = inner.private_block(0x0021, XA_SDI, create=True)
+        blk.add_new(0x1C, 'IS', str(pe_positive)); blk.add_new(0x53, 'FD', bandwidth_pe)
+    ds.save_as(path)
+    return path
+
+
+@needs_dcm2niix
+def test_siemens_xa_enhanced_sidecar_as_dcm2niix(tmp_path):
+    """Siemens XA enhanced: phase-encoding direction, readout time and echo spacing from the private (0021,111C) and
+    (0021,1153), 'COL' as in classic files, the acquisition time of the file (not of frame 0): dcm2niix's values. SliceTiming
+    from the frames' FrameAcquisitionDateTime (dcm2niix writes none for this synthetic file: its frame times read 0..0)."""
+    import json
+    siemens_xa(tmp_path/'src'/'xa.dcm')
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', sidecar=True)
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    a, b = (json.loads(p.with_name(p.name[:-7] + '.json').read_text()) for p in (mine, next(iter(theirs.values()))))
+    for key in ('PhaseEncodingDirection', 'InPlanePhaseEncodingDirectionDICOM', 'AcquisitionTime', 'ReconMatrixPE',
+                'BandwidthPerPixelPhaseEncode'):
+        assert a.get(key) == b[key], (key, a.get(key), b[key])
+    for key in ('TotalReadoutTime', 'EffectiveEchoSpacing'): assert a.get(key) == pytest.approx(b[key], rel=1e-5), key
+    assert a['SliceTiming'] == [0.5, 1.5, 0, 1] and 'SliceTiming' not in b
