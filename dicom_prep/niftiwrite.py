@@ -20,13 +20,14 @@ from .read import read_dicom
 from .tags import num_value, tag_value
 from .privacy import Deidentify
 from .sidecar import sidecar
-from .vendor import untile
+from .vendor import maker, untile
+from .series import phase_axis
 
 # %% auto #0
-__all__ = ['GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS', 'rescaled',
-           'nifti_image', 'gzip_bytes', 'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task',
-           'written_files', 'resample_stack', 'Converted', 'convert_volume', 'name_fields', 'render_name',
-           'unique_name', 'output_file']
+__all__ = ['SLICE_CODES', 'GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
+           'NAME_FIELDS', 'rescaled', 'nifti_image', 'slice_code', 'gzip_bytes', 'uncompressed_frames', 'SourceFrame',
+           'Grid', 'VolumeTask', 'volume_task', 'written_files', 'resample_stack', 'Converted', 'convert_volume',
+           'name_fields', 'render_name', 'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -52,14 +53,29 @@ def nifti_image(data:np.ndarray, # voxels (columns, rows, slices[, time])
                 slope:float=1., # header scl_slope
                 inter:float=0., # header scl_inter
                 tr:float|None=None, # repetition time (s): the 4th voxel size of a 4D volume
+                phase_axis:str='', # 'COL' or 'ROW': the frequency, phase and slice dims go into `dim_info`
+                slice_code:int=0, # the slice order code (`slice_code`)
                ) -> nib.Nifti1Image:
-    "A NIfTI-1 image in scanner (RAS) space, with header scaling and units as dcm2niix writes them."
+    "A NIfTI-1 image in scanner (RAS) space, with header scaling, units, dims and slice order as dcm2niix writes them."
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=1); img.set_qform(affine, code=1)
     img.header.set_xyzt_units('mm', 'sec')
     if (slope, inter) != (1., 0.): img.header.set_slope_inter(slope, inter)
     if data.ndim == 4 and tr: img.header.set_zooms(img.header.get_zooms()[:3] + (tr,))
+    if phase_axis in ('COL', 'ROW'): img.header.set_dim_info(*((0, 1) if phase_axis == 'COL' else (1, 0)), 2)
+    img.header['slice_code'] = slice_code
     return img
+
+SLICE_CODES = ('unknown', 'seq_inc', 'seq_dec', 'alt_inc', 'alt_dec', 'alt_inc2', 'alt_dec2')   # NIfTI's slice_code values
+
+def slice_code(times, # each slice's acquisition time, in the written order
+              ) -> int:
+    "NIfTI's `slice_code` of `times` (`SLICE_CODES`): sequential or interleaved, up or down; 0 when several slices share a time (multiband)."
+    n, order = len(times), [int(k) for k in np.argsort(times, kind='stable')]
+    if n < 2 or len(set(times)) < n: return 0
+    up = list(range(n)); alt, alt2 = up[::2] + up[1::2], up[1::2] + up[::2]
+    codes = (up, up[::-1], alt, [n - 1 - k for k in alt], alt2, [n - 1 - k for k in alt2])
+    return next((c + 1 for c, p in enumerate(codes) if order == p), 0)
 
 # %% ../nbs/10_niftiwrite.ipynb #8623da21
 GZIP_CHUNK = 1 << 22   # bytes; smaller data are compressed in one piece
@@ -214,11 +230,12 @@ def written_files(out, # a volume's .nii.gz
     "Every file written for the volume at `out`: the image, its JSON sidecar, its .bval/.bvec and its label map."
     return [Path(out)] + [_beside(Path(out), ext) for ext in ('.json', '.bval', '.bvec', SEG_SUFFIX)]
 
-def _write_sidecar(task:VolumeTask, out:Path) -> Path:
-    "Write the JSON sidecar of `task` next to `out`; its path."
-    side, f0 = _beside(out, '.json'), task.frames[0]
-    meta = sidecar(read_dicom(f0.path, headers_only=True), task.orientation, task.version, 0 if f0.mosaic else f0.frame,
-                   (task.rows, task.cols), task.slice_timing, task.deidentify)
+def _first_frame(task:VolumeTask) -> int: return 0 if task.frames[0].mosaic else task.frames[0].frame   # in its file's header
+
+def _write_sidecar(task:VolumeTask, out:Path, ds) -> Path:
+    "Write the JSON sidecar of `task` (`ds`: its first file's header) next to `out`; its path."
+    side = _beside(out, '.json')
+    meta = sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing, task.deidentify)
     with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
     return side
 
@@ -254,14 +271,14 @@ def resample_stack(slices:np.ndarray, # source slices (n, rows, cols), sorted al
     w = np.clip((p - pos[i]) / (pos[i + 1] - pos[i]), 0, 1)[:, None, None]
     return placed[i] * (1 - w) + placed[i + 1] * w
 
-def _padding(data:np.ndarray, task:VolumeTask, stored:bool) -> float:
-    "What voxels outside the source slab hold, as dcm2niix fills them: the series' PixelPaddingValue, else the darkest voxel."
-    pad, f0 = num_value(tag_value(read_dicom(task.frames[0].path, headers_only=True), 'PixelPaddingValue')), task.frames[0]
+def _padding(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> float:
+    "What voxels outside the source slab hold, as dcm2niix fills them: the series' PixelPaddingValue (in `ds`), else the darkest voxel."
+    pad, f0 = num_value(tag_value(ds, 'PixelPaddingValue')), task.frames[0]
     return float(data.min()) if pad is None else pad if stored else pad * f0.slope + f0.inter
 
-def _resampled(data:np.ndarray, task:VolumeTask, stored:bool) -> np.ndarray:
+def _resampled(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> np.ndarray:
     "Volume `data` (time, slices, rows, cols; `stored` values, else rescaled) resampled onto `task.grid`, integers rounded back to their type."
-    n, fill = data.shape[1], _padding(data, task, stored)
+    n, fill = data.shape[1], _padding(data, task, stored, ds)
     out = np.stack([resample_stack(data[t], [s.position for s in task.frames[t * n:(t + 1) * n]],
                                    [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid, fill)
                     for t in range(data.shape[0])])
@@ -278,20 +295,26 @@ class Converted:
     dtype: str|None = None # its data type
     sidecar: str|None = None # the sidecar written, if any
 
+def _order(task:VolumeTask, ds) -> tuple[str, int]:
+    "(phase-encoding axis, slice_code) of `task` (`ds`: its first file's header); the slice order of Siemens' recorded times only, as dcm2niix."
+    code = slice_code(task.slice_timing) if task.slice_timing and maker(ds) == 'Siemens' else 0
+    return phase_axis(tag_value(ds, 'InPlanePhaseEncodingDirection', _first_frame(task))), code
+
 def convert_volume(task:VolumeTask, # the volume to write
                   ) -> Converted:
     "Write volume `task` to `task.out` (and its sidecar); returns status, shape, dtype or the error — never raises."
     try:
         _check_sources(task.frames)
-        raw = _read_frames(task.frames, task.rows, task.cols)
+        ds, raw = read_dicom(task.frames[0].path, headers_only=True), _read_frames(task.frames, task.rows, task.cols)
         data, slope, inter = rescaled(raw, [s.slope for s in task.frames], [s.inter for s in task.frames])
         data = data.reshape(task.n_timepoints, -1, *data.shape[1:])
-        if task.grid: data = _resampled(data, task, (slope, inter) != (1., 0.))
+        if task.grid: data = _resampled(data, task, (slope, inter) != (1., 0.), ds)
         data = data[:, :, ::-1].transpose(3, 2, 1, 0)                 # rows bottom-up
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)
-        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(nifti_image(data, np.array(task.affine), slope, inter, task.tr).to_bytes()))
-        side = _write_sidecar(task, out) if task.sidecar else None
+        img = nifti_image(data, np.array(task.affine), slope, inter, task.tr, *_order(task, ds))
+        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(img.to_bytes()))
+        side = _write_sidecar(task, out, ds) if task.sidecar else None
         if not side: remove_output(_beside(out, '.json'), task.root)   # one left by an earlier conversion would describe other data
         _write_diffusion(task, out)
         return Converted('ok', None, list(data.shape), str(data.dtype), str(side) if side else None)

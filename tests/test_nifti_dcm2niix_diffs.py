@@ -135,3 +135,49 @@ def test_siemens_xa_enhanced_sidecar_as_dcm2niix(tmp_path):
         assert a.get(key) == b[key], (key, a.get(key), b[key])
     for key in ('TotalReadoutTime', 'EffectiveEchoSpacing'): assert a.get(key) == pytest.approx(b[key], rel=1e-5), key
     assert a['SliceTiming'] == [0.5, 1.5, 0, 1] and 'SliceTiming' not in b
+
+
+MOSAIC_TIMES = {  # name: slice acquisition times (ms) of a 6-slice Siemens mosaic, in slice order
+    'interleaved': [0, 1000, 333, 1333, 667, 1667], 'sequential': [k * 300 for k in range(6)], 'descending': [(5 - k) * 300 for k in range(6)],
+    'interleaved_from_second': [900, 0, 1200, 300, 1500, 600], 'interleaved_down': [1500, 600, 1200, 300, 900, 0],
+    'multiband': [(k % 3) * 300 for k in range(6)]}
+
+
+def header_codes(path) -> tuple[int, int]:
+    h = nib.load(path).header
+    return int(h['dim_info']), int(h['slice_code'])
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('case', [*MOSAIC_TIMES, 'row_phase', 'ct'])
+def test_dim_info_and_slice_code_as_dcm2niix(case, tmp_path):
+    """NIfTI's dim_info (frequency, phase, slice dims) and slice_code (slice order) are dcm2niix's: set from the phase-encoding
+    axis and a Siemens series' slice times (0 for multiband, where slices share a time); both 0 for a CT."""
+    from dicom_prep.synth import synth_mosaic
+    if case == 'ct': synth_series(tmp_path/'src', n=4)
+    elif case == 'row_phase': synth_mosaic(tmp_path/'src', n=6, InPlanePhaseEncodingDirection='ROW')
+    else: synth_mosaic(tmp_path/'src', n=6, times=[float(t) for t in MOSAIC_TIMES[case]])
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours')
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    assert header_codes(mine) == header_codes(next(iter(theirs.values())))
+    assert header_codes(mine) != (0, 0) or case in ('ct', 'multiband')
+
+
+QA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'dcm_qa_nih'
+
+
+@pytest.mark.skipif(not (QA/'Ref').is_dir(), reason=f'dcm_qa_nih not found at {QA}')
+def test_dim_info_and_slice_code_as_dcm_qa_nih_references(tmp_path):
+    "Every dcm_qa_nih reference volume (GE and Siemens EPI): our dim_info and slice_code are those of dcm2niix's reference."
+    import json
+    from dicom_prep.nifti import dicom_to_nifti
+    dicom_to_nifti(QA/'In', tmp_path, n_workers=1, quiet=True, sidecar=True)
+    found = {}
+    for p in (tmp_path/'nifti').rglob('*.nii.gz'):
+        j = json.loads(p.with_name(p.name[:-7] + '.json').read_text())
+        found[j['SeriesNumber'], j['SeriesDescription']] = p
+    refs = sorted((QA/'Ref').glob('*.nii'))
+    assert len(refs) == 8
+    for ref in refs:
+        j = json.loads(ref.with_suffix('.json').read_text())
+        assert header_codes(found[j['SeriesNumber'], j['SeriesDescription']]) == header_codes(ref), ref.name
