@@ -169,6 +169,7 @@ class VolumeTask:
     grid: Grid|None = None # the grid to resample onto (None: the frames are the grid)
     root: str|None = None # the output folder `out` lies in: nothing below it is written through a symlink [default: the folder of `out`]
     deidentify: Deidentify|None = None # a pseudonymised index's options: what its sidecar may hold
+    echoes: bool = False # one echo of several (its suffix is `_e<n>`): the sidecar says which
 
 
 # %% ../nbs/10_niftiwrite.ipynb #4077cf93
@@ -188,7 +189,7 @@ def volume_task(v:dict, # a `volumes` row
                       orientation=json.loads(v['orientation']), version=version, sig=v['sources_sig'],
                       slice_timing=js('slice_timing'), bvals=js('bvals'), bvecs=js('bvecs'),
                       grid=Grid(**js('resample')) if v.get('resample') else None, root=None if root is None else str(root),
-                      deidentify=deidentify,
+                      deidentify=deidentify, echoes=(v.get('suffix') or '').startswith('_e'),
                       frames=[SourceFrame(f['path'], f['frame'], f['slope'], f['intercept'], f['size'], f['mtime_ns'], f['transfer_syntax'],
                                           f['n_frames'], f['bits_allocated'], f['bits_stored'], f['signed'], f.get('mosaic') or 0,
                                           f['position'] or 0., f.get('row_offset') or 0., f.get('col_offset') or 0.)
@@ -235,7 +236,8 @@ def _first_frame(task:VolumeTask) -> int: return 0 if task.frames[0].mosaic else
 def _write_sidecar(task:VolumeTask, out:Path, ds) -> Path:
     "Write the JSON sidecar of `task` (`ds`: its first file's header) next to `out`; its path."
     side = _beside(out, '.json')
-    meta = sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing, task.deidentify)
+    meta = sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing, task.deidentify,
+                   task.echoes)
     with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
     return side
 

@@ -67,9 +67,11 @@ def sidecar(ds, # dataset of the volume's first frame
             shape:tuple|None=None, # (rows, cols) of a slice as written, for the phase-encoding matrix
             slice_timing:list|None=None, # acquisition time of each slice as written (s)
             deidentify:Deidentify|None=None, # a pseudonymised index's options: only the attributes they keep (and `keep`'s own)
+            echoes:bool=False, # the volume is one echo of several: `EchoNumber` is kept (dcm2niix leaves it out for one echo)
            ) -> dict:
     "BIDS-style sidecar of a volume whose first frame is frame `frame` of `ds`, with dcm2niix's keys and values."
     out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], deidentify)
+    if not echoes: out.pop('EchoNumber', None)
     e = epi_fields(ds, frame)
     if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
     if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)

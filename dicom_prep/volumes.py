@@ -64,8 +64,7 @@ def _time_split(frames, pos, key) -> list[tuple[str, list[int]]]|None:
     "The volumes time attribute `key` splits a stack into, or None when it does not separate repeated positions."
     by_value = defaultdict(list)
     for i, f in enumerate(frames): by_value[getattr(f, key)].append(i)
-    values = sorted(by_value, key=_sort_key)
-    subs = [by_value[v] for v in values]
+    values = sorted(by_value, key=_sort_key); subs = [by_value[v] for v in values]
     if len(values) < 2 or any(len({pos[i] for i in s}) < len(s) for s in subs): return None
     t, n = {i: k for k, s in enumerate(subs) for i in s}, len(frames)
     if len({frozenset(pos[i] for i in s) for s in subs}) == 1: return [(key, [t[i] for i in range(n)])]
@@ -136,14 +135,16 @@ def _echo_indices(members) -> dict:
     "(component, echo label) -> echo index in the name: rank among its component's echoes if several, else its number if above 1."
     out = {}
     for kind in {m.frame.kind for m in members}:
-        same = [m for m in members if m.frame.kind == kind]
-        ranks = _echo_ranks(same)
+        ranks = _echo_ranks(same := [m for m in members if m.frame.kind == kind])
         for e in {_echo(m.frame) for m in same}:
             out[kind, e] = ranks.get(e) or (int(float(e)) if e and not e.startswith('te') and float(e) > 1 else 0)
     return out
 
 def _series_candidates(uid, members) -> list[Candidate]:
     "The candidate volumes of one series: its frames split by size, orientation, echo, complex component and time."
+    tes = defaultdict(set)                   # one echo number for several echo times (a field map's two echoes): told apart by time
+    for m in members: tes[m.frame.echo].add(m.frame.te)
+    members = [Member(m.file, m.frame.moved(echo=None)) if len(tes[m.frame.echo]) > 1 else m for m in members]
     labels = _orientation_labels([m.frame.iop for m in members])
     tri_plane, echo_index, stacks = len(set(labels) - {'none'}) >= 3, _echo_indices(members), defaultdict(list)
     for m, o in zip(members, labels):
@@ -406,8 +407,7 @@ def _file_rows(v:Candidate, g:Geometry|None, philips_scaling:str, grid:dict|None
                  bits_allocated=m.file.bits, bits_stored=m.file.bits_stored, signed=m.file.signed, mosaic=m.file.mosaic,
                  row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off, strict=True)]
 
-_GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates',
-                    'gantry_tilt')
+_GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates', 'gantry_tilt')
 
 def _acquisition(v:Candidate, g:Geometry|None, grid:dict|None) -> dict:
     "The `volumes` columns on the acquisition: complex component, name suffix, slice timing, b-values and directions, resampled grid."

@@ -22,7 +22,8 @@ NIB_DATA = Path(nib.__file__).parent/'nicom'/'tests'/'data'
 def dcm2niix_named(src, dest, *flags) -> dict:
     "dcm2niix's output of `src` with its own names (%s: series number, plus its suffixes): {name without .nii.gz: path}."
     dest.mkdir(parents=True)
-    subprocess.run([DCM2NIIX, '-z', 'y', '-b', 'y', '-f', '%s', *flags, '-o', str(dest), str(src)], check=True, capture_output=True)
+    r = subprocess.run([DCM2NIIX, '-z', 'y', '-b', 'y', '-f', '%s', *flags, '-o', str(dest), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, f'dcm2niix exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}'
     return {p.name[:-7]: p for p in dest.glob('*.nii.gz')}
 
 
@@ -181,3 +182,25 @@ def test_dim_info_and_slice_code_as_dcm_qa_nih_references(tmp_path):
     for ref in refs:
         j = json.loads(ref.with_suffix('.json').read_text())
         assert header_codes(found[j['SeriesNumber'], j['SeriesDescription']]) == header_codes(ref), ref.name
+
+
+@needs_dcm2niix
+def test_field_map_echoes_and_echo_number_as_dcm2niix(tmp_path):
+    """A field map whose two echoes both say EchoNumber 1: two volumes, `_e1` and `_e2` by echo time (dcm2niix names them
+    `_e1` and `_e1a`), the same voxels as dcm2niix's, EchoNumber in their sidecars; a single echo's sidecar has none."""
+    import json
+    from pydicom.uid import generate_uid
+    uid = generate_uid()
+    for k, te in enumerate(('4.92', '7.38')):
+        synth_series(tmp_path/'fmap', n=4, series_uid=uid, modality='MR', prefix=f'E{k}', seed=k, EchoNumbers=1, EchoTime=te)
+    synth_series(tmp_path/'single', n=4, modality='MR', EchoNumbers=1, EchoTime='4.1', series_number=2)
+    r, mine = ours(tmp_path/'fmap', tmp_path/'ours', sidecar=True)
+    theirs = dcm2niix_named(tmp_path/'fmap', tmp_path/'d2n')
+    assert sorted(p.name[:-7].rsplit('_', 1)[1] for p in mine) == ['e1', 'e2'] and sorted(theirs) == ['1_e1', '1_e1a']
+    side = lambda p: json.loads(p.with_name(p.name[:-7] + '.json').read_text())
+    for p, name in zip(sorted(mine), ('1_e1', '1_e1a')):
+        assert np.array_equal(canonical(p)[0], canonical(theirs[name])[0])
+        assert (side(p)['EchoNumber'], side(p)['EchoTime']) == (side(theirs[name])['EchoNumber'], side(theirs[name])['EchoTime'])
+    r, [one] = ours(tmp_path/'single', tmp_path/'ours1', sidecar=True)
+    [d2n_one] = dcm2niix_named(tmp_path/'single', tmp_path/'d2n1').values()
+    assert 'EchoNumber' not in side(one) and 'EchoNumber' not in side(d2n_one) and side(one)['EchoTime'] == side(d2n_one)['EchoTime']
