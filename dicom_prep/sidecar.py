@@ -9,6 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/sidecar.html.md"""
 
 # %% ../nbs/09a_sidecar.ipynb #699dbe25
 from __future__ import annotations
+import numpy as np
 from pydicom.multival import MultiValue
 from .privacy import Deidentify
 from .tags import tag_value, text_value
@@ -16,7 +17,7 @@ from .vendor import maker
 from .series import EpiFields, epi_fields, is_enhanced
 
 # %% auto #0
-__all__ = ['SIDECAR_KEYS', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding']
+__all__ = ['SIDECAR_KEYS', 'decimal', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding']
 
 # %% ../nbs/09a_sidecar.ipynb #ca096eaa
 SIDECAR_KEYS = [  # (JSON key, DICOM keyword, scale)
@@ -42,12 +43,17 @@ SIDECAR_KEYS = [  # (JSON key, DICOM keyword, scale)
     ('ImageComments', 'ImageComments', None)]
 
 # %% ../nbs/09a_sidecar.ipynb #3d71c9b1
+def decimal(x:float, # a number read from a DICOM value
+           ) -> float:
+    "`x` as the decimal it was written from: a binary float that is a float32's value gets its shortest digits (3.8045, not 3.804500103)."
+    return float(np.format_float_positional(np.float32(x), unique=True)) if isinstance(x, float) and np.float32(x) == x else x
+
 def _json_value(v, scale=None):
     "A DICOM value as JSON: numbers as numbers (times scaled), numeric multi-values as lists, text ones joined by backslashes."
     if isinstance(v, (MultiValue, list, tuple)):
         vs = [_json_value(x, scale) for x in v]
         return '\\'.join(vs) if vs and all(isinstance(x, str) for x in vs) else vs
-    if isinstance(v, (int, float)): x = float(f'{v * scale:.12g}') if scale else v; return int(x) if float(x).is_integer() else float(x)
+    if isinstance(v, (int, float)): x = float(f'{decimal(v) * scale:.12g}') if scale else decimal(v); return int(x) if float(x).is_integer() else float(x)
     return text_value(v)
 
 def _tag_keys(ds, frame, keys:list, deidentify:Deidentify|None=None) -> dict:
