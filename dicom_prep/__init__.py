@@ -31,6 +31,7 @@ Modules:
 - `dicom_prep.run`: The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.
+- `dicom_prep.sidecar`: A volume's BIDS-style JSON sidecar: dcm2niix's keys and values, read from the header of its first frame.
 - `dicom_prep.sources`: Where DICOM files come from: a source lists its entries, each with a stable key and a change token, and opens their bytes.
 - `dicom_prep.status`: `dicom_prep_status`: what the database says about a corpus and its runs — counts, failures and their reasons, the last runs — without touching it.
 - `dicom_prep.stores`: Archives and object storage as sources: zip and tar files read in place, and s3://, gs:// and http(s):// prefixes listed and read through fsspec.

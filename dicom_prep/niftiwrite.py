@@ -1,7 +1,7 @@
 """One volume → `.nii.gz` as dcm2niix writes it (grid order, scaling, header), its JSON sidecar, and safe, collision-free names.
 
 `convert_volume` writes one analysed volume to `.nii.gz` with dcm2niix's geometry and scaling, plus an optional
-BIDS-style sidecar; `render_name` and `unique_name` give it a readable, collision-free name.
+BIDS-style sidecar (`sidecar`); `render_name` and `unique_name` give it a readable, collision-free name.
 
 Docs: https://dicom-prep.github.io/dicom_prep/niftiwrite.html.md"""
 
@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import nibabel as nib
-from pydicom.multival import MultiValue
 from .core import atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
+from .tags import num_value, tag_value
 from .privacy import Deidentify
-from .tags import tag_value, text_value
+from .sidecar import sidecar
 from .vendor import maker, untile
-from .series import EpiFields, epi_fields, is_enhanced
+from .series import phase_axis
 
 # %% auto #0
-__all__ = ['GZIP_CHUNK', 'SIDECAR_KEYS', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
-           'NAME_FIELDS', 'rescaled', 'nifti_image', 'gzip_bytes', 'sidecar', 'image_type', 'acquisition_time', 'g6',
-           'phase_encoding', 'uncompressed_frames', 'SourceFrame', 'Grid', 'VolumeTask', 'volume_task', 'written_files',
-           'resample_stack', 'Converted', 'convert_volume', 'name_fields', 'render_name', 'unique_name', 'output_file']
+__all__ = ['SLICE_CODES', 'GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
+           'NAME_FIELDS', 'rescaled', 'nifti_image', 'slice_code', 'gzip_bytes', 'uncompressed_frames', 'SourceFrame',
+           'Grid', 'VolumeTask', 'volume_task', 'written_files', 'resample_stack', 'Converted', 'convert_volume',
+           'name_fields', 'render_name', 'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -53,14 +53,29 @@ def nifti_image(data:np.ndarray, # voxels (columns, rows, slices[, time])
                 slope:float=1., # header scl_slope
                 inter:float=0., # header scl_inter
                 tr:float|None=None, # repetition time (s): the 4th voxel size of a 4D volume
+                phase_axis:str='', # 'COL' or 'ROW': the frequency, phase and slice dims go into `dim_info`
+                slice_code:int=0, # the slice order code (`slice_code`)
                ) -> nib.Nifti1Image:
-    "A NIfTI-1 image in scanner (RAS) space, with header scaling and units as dcm2niix writes them."
+    "A NIfTI-1 image in scanner (RAS) space, with header scaling, units, dims and slice order as dcm2niix writes them."
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=1); img.set_qform(affine, code=1)
     img.header.set_xyzt_units('mm', 'sec')
     if (slope, inter) != (1., 0.): img.header.set_slope_inter(slope, inter)
     if data.ndim == 4 and tr: img.header.set_zooms(img.header.get_zooms()[:3] + (tr,))
+    if phase_axis in ('COL', 'ROW'): img.header.set_dim_info(*((0, 1) if phase_axis == 'COL' else (1, 0)), 2)
+    img.header['slice_code'] = slice_code
     return img
+
+SLICE_CODES = ('unknown', 'seq_inc', 'seq_dec', 'alt_inc', 'alt_dec', 'alt_inc2', 'alt_dec2')   # NIfTI's slice_code values
+
+def slice_code(times, # each slice's acquisition time, in the written order
+              ) -> int:
+    "NIfTI's `slice_code` of `times` (`SLICE_CODES`): sequential or interleaved, up or down; 0 when several slices share a time (multiband)."
+    n, order = len(times), [int(k) for k in np.argsort(times, kind='stable')]
+    if n < 2 or len(set(times)) < n: return 0
+    up = list(range(n)); alt, alt2 = up[::2] + up[1::2], up[1::2] + up[::2]
+    codes = (up, up[::-1], alt, [n - 1 - k for k in alt], alt2, [n - 1 - k for k in alt2])
+    return next((c + 1 for c, p in enumerate(codes) if order == p), 0)
 
 # %% ../nbs/10_niftiwrite.ipynb #8623da21
 GZIP_CHUNK = 1 << 22   # bytes; smaller data are compressed in one piece
@@ -79,112 +94,6 @@ def gzip_bytes(data, # the bytes to compress
         return c.compress(chunks[k]) + c.flush(zlib.Z_FINISH if k == len(chunks) - 1 else zlib.Z_SYNC_FLUSH)
     with ThreadPoolExecutor(min(n, len(chunks))) as ex: body = b''.join(ex.map(deflate, range(len(chunks))))
     return b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff' + body + struct.pack('<II', zlib.crc32(view), len(view) & 0xffffffff)
-
-# %% ../nbs/10_niftiwrite.ipynb #ca096eaa
-SIDECAR_KEYS = [  # (JSON key, DICOM keyword, scale)
-    ('Modality', 'Modality', None), ('MagneticFieldStrength', 'MagneticFieldStrength', None),
-    ('ImagingFrequency', 'ImagingFrequency', None), ('Manufacturer', 'Manufacturer', None),
-    ('ManufacturersModelName', 'ManufacturerModelName', None), ('InstitutionName', 'InstitutionName', None),
-    ('InstitutionalDepartmentName', 'InstitutionalDepartmentName', None), ('DeviceSerialNumber', 'DeviceSerialNumber', None),
-    ('StationName', 'StationName', None), ('SeriesInstanceUID', 'SeriesInstanceUID', None),
-    ('StudyInstanceUID', 'StudyInstanceUID', None), ('BodyPart', 'BodyPartExamined', None),
-    ('PatientPosition', 'PatientPosition', None), ('SoftwareVersions', 'SoftwareVersions', None),
-    ('MRAcquisitionType', 'MRAcquisitionType', None), ('StudyDescription', 'StudyDescription', None),
-    ('SeriesDescription', 'SeriesDescription', None), ('ProtocolName', 'ProtocolName', None),
-    ('ScanningSequence', 'ScanningSequence', None), ('SequenceVariant', 'SequenceVariant', None),
-    ('ScanOptions', 'ScanOptions', None), ('SequenceName', 'SequenceName', None), ('ImageType', 'ImageType', None),
-    ('SeriesNumber', 'SeriesNumber', None), ('AcquisitionNumber', 'AcquisitionNumber', None),
-    ('ConvolutionKernel', 'ConvolutionKernel', None), ('ExposureTime', 'ExposureTime', 1e-3),
-    ('XRayTubeCurrent', 'XRayTubeCurrent', None), ('KVP', 'KVP', None), ('SliceThickness', 'SliceThickness', None),
-    ('SpacingBetweenSlices', 'SpacingBetweenSlices', None), ('EchoNumber', 'EchoNumbers', None),
-    ('EchoTime', 'EchoTime', 1e-3), ('RepetitionTime', 'RepetitionTime', 1e-3), ('InversionTime', 'InversionTime', 1e-3),
-    ('FlipAngle', 'FlipAngle', None), ('CoilString', 'ReceiveCoilName', None), ('EchoTrainLength', 'EchoTrainLength', None),
-    ('PixelBandwidth', 'PixelBandwidth', None), ('SAR', 'SAR', None), ('PercentSampling', 'PercentSampling', None),
-    ('PercentPhaseFOV', 'PercentPhaseFieldOfView', None), ('InstitutionAddress', 'InstitutionAddress', None),
-    ('ImageComments', 'ImageComments', None)]
-
-# %% ../nbs/10_niftiwrite.ipynb #3d71c9b1
-def _json_value(v, scale=None):
-    "A DICOM value as JSON: numbers as numbers (times scaled), numeric multi-values as lists, text ones joined by backslashes."
-    if isinstance(v, (MultiValue, list, tuple)):
-        vs = [_json_value(x, scale) for x in v]
-        return '\\'.join(vs) if vs and all(isinstance(x, str) for x in vs) else vs
-    if isinstance(v, (int, float)): x = float(f'{v * scale:.12g}') if scale else v; return int(x) if float(x).is_integer() else float(x)
-    return text_value(v)
-
-def _tag_keys(ds, frame, keys:list, deidentify:Deidentify|None=None) -> dict:
-    "The sidecar `keys` read straight from tags, for frame `frame` (its own echo time in an enhanced file); only values `deidentify` keeps, if given."
-    out = {}
-    for key, kw, scale in keys:
-        if deidentify and kw not in deidentify.keywords: continue
-        v = tag_value(ds, 'EffectiveEchoTime' if kw == 'EchoTime' and is_enhanced(ds) else kw, frame, fast=False)
-        if deidentify and not deidentify.keeps(kw, v): continue           # a name, or text where a number belongs
-        if v not in (None, '') and _json_value(v) not in ('', []): out[key] = _json_value(v, scale)
-    return out
-
-def sidecar(ds, # dataset of the volume's first frame
-            orientation:list|None=None, # direction cosines, as ImageOrientationPatientDICOM
-            version:str='', # dicom_prep's version, as ConversionSoftwareVersion
-            frame:int=0, # the frame of `ds` the volume starts with (enhanced files)
-            shape:tuple|None=None, # (rows, cols) of a slice as written, for the phase-encoding matrix
-            slice_timing:list|None=None, # acquisition time of each slice as written (s)
-            deidentify:Deidentify|None=None, # a pseudonymised index's options: only the attributes they keep (and `keep`'s own)
-           ) -> dict:
-    "BIDS-style sidecar of a volume whose first frame is frame `frame` of `ds`, with dcm2niix's keys and values."
-    out = _tag_keys(ds, frame, SIDECAR_KEYS + [(k, k, None) for k in (deidentify.keep if deidentify else ())], deidentify)
-    e = epi_fields(ds, frame)
-    if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
-    if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)
-    if (t := acquisition_time(ds, frame)) and (not deidentify or 'AcquisitionTime' in deidentify.keywords): out['AcquisitionTime'] = t
-    if slice_timing: out['SliceTiming'] = [g6(s) for s in slice_timing]
-    if orientation: out['ImageOrientationPatientDICOM'] = orientation
-    return {**out, **phase_encoding(e, *(shape or (0, 0))), 'ConversionSoftware': 'dicom_prep', 'ConversionSoftwareVersion': version}
-
-# %% ../nbs/10_niftiwrite.ipynb #14aa6867
-def image_type(ds, # a dataset
-               component:str='', # MAGNITUDE, PHASE, REAL or IMAGINARY, appended when known and not already there
-              ) -> list[str]:
-    "`ImageType` (the file's, not an enhanced frame's) as dcm2niix reports it: values split at underscores, then the complex component."
-    words = [w for v in (ds.get('ImageType') or tag_value(ds, 'ImageType') or []) for w in text_value(v).split('_') if w]
-    return words + [component] if component and component not in words else words
-
-def acquisition_time(ds, # a dataset
-                     frame:int=0, # the frame (enhanced files date each frame)
-                    ) -> str|None:
-    "AcquisitionTime (else the time of the frame's acquisition date-time) as `hh:mm:ss.ffffff`; None when absent."
-    t = text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False))
-    if not t: t = text_value(tag_value(ds, 'FrameAcquisitionDateTime', frame) or tag_value(ds, 'AcquisitionDateTime'))[8:]
-    if len(t) < 6 or not t[:6].isdigit(): return None
-    return f"{t[:2]}:{t[2:4]}:{float(t[4:].split('+')[0].split('-')[0] or 0):09.6f}"
-
-# %% ../nbs/10_niftiwrite.ipynb #6c801e8e
-def g6(x:float, # a number
-      ) -> float:
-    "`x` to 6 significant digits, as dcm2niix prints derived values (`%g`)."
-    return float(f'{x:.6g}')
-
-def phase_encoding(e:EpiFields, # what the header says about the EPI acquisition
-                   rows:int=0, # rows of a slice as written
-                   cols:int=0, # columns of a slice as written
-                  ) -> dict:
-    "dcm2niix's phase-encoding, echo-spacing and readout-time sidecar keys for `e`."
-    out, recon = {}, {'COL': rows, 'ROW': cols}.get(e.phase_axis) or None
-    if e.ge_polarity: out['PhaseEncodingPolarityGE'] = e.ge_polarity
-    if e.acq_matrix_pe: out['AcquisitionMatrixPE'] = e.acq_matrix_pe
-    if recon: out['ReconMatrixPE'] = recon
-    if e.bandwidth_pe: out['BandwidthPerPixelPhaseEncode'] = e.bandwidth_pe
-    if e.dwell_time: out['DwellTime'] = g6(e.dwell_time)
-    ees = e.echo_spacing or (1 / (e.bandwidth_pe * recon) if e.bandwidth_pe and recon else None)
-    if e.accel_pe and e.accel_pe > 1: out['ParallelReductionFactorInPlane'] = e.accel_pe
-    if ees: out['EffectiveEchoSpacing'] = g6(ees)
-    if ees and e.bandwidth_pe: out['DerivedVendorReportedEchoSpacing'] = g6(ees * (e.accel_pe or 1))   # the echo spacing itself
-    if ees and recon: out['TotalReadoutTime'] = g6(ees * (recon - 1))
-    if e.phase_axis in ('ROW', 'COL') and not e.is_3d:
-        axis = 'j' if e.phase_axis == 'COL' else 'i'
-        if e.phase_positive is None: out['PhaseEncodingAxis'] = axis
-        else: out['PhaseEncodingDirection'] = axis + ('-' if e.phase_positive == (e.phase_axis == 'COL') else '')
-    if e.phase_axis: out['InPlanePhaseEncodingDirectionDICOM'] = e.phase_axis
-    return out
 
 # %% ../nbs/10_niftiwrite.ipynb #fa27f94b
 _UNCOMPRESSED = {'1.2.840.10008.1.2': ('<', 8), '1.2.840.10008.1.2.1': ('<', 12), '1.2.840.10008.1.2.2': ('>', 12)}
@@ -260,6 +169,7 @@ class VolumeTask:
     grid: Grid|None = None # the grid to resample onto (None: the frames are the grid)
     root: str|None = None # the output folder `out` lies in: nothing below it is written through a symlink [default: the folder of `out`]
     deidentify: Deidentify|None = None # a pseudonymised index's options: what its sidecar may hold
+    echoes: bool = False # one echo of several (its suffix is `_e<n>`): the sidecar says which
 
 
 # %% ../nbs/10_niftiwrite.ipynb #4077cf93
@@ -279,7 +189,7 @@ def volume_task(v:dict, # a `volumes` row
                       orientation=json.loads(v['orientation']), version=version, sig=v['sources_sig'],
                       slice_timing=js('slice_timing'), bvals=js('bvals'), bvecs=js('bvecs'),
                       grid=Grid(**js('resample')) if v.get('resample') else None, root=None if root is None else str(root),
-                      deidentify=deidentify,
+                      deidentify=deidentify, echoes=(v.get('suffix') or '').startswith('_e'),
                       frames=[SourceFrame(f['path'], f['frame'], f['slope'], f['intercept'], f['size'], f['mtime_ns'], f['transfer_syntax'],
                                           f['n_frames'], f['bits_allocated'], f['bits_stored'], f['signed'], f.get('mosaic') or 0,
                                           f['position'] or 0., f.get('row_offset') or 0., f.get('col_offset') or 0.)
@@ -321,11 +231,13 @@ def written_files(out, # a volume's .nii.gz
     "Every file written for the volume at `out`: the image, its JSON sidecar, its .bval/.bvec and its label map."
     return [Path(out)] + [_beside(Path(out), ext) for ext in ('.json', '.bval', '.bvec', SEG_SUFFIX)]
 
-def _write_sidecar(task:VolumeTask, out:Path) -> Path:
-    "Write the JSON sidecar of `task` next to `out`; its path."
-    side, f0 = _beside(out, '.json'), task.frames[0]
-    meta = sidecar(read_dicom(f0.path, headers_only=True), task.orientation, task.version, 0 if f0.mosaic else f0.frame,
-                   (task.rows, task.cols), task.slice_timing, task.deidentify)
+def _first_frame(task:VolumeTask) -> int: return 0 if task.frames[0].mosaic else task.frames[0].frame   # in its file's header
+
+def _write_sidecar(task:VolumeTask, out:Path, ds) -> Path:
+    "Write the JSON sidecar of `task` (`ds`: its first file's header) next to `out`; its path."
+    side = _beside(out, '.json')
+    meta = sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing, task.deidentify,
+                   task.echoes)
     with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
     return side
 
@@ -337,34 +249,40 @@ def _write_diffusion(task:VolumeTask, out:Path):
         with atomic_path(_beside(out, ext), task.root) as tmp: tmp.write_text(text)
 
 # %% ../nbs/10_niftiwrite.ipynb #8effaf91
-def _place(img, dr, dc, rows, cols) -> np.ndarray:
-    "`img` with its corner moved to (dr, dc) pixels of a rows × cols canvas, interpolated bilinearly, zero outside."
+def _place(img, dr, dc, rows, cols, fill=0.) -> np.ndarray:
+    "`img` with its corner moved to (dr, dc) pixels of a rows × cols canvas, interpolated bilinearly, `fill` outside."
     r, c = np.arange(rows)[:, None] - dr, np.arange(cols)[None, :] - dc
     r0, c0 = np.floor(r).astype(int), np.floor(c).astype(int)
     out = np.zeros((rows, cols))
     for rr, wr in ((r0, 1 - (r - r0)), (r0 + 1, r - r0)):
         for cc, wc in ((c0, 1 - (c - c0)), (c0 + 1, c - c0)):
             inside = (rr >= 0) & (rr < img.shape[0]) & (cc >= 0) & (cc < img.shape[1])
-            out += np.where(inside, img[rr.clip(0, img.shape[0] - 1), cc.clip(0, img.shape[1] - 1)], 0) * wr * wc
+            out += np.where(inside, img[rr.clip(0, img.shape[0] - 1), cc.clip(0, img.shape[1] - 1)], fill) * wr * wc
     return out
 
 def resample_stack(slices:np.ndarray, # source slices (n, rows, cols), sorted along the normal
                    positions, # their positions along the normal (mm)
                    offsets, # their corners on the grid: (row, column) pixels each
                    grid:Grid, # the grid
+                   fill:float=0., # the value of voxels outside the source slab
                   ) -> np.ndarray:
     "The slices interpolated onto `grid`: (grid.slices, grid.rows, grid.cols), float."
-    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols) for s, (dr, dc) in zip(slices, offsets)])
+    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets)])
     p, pos = grid.first + grid.step * np.arange(grid.slices), np.asarray(positions, float)
     i = np.clip(np.searchsorted(pos, p + 1e-6, side='right') - 1, 0, len(pos) - 2)
     w = np.clip((p - pos[i]) / (pos[i + 1] - pos[i]), 0, 1)[:, None, None]
     return placed[i] * (1 - w) + placed[i + 1] * w
 
-def _resampled(data:np.ndarray, task:VolumeTask) -> np.ndarray:
-    "Volume `data` (time, slices, rows, cols) resampled onto `task.grid`, integers rounded back to their type."
-    n = data.shape[1]
+def _padding(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> float:
+    "What voxels outside the source slab hold, as dcm2niix fills them: the series' PixelPaddingValue (in `ds`), else the darkest voxel."
+    pad, f0 = num_value(tag_value(ds, 'PixelPaddingValue')), task.frames[0]
+    return float(data.min()) if pad is None else pad if stored else pad * f0.slope + f0.inter
+
+def _resampled(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> np.ndarray:
+    "Volume `data` (time, slices, rows, cols; `stored` values, else rescaled) resampled onto `task.grid`, integers rounded back to their type."
+    n, fill = data.shape[1], _padding(data, task, stored, ds)
     out = np.stack([resample_stack(data[t], [s.position for s in task.frames[t * n:(t + 1) * n]],
-                                   [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid)
+                                   [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid, fill)
                     for t in range(data.shape[0])])
     if not np.issubdtype(data.dtype, np.integer): return out.astype(data.dtype)
     return np.rint(out).clip(np.iinfo(data.dtype).min, np.iinfo(data.dtype).max).astype(data.dtype)
@@ -379,20 +297,26 @@ class Converted:
     dtype: str|None = None # its data type
     sidecar: str|None = None # the sidecar written, if any
 
+def _order(task:VolumeTask, ds) -> tuple[str, int]:
+    "(phase-encoding axis, slice_code) of `task` (`ds`: its first file's header); the slice order of Siemens' recorded times only, as dcm2niix."
+    code = slice_code(task.slice_timing) if task.slice_timing and maker(ds) == 'Siemens' else 0
+    return phase_axis(tag_value(ds, 'InPlanePhaseEncodingDirection', _first_frame(task))), code
+
 def convert_volume(task:VolumeTask, # the volume to write
                   ) -> Converted:
     "Write volume `task` to `task.out` (and its sidecar); returns status, shape, dtype or the error — never raises."
     try:
         _check_sources(task.frames)
-        raw = _read_frames(task.frames, task.rows, task.cols)
+        ds, raw = read_dicom(task.frames[0].path, headers_only=True), _read_frames(task.frames, task.rows, task.cols)
         data, slope, inter = rescaled(raw, [s.slope for s in task.frames], [s.inter for s in task.frames])
         data = data.reshape(task.n_timepoints, -1, *data.shape[1:])
-        if task.grid: data = _resampled(data, task)
+        if task.grid: data = _resampled(data, task, (slope, inter) != (1., 0.), ds)
         data = data[:, :, ::-1].transpose(3, 2, 1, 0)                 # rows bottom-up
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)
-        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(nifti_image(data, np.array(task.affine), slope, inter, task.tr).to_bytes()))
-        side = _write_sidecar(task, out) if task.sidecar else None
+        img = nifti_image(data, np.array(task.affine), slope, inter, task.tr, *_order(task, ds))
+        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(img.to_bytes()))
+        side = _write_sidecar(task, out, ds) if task.sidecar else None
         if not side: remove_output(_beside(out, '.json'), task.root)   # one left by an earlier conversion would describe other data
         _write_diffusion(task, out)
         return Converted('ok', None, list(data.shape), str(data.dtype), str(side) if side else None)

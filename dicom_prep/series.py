@@ -16,11 +16,11 @@ from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
 from .tags import num_value, tag_value, text_value
 from .vendor import (UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
-                     uih_grid_count, vendor_diffusion)
+                     uih_grid_count, vendor_diffusion, xa_value)
 
 # %% auto #0
 __all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map', 'EpiFields',
-           'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
+           'phase_axis', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
@@ -38,7 +38,7 @@ class FrameRecord:
     acq: float|None = None # acquisition number
     trigger: float|None = None # trigger time, ms
     inst: float|None = None # instance number (frame number + 1 in an enhanced file)
-    slice_time: float|None = None # when the slice was acquired within its volume, ms (Siemens CSA MosaicRefAcqTimes)
+    slice_time: float|None = None # when the slice was acquired, ms: Siemens CSA MosaicRefAcqTimes, XA FrameAcquisitionDateTime
     bval: float|None = None # diffusion b-value, s/mm²
     bvec: tuple|None = None # diffusion gradient direction: patient (LPS) axes; GE: its logical (frequency, phase, slice) axes
     kind: str = '' # complex component other than magnitude: 'phase', 'real' or 'imaginary'; 'fieldmaphz': a real B0 map
@@ -129,11 +129,14 @@ def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
 
 # %% ../nbs/08_series.ipynb #d58d3dee
 def _diffusion(ds, i, vendor, csa, pds) -> tuple:
-    "(b-value, gradient direction) of frame `i`, each None when not recorded."
+    "(b-value, gradient direction) of frame `i`, each None when not recorded; a derived isotropic (trace) image has no gradient."
     b = num_value(tag_value(ds, 'DiffusionBValue', i))
     seq = tag_value(ds, 'DiffusionGradientDirectionSequence', i)
     g = num_value(seq[0].get('DiffusionGradientOrientation') if seq else tag_value(ds, 'DiffusionGradientOrientation', i), 3)
-    return (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
+    b, g = (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
+    iso = text_value(tag_value(ds, 'DiffusionDirectionality', i)).upper() == 'ISOTROPIC' or (
+        vendor == 'Philips' and text_value(private_value(pds, 0x2001, 'Philips Imaging DD 001', 0x04)).upper() == 'I')
+    return b, (0., 0., 0.) if iso and b else g
 
 # %% ../nbs/08_series.ipynb #1c611851
 COMPONENTS = {'M': 'MAGNITUDE', 'P': 'PHASE', 'R': 'REAL', 'I': 'IMAGINARY'}
@@ -168,9 +171,9 @@ def _kind(ds, i, vendor) -> str:
 class EpiFields:
     "What one file says about its EPI acquisition, for BIDS sidecars."
     phase_axis: str = '' # InPlanePhaseEncodingDirection: 'ROW' or 'COL'
-    phase_positive: int|None = None # polarity as dcm2niix counts it: 1 (Siemens positive, GE unflipped), 0, or None
+    phase_positive: int|None = None # polarity as dcm2niix counts it: 1 (Siemens positive, GE unflipped), 0, or None (XA: (0021,111C))
     ge_polarity: str = '' # GE: 'Unflipped' or 'Flipped'
-    bandwidth_pe: float|None = None # Siemens BandwidthPerPixelPhaseEncode, Hz
+    bandwidth_pe: float|None = None # Siemens BandwidthPerPixelPhaseEncode, Hz (CSA, or XA's (0021,1153))
     echo_spacing: float|None = None # GE effective echo spacing, s
     acq_matrix_pe: int|None = None # phase-encoding steps of AcquisitionMatrix
     dwell_time: float|None = None # Siemens CSA RealDwellTime, s
@@ -187,19 +190,25 @@ def _accel(ds, frame, vendor) -> float|None:
     asset = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x83)) if vendor == 'GE' else None
     return 1 / asset if asset else None
 
+def phase_axis(v, # an InPlanePhaseEncodingDirection value
+              ) -> str:
+    "'ROW' or 'COL' as classic files spell it (enhanced files say 'COLUMN'); '' when not given."
+    return {'COLUMN': 'COL'}.get(t := text_value(v).upper(), t)
+
 def epi_fields(ds, # a dataset
                frame:int=0, # the frame
               ) -> EpiFields:
     "The EPI facts of frame `frame` of `ds`: phase encoding, echo spacing, matrix, complex component."
     vendor, get = maker(ds), lambda kw: tag_value(ds, kw, frame)
     csa = csa_image(ds) if vendor == 'Siemens' else {}
-    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else (ge_polarity(ds) if vendor == 'GE' else None)
+    xa = lambda offset: num_value(xa_value(ds, frame, offset)) if vendor == 'Siemens' and not csa else None   # Siemens XA: no CSA
+    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else xa(0x1C) if vendor == 'Siemens' else (ge_polarity(ds) if vendor == 'GE' else None)
     acq = [int(x) for x in num_value(get('AcquisitionMatrix'), 4) or ()]
     esp = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2C)) if vendor == 'GE' else None
     asset = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x83)) if vendor == 'GE' else None
-    return EpiFields(phase_axis=text_value(get('InPlanePhaseEncodingDirection')).upper(), phase_positive=None if pos is None else int(pos),
+    return EpiFields(phase_axis=phase_axis(get('InPlanePhaseEncodingDirection')), phase_positive=None if pos is None else int(pos),
                      ge_polarity={1: 'Unflipped', 0: 'Flipped'}.get(pos, '') if vendor == 'GE' else '',
-                     bandwidth_pe=num_value(csa.get('BandwidthPerPixelPhaseEncode')),
+                     bandwidth_pe=num_value(csa.get('BandwidthPerPixelPhaseEncode')) or xa(0x53),
                      echo_spacing=esp * 1e-6 * (asset or 1.) if esp else None, acq_matrix_pe=(acq[2] or acq[3]) if acq else None,
                      is_3d=text_value(get('MRAcquisitionType')).upper() == '3D', component=complex_component(ds, frame, vendor),
                      dwell_time=(num_value(csa.get('RealDwellTime')) or 0) * 1e-9 or None, accel_pe=_accel(ds, frame, vendor))
@@ -215,10 +224,11 @@ def _frame_record(ds, i, enhanced, vendor='', csa=None) -> FrameRecord:
     pds = philips_item(ds, i, enhanced) if vendor == 'Philips' else ds
     b, g = _diffusion(ds, i, vendor, csa or {}, pds)
     ss = num_value(private_value(pds, 0x2005, 'Philips MR Imaging DD 001', 0x0E)) if vendor == 'Philips' else None
+    at = _tm_ms(text_value(tag_value(ds, 'FrameAcquisitionDateTime', i))[8:]) if enhanced and vendor == 'Siemens' else None   # XA
     return FrameRecord(frame=i, ipp=v('ImagePositionPatient', 3), iop=v('ImageOrientationPatient', 6), ps=v('PixelSpacing', 2),
                        slope=v('RescaleSlope') or (not enhanced and v('DoseGridScaling')) or 1., inter=v('RescaleIntercept') or 0.,
                        echo=None if enhanced else v('EchoNumbers'), inst=i + 1 if enhanced else v('InstanceNumber'),
-                       bval=b, bvec=g, kind=_kind(ds, i, vendor), philips_ss=ss,
+                       bval=b, bvec=g, kind=_kind(ds, i, vendor), philips_ss=ss, slice_time=at,
                        **{f: v(names[enhanced]) for f, names in FRAME_KEYWORDS.items()})
 
 def _classic_positions(ds, first:FrameRecord, n) -> list:
@@ -273,7 +283,7 @@ def header_record(ds, # a dataset, read without its pixel data
                       ts=text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), has_pixels=has_pixels,
                       enhanced=enhanced, n_frames=n, thickness=num_value(get('SliceThickness')),
                       tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=slice_order(ds, vendor),
-                      phase_dir=text_value(get('InPlanePhaseEncodingDirection')).upper(), object_kind=object_kind(ds),
+                      phase_dir=phase_axis(get('InPlanePhaseEncodingDirection')), object_kind=object_kind(ds),
                       frame_of_reference=text_value(get('FrameOfReferenceUID')),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 

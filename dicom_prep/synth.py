@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, g
 # %% auto #0
 __all__ = ['CT_IMAGE', 'MR_ENHANCED', 'SECONDARY_CAPTURE', 'BASIC_TEXT_SR', 'new_instance', 'image_module', 'save', 'synth_dicom',
            'ct_phantom', 'synth_ct', 'synth_cine', 'synth_series', 'oblique_orientation', 'item', 'synth_enhanced',
-           'csa_header', 'synth_mosaic', 'synth_uih', 'synth_dataset', 'synth_jpeg_cine', 'synth_clones']
+           'csa_header', 'synth_mosaic', 'synth_uih', 'synth_philips_dwi', 'synth_dataset', 'synth_jpeg_cine',
+           'synth_clones']
 
 # %% ../nbs/01_synth.ipynb #7c5bd7be
 CT_IMAGE = '1.2.840.10008.5.1.4.1.1.2'           # CT Image Storage
@@ -215,6 +216,8 @@ def synth_enhanced(path, # where to write the file
                    intercept:float=0, # RescaleIntercept
                    seed:int=0, # random pixels' seed
                    dimension_index:bool=True, # write DimensionIndexValues
+                   frame_times=None, # when each slice was acquired (ms after 12:00:00), as per-frame FrameAcquisitionDateTime
+                   **tags # further attributes of the file, by keyword
                   ) -> Path:
     "Write a tiny Enhanced MR file: `n` slices × `len(echo_times)` echoes, frames interleaved."
     ds = new_instance(MR_ENHANCED)
@@ -228,7 +231,10 @@ def synth_enhanced(path, # where to write the file
         PlanePositionSequence=[item(ImagePositionPatient=[f'{v:.5f}' for v in np.asarray(origin) + k*step*normal])],
         MREchoSequence=[item(EffectiveEchoTime=te)],
         FrameContentSequence=[item(StackID='1', InStackPositionNumber=k + 1)]) for k, te in frames]
+    for f, (k, _) in zip(ds.PerFrameFunctionalGroupsSequence, frames if frame_times else []):
+        f.FrameContentSequence[0].FrameAcquisitionDateTime = f'20240101{120000 + frame_times[k] / 1000:013.6f}'
     if dimension_index: _dimension_index(ds, frames, echo_times)
+    for key, v in tags.items(): setattr(ds, key, v)
     ds.PixelData = np.random.default_rng(seed).integers(-500, 1500, (len(frames), rows, cols)).astype('<i2').tobytes()
     return save(ds, path)
 
@@ -356,6 +362,24 @@ def synth_uih(folder, # folder to write the volumes into
         ds.PixelData = grid.reshape(gr, m, tile, tile).swapaxes(1, 2).reshape(gr * tile, m * tile).tobytes()
         _uih_private(ds, positions, [f'1200{k:02d}.{t:06d}' for k in range(n)], *((bvals[t], bvecs[t]) if bvals else (None, None)))
         paths.append(save(ds, Path(folder)/f'UIH{t + 1:04d}.dcm'))
+    return paths
+
+# %% ../nbs/01_synth.ipynb #5a4c0c58
+def synth_philips_dwi(folder, # folder to write the slices into
+                      bvals=(0, 1000, 1000, 1000, 1000), # b-value of each volume
+                      bvecs=((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 0)), # gradient of each volume (patient axes)
+                      isotropic=(False,) * 4 + (True,), # volumes marked derived isotropic, 'I' in (2001,1004): the trace, last
+                      n:int=4, # slices per volume
+                     ) -> list[Path]:
+    "Write a classic Philips DWI series with standard and private diffusion tags; returns the paths, volume by volume."
+    uid, study, paths = generate_uid(), generate_uid(), []
+    for t, (b, g, iso) in enumerate(zip(bvals, bvecs, isotropic, strict=True)):
+        for p in synth_series(folder, n=n, modality='MR', series_uid=uid, study_uid=study, first_instance=1 + t * n, seed=t,
+                              description='dwi', Manufacturer='Philips Medical Systems', EchoTime='80', RepetitionTime='3000',
+                              DiffusionBValue=b, DiffusionGradientDirectionSequence=[item(DiffusionGradientOrientation=list(map(float, g)))]):
+            ds = pydicom.dcmread(p)
+            ds.private_block(0x2001, 'Philips Imaging DD 001', create=True).add_new(0x04, 'CS', 'I' if iso else 'O')
+            paths.append(save(ds, p))
     return paths
 
 # %% ../nbs/01_synth.ipynb #4ce50f77

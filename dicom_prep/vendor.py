@@ -17,8 +17,9 @@ from pydicom.tag import Tag
 from .tags import num_value, text_value
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count', 'grid_count', 'untile',
-           'tile_size', 'philips_item', 'vendor_diffusion', 'ge_protocol', 'slice_order', 'ge_polarity']
+__all__ = ['MAKERS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count', 'grid_count',
+           'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec', 'ge_protocol',
+           'slice_order', 'ge_polarity']
 
 # %% ../nbs/02e_vendor.ipynb #18af2724
 MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
@@ -140,6 +141,42 @@ def vendor_diffusion(ds, # a dataset (for Philips, its `philips_item`)
         g = tuple(num_value(private_value(ds, 0x2005, 'Philips MR Imaging DD 001', e)) for e in (0xB0, 0xB1, 0xB2))
         return num_value(private_value(ds, 0x2001, 'Philips Imaging DD 001', 0x03)), (None if None in g else g)
     return None, None
+
+# %% ../nbs/02e_vendor.ipynb #cb1ab673
+XA_SDI = 'SIEMENS MR SDI 02'   # the private creator of Siemens XA's (0021,11xx) elements
+
+def xa_value(ds, # a Siemens XA dataset
+             frame:int, # the frame
+             offset:int, # the element within the creator's block, e.g. 0x1C for (0021,111C)
+            ):
+    "A Siemens XA private (0021,11xx) element of frame `frame`: in the file, else in the frame's private (0021,11FE) item; None when absent."
+    groups = ds.get('PerFrameFunctionalGroupsSequence') or []
+    items = (private_value(groups[frame], 0x0021, XA_SDI, 0xFE) or []) if frame < len(groups) else []
+    return next((v for d in (ds, *items) if (v := private_value(d, 0x0021, XA_SDI, offset)) is not None), None)
+
+# %% ../nbs/02e_vendor.ipynb #562202fc
+def ge_bvec(b:float, # b-value
+            g, # GE's gradient direction, in its logical (frequency, phase, slice) axes
+            col_pe:bool, # phase encoding along columns
+            normal, # the slice normal (patient axes)
+           ) -> tuple:
+    "dcm2niix's GE logical-to-FSL direction, and the b-value scaled by |g|² when GE shortened the vector."
+    g, n = np.asarray(g, float), float(np.linalg.norm(g))
+    if 0.03 < n < 0.97: b, g = b * n * n, g / n
+    axis = int(np.argmax(np.abs(normal)))
+    flip = [[1, 1, 0], [0, 1, 1], [0, 0, 1]][axis]
+    if normal[axis] < 0: flip[2] = 1 - flip[2]
+    x, y, z = [-c if f else c for c, f in zip(g, flip)]
+    y = -y
+    if not col_pe: x, y = -y, x
+    return b, (-x, -y, -z)
+
+def fsl_bvec(g, # a gradient direction, patient axes
+             row, col, normal, # the image's row, column and slice directions
+            ) -> tuple:
+    "A patient-axes gradient direction in FSL's axes of the written image (column, row bottom-up, slice), unit length."
+    v = np.array([g @ row, -(g @ col), g @ normal]); n = np.linalg.norm(v)
+    return tuple(v / n) if n > 1e-6 else (0., 0., 0.)
 
 # %% ../nbs/02e_vendor.ipynb #a4fcb968
 def ge_protocol(ds, # a GE dataset

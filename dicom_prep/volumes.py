@@ -12,18 +12,20 @@ Docs: https://dicom-prep.github.io/dicom_prep/volumes.html.md"""
 from __future__ import annotations
 import json, math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 import numpy as np
 from .core import stable_hash
 from .db import now
 from .series import FileRecord, FrameRecord
+from .vendor import fsl_bvec, ge_bvec
 
 # %% auto #0
 __all__ = ['ORIENT_SPLIT_TOL', 'ORIENT_TOL', 'POS_TOL', 'SPACING_TOL', 'TIME_KEYS', 'VOLUME_KINDS', 'LPS_TO_RAS', 'VERDICT_RULES',
            'RESAMPLABLE', 'TILT_TOL', 'KIND_SUFFIX', 'PHILIPS_SCALINGS', 'split_time', 'Member', 'Candidate',
-           'group_volumes', 'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict', 'resample_grid',
-           'grid_offsets', 'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table', 'analyze_volume']
+           'split_adc', 'group_volumes', 'Geometry', 'slice_geometry', 'written_affine', 'Rule', 'volume_verdict',
+           'resample_grid', 'grid_offsets', 'volume_suffix', 'frame_rescale', 'slice_timing', 'diffusion_table',
+           'analyze_volume']
 
 # %% ../nbs/09_volumes.ipynb #675494fa
 ORIENT_SPLIT_TOL = 0.05   # direction cosines further apart than this: different stacks
@@ -62,15 +64,13 @@ def _time_split(frames, pos, key) -> list[tuple[str, list[int]]]|None:
     "The volumes time attribute `key` splits a stack into, or None when it does not separate repeated positions."
     by_value = defaultdict(list)
     for i, f in enumerate(frames): by_value[getattr(f, key)].append(i)
-    values = sorted(by_value, key=_sort_key)
-    subs = [by_value[v] for v in values]
+    values = sorted(by_value, key=_sort_key); subs = [by_value[v] for v in values]
     if len(values) < 2 or any(len({pos[i] for i in s}) < len(s) for s in subs): return None
     t, n = {i: k for k, s in enumerate(subs) for i in s}, len(frames)
     if len({frozenset(pos[i] for i in s) for s in subs}) == 1: return [(key, [t[i] for i in range(n)])]
     return [(f'{key}={v:g}' if v is not None else f'{key}=none', [0 if t[i] == k else -1 for i in range(n)])
             for k, v in enumerate(values)]
 
-# %% ../nbs/09_volumes.ipynb #a80df946
 def split_time(frames:list[FrameRecord], # the frames of one stack
               ) -> list[tuple[str, list[int]]]:
     "Split a stack of frame records into volumes: `(time label, time index per frame)` for each."
@@ -107,6 +107,19 @@ class Candidate:
     members: list[Member] = field(default_factory=list) # its frames, in path order
     echo_index: int = 0 # its echo's rank in a multi-echo series (1, 2, ...); 0 when the series has one echo
     kind: str = '' # complex component: '' (magnitude), 'phase', 'real' or 'imaginary'; 'fieldmaphz' (a real B0 map in Hz)
+    adc: bool = False # a diffusion series whole, derived trace/ADC volumes included: dcm2niix's `_ADC` copy
+
+# %% ../nbs/09_volumes.ipynb #9eecd523
+def _derived(m:Member) -> bool: return (m.frame.bval or 0) > 0 and m.frame.bvec is not None and not any(m.frame.bvec)
+
+def split_adc(v:Candidate, # a candidate volume
+             ) -> list[Candidate]:
+    "`[v]`, or `v` without its derived trace/ADC time points (b > 0, no gradient) and `v` whole as `_ADC`, when 2 or more others remain."
+    derived = {m.t for m in v.members if _derived(m)}
+    keep = {t: k for k, t in enumerate(sorted(set(range(v.n_t)) - derived))}
+    if not derived or len(keep) < 2: return [v]
+    return [replace(v, n_t=len(keep), members=[Member(m.file, m.frame, keep[m.t]) for m in v.members if m.t in keep]),
+            replace(v, id=stable_hash(f"{v.id}|ADC", 16), split=f"{v.split}|ADC", adc=True)]
 
 # %% ../nbs/09_volumes.ipynb #4e055a63
 def _echo(f:FrameRecord) -> str:
@@ -122,14 +135,16 @@ def _echo_indices(members) -> dict:
     "(component, echo label) -> echo index in the name: rank among its component's echoes if several, else its number if above 1."
     out = {}
     for kind in {m.frame.kind for m in members}:
-        same = [m for m in members if m.frame.kind == kind]
-        ranks = _echo_ranks(same)
+        ranks = _echo_ranks(same := [m for m in members if m.frame.kind == kind])
         for e in {_echo(m.frame) for m in same}:
             out[kind, e] = ranks.get(e) or (int(float(e)) if e and not e.startswith('te') and float(e) > 1 else 0)
     return out
 
 def _series_candidates(uid, members) -> list[Candidate]:
     "The candidate volumes of one series: its frames split by size, orientation, echo, complex component and time."
+    tes = defaultdict(set)                   # one echo number for several echo times (a field map's two echoes): told apart by time
+    for m in members: tes[m.frame.echo].add(m.frame.te)
+    members = [Member(m.file, m.frame.moved(echo=None)) if len(tes[m.frame.echo]) > 1 else m for m in members]
     labels = _orientation_labels([m.frame.iop for m in members])
     tri_plane, echo_index, stacks = len(set(labels) - {'none'}) >= 3, _echo_indices(members), defaultdict(list)
     for m, o in zip(members, labels):
@@ -138,7 +153,7 @@ def _series_candidates(uid, members) -> list[Candidate]:
     for key, stack in stacks.items():
         for label, t in split_time([m.frame for m in stack]):
             split, f0 = f"{key}|t={label}", stack[0].frame
-            vols.append(Candidate(stable_hash(f"{uid}|{split}", 16), uid, split, tri_plane, max(t) + 1,
+            vols += split_adc(Candidate(stable_hash(f"{uid}|{split}", 16), uid, split, tri_plane, max(t) + 1,
                                   [Member(m.file, m.frame, ti) for m, ti in zip(stack, t) if ti >= 0], echo_index[f0.kind, _echo(f0)], f0.kind))
     return vols
 
@@ -169,11 +184,17 @@ class Geometry:
     largest_step: float # largest step
     n_duplicates: int # steps shorter than POS_TOL
     n_missing: int # slices missing in gaps that are whole multiples of the typical step
+    spacing_change: tuple|None # (step before, step after, slice where it changes) when the spacing changes once for good
     gantry_tilt: float # degrees between the slice-to-slice vector and the normal
     affine: np.ndarray # voxel (column, row, slice) → RAS mm
 
-# %% ../nbs/09_volumes.ipynb #62c69bb8
 LPS_TO_RAS = np.diag([-1., -1., 1., 1.])
+
+def _spacing_change(steps, tol=SPACING_TOL) -> tuple|None:
+    "(first step, last step, slice at which the one changes to the other) when each holds for 2 or more steps, with at most one between."
+    near = lambda s, ref: abs(s - ref) <= tol * ref
+    k, m = (next((i for i, s in enumerate(ss) if not near(s, ss[0])), len(ss)) for ss in (steps, steps[::-1]))
+    return (float(steps[0]), float(steps[-1]), k + 1) if min(k, m) >= 2 and k + m >= len(steps) - 1 and not near(steps[-1], steps[0]) else None
 
 def slice_geometry(ipp, # per-frame positions (n, 3)
                    iop, # per-frame orientations (n, 6)
@@ -185,8 +206,7 @@ def slice_geometry(ipp, # per-frame positions (n, 3)
     row, col, normal = mean_iop[:3], mean_iop[3:], _normal(mean_iop)
     d = ipp @ normal
     order = np.argsort(d, kind='stable'); sd = d[order]; n = len(d)
-    steps = np.diff(sd)
-    moves = steps[steps >= POS_TOL]
+    steps = np.diff(sd); moves = steps[steps >= POS_TOL]
     unit = float(np.median(moves)) if len(moves) else 0.
     step_vec = (ipp[order[-1]] - ipp[order[0]]) / (n - 1) if n > 1 else normal
     mean = float(sd[-1] - sd[0]) / (n - 1) if n > 1 else 0.
@@ -198,7 +218,7 @@ def slice_geometry(ipp, # per-frame positions (n, 3)
                     orientation_dev=float(np.abs(iop - mean_iop).max()), orthogonality=float(abs(row @ col)),
                     slice_spacing=mean, slice_spacing_max_dev=float(np.abs(steps - mean).max()) if n > 1 else 0.,
                     typical_step=unit, largest_step=float(steps.max()) if n > 1 else 0., n_duplicates=int((steps < POS_TOL).sum()),
-                    n_missing=int(sum(round(s / unit) - 1 for s in moves if s > 1.5 * unit)) if unit else 0,
+                    n_missing=int(sum(round(s / unit) - 1 for s in moves if s > 1.5 * unit)) if unit else 0, spacing_change=_spacing_change(moves),
                     gantry_tilt=tilt, affine=LPS_TO_RAS @ lps)
 
 # %% ../nbs/09_volumes.ipynb #d1c022a0
@@ -219,7 +239,6 @@ class Rule:
 
 def _missing(v:Candidate, key:str) -> int: return sum(getattr(m.frame, key) is None for m in v.members)
 
-# %% ../nbs/09_volumes.ipynb #464d2963
 VERDICT_RULES = [
     Rule('no pixel data', lambda v, g, tol: not all(m.file.has_pixels for m in v.members), 'no image in these files (Rows/Columns absent)'),
     Rule('colour', lambda v, g, tol: v.members[0].file.samples != 1,
@@ -240,6 +259,8 @@ VERDICT_RULES = [
     Rule('single slice', lambda v, g, tol: g.n_slices < 2, 'one slice is an image, not a volume'),
     Rule('duplicate positions', lambda v, g, tol: g.n_duplicates,
          '{g.n_duplicates} slices repeat a position and no time attribute separates them'),
+    Rule('spacing changes', lambda v, g, tol: g.spacing_change, 'spacing changes from {g.spacing_change[0]:.3g} to '
+         '{g.spacing_change[1]:.3g} mm at slice {g.spacing_change[2]} (--resample writes it on an equidistant grid)'),
     Rule('missing slices', lambda v, g, tol: g.n_missing,
          '{g.n_missing} slice(s) missing: a gap of {g.largest_step:.3g} mm where slices are {g.typical_step:.3g} mm apart '
          '(--resample writes it on an equidistant grid)'),
@@ -248,7 +269,7 @@ VERDICT_RULES = [
          '--resample writes it on an equidistant grid)')]
 
 # %% ../nbs/09_volumes.ipynb #a70f1d4d
-RESAMPLABLE = ('missing slices', 'inconsistent spacing')   # verdicts `--resample` turns into an equidistant grid
+RESAMPLABLE = ('spacing changes', 'missing slices', 'inconsistent spacing')   # verdicts `--resample` turns into an equidistant grid
 
 def volume_verdict(v:Candidate, # the candidate volume
                    g:Geometry|None, # its geometry (None when it cannot be measured)
@@ -303,8 +324,8 @@ KIND_SUFFIX = {'phase': '_ph', 'real': '_real', 'imaginary': '_imaginary', 'fiel
 
 def volume_suffix(v:Candidate, # a candidate volume
                  ) -> str:
-    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`."
-    return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '')
+    "dcm2niix's file-name suffix for `v`: `_e<n>` in a multi-echo series, then `_ph`, `_real`, `_imaginary` or `_fieldmaphz`, then `_ADC`."
+    return (f"_e{v.echo_index}" if v.echo_index else '') + KIND_SUFFIX.get(v.kind, '') + ('_ADC' if v.adc else '')
 
 # %% ../nbs/09_volumes.ipynb #8f700526
 PHILIPS_SCALINGS = ('precise', 'display')
@@ -329,8 +350,8 @@ def _recorded_times(v:Candidate, first, order) -> list[float]|None:
     "Siemens slice times (s, written order) of the first volume, or of the second when the first looks untruthful."
     pick = lambda t: [m.frame.slice_time for m in v.members if m.t == t]
     t0, t1, tr = pick(0), pick(1), first[0].file.tr or math.inf
-    if None in t0: return None
     span = lambda ts: max(ts) - min(ts)
+    if None in t0 or span(t0) == 0: return None                          # all at once: no timing (dcm2niix: 'corrupted')
     if len(t1) == len(t0) and None not in t1 and (span(t1) > span(t0) or span(t0) > tr): t0 = t1
     return [(t0[i] - min(t0)) / 1000 for i in order]
 
@@ -345,30 +366,13 @@ def slice_timing(v:Candidate, # a candidate volume
     return None
 
 # %% ../nbs/09_volumes.ipynb #1a524e57
-def _ge_bvec(b, g, col_pe:bool, normal) -> tuple:
-    "dcm2niix's GE logical-to-FSL direction, and the b-value scaled by |g|² when GE shortened the vector."
-    g, n = np.asarray(g, float), float(np.linalg.norm(g))
-    if 0.03 < n < 0.97: b, g = b * n * n, g / n
-    axis = int(np.argmax(np.abs(normal)))
-    flip = [[1, 1, 0], [0, 1, 1], [0, 0, 1]][axis]
-    if normal[axis] < 0: flip[2] = 1 - flip[2]
-    x, y, z = [-c if f else c for c, f in zip(g, flip)]
-    y = -y
-    if not col_pe: x, y = -y, x
-    return b, (-x, -y, -z)
-
-def _fsl_bvec(g, row, col, normal) -> tuple:
-    "A patient-axes gradient direction in FSL's axes of the written image (column, row bottom-up, slice), unit length."
-    v = np.array([g @ row, -(g @ col), g @ normal]); n = np.linalg.norm(v)
-    return tuple(v / n) if n > 1e-6 else (0., 0., 0.)
-
 def _bvec(m:Member, row, col, normal) -> tuple:
     "(b-value, FSL direction) of one volume's first frame."
     b, g = m.frame.bval or 0., m.frame.bvec
     if b <= 0 or g is None or not np.any(g): return b, (0., 0., 0.)
-    if m.file.manufacturer == 'GE': return _ge_bvec(b, g, m.file.phase_dir != 'ROW', normal)
-    if m.file.manufacturer == 'UIH': return b, _fsl_bvec(np.asarray(g, float), *np.eye(3))      # already in image axes
-    return b, _fsl_bvec(np.asarray(g, float), row, col, normal)
+    if m.file.manufacturer == 'GE': return ge_bvec(b, g, m.file.phase_dir != 'ROW', normal)
+    if m.file.manufacturer == 'UIH': return b, fsl_bvec(np.asarray(g, float), *np.eye(3))      # already in image axes
+    return b, fsl_bvec(np.asarray(g, float), row, col, normal)
 
 def diffusion_table(v:Candidate, # a candidate volume
                     g:Geometry, # its geometry
@@ -403,13 +407,11 @@ def _file_rows(v:Candidate, g:Geometry|None, philips_scaling:str, grid:dict|None
                  bits_allocated=m.file.bits, bits_stored=m.file.bits_stored, signed=m.file.signed, mosaic=m.file.mosaic,
                  row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off, strict=True)]
 
-# %% ../nbs/09_volumes.ipynb #6c56d690
-_GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates',
-                    'gantry_tilt')
+_GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates', 'gantry_tilt')
 
 def _acquisition(v:Candidate, g:Geometry|None, grid:dict|None) -> dict:
     "The `volumes` columns on the acquisition: complex component, name suffix, slice timing, b-values and directions, resampled grid."
-    table = diffusion_table(v, g) if g else None
+    table = diffusion_table(v, g) if g and not v.adc else None       # dcm2niix's `_ADC` copy has no .bval/.bvec
     timing = slice_timing(v, g) if g and not grid else None             # a resampled grid has no acquisition times
     return dict(image_kind=v.kind, suffix=volume_suffix(v), slice_timing=json.dumps(timing) if timing else None,
                 bvals=json.dumps(table[0]) if table else None, bvecs=json.dumps(table[1]) if table else None,
@@ -418,7 +420,6 @@ def _acquisition(v:Candidate, g:Geometry|None, grid:dict|None) -> dict:
 def _volume_row(v:Candidate, g:Geometry|None, n_slices:int, verdict:str, reason:str, philips_scaling:str, resampled=None) -> dict:
     "The `volumes` row of `v`: identity, geometry, verdict and reason."
     r0, f0 = v.members[0].file, v.members[0].frame
-    rescale = {frame_rescale(m.frame, philips_scaling) for m in v.members}
     geo = {c: getattr(g, c) for c in _GEOMETRY_COLUMNS} if g else dict(n_slices=n_slices)
     return dict(id=v.id, series_uid=v.series_uid, split=v.split, study_id=r0.study_id, patient_id=r0.patient_id,
                 study_uid=r0.study_uid, modality=r0.modality, series_number=None if r0.series_number is None else int(r0.series_number),
@@ -428,7 +429,7 @@ def _volume_row(v:Candidate, g:Geometry|None, n_slices:int, verdict:str, reason:
                 orthogonal=int(g.orthogonality <= ORIENT_TOL and g.gantry_tilt < 0.1) if g else None,
                 orientation=json.dumps(g.orientation) if g else None, pixel_type=_pixel_type(r0),
                 rescale_slope=frame_rescale(f0, philips_scaling)[0], rescale_intercept=frame_rescale(f0, philips_scaling)[1],
-                rescale_varies=int(len(rescale) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason, frame_of_reference=r0.frame_of_reference or None,
+                rescale_varies=int(len({frame_rescale(m.frame, philips_scaling) for m in v.members}) > 1), repetition_time=r0.tr, verdict=verdict, reason=reason, frame_of_reference=r0.frame_of_reference or None,
                 affine=json.dumps(np.round(written_affine(*(resampled[1], resampled[0]['rows']) if resampled else (g.affine, r0.rows)),
                                            6).tolist()) if verdict == 'ok' else None,
                 sources_sig=_sources_sig(v.members), analyzed_at=now(), **_acquisition(v, g, resampled and resampled[0]))
@@ -439,8 +440,7 @@ def analyze_volume(v:Candidate, # a candidate from `group_volumes`
                    resample:bool=False, # tilted or irregular stacks go onto an orthogonal equidistant grid (not refused, no shear)
                   ) -> tuple[dict, list[dict]]:
     "The `volumes` row and the `volume_files` rows of candidate volume `v`."
-    first = [m.frame for m in v.members if m.t == 0]
-    measurable = all(m.frame.ipp and m.frame.iop and m.frame.ps for m in v.members)
+    first, measurable = [m.frame for m in v.members if m.t == 0], all(m.frame.ipp and m.frame.iop and m.frame.ps for m in v.members)
     g = slice_geometry(*zip(*[(f.ipp, f.iop, f.ps) for f in first], strict=True)) if measurable else None
     verdict, reason = volume_verdict(v, g, spacing_tol, resample)
     grid = resample_grid(g, [first[i].ipp for i in g.order], first[0].ps, v.members[0].file.rows, v.members[0].file.cols,
