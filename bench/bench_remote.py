@@ -40,7 +40,7 @@ def plain_loop(url:str, out:Path) -> float:
     def loop():
         client = DICOMwebClient(url)
         for inst in client.search_for_instances(search_filters={}, get_remaining=True):
-            uid = lambda tag: inst[tag]['Value'][0]
+            uid = lambda tag, inst=inst: inst[tag]['Value'][0]
             ds = client.retrieve_instance(uid('0020000D'), uid('0020000E'), uid('00080018'))
             a = ds.pixel_array.astype(np.float32) * float(ds.get('RescaleSlope', 1)) + float(ds.get('RescaleIntercept', 0))
             lo, hi = a.min(), a.max()

@@ -147,7 +147,7 @@ def stream(self:Run,
     with results as results, Progress(total, done, label, out=io.StringIO() if self.quiet else None) as prog:
         for batch in chunked(results, batch_size):
             whys = [fatal(res) if fatal else None for _, res in batch]     # an environmental failure stops the run after this batch
-            stop, batch = [w for w in whys if w], [pair for pair, w in zip(batch, whys) if not w]
+            stop, batch = [w for w in whys if w], [pair for pair, w in zip(batch, whys, strict=True) if not w]
             with t_db, self.db.atomic(): write(self.db, batch)
             t_db.add(len(batch)); n += len(batch); t.add(len(batch)); prog.update(len(batch))
             if count: self.counts.update(count(res) for _, res in batch)

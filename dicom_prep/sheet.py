@@ -242,7 +242,7 @@ def render_page(cells:list, # `(picture, caption lines)` per tile
     for i, (pic, lines) in enumerate(cells):
         x, y = tile_origin(i, cols, tile)
         page.paste(pic, (x, y))
-        for k, (line, colour) in enumerate(zip(lines, (_FG, _DIM))):
+        for k, (line, colour) in enumerate(zip(lines, (_FG, _DIM), strict=False)):
             d.text((x, y + tile + GAP//2 + k * _line_height(small)), fit_text(line, small, tile, from_left=k == 0), fill=colour, font=small)
     return page
 
@@ -269,7 +269,7 @@ def write_pages(rows:list, # what to draw, one tile each
     "Draw `rows` (`draw(row, tile)` gives picture and caption) `per_page` to a page under `header`."
     chunks = [rows[k:k + per_page] for k in range(0, len(rows), per_page)]
     paths, captions = page_paths(out_path, len(chunks)), []
-    for k, (chunk, path) in enumerate(zip(chunks, paths)):
+    for k, (chunk, path) in enumerate(zip(chunks, paths, strict=True)):
         cells = [draw(r, tile) for r in chunk]
         page = render_page(cells, header + (f" · page {k+1}/{len(chunks)}" if len(chunks) > 1 else ''), cols, tile)
         with atomic_path(path, root) as tmp_png: page.save(tmp_png, format='PNG')

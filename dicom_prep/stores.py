@@ -279,7 +279,7 @@ def _folder(self:ObjectStore, files:list):
     "The entries of one listed folder; objects listed without a size are asked for theirs."
     keyed = [(k, i) for i in files if i.get('type') == 'file' and (k := _key(self._key_of(i['name']), self.root, self.stats))]
     if need := [i['name'] for _, i in keyed if i.get('size') is None]:
-        with ThreadPoolExecutor(8) as pool: got = dict(zip(need, pool.map(self._info, need)))
+        with ThreadPoolExecutor(8) as pool: got = dict(zip(need, pool.map(self._info, need), strict=True))
         keyed = [(k, got.get(i['name'], i)) for k, i in keyed if got.get(i['name'], i)]
     for k, i in keyed: yield Entry(k, study_of(k, ''), i['size'], _object_token(i))
 
