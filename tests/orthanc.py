@@ -31,7 +31,7 @@ class OrthancServer:
                 'AuthenticationEnabled': bool(users), 'RegisteredUsers': users or {},
                 'DicomCheckCalledAet': check_called_aet, 'DicomAlwaysAllowFind': True, 'DicomAlwaysAllowGet': True,
                 'Plugins': [DICOMWEB_PLUGIN], 'DicomWeb': {'Enable': True, 'Root': '/dicom-web/'},
-                'SaveJobs': False, 'ConcurrentJobs': 1, 'HttpThreadsCount': 8, 'DicomThreadsCount': 4}
+                'SaveJobs': False, 'ConcurrentJobs': 1, 'HttpThreadsCount': 8, 'DicomThreadsCount': 8}
 
     @property
     def url(self) -> str: return f'http://127.0.0.1:{self.http_port}'

@@ -87,7 +87,7 @@ def test_fetch_gives_the_stored_instance_and_counts_requests(orthanc, kind, tmp_
         entries = list(src.entries())
         listed = src.requests
         assert listed >= 1 + 2 * len({e.study for e in entries})    # studies, then per study its series and their instances
-        with ThreadPoolExecutor(3) as pool:      # fetch is called from several threads at once (fewer than Orthanc's 4 DICOM threads: no retry here)
+        with ThreadPoolExecutor(3) as pool:      # fetch is called from several threads at once (fewer than the test Orthanc's DICOM threads: no retry here)
             list(pool.map(lambda e: src.fetch(e.path, tmp_path/Path(e.path).name), entries))
     per_fetch = 1 if kind == 'dicomweb' else 2                    # DIMSE: a C-FIND for the SOP class, then the C-GET
     assert src.requests == listed + per_fetch * len(entries)
