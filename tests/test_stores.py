@@ -126,7 +126,7 @@ def test_targz_pass_in_member_order_reads_the_archive_about_once(tmp_path, threa
     before = _read_bytes()
     with ThreadPoolExecutor(threads) as pool: list(pool.map(lambda k: src.fetch(k, tmp_path/f'o{k[-4:]}'), keys))
     passes = (_read_bytes() - before) / path.stat().st_size
-    assert passes < 1.5, f"{passes:.1f} passes over the archive"
+    assert passes < (1.5 if threads == 1 else 2.5), f"{passes:.1f} passes over the archive"   # threads a loaded machine delays may cost one more pass; reading back each time costs one per handle and member (4-6 before)
     assert all((tmp_path/f'o{k[-4:]}').read_bytes() == files[k] for k in keys[::37])
 
 
