@@ -231,7 +231,7 @@ def synth_enhanced(path, # where to write the file
         PlanePositionSequence=[item(ImagePositionPatient=[f'{v:.5f}' for v in np.asarray(origin) + k*step*normal])],
         MREchoSequence=[item(EffectiveEchoTime=te)],
         FrameContentSequence=[item(StackID='1', InStackPositionNumber=k + 1)]) for k, te in frames]
-    for f, (k, _) in zip(ds.PerFrameFunctionalGroupsSequence, frames if frame_times else []):
+    for f, (k, _) in zip(ds.PerFrameFunctionalGroupsSequence, frames if frame_times else [], strict=bool(frame_times)):   # none without times
         f.FrameContentSequence[0].FrameAcquisitionDateTime = f'20240101{120000 + frame_times[k] / 1000:013.6f}'
     if dimension_index: _dimension_index(ds, frames, echo_times)
     for key, v in tags.items(): setattr(ds, key, v)

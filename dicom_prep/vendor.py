@@ -166,7 +166,7 @@ def ge_bvec(b:float, # b-value
     axis = int(np.argmax(np.abs(normal)))
     flip = [[1, 1, 0], [0, 1, 1], [0, 0, 1]][axis]
     if normal[axis] < 0: flip[2] = 1 - flip[2]
-    x, y, z = [-c if f else c for c, f in zip(g, flip)]
+    x, y, z = [-c if f else c for c, f in zip(g, flip, strict=True)]
     y = -y
     if not col_pe: x, y = -y, x
     return b, (-x, -y, -z)

@@ -200,7 +200,7 @@ def test_field_map_echoes_and_echo_number_as_dcm2niix(tmp_path):
     theirs = dcm2niix_named(tmp_path/'fmap', tmp_path/'d2n')
     assert sorted(p.name[:-7].rsplit('_', 1)[1] for p in mine) == ['e1', 'e2'] and sorted(theirs) == ['1_e1', '1_e1a']
     side = lambda p: json.loads(p.with_name(p.name[:-7] + '.json').read_text())
-    for p, name in zip(sorted(mine), ('1_e1', '1_e1a')):
+    for p, name in zip(sorted(mine), ('1_e1', '1_e1a'), strict=True):
         assert np.array_equal(canonical(p)[0], canonical(theirs[name])[0])
         assert (side(p)['EchoNumber'], side(p)['EchoTime']) == (side(theirs[name])['EchoNumber'], side(theirs[name])['EchoTime'])
     r, [one] = ours(tmp_path/'single', tmp_path/'ours1', sidecar=True)
