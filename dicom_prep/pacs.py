@@ -347,8 +347,8 @@ class Dimse(_Remote):
         if receiver.failed: raise receiver.failed
         if (s := getattr(final, 'Status', None)) is None: raise self._lost(t0, 'C-GET')
         if not receiver.stored:
-            if s in (0xA701, 0xA702): raise ConnectionError(f"{self.root}: C-GET: the PACS is out of resources (status 0x{s:04X})")
-            raise Gone(f"{self.root}: {path}: C-GET completed no sub-operation (status 0x{s:04X})")
+            if s == 0x0000: raise Gone(f"{self.root}: {path}: C-GET matched no instance")
+            raise ConnectionError(f"{self.root}: C-GET sent no instance (status 0x{s:04X}: out of resources, or a sub-operation failed)")
 
 # %% ../nbs/02ab_pacs.ipynb #96251e02
 import hashlib, os

@@ -195,3 +195,40 @@ def test_an_infinite_request_timeout_is_refused_or_works(timeout, tmp_path):
     r = _run('--dicom-dir', 'dicomweb+http://127.0.0.1:1/dicom-web', '--request-timeout', timeout, '--output-dir', tmp_path/'out', '--cache-dir', tmp_path/'c')
     assert 'Traceback' not in r.stderr, r.stderr[-300:]
     assert r.returncode in (1, 2) and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- a DIMSE peer whose C-GET sends nothing: only 'no match' is a vanished instance ------------------------------------
+
+@pytest.fixture
+def empty_get_pacs():
+    "A pynetdicom SCP whose C-FIND finds one CT instance and whose C-GET sends no instance, ending with `empty_get_pacs.status`."
+    from pynetdicom import AE, evt
+    from pydicom.dataset import Dataset
+    from orthanc import free_port
+    state = type('S', (), {'status': 0x0000})()
+    def on_find(event):
+        ds = Dataset(); ds.QueryRetrieveLevel, ds.SOPClassUID = 'IMAGE', '1.2.840.10008.5.1.4.1.1.2'
+        yield 0xFF00, ds
+    def on_get(event):
+        yield 0 if state.status == 0 else 1                  # the number of sub-operations, then the failure that ends them
+        if state.status: yield state.status, None
+    ae = AE(ae_title='EMPTY')
+    for cx in ('1.2.840.10008.5.1.4.1.2.2.1', '1.2.840.10008.5.1.4.1.2.2.3'): ae.add_supported_context(cx)
+    server = ae.start_server(('127.0.0.1', port := free_port()), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+    state.url = f'dimse://EMPTY@127.0.0.1:{port}'
+    yield state
+    server.shutdown()
+
+
+@pytest.mark.parametrize('status', [0x0000, 0xA702, 0xB000, 0xC000])
+def test_dimse_a_c_get_that_sends_nothing_is_gone_only_without_a_failure(empty_get_pacs, status, tmp_path):
+    "A C-GET that fails its sub-operations (a loaded PACS) is retried, never taken for an instance deleted since the listing."
+    from dicom_prep.pacs import Dimse
+    from dicom_prep.sources import Gone
+    empty_get_pacs.status = status
+    src = Dimse(empty_get_pacs.url, timeout=5)
+    try:
+        with pytest.raises(Gone if status == 0 else ConnectionError, match='matched no instance' if status == 0 else f'0x{status:04X}'):
+            src.fetch('1.2/3.4/5.6.dcm', tmp_path/'x.dcm')
+    finally: src.close()
+    assert not (tmp_path/'x.dcm').exists()
