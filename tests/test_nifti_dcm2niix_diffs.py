@@ -140,6 +140,35 @@ def test_siemens_xa_enhanced_sidecar_as_dcm2niix(tmp_path):
     assert a['SliceTiming'] == [0.5, 1.5, 0, 1] and 'SliceTiming' not in b
 
 
+
+def uih_dti(folder, duration_ms=21.):
+    """A UIH DTI grid series as the scanner writes it: AcquisitionDate, AcquisitionDuration (0018,9073) in ms, and slice
+    times in (0065,1051) interleaved downwards, so its last item is the first acquired (dcm2niix reads the last one's time)."""
+    import pydicom
+    from dicom_prep.synth import synth_uih
+    paths = synth_uih(folder, n=5, volumes=3, bvals=[0, 1000, 1000], bvecs=[(0, 0, 0), (1, 0, 0), (0, 1, 0)])
+    for t, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ds.AcquisitionDate, ds.AcquisitionDuration, ds.ScanningSequence = '20240101', duration_ms, 'EP'
+        for it, s in zip(ds[0x0065, 0x1051].value, (4, 2, 3, 1, 0)): it.AcquisitionTime = f'1352{57 + s:02d}.{t:06d}'
+        ds.save_as(p)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('duration_ms', [21., 188717.])
+def test_uih_dti_sidecar_as_dcm2niix(duration_ms, tmp_path):
+    """UIH DTI sidecar: AcquisitionTime from the grid's slice items, TotalReadoutTime from AcquisitionDuration as dcm2niix
+    writes them; a duration of a second or more is a scan's (a 3D T1's), which dcm2niix reports and we leave out."""
+    import json
+    uih_dti(tmp_path/'src', duration_ms)
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', sidecar=True)
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    a, b = (json.loads(p.with_name(p.name[:-7] + '.json').read_text()) for p in (mine, next(iter(theirs.values()))))
+    assert a['AcquisitionTime'] == b['AcquisitionTime'] == '13:52:57.000000'
+    assert a['SliceTiming'] == b['SliceTiming'] == [4, 2, 3, 1, 0]
+    if duration_ms < 1000: assert a['TotalReadoutTime'] == b['TotalReadoutTime'] == 0.021
+    else: assert 'TotalReadoutTime' not in a and b['TotalReadoutTime'] == 188.717
+
 MOSAIC_TIMES = {  # name: slice acquisition times (ms) of a 6-slice Siemens mosaic, in slice order
     'interleaved': [0, 1000, 333, 1333, 667, 1667], 'sequential': [k * 300 for k in range(6)], 'descending': [(5 - k) * 300 for k in range(6)],
     'interleaved_from_second': [900, 0, 1200, 300, 1500, 600], 'interleaved_down': [1500, 600, 1200, 300, 900, 0],
