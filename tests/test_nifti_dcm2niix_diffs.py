@@ -253,3 +253,63 @@ def test_binary_floats_written_as_their_decimals_as_dcm2niix(tmp_path):
     [theirs] = dcm2niix_named(tmp_path/'src', tmp_path/'d2n').values()
     a, b = (json.loads(p.with_name(p.name[:-7] + '.json').read_text()) for p in (mine, theirs))
     assert (a['RepetitionTime'], a['FlipAngle']) == (b['RepetitionTime'], b['FlipAngle']) == (0.0038045, 8.1)
+
+
+def nii_bytes(path) -> bytes: return gzip.decompress(Path(path).read_bytes())
+
+
+RESAMPLE_BOTH = {  # case: (writer of the source stack, dcm2niix's suffix for its resampled copy)
+    'tilt': (lambda d: tilted_ct(d, -1024), '_Tilt_1'),
+    'gap': (lambda d: synth_series(d, rows=6, cols=4, positions=[(0, 0, 2.5 * k) for k in range(8) if k != 4],
+                                   pixels=lambda k: np.arange(24).reshape(6, 4) * 7 + 100 * k), '_Eq_1')}
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('case', RESAMPLE_BOTH)
+def test_resample_both_keeps_the_acquired_volume_as_dcm2niix(case, tmp_path):
+    """`--resample both`: the acquired volume under the usual name, byte for byte a plain run's, and the resampled copy
+    with dcm2niix's suffix, a `--resample yes` run's voxels and affine. A stack refused as acquired (a missing slice) gets
+    only its copy. The index holds both rows; a rerun rewrites nothing."""
+    write, suffix = RESAMPLE_BOTH[case]
+    write(tmp_path/'src')
+    (r, both), (_, plain), (_, [yes]) = (ours(tmp_path/'src', tmp_path/m, resample=m) for m in ('both', 'no', 'yes'))
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    assert sorted(theirs) == ['1', '1' + suffix]
+    [copy] = [p for p in both if p.name.endswith(suffix + '.nii.gz')]
+    acquired = [p for p in both if p != copy]
+    assert copy.relative_to(tmp_path/'both') == yes.relative_to(tmp_path/'yes').with_name(yes.name[:-7] + suffix + '.nii.gz')
+    assert nii_bytes(copy) == nii_bytes(yes)
+    a, b = nib.load(copy), nib.load(theirs['1' + suffix])
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
+    if case == 'tilt':          # our tilt voxels sit where the affine says, half a pixel from dcm2niix's (test_nifti_vendors)
+        assert [p.relative_to(tmp_path/'both') for p in acquired] == [p.relative_to(tmp_path/'no') for p in plain]
+        assert nii_bytes(acquired[0]) == nii_bytes(plain[0])
+        assert np.array_equal(canonical(acquired[0])[0], canonical(theirs['1'])[0])
+    else:
+        assert acquired == plain == [] and np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    rows = sorted(open_db(tmp_path/'both'/'dicom_prep.db').query('select id, verdict, suffix, status, output_path from volumes'),
+                  key=lambda v: v['suffix'])
+    assert [(v['suffix'], v['verdict'], v['status']) for v in rows] == [
+        ('', 'ok' if case == 'tilt' else 'missing slices', 'ok' if case == 'tilt' else 'skipped'), (suffix, 'ok', 'ok')]
+    assert rows[1]['output_path'] == str(copy.relative_to(tmp_path/'both'))
+    stamps = {p: p.stat().st_mtime_ns for p in both}
+    again, files = ours(tmp_path/'src', tmp_path/'both', resample='both')
+    assert files == both and {p: p.stat().st_mtime_ns for p in files} == stamps and not again.counts.get('converted')
+
+
+def test_resample_modes_keep_databases_valid(tmp_path):
+    """`--resample` alone is `yes`, recorded as `true` as when it was a switch: an index made with the switch reruns with
+    `--resample` or `--resample yes`; `both` is a new setting, refused without --force."""
+    from dicom_prep.cli import cli_args
+    from dicom_prep.db import SettingsMismatch
+    from dicom_prep.nifti import NiftiOptions
+    from dicom_prep.options import UsageError
+    flag = lambda *argv: NiftiOptions.make(**cli_args(NiftiOptions, '', '', ['--dicom-dir', 'x', *argv])[0]).resample
+    assert [flag(), flag('--resample'), flag('--resample', 'yes'), flag('--resample', 'no'), flag('--resample', 'both')] == [
+        False, True, True, False, 'both']
+    with pytest.raises(UsageError, match='no, yes or both'): flag('--resample', 'maybe')
+    tilted_ct(tmp_path/'src', 0)
+    ours(tmp_path/'src', tmp_path/'out', resample=True)
+    for mode in (True, 'yes'): assert ours(tmp_path/'src', tmp_path/'out', resample=mode)[0].counts.get('converted') is None
+    with pytest.raises(SettingsMismatch, match="resample: True in the database, 'both' now"): ours(tmp_path/'src', tmp_path/'out', resample='both')
+    assert len(ours(tmp_path/'src', tmp_path/'out', resample='both', force=True)[1]) == 2
