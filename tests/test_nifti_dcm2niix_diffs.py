@@ -1,6 +1,6 @@
 """Issue 28's differences from dcm2niix, each checked against dcm2niix's own output on a synthesised case (or real data
 where we have it): the Philips trace volume (`_ADC`), the fill outside a resampled slab,
-a verdict for a spacing that changes, ...
+a verdict for a spacing that changes, UIH DTI sidecars, `--resample both`'s `_Tilt_1`/`_Eq_1` copies, ...
 
 dcm2niix comes with the dev extra (its pip package); the tests that run it skip when it is absent."""
 import gzip, os, subprocess
