@@ -28,6 +28,7 @@ Modules:
 - `dicom_prep.preprocess`: The main pipeline: a DICOM tree in; one normalised PNG per frame, a row per image and a row per source file out. Parallel, idempotent, resumable after any crash.
 - `dicom_prep.privacy`: What a shared index may hold: keyed pseudonyms, a private state for the source paths and the key, and a positive list of the attributes a pseudonymised index keeps.
 - `dicom_prep.read`: Read a file with one clear error that names it and says why: not DICOM, cut short, or a deflate bomb.
+- `dicom_prep.resampled`: `--resample`'s modes: a tilted or irregular stack on an equidistant grid instead of the acquired one (`yes`), or beside it as dcm2niix's `_Tilt`/`_Eq` copy (`both`).
 - `dicom_prep.run`: The run skeleton every pipeline plugs into: lock, settings guard, run record, interrupts, results streamed into batched commits with progress, the summary, the resume hint and the console-script plumbing.
 - `dicom_prep.series`: Headers → per-file records: every tag series analysis needs, looked up in one place and kept as small JSON-able dataclasses.
 - `dicom_prep.sheet`: Look before you train: grid PNGs of a reproducible sample of the prepared images, and of the files that failed.

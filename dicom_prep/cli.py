@@ -36,10 +36,12 @@ class _Deprecated(argparse.Action):
 _TYPES = dict(int=int, float=float, Path=Path)
 
 def _add(group, f:Flag):
-    "Add flag `f` to `group`: a switch for a bool, else a typed value; its old spelling hidden, warning when used."
+    "Add flag `f` to `group`: a switch for a bool (with an optional value for `bool|str`), else a typed value; its old spelling hidden, warning when used."
     name, kind = '--' + f.cli.replace('_', '-'), f.type.split('|')[0].strip()
     text = f.help.replace('%', '%%')
-    if kind == 'bool': group.add_argument(name, dest=f.name, action='store_true', help=text)
+    if f.type.replace(' ', '') == 'bool|str':     # a switch that may take a value: alone it is True
+        group.add_argument(name, dest=f.name, nargs='?', const=True, default=f.default, metavar='(str)', help=text)
+    elif kind == 'bool': group.add_argument(name, dest=f.name, action='store_true', help=text)
     else:
         shown = '' if f.default in ((), None) or '[default:' in text else f" [default: {f.default}]"   # a switch is off unless given
         group.add_argument(name, dest=f.name, type=_TYPES.get(kind, str), default=f.default, help=text + shown,

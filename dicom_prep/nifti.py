@@ -28,7 +28,8 @@ from .labelvolumes import VOLUME_TARGETS
 from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .read import kinds_note
-from .volumes import PHILIPS_SCALINGS, SPACING_TOL, VOLUME_KINDS, analyze_volume, group_volumes
+from .volumes import PHILIPS_SCALINGS, SPACING_TOL, VOLUME_KINDS, group_volumes
+from .resampled import analyze_volumes, resample_mode
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
@@ -139,7 +140,7 @@ def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philip
     records = [FileRecord.from_json(r) for (r,) in db.execute('select record from nifti_headers where series_key = ? and record is not null', [key])]
     if secret: records = [pseudonymous_record(r, secret) for r in records]
     old = {r['id']: r for r in db.query('select id, status, error, output_name, converted_sig from volumes where series_uid = ?', [key])}
-    analysed = sorted((analyze_volume(v, spacing_tol, philips_scaling, resample) for v in group_volumes(records)), key=lambda a: a[0]['split'])
+    analysed = sorted((a for v in group_volumes(records) for a in analyze_volumes(v, spacing_tol, philips_scaling, resample)), key=lambda a: a[0]['split'])
     rows, files = [], []
     for row, fs in analysed:
         prev = old.get(row['id'], {})
@@ -171,7 +172,7 @@ def store_analysis(db, # the open database
                    template:str=DEFAULT_TEMPLATE, # output name template for new `ok` volumes
                    spacing_tol:float=SPACING_TOL, # a slice step may deviate from the mean by this fraction
                    philips_scaling:str='precise', # Philips values: 'precise' (dcm2niix's default) or 'display'
-                   resample:bool=False, # tilted or irregular stacks go onto an orthogonal equidistant grid, not refused
+                   resample:bool|str=False, # tilted or irregular stacks go onto an equidistant grid, not refused; 'both': beside the acquired one
                    series:str|None=None, # a table of the series keys to analyse (`nifti_touched`); None: every series
                    batch_files:int=5000, # commit once this many frames of analysis are pending
                    key:str|None=None, # a pseudonymised index's key: its volumes hold keyed identifiers and no description
@@ -300,7 +301,7 @@ class NiftiOptions(MaskOptions, RunOptions):
     csv_path: Path|None = flag(None, 'output', cli='csv')  # Also export the analysis table (volumes) to this CSV file
     spacing_tol: float = flag(SPACING_TOL, 'image', cli='', guard=True)  # a slice step may deviate from the mean by this fraction
     philips_scaling: str = flag('precise', 'image', guard=True)  # Philips values: 'precise' (floating point, dcm2niix's default) or 'display' (RescaleSlope/Intercept)
-    resample: bool = flag(False, 'image', guard=True)  # Write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid (as dcm2niix's _Tilt/_Eq copies)
+    resample: bool|str = flag(False, 'image', guard=True)  # no, yes or both (alone: yes): write gantry-tilted or irregularly spaced stacks on an orthogonal, equidistant grid; both: also as acquired, the resampled copy named as dcm2niix's (_Tilt_1, _Eq_1)
     output_dir: Path|None = flag(None, 'output')  # Output folder; volumes go to OUTPUT_DIR/nifti [default: ./dicom_prep_out]
     force: bool = flag(False, 'run control', alias='force_reprocess')  # Convert every ok volume again (also after a settings change: a new name template renames all)
     pseudonymize: bool = flag(False, 'privacy', guard=True)  # A folder safe to hand over: names from pseudonyms, sidecars with safe attributes only (as dicom_prep_preprocess's)
@@ -317,7 +318,7 @@ class NiftiOptions(MaskOptions, RunOptions):
         if self.csv_path and Path(self.csv_path).is_dir(): raise UsageError(f"--csv is a folder, not a file: {self.csv_path}")
         if self.philips_scaling not in PHILIPS_SCALINGS:
             raise UsageError(f"--philips-scaling must be one of {', '.join(PHILIPS_SCALINGS)}, not {self.philips_scaling!r}")
-        self._set(template=template, deidentify=deid)
+        self._set(template=template, deidentify=deid, resample=resample_mode(self.resample))
 
     def guarded(self) -> dict:
         "The settings the guard records: the guarded fields, the name template resolved, and what a pseudonymised index keeps."

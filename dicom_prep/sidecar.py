@@ -1,7 +1,7 @@
 """A volume's BIDS-style JSON sidecar: dcm2niix's keys and values, read from the header of its first frame.
 
 `sidecar` gathers the keys dcm2niix writes: tags read as they are, values dcm2niix derives (`image_type`,
-`acquisition_time`), and the phase-encoding and readout keys (`phase_encoding`).
+`acquisition_time`), and the phase-encoding and readout keys (`phase_encoding`, `uih_readout_time`).
 
 Docs: https://dicom-prep.github.io/dicom_prep/sidecar.html.md"""
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 from pydicom.multival import MultiValue
 from .privacy import Deidentify
-from .tags import tag_value, text_value
-from .vendor import maker
+from .tags import num_value, tag_value, text_value
+from .vendor import UIH, maker, private_value
 from .series import EpiFields, epi_fields, is_enhanced
 
 # %% auto #0
-__all__ = ['SIDECAR_KEYS', 'decimal', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding']
+__all__ = ['SIDECAR_KEYS', 'decimal', 'sidecar', 'image_type', 'acquisition_time', 'g6', 'phase_encoding', 'uih_readout_time']
 
 # %% ../nbs/09a_sidecar.ipynb #ca096eaa
 SIDECAR_KEYS = [  # (JSON key, DICOM keyword, scale)
@@ -82,6 +82,7 @@ def sidecar(ds, # dataset of the volume's first frame
     if 'Manufacturer' in out: out['Manufacturer'] = maker(ds)
     if 'ImageType' in out: out['ImageType'] = image_type(ds, e.component)
     if (t := acquisition_time(ds, frame)) and (not deidentify or 'AcquisitionTime' in deidentify.keywords): out['AcquisitionTime'] = t
+    if 'TotalReadoutTime' not in out and (r := uih_readout_time(ds)): out['TotalReadoutTime'] = r
     if slice_timing: out['SliceTiming'] = [g6(s) for s in slice_timing]
     if orientation: out['ImageOrientationPatientDICOM'] = orientation
     return {**out, **phase_encoding(e, *(shape or (0, 0))), 'ConversionSoftware': 'dicom_prep', 'ConversionSoftwareVersion': version}
@@ -94,11 +95,16 @@ def image_type(ds, # a dataset
     words = [w for v in (ds.get('ImageType') or tag_value(ds, 'ImageType') or []) for w in text_value(v).split('_') if w]
     return words + [component] if component and component not in words else words
 
+def _uih_time(ds) -> str:
+    "The earliest slice time of a UIH grid, from its (0065,1051) items ('' for any other file)."
+    items = (private_value(ds, 0x0065, UIH, 0x51) or []) if maker(ds) == 'UIH' else []
+    return min(filter(None, (text_value(it.get('AcquisitionTime')) for it in items)), key=float, default='')
+
 def acquisition_time(ds, # a dataset
                      frame:int=0, # the frame (enhanced files date each frame)
                     ) -> str|None:
-    "AcquisitionTime, else AcquisitionDateTime's, else the earliest frame's acquisition time, as `hh:mm:ss.ffffff`; None when absent."
-    t = text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False)) or text_value(ds.get('AcquisitionDateTime'))[8:]
+    "A UIH grid's earliest slice time, else AcquisitionTime, AcquisitionDateTime's, or the earliest frame's, as `hh:mm:ss.ffffff`; None when absent."
+    t = _uih_time(ds) or text_value(tag_value(ds, 'AcquisitionTime', frame, fast=False)) or text_value(ds.get('AcquisitionDateTime'))[8:]
     if not t:
         n = len(ds.get('PerFrameFunctionalGroupsSequence') or [])
         t = min(filter(None, (text_value(tag_value(ds, 'FrameAcquisitionDateTime', k)) for k in range(n))), default='')[8:]
@@ -133,3 +139,9 @@ def phase_encoding(e:EpiFields, # what the header says about the EPI acquisition
         else: out['PhaseEncodingDirection'] = axis + ('-' if e.phase_positive == (e.phase_axis == 'COL') else '')
     if e.phase_axis: out['InPlanePhaseEncodingDirectionDICOM'] = e.phase_axis
     return out
+
+def uih_readout_time(ds, # a dataset
+                    ) -> float|None:
+    "A UIH file's TotalReadoutTime (s), its AcquisitionDuration (ms) as dcm2niix reads it; None elsewhere, or when a second or more (a scan's duration)."
+    ms = num_value(tag_value(ds, 'AcquisitionDuration')) if maker(ds) == 'UIH' else None
+    return g6(ms / 1000) if ms and 0 < ms < 1000 else None

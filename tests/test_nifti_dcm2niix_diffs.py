@@ -1,6 +1,6 @@
 """Issue 28's differences from dcm2niix, each checked against dcm2niix's own output on a synthesised case (or real data
 where we have it): the Philips trace volume (`_ADC`), the fill outside a resampled slab,
-a verdict for a spacing that changes, ...
+a verdict for a spacing that changes, UIH DTI sidecars, `--resample both`'s `_Tilt_1`/`_Eq_1` copies, ...
 
 dcm2niix comes with the dev extra (its pip package); the tests that run it skip when it is absent."""
 import gzip, os, subprocess
@@ -140,6 +140,35 @@ def test_siemens_xa_enhanced_sidecar_as_dcm2niix(tmp_path):
     assert a['SliceTiming'] == [0.5, 1.5, 0, 1] and 'SliceTiming' not in b
 
 
+
+def uih_dti(folder, duration_ms=21.):
+    """A UIH DTI grid series as the scanner writes it: AcquisitionDate, AcquisitionDuration (0018,9073) in ms, and slice
+    times in (0065,1051) interleaved downwards, so its last item is the first acquired (dcm2niix reads the last one's time)."""
+    import pydicom
+    from dicom_prep.synth import synth_uih
+    paths = synth_uih(folder, n=5, volumes=3, bvals=[0, 1000, 1000], bvecs=[(0, 0, 0), (1, 0, 0), (0, 1, 0)])
+    for t, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ds.AcquisitionDate, ds.AcquisitionDuration, ds.ScanningSequence = '20240101', duration_ms, 'EP'
+        for it, s in zip(ds[0x0065, 0x1051].value, (4, 2, 3, 1, 0)): it.AcquisitionTime = f'1352{57 + s:02d}.{t:06d}'
+        ds.save_as(p)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('duration_ms', [21., 188717.])
+def test_uih_dti_sidecar_as_dcm2niix(duration_ms, tmp_path):
+    """UIH DTI sidecar: AcquisitionTime from the grid's slice items, TotalReadoutTime from AcquisitionDuration as dcm2niix
+    writes them; a duration of a second or more is a scan's (a 3D T1's), which dcm2niix reports and we leave out."""
+    import json
+    uih_dti(tmp_path/'src', duration_ms)
+    r, [mine] = ours(tmp_path/'src', tmp_path/'ours', sidecar=True)
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    a, b = (json.loads(p.with_name(p.name[:-7] + '.json').read_text()) for p in (mine, next(iter(theirs.values()))))
+    assert a['AcquisitionTime'] == b['AcquisitionTime'] == '13:52:57.000000'
+    assert a['SliceTiming'] == b['SliceTiming'] == [4, 2, 3, 1, 0]
+    if duration_ms < 1000: assert a['TotalReadoutTime'] == b['TotalReadoutTime'] == 0.021
+    else: assert 'TotalReadoutTime' not in a and b['TotalReadoutTime'] == 188.717
+
 MOSAIC_TIMES = {  # name: slice acquisition times (ms) of a 6-slice Siemens mosaic, in slice order
     'interleaved': [0, 1000, 333, 1333, 667, 1667], 'sequential': [k * 300 for k in range(6)], 'descending': [(5 - k) * 300 for k in range(6)],
     'interleaved_from_second': [900, 0, 1200, 300, 1500, 600], 'interleaved_down': [1500, 600, 1200, 300, 900, 0],
@@ -224,3 +253,63 @@ def test_binary_floats_written_as_their_decimals_as_dcm2niix(tmp_path):
     [theirs] = dcm2niix_named(tmp_path/'src', tmp_path/'d2n').values()
     a, b = (json.loads(p.with_name(p.name[:-7] + '.json').read_text()) for p in (mine, theirs))
     assert (a['RepetitionTime'], a['FlipAngle']) == (b['RepetitionTime'], b['FlipAngle']) == (0.0038045, 8.1)
+
+
+def nii_bytes(path) -> bytes: return gzip.decompress(Path(path).read_bytes())
+
+
+RESAMPLE_BOTH = {  # case: (writer of the source stack, dcm2niix's suffix for its resampled copy)
+    'tilt': (lambda d: tilted_ct(d, -1024), '_Tilt_1'),
+    'gap': (lambda d: synth_series(d, rows=6, cols=4, positions=[(0, 0, 2.5 * k) for k in range(8) if k != 4],
+                                   pixels=lambda k: np.arange(24).reshape(6, 4) * 7 + 100 * k), '_Eq_1')}
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('case', RESAMPLE_BOTH)
+def test_resample_both_keeps_the_acquired_volume_as_dcm2niix(case, tmp_path):
+    """`--resample both`: the acquired volume under the usual name, byte for byte a plain run's, and the resampled copy
+    with dcm2niix's suffix, a `--resample yes` run's voxels and affine. A stack refused as acquired (a missing slice) gets
+    only its copy. The index holds both rows; a rerun rewrites nothing."""
+    write, suffix = RESAMPLE_BOTH[case]
+    write(tmp_path/'src')
+    (r, both), (_, plain), (_, [yes]) = (ours(tmp_path/'src', tmp_path/m, resample=m) for m in ('both', 'no', 'yes'))
+    theirs = dcm2niix_named(tmp_path/'src', tmp_path/'d2n')
+    assert sorted(theirs) == ['1', '1' + suffix]
+    [copy] = [p for p in both if p.name.endswith(suffix + '.nii.gz')]
+    acquired = [p for p in both if p != copy]
+    assert copy.relative_to(tmp_path/'both') == yes.relative_to(tmp_path/'yes').with_name(yes.name[:-7] + suffix + '.nii.gz')
+    assert nii_bytes(copy) == nii_bytes(yes)
+    a, b = nib.load(copy), nib.load(theirs['1' + suffix])
+    assert a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
+    if case == 'tilt':          # our tilt voxels sit where the affine says, half a pixel from dcm2niix's (test_nifti_vendors)
+        assert [p.relative_to(tmp_path/'both') for p in acquired] == [p.relative_to(tmp_path/'no') for p in plain]
+        assert nii_bytes(acquired[0]) == nii_bytes(plain[0])
+        assert np.array_equal(canonical(acquired[0])[0], canonical(theirs['1'])[0])
+    else:
+        assert acquired == plain == [] and np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    rows = sorted(open_db(tmp_path/'both'/'dicom_prep.db').query('select id, verdict, suffix, status, output_path from volumes'),
+                  key=lambda v: v['suffix'])
+    assert [(v['suffix'], v['verdict'], v['status']) for v in rows] == [
+        ('', 'ok' if case == 'tilt' else 'missing slices', 'ok' if case == 'tilt' else 'skipped'), (suffix, 'ok', 'ok')]
+    assert rows[1]['output_path'] == str(copy.relative_to(tmp_path/'both'))
+    stamps = {p: p.stat().st_mtime_ns for p in both}
+    again, files = ours(tmp_path/'src', tmp_path/'both', resample='both')
+    assert files == both and {p: p.stat().st_mtime_ns for p in files} == stamps and not again.counts.get('converted')
+
+
+def test_resample_modes_keep_databases_valid(tmp_path):
+    """`--resample` alone is `yes`, recorded as `true` as when it was a switch: an index made with the switch reruns with
+    `--resample` or `--resample yes`; `both` is a new setting, refused without --force."""
+    from dicom_prep.cli import cli_args
+    from dicom_prep.db import SettingsMismatch
+    from dicom_prep.nifti import NiftiOptions
+    from dicom_prep.options import UsageError
+    flag = lambda *argv: NiftiOptions.make(**cli_args(NiftiOptions, '', '', ['--dicom-dir', 'x', *argv])[0]).resample
+    assert [flag(), flag('--resample'), flag('--resample', 'yes'), flag('--resample', 'no'), flag('--resample', 'both')] == [
+        False, True, True, False, 'both']
+    with pytest.raises(UsageError, match='no, yes or both'): flag('--resample', 'maybe')
+    tilted_ct(tmp_path/'src', 0)
+    ours(tmp_path/'src', tmp_path/'out', resample=True)
+    for mode in (True, 'yes'): assert ours(tmp_path/'src', tmp_path/'out', resample=mode)[0].counts.get('converted') is None
+    with pytest.raises(SettingsMismatch, match="resample: True in the database, 'both' now"): ours(tmp_path/'src', tmp_path/'out', resample='both')
+    assert len(ours(tmp_path/'src', tmp_path/'out', resample='both', force=True)[1]) == 2
