@@ -25,6 +25,10 @@ __all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error'
 class ScriptFlags(Options):
     "The flags of every pipeline's console script that are no option of its library call."
     test: bool = flag(False, 'input')  # Run on the bundled sample data (no data of yours needed)
+    min_ok: float|None = flag(None, 'run control')  # Exit 1 when less than this share of the items came out, e.g. 0.9 [default: at least one]
+
+    def __post_init__(self):
+        if self.min_ok is not None and not 0 <= self.min_ok <= 1: raise UsageError(f"--min-ok is a share of the items (0 to 1), not {self.min_ok}")
 
 class _Deprecated(argparse.Action):
     "An old spelling of a flag: a warning naming the new one, then the new one's value."
@@ -68,7 +72,10 @@ def cli_args(cls:type[Options], # the options of the library call
             ) -> tuple[dict, dict]:
     "Parse `argv`: (keywords of `cls`, keywords of `extra`)."
     ns, mine = vars(cli_parser(cls, *[extra] * bool(extra), doc=doc, example=example).parse_args(argv)), {f.name for f in fields(cls)}
-    return {k: v for k, v in ns.items() if k in mine}, {k: v for k, v in ns.items() if k not in mine}
+    theirs = {k: v for k, v in ns.items() if k not in mine}
+    try: extra and extra(**theirs)       # its own checks
+    except UsageError as e: cli_error(e)
+    return {k: v for k, v in ns.items() if k in mine}, theirs
 
 
 # %% ../nbs/06a_cli.ipynb #7ca3e170
@@ -128,11 +135,15 @@ def cli_run(run:Callable, # the call the console script makes
     except KeyboardInterrupt:
         print(f"\nQuit at once. Completed batches are saved; resume with:\n    {resume_hint()}", file=sys.stderr); sys.exit(130)
 
-def cli_finish(r, # what the run returned (a `run.RunOutcome`)
+def cli_finish(r, # what the run returned (a `console.RunOutcome`)
+               min_ok:float|None=None, # --min-ok: the share of items that must come out [default: at least one]
               ):
-    "Print a run's summary and exit 130 if it was interrupted."
-    print(r.summary())
+    "Print a run's summary (not when it found no DICOM); exit 130 if it was interrupted, 2 if nothing came out, 1 if less than `min_ok` did."
+    from dicom_prep.console import verdict
+    code, why = verdict(r.tally, min_ok) if r.tally else (0, None)
+    if r.tally is None or r.tally.found: print(r.summary())
     if r.status == 'interrupted': sys.exit(130)
+    if why: cli_error(why, code)
 
 
 # %% ../nbs/06a_cli.ipynb #8d85fc09

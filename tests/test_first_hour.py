@@ -1,0 +1,95 @@
+"""The first hour of a new user, end to end through the console scripts as subprocesses (issue 29): a run that achieved
+nothing says why in one line and exits 2, a quiet console, errors that name the file and the way out."""
+import os, shutil, subprocess
+
+import pytest
+
+from dicom_prep.synth import synth_ct, synth_series
+from conftest import console_script
+
+SCRIPTS = ['dicom_prep_preprocess', 'dicom_prep_nifti']
+
+
+def _cli(name, *args, cwd=None, timeout=300):
+    return subprocess.run(console_script(name) + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _last(r) -> str: return r.stderr.strip().splitlines()[-1]
+
+
+def _truncated(root, n, start=0):
+    "`n` CT files cut in half (their pixel data too short): each fails to decode."
+    for i in range(start, start + n):
+        p = synth_ct(root/f'p{i % 3}/t{i:03d}.dcm', 32, seed=i)
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+    return root
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_empty_folder_exits_2(tmp_path, script):
+    "An empty folder: one line naming it, exit 2, no SUMMARY (and so no empty-split warnings)."
+    (src := tmp_path/'src').mkdir()
+    r = _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0')
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _last(r) == f"{script}: error: no DICOM under {src}: it holds no files"
+    assert 'SUMMARY' not in r.stdout and 'is empty' not in r.stdout + r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_no_dicom_and_symlinks_say_why(tmp_path, script):
+    "Files that are not DICOM and symlinks pointing outside: counted in the line, with the flag that follows symlinks; given it, the run works."
+    src, outside = tmp_path/'src', tmp_path/'outside'
+    for i in range(4): (src/'notes').mkdir(parents=True, exist_ok=True); (src/'notes'/f'n{i}.txt').write_text('not DICOM')
+    synth_series(outside/'s1', n=4)
+    for i, f in enumerate(sorted((outside/'s1').iterdir())): os.symlink(f, src/f'link{i}.dcm')
+    r = _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0')
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert _last(r).startswith(f"{script}: error: no DICOM under {src}: "), r.stderr
+    assert {*_last(r).split(': ', 3)[3].split('; ')} == {'4 files are not DICOM', '4 symlinks point outside it (add --follow-symlinks)'}
+    r = _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0', '--follow-symlinks')
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_all_failed_exits_2_and_min_ok(tmp_path):
+    "Every file failed: exit 2 with the reasons. Some came out: exit 0, unless fewer than --min-ok did (exit 1). A rerun judges the index the same way."
+    src = _truncated(tmp_path/'src', 6)
+    r = _cli('dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0')
+    assert r.returncode == 2 and 'nothing came out of the 6 DICOM files' in _last(r) and 'all failed (decode error 6)' in _last(r), r.stderr
+    assert 'Failed: decode error 6' in r.stdout                     # the SUMMARY groups the failures by reason
+    for i in range(2): synth_ct(src/f'good/g{i}.dcm', 32, seed=i)
+    r = _cli('dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0')
+    assert r.returncode == 0, r.stderr
+    r = _cli('dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0', '--min-ok', '0.5')
+    assert r.returncode == 1 and 'only 2 of 8 files came out (25%, under --min-ok 0.5)' in _last(r), r.stderr
+    r = _cli('dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--min-ok', '2')
+    assert r.returncode == 2 and '--min-ok is a share of the items (0 to 1), not 2.0' in _last(r)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_unchanged_rerun_is_a_success(tmp_path, script):
+    "A rerun of a good output folder has nothing to do, and succeeds (resume is not broken)."
+    src = tmp_path/'src'; synth_series(src/'study'/'s1', n=5)
+    for _ in range(2):
+        r = _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '0')
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_failures_are_capped_and_counted(tmp_path):
+    "25 failures: the first 10 printed, then a count with where to see them all; the SUMMARY hides phases that did nothing."
+    src = _truncated(tmp_path/'src', 25)
+    r = _cli('dicom_prep_preprocess', '--dicom-dir', src, '--output-dir', tmp_path/'out', '--workers', '2')
+    warnings = [l for l in r.stderr.splitlines() if l.startswith('WARNING: ')]
+    assert len(warnings) == 10, r.stderr
+    assert '... and 15 more warnings: see them all with `dicom_prep_status --errors` and `dicom_prep_sheet --failures`' in r.stderr
+    assert 'Finish: 0 items' not in r.stdout
+
+
+@pytest.mark.skipif(not shutil.which('script'), reason="needs util-linux `script` for a terminal")
+def test_terminal_bar_has_no_stray_glyph_and_no_glued_warning(tmp_path):
+    "On a terminal: no `█` line before the bar, and each warning starts a line of its own (never after the bar's text)."
+    src = _truncated(tmp_path/'src', 12)
+    cmd = ' '.join(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(src), '--output-dir', str(tmp_path/'out'), '--workers', '1'])
+    out = subprocess.run(['script', '-qc', cmd, '/dev/null'], capture_output=True, text=True, timeout=300).stdout
+    before_bar = out.split(' |', 1)[0]
+    assert '█' not in before_bar, repr(before_bar[-200:])
+    assert ']WARNING' not in out and 'WARNING: ' in out, repr(out[:2000])
