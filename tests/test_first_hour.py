@@ -93,3 +93,39 @@ def test_terminal_bar_has_no_stray_glyph_and_no_glued_warning(tmp_path):
     before_bar = out.split(' |', 1)[0]
     assert '█' not in before_bar, repr(before_bar[-200:])
     assert ']WARNING' not in out and 'WARNING: ' in out, repr(out[:2000])
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_dicom_dir_of_a_file_names_its_folder(tmp_path, script):
+    "--dicom-dir given a DICOM file: it says it is a file and names the folder to give instead."
+    f = synth_ct(tmp_path/'scans'/'one.dcm', 16)
+    r = _cli(script, '--dicom-dir', f, '--output-dir', tmp_path/'out')
+    assert r.returncode == 2 and _last(r) == f"{script}: error: --dicom-dir is a file, not a folder: {f}; give its folder, {f.parent}", r.stderr
+
+
+@pytest.fixture(scope='module')
+def index(tmp_path_factory):
+    "A small preprocess output folder."
+    tmp = tmp_path_factory.mktemp('index'); synth_series(tmp/'src'/'study'/'s1', n=3)
+    assert _cli('dicom_prep_preprocess', '--dicom-dir', tmp/'src', '--output-dir', tmp/'out', '--workers', '0').returncode == 0
+    return tmp/'out'
+
+
+READERS = {'dicom_prep_status': [], 'dicom_prep_sheet': ['--out', 'sheet.png'], 'dicom_prep_export': ['--out', 'exported']}
+
+
+@pytest.mark.parametrize('script', READERS)
+def test_reader_db_folder_empty_or_not_sqlite(tmp_path, index, script):
+    "--db of an output folder reads its dicom_prep.db; an empty or non-SQLite file is named as no dicom_prep database, and left as it was."
+    assert _cli(script, '--db', index, *READERS[script], cwd=tmp_path).returncode == 0
+    (empty := tmp_path/'empty.db').touch(); (text := tmp_path/'notes.db').write_text('hello')
+    for bad in (empty, text):
+        r = _cli(script, '--db', bad, *READERS[script], cwd=tmp_path)
+        assert r.returncode == 2 and _last(r) == f"{script}: error: not a dicom_prep database: {bad}", r.stderr
+    assert empty.stat().st_size == 0
+
+
+def test_missing_labels_file_is_exit_2(tmp_path, index):
+    "A --labels file that is not there: one line naming it, exit 2 (1 is for disk and I/O failures)."
+    r = _cli('dicom_prep_export', '--db', index, '--out', tmp_path/'exp', '--labels', tmp_path/'nope.csv', '--on', 'sop_uid')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.csv' in r.stderr and 'No such file' in r.stderr, r.stderr
