@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/cli.html.md"""
 
 # %% ../nbs/06a_cli.ipynb #0eb33296
 from __future__ import annotations
-import argparse, gc, sys
+import argparse, gc, re, sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -56,8 +56,10 @@ def cli_parser(*classes:type[Options], # the option dataclasses whose flags it t
                doc:str='', # what the command does: the first lines of `--help`
                example:str='', # a command line, shown at the end of `--help`
               ) -> argparse.ArgumentParser:
-    "A parser of every flag of `classes`, in `--help` sections (`GROUPS`), ending with an example."
-    p = argparse.ArgumentParser(description=doc, epilog=f"example:\n  {example}" if example else None,
+    "A parser of every flag of `classes`, in `--help` sections (`GROUPS`), ending with an example; a pipeline's usage line shows --dicom-dir required."
+    names = {f.name for cls in classes for f in cls.flags()}
+    usage = "%(prog)s --dicom-dir FOLDER [options]   (or --test, on the bundled sample data)" if {'dicom_dir', 'test'} <= names else None
+    p = argparse.ArgumentParser(usage=usage, description=doc, epilog=f"example:\n  {example}" if example else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = {g: p.add_argument_group(g) for g in GROUPS}
     for cls in classes:
@@ -79,14 +81,18 @@ def cli_args(cls:type[Options], # the options of the library call
 
 
 # %% ../nbs/06a_cli.ipynb #7ca3e170
+def _default(f:Flag) -> tuple[str, str]:
+    "(default, meaning) of flag `f` as the options table shows them: a `[default: ...]` its help ends with is its default."
+    if (m := re.search(r'\s*\[default: (.*)\]$', f.help)): return m[1], f.help[:m.start()]
+    return ('off' if f.default is False else 'none' if f.default in ((), None) else f"`{f.default}`"), f.help
+
 def options_table(*classes:type[Options], # the option dataclasses, as `cli_parser` takes them
                  ) -> str:
     "Markdown tables of every flag of `classes`, one per `--help` section: flag, default, meaning."
     flags = [f for cls in classes for f in cls.flags()]
     out = []
     for g in GROUPS:
-        rows = [f"| `--{f.cli.replace('_', '-')}` | `{None if f.default == () else f.default}` | {f.help.replace('|', chr(92) + '|')} |"
-                for f in flags if f.group == g]
+        rows = [f"| `--{f.cli.replace('_', '-')}` | {_default(f)[0]} | {_default(f)[1].replace('|', chr(92) + '|')} |" for f in flags if f.group == g]
         if rows: out += [f"**{g}**", '', '| flag | default | meaning |', '|---|---|---|', *rows, '']
     return '\n'.join(out)
 

@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/options.html.md"""
 
 # %% ../nbs/01b_options.ipynb #53ba11b6
 from __future__ import annotations
-import functools, inspect, io, linecache, math, re, textwrap, tokenize, warnings
+import functools, inspect, io, linecache, math, os, re, textwrap, tokenize, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -17,8 +17,9 @@ from .core import stable_hash
 
 # %% auto #0
 __all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'SPLIT_NAME', 'UsageError',
-           'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
-           'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split', 'empty_split_warnings']
+           'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'usable_cpus', 'RunOptions',
+           'parse_window', 'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split',
+           'empty_split_warnings']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -140,10 +141,14 @@ def _plain(v): return list(v) if isinstance(v, tuple) else v
 
 
 # %% ../nbs/01b_options.ipynb #9d3c3cbd
+def usable_cpus() -> int:
+    "The CPUs this process may run on (its affinity, where the OS tells it; else every CPU)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 @dataclass(frozen=True)
 class RunOptions(Options):
     "What every pipeline's run is told: where to read and write, how many workers, what to redo, privacy and the cluster."
-    dicom_dir: str|None = flag(None, 'input')  # Folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
+    dicom_dir: str|None = flag(None, 'input')  # Required (unless --test): folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
     follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR
     query: str|None = flag(None, 'input')  # With a PACS: only the studies and series matching it, e.g. 'Modality=CT&StudyDate=20240101-20241231'
     cache_dir: Path|None = flag(None, 'input')  # Where a remote source's files are copied while processed [default: ~/.cache/dicom_prep]
@@ -154,7 +159,7 @@ class RunOptions(Options):
     rebase: bool = flag(False, 'input')  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     output_dir: Path|None = flag(None, 'output')  # Output folder for the outputs and the database [default: ./dicom_prep_out]
     db_path: Path|None = flag(None, 'output', cli='db')  # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    n_workers: int = flag(2, 'run control', cli='workers', alias='workers')  # Parallel worker processes (0: serial, in-process, for debugging)
+    n_workers: int = flag(usable_cpus(), 'run control', cli='workers', alias='workers')  # Parallel worker processes (0: serial, in-process, for debugging) [default: the CPUs this process may use]
     batch_size: int = flag(100, 'run control')  # Files per database commit
     force: bool = flag(False, 'run control', alias='force_reprocess')  # Redo every output (also after a settings change)
     quiet: bool = flag(False, 'run control', cli='')  # No progress output

@@ -225,7 +225,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
         try: run = _setup(config, given, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private, stop)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
         with graceful_interrupts() as signalled:
-            run.timers.append(t_open.stop())
+            run.timers.append(t_open.stop()); run.say(f"Output: {output_dir} (index {db_path})")
             yield from _lifecycle(run, temp_dirs)
 
 def claim_output(output_dir, # the run's output folder

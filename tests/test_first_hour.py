@@ -129,3 +129,27 @@ def test_missing_labels_file_is_exit_2(tmp_path, index):
     "A --labels file that is not there: one line naming it, exit 2 (1 is for disk and I/O failures)."
     r = _cli('dicom_prep_export', '--db', index, '--out', tmp_path/'exp', '--labels', tmp_path/'nope.csv', '--on', 'sop_uid')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.csv' in r.stderr and 'No such file' in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_shows_what_is_required_and_the_real_worker_default(script):
+    "--help: the usage line and the flag say --dicom-dir is required unless --test; --workers defaults to the CPUs this process may use."
+    out = _cli(script, '--help').stdout
+    assert out.startswith(f"usage: {script} --dicom-dir FOLDER [options]   (or --test"), out[:200]
+    assert 'Required (unless --test)' in out and '[default: the CPUs this process may use]' in ' '.join(out.split())
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason="needs CPU affinity (Linux)")
+def test_workers_default_follows_cpu_affinity(tmp_path):
+    "Pinned to one CPU, a run without --workers uses one worker, not a fixed 2."
+    src = tmp_path/'src'; synth_series(src/'study'/'s1', n=3)
+    r = subprocess.run(console_script('dicom_prep_preprocess') + ['--dicom-dir', str(src), '--output-dir', str(tmp_path/'out')],
+                       capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+    assert r.returncode == 0 and 'Processing 3 files with 1 workers' in r.stdout, r.stdout + r.stderr
+
+
+def test_test_run_says_where_its_output_goes(tmp_path):
+    "--test writes to ./dicom_prep_sample: the first line says so, before any work."
+    r = _cli('dicom_prep_preprocess', '--test', '--workers', '2', cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"Output: {tmp_path/'dicom_prep_sample'} (index {tmp_path/'dicom_prep_sample'/'dicom_prep.db'})"
