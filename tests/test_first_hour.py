@@ -153,3 +153,15 @@ def test_test_run_says_where_its_output_goes(tmp_path):
     r = _cli('dicom_prep_preprocess', '--test', '--workers', '2', cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == f"Output: {tmp_path/'dicom_prep_sample'} (index {tmp_path/'dicom_prep_sample'/'dicom_prep.db'})"
+
+
+def test_flat_folder_is_the_same_study_in_both_pipelines(tmp_path):
+    "Files right under --dicom-dir are study `~root` (core.TOP_STUDY) in the images, the volumes and the NIfTI names alike."
+    from dicom_prep.core import TOP_STUDY
+    from conftest import query
+    src = tmp_path/'flat'; synth_series(src, n=4)
+    for script, out in (('dicom_prep_preprocess', 'img'), ('dicom_prep_nifti', 'nii')):
+        assert _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/out, '--workers', '0').returncode == 0
+    assert {p.parent.name for p in (tmp_path/'img'/'images').rglob('*.png')} == {TOP_STUDY}
+    assert [p.parent.name for p in (tmp_path/'nii'/'nifti').rglob('*.nii.gz')] == [TOP_STUDY]
+    assert query(tmp_path/'nii', 'select distinct study_id from volumes') == [(TOP_STUDY,)]
