@@ -149,11 +149,11 @@ def usable_cpus() -> int:
 class RunOptions(Options):
     "What every pipeline's run is told: where to read and write, how many workers, what to redo, privacy and the cluster."
     dicom_dir: str|None = flag(None, 'input')  # Required (unless --test): folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
-    follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR
+    follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR (skipped and counted without it)
     query: str|None = flag(None, 'input')  # With a PACS: only the studies and series matching it, e.g. 'Modality=CT&StudyDate=20240101-20241231'
     cache_dir: Path|None = flag(None, 'input')  # Where a remote source's files are copied while processed [default: ~/.cache/dicom_prep]
     cache_max_gb: float = flag(10., 'input')  # GB of a remote source's copies kept once processed (0: none)
-    max_inflight: int = flag(4, 'input')  # Requests to a remote source at once
+    max_inflight: int = flag(4, 'input')  # Requests to a remote source at once (for a PACS, keep it below its limit of associations)
     request_timeout: float = flag(30., 'input')  # Seconds a request to a remote source may take (each is tried 4 times, with backoff)
     calling_aet: str = flag('DICOM_PREP', 'input')  # Our AE title, when DICOM_DIR is a dimse:// PACS
     rebase: bool = flag(False, 'input')  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
@@ -216,7 +216,7 @@ MAX_PIXELS = 2**31   # default limit on rows × columns × frames × samples (th
 class ImageOptions(Options):
     "What the image worker needs to turn one file into PNGs and rows; `voi` is the window, parsed once."
     image_size: int = flag(256, 'image', guard=True)  # Longest side of the written images
-    window: str = flag('auto', 'image', guard=True)  # auto | minmax | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
+    window: str = flag('auto', 'image', guard=True)  # auto (the file's window, else percentile) | minmax | percentile (0.5th to 99.5th of each image) | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
     upscale: bool = flag(False, 'image', guard=True)  # Enlarge images smaller than IMAGE_SIZE
     bit_depth: int = flag(8, 'image', guard=True)  # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
     png_level: int = flag(6, 'output')  # PNG zlib compression level (1 fast .. 9 small)

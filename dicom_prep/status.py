@@ -141,7 +141,7 @@ class StatusFlags(Options):
     db: Path = flag(Path('dicom_prep_out/dicom_prep.db'), 'input')  # The dicom_prep database
     errors: bool = flag(False, 'output')  # List every failed file with its reason
     csv: Path|None = flag(None, 'output')  # Export the files tracker (path, status, error, ...) to this CSV file
-    xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs openpyxl)
+    xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs the [xlsx] extra: pip install 'dicom_prep[xlsx]')
     runs: int = flag(5, 'output')  # How many recent runs to show
     salt: str|None = flag(None, 'privacy')  # The --salt a pseudonymised index was made with (--xlsx matches its files to their images with it)
 
