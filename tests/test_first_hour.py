@@ -127,7 +127,7 @@ def test_reader_db_folder_empty_or_not_sqlite(tmp_path, index, script):
 
 def test_missing_labels_file_is_exit_2(tmp_path, index):
     "A --labels file that is not there: one line naming it, exit 2 (1 is for disk and I/O failures)."
-    r = _cli('dicom_prep_export', '--db', index, '--out', tmp_path/'exp', '--labels', tmp_path/'nope.csv', '--on', 'sop_uid')
+    r = _cli('dicom_prep_export', '--db', index/'dicom_prep.db', '--out', tmp_path/'exp', '--labels', tmp_path/'nope.csv', '--on', 'sop_uid')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'nope.csv' in r.stderr and 'No such file' in r.stderr, r.stderr
 
 
