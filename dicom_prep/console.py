@@ -102,12 +102,18 @@ class Tally:
 
     def failures(self) -> str: return f"Failed: {self.reasons()}; {SEE_ALL}"   # the SUMMARY's line
 
-_HINTS = dict(symlink_outside='symlinks point outside it (add --follow-symlinks)', not_dicom='files are not DICOM',
-              hidden='hidden files skipped', dicomdir='DICOMDIR index files skipped')
+_HINTS = dict(symlink_outside=('symlink points', 'symlinks point', 'outside it (add --follow-symlinks)'),
+              not_dicom=('file is', 'files are', 'not DICOM'), hidden=('hidden file', 'hidden files', 'skipped'),
+              dicomdir=('DICOMDIR index file', 'DICOMDIR index files', 'skipped'))   # (one, many, what follows)
+
+def _hint(k:str, n:int) -> str:
+    "`n` skipped files of kind `k`, in words."
+    one, many, rest = _HINTS.get(k, (k.replace('_', ' '),) * 2 + ('',))
+    return f"{n:,} {one if n == 1 else many} {rest}".rstrip()
 
 def _skipped(skipped:dict) -> str:
     "What the scan skipped, most first, each with what to do."
-    parts = [f"{n:,} {_HINTS.get(k, k.replace('_', ' '))}" for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]) if n]
+    parts = [_hint(k, n) for k, n in sorted(skipped.items(), key=lambda kv: -kv[1]) if n]
     return '; '.join(parts) or 'it holds no files'
 
 # %% ../nbs/05b_console.ipynb #7d4f3770
