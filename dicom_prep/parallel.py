@@ -18,15 +18,16 @@ from concurrent.futures import wait, FIRST_COMPLETED
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import Array, Value
 from typing import Any, Protocol
 from fastcore.basics import patch
 from fastcore.parallel import ProcessPoolExecutor
 
 # %% auto #0
-__all__ = ['RETRIES', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory',
-           'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask', 'run_tasks', 'memory_capped',
-           'in_process']
+__all__ = ['RETRIES', 'SMALL_RUN', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory',
+           'default_worker_memory', 'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask',
+           'in_driver', 'run_tasks', 'memory_capped', 'in_process']
 
 # %% ../nbs/05_parallel.ipynb #ee267cc9
 @dataclass
@@ -351,6 +352,15 @@ def _backend(scheduler:str|None, workers:int, memory:int|None) -> Backend:
     if not scheduler: return _Pool(workers, memory)
     return importlib.import_module('dicom_prep.dask_backend').DaskBackend(scheduler, workers, memory)   # it checks for Dask
 
+SMALL_RUN = 8   # fewer items than this run in the driver: starting workers would cost more than they save (bench/README.md)
+
+def in_driver(workers:int, # worker processes asked for (0: serial)
+              scheduler:str|None, # a Dask scheduler, or None
+              size:int|None, # how many items the run has, when known
+             ) -> bool:
+    "True when the items run in this process: `workers=0`, or fewer than `SMALL_RUN` of them (never on Dask)."
+    return not scheduler and (workers == 0 or (size is not None and size < SMALL_RUN))
+
 def run_tasks(fn, # called as `fn(item)`; must pickle
               items, # an iterable of task inputs (consumed lazily)
               workers:int=2, # worker processes (0: run serially in this process)
@@ -358,10 +368,13 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
               scheduler:str|None=None, # a Dask scheduler ('local' or an address); None: the local pool
               should_stop=None, # polled; once it returns True no more tasks are scheduled
               memory:int|None=None, # bytes each worker process may allocate beyond its start (see `limit_memory`); None: no cap
+              size:int|None=None, # how many items there are, when known: a small run starts no pool (`in_driver`)
              ):
     "Yield `(item, fn(item) or TaskFailure)` for each item as it completes."
     should_stop = should_stop or (lambda: False)
-    if workers == 0 and not scheduler: return ((i, _guarded(fn, i)) for i in items if not should_stop())
+    if in_driver(workers, scheduler, size):
+        work = partial(in_process, fn, memory) if memory else fn
+        return ((i, _guarded(work, i)) for i in items if not should_stop())
     return drive(fn, items, _backend(scheduler, workers, memory), timeout, should_stop)
 
 # %% ../nbs/05_parallel.ipynb #520106eb
@@ -385,4 +398,4 @@ def in_process(work, # the per-item worker
     "`work(item)` in this process under `memory_capped(nbytes)`: running out of it is the item's `too_large`, not the run's."
     try:
         with memory_capped(nbytes): return work(item)
-    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0): MemoryError: {str(e) or 'an allocation failed'}")
+    except MemoryError as e: return TaskFailure('too_large', f"memory limit ({nbytes >> 20:,} MiB, --worker-memory) exceeded in the driver (--workers 0 or a small run): MemoryError: {str(e) or 'an allocation failed'}")
