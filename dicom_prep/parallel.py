@@ -357,9 +357,10 @@ SMALL_RUN = 8   # fewer items than this run in the driver: starting workers woul
 def in_driver(workers:int, # worker processes asked for (0: serial)
               scheduler:str|None, # a Dask scheduler, or None
               size:int|None, # how many items the run has, when known
+              timeout:float|None, # the task timeout asked for: only workers can honour one
              ) -> bool:
-    "True when the items run in this process: `workers=0`, or fewer than `SMALL_RUN` of them (never on Dask)."
-    return not scheduler and (workers == 0 or (size is not None and size < SMALL_RUN))
+    "True when the items run in this process: `workers=0`, or fewer than `SMALL_RUN` of them with no timeout (never on Dask)."
+    return not scheduler and (workers == 0 or (size is not None and size < SMALL_RUN and not timeout))
 
 def run_tasks(fn, # called as `fn(item)`; must pickle
               items, # an iterable of task inputs (consumed lazily)
@@ -372,7 +373,7 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
              ):
     "Yield `(item, fn(item) or TaskFailure)` for each item as it completes."
     should_stop = should_stop or (lambda: False)
-    if in_driver(workers, scheduler, size):
+    if in_driver(workers, scheduler, size, timeout):
         work = partial(in_process, fn, memory) if memory else fn
         return ((i, _guarded(work, i)) for i in items if not should_stop())
     return drive(fn, items, _backend(scheduler, workers, memory), timeout, should_stop)
