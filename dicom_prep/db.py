@@ -13,7 +13,6 @@ import csv, functools, json, os, socket, sqlite3, time
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from filelock import FileLock, Timeout
 from .core import atomic_path, import_without, log, resume_command
 from .options import UsageError
 from .paths import OWNER_FILE, UnsafePath, db_file, index_path, mark_owner, owner_line, owns, real_root, same_path, strictly_under
@@ -341,12 +340,13 @@ class DbLock:
     def __init__(self,
                  db_path, # the database the lock guards (the lock is DB_PATH.lock)
                 ):
+        from filelock import FileLock                # imported when a run locks its index: `--help` never needs it
         self.path = Path(f"{db_path}.lock")
         self.lock = FileLock(self.path, blocking=False, preserve_lock_file=True, on_acquired=_write_holder)
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try: self.lock.acquire()
-        except Timeout:
+        except TimeoutError:                         # filelock's Timeout
             try: holder = self.path.read_text().strip()
             except OSError: holder = ''
             raise DbBusyError(f"{self.path.with_suffix('')} is in use by another run ({holder or 'unknown process'}); "

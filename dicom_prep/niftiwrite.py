@@ -13,8 +13,8 @@ import json, math, os, struct, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 import numpy as np
-import nibabel as nib
 from .core import TOP_STUDY, atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
 from .tags import num_value, tag_value
@@ -22,6 +22,7 @@ from .privacy import Deidentify
 from .sidecar import sidecar
 from .vendor import maker, untile
 from .series import phase_axis
+if TYPE_CHECKING: import nibabel as nib   # imported where an image is made: a run that writes nothing never loads it
 
 # %% auto #0
 __all__ = ['SLICE_CODES', 'GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
@@ -57,6 +58,7 @@ def nifti_image(data:np.ndarray, # voxels (columns, rows, slices[, time])
                 slice_code:int=0, # the slice order code (`slice_code`)
                ) -> nib.Nifti1Image:
     "A NIfTI-1 image in scanner (RAS) space, with header scaling, units, dims and slice order as dcm2niix writes them."
+    import nibabel as nib
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=1); img.set_qform(affine, code=1)
     img.header.set_xyzt_units('mm', 'sec')

@@ -18,15 +18,16 @@ from concurrent.futures import wait, FIRST_COMPLETED
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import Array, Value
 from typing import Any, Protocol
 from fastcore.basics import patch
 from fastcore.parallel import ProcessPoolExecutor
 
 # %% auto #0
-__all__ = ['RETRIES', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory', 'default_worker_memory',
-           'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask', 'run_tasks', 'memory_capped',
-           'in_process']
+__all__ = ['RETRIES', 'SMALL_RUN', 'TaskFailure', 'run_chunk', 'die_with_parent', 'limit_memory', 'total_memory',
+           'default_worker_memory', 'Chunker', 'Ended', 'Backend', 'drive', 'graceful_interrupts', 'require_dask',
+           'pool_size', 'run_tasks', 'memory_capped', 'in_process']
 
 # %% ../nbs/05_parallel.ipynb #ee267cc9
 @dataclass
@@ -351,6 +352,14 @@ def _backend(scheduler:str|None, workers:int, memory:int|None) -> Backend:
     if not scheduler: return _Pool(workers, memory)
     return importlib.import_module('dicom_prep.dask_backend').DaskBackend(scheduler, workers, memory)   # it checks for Dask
 
+SMALL_RUN = 8   # items per worker below which another worker costs more to start than it saves (bench/README.md)
+
+def pool_size(workers:int, # worker processes asked for
+              size:int|None, # how many items the run has, when known
+             ) -> int:
+    "The workers a pool of `size` items starts: one per `SMALL_RUN` items, at most `workers` (all of them when `size` is unknown)."
+    return workers if size is None else max(1, min(workers, -(-size // SMALL_RUN)))
+
 def run_tasks(fn, # called as `fn(item)`; must pickle
               items, # an iterable of task inputs (consumed lazily)
               workers:int=2, # worker processes (0: run serially in this process)
@@ -358,11 +367,14 @@ def run_tasks(fn, # called as `fn(item)`; must pickle
               scheduler:str|None=None, # a Dask scheduler ('local' or an address); None: the local pool
               should_stop=None, # polled; once it returns True no more tasks are scheduled
               memory:int|None=None, # bytes each worker process may allocate beyond its start (see `limit_memory`); None: no cap
+              size:int|None=None, # how many items there are, when known: a small run starts fewer workers (`pool_size`)
              ):
     "Yield `(item, fn(item) or TaskFailure)` for each item as it completes."
     should_stop = should_stop or (lambda: False)
-    if workers == 0 and not scheduler: return ((i, _guarded(fn, i)) for i in items if not should_stop())
-    return drive(fn, items, _backend(scheduler, workers, memory), timeout, should_stop)
+    if workers == 0 and not scheduler:
+        work = partial(in_process, fn, memory) if memory else fn
+        return ((i, _guarded(work, i)) for i in items if not should_stop())
+    return drive(fn, items, _backend(scheduler, workers if scheduler else pool_size(workers, size), memory), timeout, should_stop)
 
 # %% ../nbs/05_parallel.ipynb #520106eb
 @contextmanager

@@ -12,7 +12,6 @@ import io, os, shlex, sqlite3, tempfile, time
 from collections import Counter
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 from fastcore.basics import patch
@@ -24,7 +23,7 @@ from fastcore.basics import chunked
 from .db import DbLock, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
 from .privacy import attach_private, is_pseudonymised, private_state_file, pseudonym, relativize_sources, without_paths
 from .paths import UnsafePath, folder_owner, mark_owner, owns, sweep_temps
-from .parallel import default_worker_memory, graceful_interrupts, in_process, require_dask, run_tasks
+from .parallel import default_worker_memory, graceful_interrupts, require_dask, run_tasks
 
 
 # %% auto #0
@@ -122,11 +121,10 @@ def stream(self:Run,
     if self.db.conn.in_transaction: raise RuntimeError("a transaction is open before streaming: its batches would never commit")
     t, t_db, n = self.phase(phase), self._db_timer(), 0
     db_before = t_db.spent
-    if self.workers == 0 and not self.scheduler and self.memory: work = partial(in_process, work, self.memory)   # see below
     total, src = len(tasks) if total is None else total, self.source
     if needs: tasks = src.prefetch(tasks, needs)
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
-                                memory=self.memory))
+                                memory=self.memory, size=total - done))
     with results as results, Progress(total, done, label, out=io.StringIO() if self.quiet else None) as prog, warnings_through(prog):
         for batch in chunked(results, batch_size):
             whys = [fatal(res) if fatal else None for _, res in batch]     # an environmental failure stops the run after this batch

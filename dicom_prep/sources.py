@@ -15,15 +15,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 import shutil, threading, time
 from contextlib import closing
-from filelock import FileLock, Timeout
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from fastcore.basics import patch
 from .core import study_of, log
 from .paths import inside
+if TYPE_CHECKING: from filelock import FileLock
 
 # %% auto #0
 __all__ = ['CACHE_TOKEN', 'is_dicom', 'Entry', 'SourceError', 'Gone', 'LocalFolder', 'Cache', 'Found', 'find_dicoms',
@@ -155,6 +155,7 @@ def _fresh(p:Path, size:int|None, token:int|None) -> bool:
 
 def _claim(d:Path) -> tuple[Path, FileLock|None]:
     "Folder `d` and its lock, taken for this run; while another run holds it, a private folder `d-PID` beside it instead."
+    from filelock import FileLock, Timeout       # only a remote source keeps a cache
     d.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(f"{d}.lock", timeout=0)
     try: lock.acquire(); return d, lock
