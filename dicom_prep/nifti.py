@@ -149,10 +149,10 @@ def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philip
     return rows, files, *_gone_or_no_volume(db, sorted(set(old) - {r['id'] for r in rows}), records)
 
 def _gone_or_no_volume(db, ids:list, records:list) -> tuple[list, list]:
-    "(gone, not volumes) of the volume `ids` a series no longer makes: those made only of files of no `VOLUME_KINDS` (an older version took a SEG for a volume) are no volume."
-    others = {r.path for r in records if r.object_kind not in VOLUME_KINDS}
+    "(gone, not volumes) of the volume `ids` a series no longer makes: those whose files are all still here are no volume (a `--resample both` copy no longer asked for, a SEG an older version took for a volume)."
+    here = {r.path for r in records}
     made_of = lambda vid: {p for (p,) in db.execute('select path from volume_files where volume_id = ?', [vid])}
-    no_volume = [v for v in ids if others and (paths := made_of(v)) and paths <= others]
+    no_volume = [v for v in ids if (paths := made_of(v)) and paths <= here]
     return [v for v in ids if v not in no_volume], no_volume
 
 def _store(db, keys:list, rows:list, files:list, gone:list, not_volumes:list):

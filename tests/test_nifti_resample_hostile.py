@@ -1,0 +1,44 @@
+"""`--resample both` as a hostile user drives it on one output folder: modes switched between runs. Each test failed before its fix (named in its docstring)."""
+import pytest
+
+from dicom_prep.db import open_db
+from dicom_prep.synth import synth_series
+from test_nifti import ours
+from test_nifti_dcm2niix_diffs import tilted_ct
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+
+
+def two_series(src):
+    "A tilted CT (ok as acquired, plus a `_Tilt_1` copy) and a CT with a missing slice (refused as acquired: only its `_Eq_1` copy)."
+    tilted_ct(src/'tilt', -1024, SeriesNumber=1)
+    synth_series(src/'gap', rows=6, cols=4, series_number=2, description='gap', positions=[(0, 0, 2.5 * k) for k in range(8) if k != 4])
+
+
+def written(out) -> list[str]:
+    "Every file under the output's nifti folder, relative to it."
+    return sorted(str(p.relative_to(out/'nifti')) for p in (out/'nifti').rglob('*') if p.is_file())
+
+
+@pytest.mark.parametrize('mode', [False, True])
+def test_switching_off_both_removes_the_copies(mode, tmp_path):
+    """`both`, then `no` or `yes` with --force: the copies are made no more, so their files (image and sidecar) go, and
+    their rows with them; no row claims that source files left the DICOM folder, for they are all still there.
+    (Before: the `_Tilt_1`/`_Eq_1` files stayed beside the new outputs, their rows 'gone'.)"""
+    two_series(tmp_path/'src')
+    ours(tmp_path/'src', tmp_path/'out', resample='both', sidecar=True)
+    assert sum(n.endswith(('_Tilt_1.nii.gz', '_Eq_1.nii.gz')) for n in written(tmp_path/'out')) == 2
+    ours(tmp_path/'src', tmp_path/'out', resample=mode, sidecar=True, force=True)
+    _, plain = ours(tmp_path/'src', tmp_path/f'fresh{mode}', resample=mode, sidecar=True)
+    assert written(tmp_path/'out') == written(tmp_path/f'fresh{mode}') and plain
+    rows = list(open_db(tmp_path/'out'/'dicom_prep.db').query('select verdict, suffix from volumes'))
+    assert [r for r in rows if r['verdict'] == 'gone' or r['suffix']] == []
+
+
+def test_both_then_both_again_after_no_writes_the_copies_again(tmp_path):
+    "`both`, `no`, `both` (each with --force): the copies come back, under the same names as the first time."
+    two_series(tmp_path/'src')
+    first = written(ours(tmp_path/'src', tmp_path/'out', resample='both')[0].output_dir)
+    for mode in (False, 'both'): ours(tmp_path/'src', tmp_path/'out', resample=mode, force=True)
+    assert written(tmp_path/'out') == first
+
