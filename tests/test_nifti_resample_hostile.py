@@ -1,7 +1,9 @@
-"""`--resample both` as a hostile user drives it on one output folder: modes switched between runs. Each test failed before its fix (named in its docstring)."""
+"""`--resample both` as a hostile user drives it on one output folder: modes switched between runs, and the copies fed
+to a training export. Each test failed before its fix (named in its docstring)."""
 import pytest
 
 from dicom_prep.db import open_db
+from dicom_prep.export import export, volumes_df
 from dicom_prep.synth import synth_series
 from test_nifti import ours
 from test_nifti_dcm2niix_diffs import tilted_ct
@@ -42,3 +44,20 @@ def test_both_then_both_again_after_no_writes_the_copies_again(tmp_path):
     for mode in (False, 'both'): ours(tmp_path/'src', tmp_path/'out', resample=mode, force=True)
     assert written(tmp_path/'out') == first
 
+
+def test_export_takes_one_case_per_acquisition(tmp_path):
+    """nnU-Net/MONAI of a `--resample both` index: a series converted as acquired is one case, its resampled copy left out
+    (with a note saying so) rather than a second, near-identical training case; a series refused as acquired is exported
+    as its copy. `volumes_df` names each copy's acquired volume (`copy_of`).
+    (Before: the tilted series was two cases, `001_..` and `001_.._Tilt_1`.)"""
+    two_series(tmp_path/'src')
+    ours(tmp_path/'src', tmp_path/'out', resample='both')
+    df = volumes_df(tmp_path/'out'/'dicom_prep.db')
+    assert len(df) == 3
+    acquired = df.loc[df['copy_of'].isna(), 'id']
+    assert len(acquired) == 2 and set(df['copy_of'].dropna()) <= set(acquired)
+    for fmt in ('nnunet', 'monai'):
+        r = export(tmp_path/'out'/'dicom_prep.db', tmp_path/fmt, fmt)
+        cases = sorted(p.name for p in (tmp_path/fmt).rglob('*.nii.gz'))
+        assert len(cases) == 2 and not any('_Tilt_1' in c for c in cases) and any('_Eq_1' in c for c in cases), cases
+        assert any('resampled cop' in n and '1' in n for n in r.notes), r.notes
