@@ -1,12 +1,15 @@
-"""`--resample both` as a hostile user drives it on one output folder: modes switched between runs, and the copies fed
-to a training export. Each test failed before its fix (named in its docstring)."""
+"""Issue 28's `--resample both` and UIH sidecars as a hostile user drives them: modes switched between runs on one output
+folder, the copies fed to a training export, malformed UIH slice times. Each test failed before its fix (named in its docstring)."""
+import json
+
+import pydicom
 import pytest
 
 from dicom_prep.db import open_db
 from dicom_prep.export import export, volumes_df
 from dicom_prep.synth import synth_series
 from test_nifti import ours
-from test_nifti_dcm2niix_diffs import tilted_ct
+from test_nifti_dcm2niix_diffs import tilted_ct, uih_dti
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -61,3 +64,18 @@ def test_export_takes_one_case_per_acquisition(tmp_path):
         cases = sorted(p.name for p in (tmp_path/fmt).rglob('*.nii.gz'))
         assert len(cases) == 2 and not any('_Tilt_1' in c for c in cases) and any('_Eq_1' in c for c in cases), cases
         assert any('resampled cop' in n and '1' in n for n in r.notes), r.notes
+
+
+@pytest.mark.parametrize('bad', ['13:52:59', 'N/A', '99'])
+def test_uih_malformed_slice_time_leaves_the_volume_whole(bad, tmp_path):
+    """A UIH DTI whose (0065,1051) items hold one malformed AcquisitionTime (ACR-NEMA colons, text, too short): the
+    volume converts, its sidecar's AcquisitionTime is the earliest well-formed slice time.
+    (Before: `float('13:52:59')` raised in the sidecar, and the volume was an error with its .nii.gz left on disk.)"""
+    uih_dti(tmp_path/'src')
+    for p in sorted((tmp_path/'src').rglob('*.dcm')):
+        ds = pydicom.dcmread(p)
+        ds[0x0065, 0x1051].value[1].AcquisitionTime = bad
+        ds.save_as(p)
+    r, [mine] = ours(tmp_path/'src', tmp_path/'out', sidecar=True)
+    assert r.counts.get('converted') == 1 and not r.counts.get('error')
+    assert json.loads(mine.with_name(mine.name[:-7] + '.json').read_text())['AcquisitionTime'] == '13:52:57.000000'
