@@ -29,7 +29,7 @@ from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .read import kinds_note
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, VOLUME_KINDS, group_volumes
-from .resampled import analyze_volumes, resample_mode
+from .resampled import analyze_volumes, copy_name, resample_mode
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
@@ -141,11 +141,11 @@ def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philip
     if secret: records = [pseudonymous_record(r, secret) for r in records]
     old = {r['id']: r for r in db.query('select id, status, error, output_name, converted_sig from volumes where series_uid = ?', [key])}
     analysed = sorted((a for v in group_volumes(records) for a in analyze_volumes(v, spacing_tol, philips_scaling, resample)), key=lambda a: a[0]['split'])
-    rows, files = [], []
+    rows, files, named = [], [], {}
     for row, fs in analysed:
         prev = old.get(row['id'], {})
-        name = prev.get('output_name') or (unique_name(render_name(template, row), taken) if row['verdict'] == 'ok' else None)
-        rows.append({**row, 'output_name': name, **_state_after_analysis(row, prev)}); files += fs
+        name = prev.get('output_name') or (unique_name(copy_name(row, named, template) or render_name(template, row), taken) if row['verdict'] == 'ok' else None)
+        rows.append({**row, 'output_name': name, **_state_after_analysis(row, prev)}); files += fs; named[row['split']] = name
     return rows, files, *_gone_or_no_volume(db, sorted(set(old) - {r['id'] for r in rows}), records)
 
 def _gone_or_no_volume(db, ids:list, records:list) -> tuple[list, list]:

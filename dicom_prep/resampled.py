@@ -17,7 +17,7 @@ from .volumes import SPACING_TOL, Candidate, analyze_volume
 
 # %% auto #0
 __all__ = ['RESAMPLE_MODES', 'RESAMPLED_SUFFIX', 'COPY_OF', 'resample_mode', 'resampled_copy', 'analyze_volumes',
-           'one_per_acquisition']
+           'one_per_acquisition', 'copy_name']
 
 # %% ../nbs/09b_resampled.ipynb #e09ff0b7
 RESAMPLE_MODES = {'no': False, 'yes': True, 'both': 'both', False: False, True: True}   # a flag's value -> the mode recorded
@@ -61,3 +61,13 @@ def one_per_acquisition(df, # converted volumes, `id` and `copy_of` (`COPY_OF`) 
     if df.empty: return df, []
     copy = df['copy_of'].isin(df['id'])
     return df[~copy], [f"resampled copies left out (--resample both), their acquired volumes exported: {copy.sum():,}"] if copy.any() else []
+
+# %% ../nbs/09b_resampled.ipynb #599de3dd
+def copy_name(row:dict, # a `volumes` row about to be named
+              named:dict, # {split: output name} of its series' rows named so far
+              template:str, # the name template
+             ) -> str|None:
+    "A copy's name: its acquired volume's and dcm2niix's suffix; None for any other row, an unnamed acquired one, or a template with `{suffix}`."
+    kind = json.loads(row['resample'])['kind'] if row.get('resample') and '{suffix' not in template else None
+    acquired = named.get(row['split'].removesuffix(f'|{kind}')) if kind and row['split'].endswith(f'|{kind}') else None
+    return acquired + RESAMPLED_SUFFIX[kind] if acquired else None

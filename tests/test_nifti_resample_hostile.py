@@ -79,3 +79,18 @@ def test_uih_malformed_slice_time_leaves_the_volume_whole(bad, tmp_path):
     r, [mine] = ours(tmp_path/'src', tmp_path/'out', sidecar=True)
     assert r.counts.get('converted') == 1 and not r.counts.get('error')
     assert json.loads(mine.with_name(mine.name[:-7] + '.json').read_text())['AcquisitionTime'] == '13:52:57.000000'
+
+
+def test_a_copy_is_named_after_its_acquired_volume(tmp_path):
+    """Two tilted series whose names collide (a template without the series number): each copy is its acquired volume's
+    name plus dcm2niix's suffix, so the pair is found by name; a template placing `{suffix}` itself is followed as given.
+    (Before: series 3's volume was `CT_3` and its copy `CT_Tilt_1_2`, made unique after the suffix.)"""
+    from pydicom.uid import generate_uid
+    study = generate_uid()
+    for n in (1, 3): tilted_ct(tmp_path/'src'/f's{n}', -1024, SeriesNumber=n, StudyInstanceUID=study)
+    synth_series(tmp_path/'src'/'s2', rows=6, cols=4, series_number=2, study_uid=study)
+    for template, want in (('{modality}', ['CT', 'CT_2', 'CT_3', 'CT_3_Tilt_1', 'CT_Tilt_1']),
+                           ('{modality}{suffix}/{series_number}', ['CT/1', 'CT/2', 'CT/3', 'CT_Tilt_1/1', 'CT_Tilt_1/3'])):
+        out = tmp_path/template.replace('/', '_')
+        ours(tmp_path/'src', out, resample='both', name_template=template)
+        assert sorted(v['output_name'] for v in open_db(out/'dicom_prep.db').query('select output_name from volumes')) == want
