@@ -4,7 +4,8 @@ Modules:
 
 - `dicom_prep.annotations`: What DICOM SEG and RTSTRUCT files declare (segments, references, frame of reference), and the image planes they land on.
 - `dicom_prep.cli`: Console-script plumbing: parsers derived from the option dataclasses, grouped `--help` with an example, one error style, exit codes and start-up.
-- `dicom_prep.core`: Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
+- `dicom_prep.console`: What a run shows: a progress bar with messages on lines of their own above it, the first warnings and a count of the rest, the SUMMARY, and the one line that says why a run achieved nothing.
+- `dicom_prep.core`: Timing, naming, atomic writes and logging: the small pieces every layer of `dicom_prep` uses.
 - `dicom_prep.dask_backend`: Beyond one machine: the same `preprocess` and `nifti` runs, with the per-file work spread over a `dask.distributed` cluster (a LocalCluster, Slurm/PBS through dask-jobqueue, Kubernetes, Coiled): the Dask backend of `parallel`'s driver loop.
 - `dicom_prep.dataset`: The index as a training set: `DicomPrepDataset`, one split as `(image array, label)` pairs that torch's `DataLoader` takes as they are, with no torch import.
 - `dicom_prep.db`: The SQLite index *is* the state: schema and migrations, corrupt-file recovery, the single-writer lock with write transactions that take the lock at their start, runs and the settings guard.

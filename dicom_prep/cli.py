@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/cli.html.md"""
 
 # %% ../nbs/06a_cli.ipynb #0eb33296
 from __future__ import annotations
-import argparse, gc, sys
+import argparse, gc, re, sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -17,14 +17,18 @@ from .options import GROUPS, Flag, Options, UsageError, flag
 
 
 # %% auto #0
-__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run', 'cli_finish',
-           'follow_up']
+__all__ = ['DB_NAME', 'ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run',
+           'cli_finish', 'cli_db', 'follow_up']
 
 # %% ../nbs/06a_cli.ipynb #e0dd2cb1
 @dataclass(frozen=True)
 class ScriptFlags(Options):
     "The flags of every pipeline's console script that are no option of its library call."
     test: bool = flag(False, 'input')  # Run on the bundled sample data (no data of yours needed)
+    min_ok: float|None = flag(None, 'run control')  # Exit 1 when less than this share of the items came out, e.g. 0.9 [default: at least one]
+
+    def __post_init__(self):
+        if self.min_ok is not None and not 0 <= self.min_ok <= 1: raise UsageError(f"--min-ok is a share of the items (0 to 1), not {self.min_ok}")
 
 class _Deprecated(argparse.Action):
     "An old spelling of a flag: a warning naming the new one, then the new one's value."
@@ -54,8 +58,10 @@ def cli_parser(*classes:type[Options], # the option dataclasses whose flags it t
                doc:str='', # what the command does: the first lines of `--help`
                example:str='', # a command line, shown at the end of `--help`
               ) -> argparse.ArgumentParser:
-    "A parser of every flag of `classes`, in `--help` sections (`GROUPS`), ending with an example."
-    p = argparse.ArgumentParser(description=doc, epilog=f"example:\n  {example}" if example else None,
+    "A parser of every flag of `classes`, in `--help` sections (`GROUPS`), ending with an example; a pipeline's usage line shows --dicom-dir required."
+    names = {f.name for cls in classes for f in cls.flags()}
+    usage = "%(prog)s --dicom-dir FOLDER [options]   (or --test, on the bundled sample data)" if {'dicom_dir', 'test'} <= names else None
+    p = argparse.ArgumentParser(usage=usage, description=doc, epilog=f"example:\n  {example}" if example else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = {g: p.add_argument_group(g) for g in GROUPS}
     for cls in classes:
@@ -70,18 +76,26 @@ def cli_args(cls:type[Options], # the options of the library call
             ) -> tuple[dict, dict]:
     "Parse `argv`: (keywords of `cls`, keywords of `extra`)."
     ns, mine = vars(cli_parser(cls, *[extra] * bool(extra), doc=doc, example=example).parse_args(argv)), {f.name for f in fields(cls)}
-    return {k: v for k, v in ns.items() if k in mine}, {k: v for k, v in ns.items() if k not in mine}
+    theirs = {k: v for k, v in ns.items() if k not in mine}
+    try: extra and extra(**theirs)       # its own checks
+    except UsageError as e: cli_error(e)
+    return {k: v for k, v in ns.items() if k in mine}, theirs
 
 
 # %% ../nbs/06a_cli.ipynb #7ca3e170
+def _default(f:Flag) -> tuple[str, str]:
+    "(default, meaning) of flag `f` as the options table shows them: a `[default: ...]` its help ends with is its default."
+    if (m := re.search(r'\s*\[default: (.*)\]$', f.help)): return m[1], f.help[:m.start()]
+    if f.help.startswith('Required'): return 'required', f.help
+    return ('off' if f.default is False else 'none' if f.default in ((), None) else f"`{f.default}`"), f.help
+
 def options_table(*classes:type[Options], # the option dataclasses, as `cli_parser` takes them
                  ) -> str:
     "Markdown tables of every flag of `classes`, one per `--help` section: flag, default, meaning."
     flags = [f for cls in classes for f in cls.flags()]
     out = []
     for g in GROUPS:
-        rows = [f"| `--{f.cli.replace('_', '-')}` | `{None if f.default == () else f.default}` | {f.help.replace('|', chr(92) + '|')} |"
-                for f in flags if f.group == g]
+        rows = [f"| `--{f.cli.replace('_', '-')}` | {_default(f)[0]} | {_default(f)[1].replace('|', chr(92) + '|')} |" for f in flags if f.group == g]
         if rows: out += [f"**{g}**", '', '| flag | default | meaning |', '|---|---|---|', *rows, '']
     return '\n'.join(out)
 
@@ -130,12 +144,37 @@ def cli_run(run:Callable, # the call the console script makes
     except KeyboardInterrupt:
         print(f"\nQuit at once. Completed batches are saved; resume with:\n    {resume_hint()}", file=sys.stderr); sys.exit(130)
 
-def cli_finish(r, # what the run returned (a `run.RunOutcome`)
+def cli_finish(r, # what the run returned (a `console.RunOutcome`)
+               min_ok:float|None=None, # --min-ok: the share of items that must come out [default: at least one]
               ):
-    "Print a run's summary and exit 130 if it was interrupted."
-    print(r.summary())
+    "Print a run's summary (not when it found no DICOM); exit 130 if it was interrupted, 2 if nothing came out, 1 if less than `min_ok` did."
+    from dicom_prep.console import verdict
+    code, why = verdict(r.tally, min_ok) if r.tally else (0, None)
+    if r.tally is None or r.tally.found: print(r.summary())
     if r.status == 'interrupted': sys.exit(130)
+    if why: cli_error(why, code)
 
+
+# %% ../nbs/06a_cli.ipynb #9023aa4f
+DB_NAME = 'dicom_prep.db'   # a run's database in its output folder
+
+def _is_index(p:Path) -> bool:
+    "True if `p` is an SQLite file with dicom_prep's `meta` table (opened read-only: the check changes nothing)."
+    import sqlite3
+    from contextlib import closing
+    try:
+        with closing(sqlite3.connect(f"{p.absolute().as_uri()}?mode=ro", uri=True)) as c:
+            return bool(c.execute("select 1 from sqlite_master where name = 'meta'").fetchone())
+    except sqlite3.Error: return False
+
+def cli_db(path, # --db: a database file, or the output folder holding `dicom_prep.db`
+          ) -> Path:
+    "The database a reading console script opens: `path`, or `path/dicom_prep.db` for a folder; `UsageError` when there is none or it is no dicom_prep database."
+    p = Path(path)
+    if p.is_dir(): p = p/DB_NAME
+    if not p.is_file(): raise UsageError(f"No dicom_prep database at {p}")
+    if not _is_index(p): raise UsageError(f"not a dicom_prep database: {p}")
+    return p
 
 # %% ../nbs/06a_cli.ipynb #8d85fc09
 def follow_up(name:str, # its name in the entry-point group `dicom_prep.follow_ups`

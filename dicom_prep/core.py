@@ -1,9 +1,8 @@
-"""Timing, naming, atomic writes and progress reporting: the small pieces every layer of `dicom_prep` uses.
+"""Timing, naming, atomic writes and logging: the small pieces every layer of `dicom_prep` uses.
 
 The small pieces every layer uses, none of which knows about DICOM: `Timer` times a phase; `safe_component`,
 `readable_component`, `frame_filename` and `source_stem` make unique, filesystem-safe output names; `atomic_path`,
-`write_output` and `folder_fd` write files all or nothing, never through a symlink inside the output folder; and
-`Progress` reports progress.
+`write_output` and `folder_fd` write files all or nothing, never through a symlink inside the output folder;; `log` reports.
 
 Docs: https://dicom-prep.github.io/dicom_prep/core.html.md"""
 
@@ -21,7 +20,7 @@ __all__ = ['NAME_MAX', 'MAX_COMPONENT', 'MAX_COMPONENT_BYTES', 'TOP_STUDY', 'FIL
            'log', 'ENV_ERRNOS', 'Timer', 'stable_hash', 'utf8_len', 'cap_bytes', 'safe_component', 'readable_component',
            'frame_filename', 'source_stem', 'study_of', 'clash_key', 'current_umask', 'UnsafeOutput', 'forget_folders',
            'folder_fd', 'temp_of', 'atomic_path', 'write_output', 'remove_output', 'link_output', 'setup_logging',
-           'Progress', 'resume_command', 'env_error', 'console_script', 'import_without']
+           'resume_command', 'env_error', 'console_script', 'import_without']
 
 # %% ../nbs/00_core.ipynb #31be13bb
 class Timer:
@@ -379,39 +378,6 @@ def setup_logging(level=logging.WARNING, # lowest level shown
         h.setFormatter(logging.Formatter('%(levelname)s: %(message)s'))
         log.addHandler(h)
     log.setLevel(level)
-
-# %% ../nbs/00_core.ipynb #7312d85f
-class Progress:
-    "Progress over `total` items: a bar on a terminal, a few plain lines otherwise."
-    def __init__(self, total:int, # items in all
-                 done:int=0, # items already done (a resumed run)
-                 label:str='files', # what an item is called
-                 out=None, # stream [default: stdout]
-                 n_lines:int=10, # plain lines printed when `out` is not a terminal
-                ):
-        self.total, self.done, self.label, self.out = total, done, label, out or sys.stdout
-        self.tty = self.out.isatty()
-        self.step, self.next = max(1, total // n_lines), done + max(1, total // n_lines)
-        self.start = time.perf_counter()
-
-    def __enter__(self):
-        if self.tty:
-            from fastprogress.fastprogress import progress_bar
-            self.bar = progress_bar(range(self.total), total=self.total, leave=False)
-            self.bar.update(self.done)
-        return self
-
-    def update(self, n=1):
-        "Advance by `n` items."
-        self.done += n
-        if self.tty: self.bar.update(self.done)
-        elif self.done >= self.next or self.done == self.total:
-            self.next = self.done + self.step
-            el = time.perf_counter() - self.start
-            print(f"  {self.done:,}/{self.total:,} {self.label} ({100*self.done/max(self.total,1):.0f}%, {el:.1f}s)", file=self.out, flush=True)
-
-    def __exit__(self, *exc):
-        if self.tty: self.bar.on_iter_end()
 
 # %% ../nbs/00_core.ipynb #9ae9c07a
 def resume_command() -> str:

@@ -22,7 +22,8 @@ from .privacy import PHI_KEYS, Deidentify, deidentify_flags, pseudonym, replace_
 from .paths import inside
 from .parallel import TaskFailure
 from .options import MaskOptions, RunOptions, UsageError, derived, flag
-from .run import Diff, Run, RunOutcome, open_run, summary_block
+from .console import RunOutcome, summary_block
+from .run import Diff, Run, open_run
 from .maskstage import make_masks
 from .labelvolumes import VOLUME_TARGETS
 from .cli import cli_args, cli_source, cli_run, cli_finish
@@ -392,7 +393,14 @@ def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> Nift
     if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
     kind, kinds = "json_extract(record, '$.object_kind')", ', '.join(repr(k) for k in VOLUME_KINDS)
     run.notes += kinds_note(run.db.execute(f"select {kind}, count(*) from nifti_headers where {kind} not in ({kinds}) group by 1").fetchall(), 'volumes')
-    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts)
+    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts, tally=_tally(run, o))
+
+def _tally(run:Run, o:NiftiOptions):
+    "The index's volumes for `console.verdict`: those converted (usable, with --analysis-only) came out; failed: conversions and unreadable files."
+    q = lambda sql: run.db.execute(sql).fetchone()[0]
+    ok = q("select count(*) from volumes where verdict = 'ok'" + ('' if o.analysis_only else " and status = 'ok'"))
+    return run.tally(ok, {'conversion error': q("select count(*) from volumes where verdict = 'ok' and status = 'error'"),
+                          'unreadable file': q('select count(*) from nifti_headers where error is not null')}, 'volumes')
 
 @delegates(NiftiOptions)
 def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)
@@ -420,4 +428,4 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     "Analyse DICOM series into volumes (table `volumes`) and convert the usable ones to NIfTI, resumably."
     kw, cli = cli_args(NiftiOptions, main.__doc__, EXAMPLE, argv)
     kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
-    cli_finish(cli_run(lambda: dicom_to_nifti(**kw)))
+    cli_finish(cli_run(lambda: dicom_to_nifti(**kw)), cli['min_ok'])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import nibabel as nib
-from .core import atomic_path, readable_component, remove_output, safe_component
+from .core import TOP_STUDY, atomic_path, readable_component, remove_output, safe_component
 from .read import read_dicom
 from .tags import num_value, tag_value
 from .privacy import Deidentify
@@ -339,8 +339,8 @@ def name_fields(row:dict, # a `volumes` row
                 echo_number=int(row['echo_number'] or 0), volume_id=row['id'], suffix=text(row.get('suffix')).removeprefix('unnamed'))
 
 def _safe_part(p) -> str:
-    "A path component kept as is when `safe_component` would accept it (a `~hash` included), else made readable and safe."
-    return p if safe_component(p.replace('~', '-')) == p.replace('~', '-') else readable_component(p)
+    "A path component kept as is when `safe_component` would accept it (a `~hash` included, and `TOP_STUDY`), else made readable and safe."
+    return p if p == TOP_STUDY or safe_component(p.replace('~', '-')) == p.replace('~', '-') else readable_component(p)
 
 # %% ../nbs/10_niftiwrite.ipynb #3d4067fe
 def render_name(template:str, # a `str.format` template over `NAME_FIELDS`

@@ -8,7 +8,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/options.html.md"""
 
 # %% ../nbs/01b_options.ipynb #53ba11b6
 from __future__ import annotations
-import functools, inspect, io, linecache, math, re, textwrap, tokenize, warnings
+import functools, inspect, io, linecache, math, os, re, textwrap, tokenize, warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -17,8 +17,9 @@ from .core import stable_hash
 
 # %% auto #0
 __all__ = ['GROUPS', 'WINDOWS', 'MULTI_WINDOWS', 'WINDOW_MODES', 'MAX_PIXELS', 'OVERLAP_POLICIES', 'SPLIT_NAME', 'UsageError',
-           'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'RunOptions', 'parse_window',
-           'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split', 'empty_split_warnings']
+           'flag', 'derived', 'deprecated', 'renamed', 'field_docs', 'Flag', 'Options', 'usable_cpus', 'RunOptions',
+           'parse_window', 'ImageOptions', 'MaskOptions', 'check_split_name', 'parse_splits', 'assign_split',
+           'empty_split_warnings']
 
 # %% ../nbs/01b_options.ipynb #92000550
 class UsageError(Exception): "Arguments that cannot work (missing folder, unwritable output, bad option)."
@@ -140,21 +141,25 @@ def _plain(v): return list(v) if isinstance(v, tuple) else v
 
 
 # %% ../nbs/01b_options.ipynb #9d3c3cbd
+def usable_cpus() -> int:
+    "The CPUs this process may run on (its affinity, where the OS tells it; else every CPU)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 @dataclass(frozen=True)
 class RunOptions(Options):
     "What every pipeline's run is told: where to read and write, how many workers, what to redo, privacy and the cluster."
-    dicom_dir: str|None = flag(None, 'input')  # Folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
-    follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR
+    dicom_dir: str|None = flag(None, 'input')  # Required (unless --test): folder of DICOM files (searched recursively); or an archive (.zip, .tar, .tar.gz) or a URL: s3://, gs://, https://, dicomweb+https://HOST/PATH, dimse://AET@HOST:PORT
+    follow_symlinks: bool = flag(False, 'input')  # Follow symlinks that point outside DICOM_DIR (skipped and counted without it)
     query: str|None = flag(None, 'input')  # With a PACS: only the studies and series matching it, e.g. 'Modality=CT&StudyDate=20240101-20241231'
     cache_dir: Path|None = flag(None, 'input')  # Where a remote source's files are copied while processed [default: ~/.cache/dicom_prep]
     cache_max_gb: float = flag(10., 'input')  # GB of a remote source's copies kept once processed (0: none)
-    max_inflight: int = flag(4, 'input')  # Requests to a remote source at once
+    max_inflight: int = flag(4, 'input')  # Requests to a remote source at once (for a PACS, keep it below its limit of associations)
     request_timeout: float = flag(30., 'input')  # Seconds a request to a remote source may take (each is tried 4 times, with backoff)
     calling_aet: str = flag('DICOM_PREP', 'input')  # Our AE title, when DICOM_DIR is a dimse:// PACS
     rebase: bool = flag(False, 'input')  # The source folder moved: accept DICOM_DIR as its new place (its files keep their rows)
     output_dir: Path|None = flag(None, 'output')  # Output folder for the outputs and the database [default: ./dicom_prep_out]
     db_path: Path|None = flag(None, 'output', cli='db')  # SQLite database [default: OUTPUT_DIR/dicom_prep.db]
-    n_workers: int = flag(2, 'run control', cli='workers', alias='workers')  # Parallel worker processes (0: serial, in-process, for debugging)
+    n_workers: int = flag(usable_cpus(), 'run control', cli='workers', alias='workers')  # Parallel worker processes (0: serial, in-process, for debugging) [default: the CPUs this process may use]
     batch_size: int = flag(100, 'run control')  # Files per database commit
     force: bool = flag(False, 'run control', alias='force_reprocess')  # Redo every output (also after a settings change)
     quiet: bool = flag(False, 'run control', cli='')  # No progress output
@@ -211,7 +216,7 @@ MAX_PIXELS = 2**31   # default limit on rows × columns × frames × samples (th
 class ImageOptions(Options):
     "What the image worker needs to turn one file into PNGs and rows; `voi` is the window, parsed once."
     image_size: int = flag(256, 'image', guard=True)  # Longest side of the written images
-    window: str = flag('auto', 'image', guard=True)  # auto | minmax | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
+    window: str = flag('auto', 'image', guard=True)  # auto (the file's window, else percentile) | minmax | percentile (0.5th to 99.5th of each image) | hist | a preset (brain, lungs, bone, ...) | C,W | multi[:a,b,c]
     upscale: bool = flag(False, 'image', guard=True)  # Enlarge images smaller than IMAGE_SIZE
     bit_depth: int = flag(8, 'image', guard=True)  # 8: windowed PNGs; 16: lossless modality values (CT: HU + 32768; others raw, offset in the DB)
     png_level: int = flag(6, 'output')  # PNG zlib compression level (1 fast .. 9 small)
@@ -296,7 +301,8 @@ def assign_split(key:str, # the patient (or study) to assign
 def empty_split_warnings(fractions:dict[str, float], # split name -> fraction, from `parse_splits`
                          patients:dict[str, int], # split name -> patients (or studies) assigned to it
                         ) -> list[str]:
-    "One warning per split with a share of the data but no patient, saying where the patients went."
+    "One warning per split with a share of the data but no patient, saying where the patients went (none when there is no patient at all)."
+    if not any(patients.values()): return []          # nothing to split: the run's verdict says why
     got = ', '.join(f"{k} {n:,}" for k, n in patients.items() if n) or 'none'
     return [f"Split {k!r} ({f:.0%}) is empty: {sum(patients.values()):,} patients went to {got}; "
             f"splits are drawn per patient, so use fewer splits or more patients" for k, f in fractions.items() if f > 0 and not patients.get(k)]

@@ -395,6 +395,7 @@ def open_source(opts:RunOptions, # the run's options: --dicom-dir and the flags 
     spec, stats = str(opts.dicom_dir), Counter()
     _refuse_credentials(spec)
     if (remote := remote_source(spec, opts, stats)) is None:
+        if Path(spec).is_file(): raise UsageError(f"--dicom-dir is a file, not a folder: {spec}; give its folder, {Path(spec).absolute().parent}")
         if not Path(spec).is_dir(): raise UsageError(f"DICOM folder not found: {spec}")
         return LocalFolder(os.path.realpath(spec), opts.follow_symlinks, stats)
     spelling = f"{remote.root}?{'&'.join(sorted(opts.query.split('&')))}" if opts.query else remote.root   # another query is another source

@@ -17,7 +17,7 @@ from pathlib import Path
 from fastcore.basics import chunked
 from fastcore.meta import delegates
 from PIL import Image
-from .core import folder_fd, frame_filename, source_stem, safe_component, log, remove_output
+from .core import env_error, folder_fd, frame_filename, source_stem, safe_component, log, remove_output
 from .sources import Found
 from .guards import check_size, CodestreamMismatch, TooLargeError
 from .read import read_dicom, DicomReadError, has_pixels, kinds_note, object_kind
@@ -26,13 +26,13 @@ from .pixels import frame_image, frame_image16, image_count, save_png, PixelDeco
 from .db import get_meta, now, FAILED, FINAL_OK
 from .options import assign_split, empty_split_warnings, parse_splits
 from .paths import inside
-from .core import env_error
 from .privacy import pseudonym, replace_rows, source_id, date_offset, deidentify_flags
 from .parallel import TaskFailure
 from .metadata import file_ids, file_metadata, frame_metadata, parse_tags, tag_text, tag_value
 from .options import ImageOptions, MaskOptions, RunOptions, UsageError, derived, flag, renamed
 from .maskstage import IMAGE_TARGETS, MASK_DIR, make_masks, mask_file
-from .run import PAGE, Diff, Run, RunOutcome, open_run, summary_block
+from .console import RunOutcome, summary_block
+from .run import PAGE, Diff, Run, open_run
 from .cli import ScriptFlags, cli_args, cli_source, cli_run, cli_finish, follow_up
 
 
@@ -72,9 +72,8 @@ def _render(ds, i, opts:ImageOptions) -> tuple:
     return (*frame_image(ds, i, window=opts.voi, image_size=opts.image_size, upscale=opts.upscale), None)
 
 def _fail(res, status, why):
-    "Mark `res` failed with `status`, log one line naming the file, return it."
+    "Mark `res` failed with `status` and the reason on one line, return it (the run's writer reports it)."
     res.status, res.error = status, ' '.join(str(why).split())
-    log.warning(f"{res.path}: {status}: {res.error}")
     return res
 
 # %% ../nbs/07_preprocess.ipynb #eccbd412
@@ -213,9 +212,8 @@ def _remove_images(db, output_dir, paths, keep=frozenset()):
         db.execute('delete from images where source_path=?', [p])
 
 def _as_result(task:FileTask, res, output_dir) -> FileResult:
-    "A worker's result, or its `TaskFailure` as the file's failed result (logged; any PNG its dead worker left removed)."
+    "A worker's result, or its `TaskFailure` as the file's failed result (any PNG its dead worker left removed)."
     if not isinstance(res, TaskFailure): return res
-    log.warning(f"{task.found.path}: {res.status}: {res.message}")
     base = Path(output_dir)/'images'/task.study_id/task.stem
     for p in [base.with_name(base.name + '.png'), *base.parent.glob(f'{base.name}_frame*.png')]: remove_output(p, output_dir)
     return FileResult(str(task.found.path), res.status, res.message)
@@ -233,6 +231,7 @@ def write_batch(db, # the run's database
     images, files, stamp = [], [], now()          # one batch, one commit, one time
     for task, res in batch:
         res = _as_result(task, res, output_dir)
+        if res.error: log.warning(f"{task.found.path}: {res.status}: {res.error}")     # here, not in a worker: the run caps what is shown
         files.append(_file_row(res, task.found, task.study_id, run_id, stamp))
         for fr in res.frames:
             images.append(dict(fr, split=assign_split(fr['patient_id'] or task.found.study_id, fractions), created_at=stamp))
@@ -395,10 +394,12 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     counts = dict(run.counts) | ({'unchanged': plan.done} if plan.done else {})
     run.counts.update(skipped=plan.done, failed_kept=plan.failed_kept)
     run.finish(n, plan.todo)
+    by = dict(run.db.execute('select status, count(*) from files group by status').fetchall())
+    tally = run.tally(by.get('ok', 0), {k: n for k, n in by.items() if k in FAILED})
     n_images = run.db.execute('select count(*) from images').fetchone()[0]
     run.notes += kinds_note(run.db.execute("select kind, count(*) from files where status = 'not_image' group by kind").fetchall())
     t.stop()
-    return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images)
+    return RunResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, counts, n_images, tally=tally)
 
 def _fatal(r:FileResult) -> str|None: return r.error if r.status == 'output_error' else None   # an environmental failure stops the run
 
@@ -446,4 +447,4 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
     kw['dicom_dir'], kw['output_dir'], kw['follow_symlinks'] = cli_source(kw['dicom_dir'], kw['output_dir'], cli['test'], kw['follow_symlinks'])
     after = cli_run(lambda: follow_up('sheet')) if cli['sheet'] else None   # the sheet room's `sheets_after`, found before the run: a stale install stops at once
     r = cli_run(lambda: preprocess(**kw))
-    cli_finish(after(r) if after else r)
+    cli_finish(after(r) if after else r, cli['min_ok'])

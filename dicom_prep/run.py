@@ -16,8 +16,9 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 from fastcore.basics import patch
-from .core import Timer, Progress, clash_key, env_error, forget_folders, log, resume_command
+from .core import Timer, clash_key, env_error, forget_folders, log, resume_command
 from .options import RunOptions, UsageError
+from .console import Progress, Tally, warnings_through
 from .pacs import open_source
 from fastcore.basics import chunked
 from .db import DbLock, check_settings, checkpoint, finish_run, get_meta, open_db, record_output_dir, set_meta, start_run, suspect_marker
@@ -27,28 +28,8 @@ from .parallel import default_worker_memory, graceful_interrupts, in_process, re
 
 
 # %% auto #0
-__all__ = ['SCAN_BATCH', 'PAGE', 'RunOutcome', 'summary_block', 'resume_hint', 'RunFailed', 'check_output', 'RunConfig', 'Run',
-           'process_age', 'console_started', 'open_run', 'claim_output', 'Change', 'Diff']
-
-# %% ../nbs/06_run.ipynb #8a5c151e
-@dataclass
-class RunOutcome:
-    "How a run ended and where its outputs are; pipelines extend it with their counts."
-    status: str          # completed | interrupted
-    run_id: int          # its row in `runs`
-    output_dir: Path     # where its outputs are
-    db_path: Path        # its database
-    timers: list         # one Timer per phase
-    notes: list          # lines for the summary
-
-def summary_block(timers:list, # Timer per phase, in order
-                  lines:list, # further lines
-                 ) -> str:
-    "The SUMMARY block closing a run: one line per phase timer, the wall time they account for, then `lines`."
-    bar, wall = '=' * 50, time.perf_counter() - min((t.start for t in timers), default=time.perf_counter())
-    other = max(wall - sum(t.elapsed for t in timers), 0.)
-    total = [f"Wall time: {wall:.1f}s ({other:.1f}s outside the phases above)"] if timers else []
-    return '\n'.join([bar, 'SUMMARY', bar, *(f"  {t}" for t in timers), *(f"  {l}" for l in total + lines), bar])
+__all__ = ['SCAN_BATCH', 'PAGE', 'resume_hint', 'RunFailed', 'check_output', 'RunConfig', 'Run', 'process_age', 'console_started',
+           'open_run', 'claim_output', 'Change', 'Diff']
 
 # %% ../nbs/06_run.ipynb #15fb3e1c
 def resume_hint() -> str:
@@ -95,6 +76,8 @@ class Run:
     counts: Counter = field(default_factory=Counter)
     started: float = field(default_factory=time.perf_counter)
     status: str = 'running'
+    found: int = 0            # DICOM files the last `scan` found
+    skipped: dict = field(default_factory=dict)   # files the last `scan` skipped, by reason
 
     def __getattr__(self, name):
         "The configuration's fields, read as the run's own (`run.output_dir`, `run.key`, ...)."
@@ -144,7 +127,7 @@ def stream(self:Run,
     if needs: tasks = src.prefetch(tasks, needs)
     results = closing(run_tasks(work, tasks, workers=self.workers, timeout=timeout, scheduler=self.scheduler, should_stop=self.stop,
                                 memory=self.memory))
-    with results as results, Progress(total, done, label, out=io.StringIO() if self.quiet else None) as prog:
+    with results as results, Progress(total, done, label, out=io.StringIO() if self.quiet else None) as prog, warnings_through(prog):
         for batch in chunked(results, batch_size):
             whys = [fatal(res) if fatal else None for _, res in batch]     # an environmental failure stops the run after this batch
             stop, batch = [w for w in whys if w], [pair for pair, w in zip(batch, whys, strict=True) if not w]
@@ -171,6 +154,17 @@ def finish(self:Run,
     finish_run(self.db, self.run_id, self.status, dict(self.counts), done if n_files is None else n_files,
                time.perf_counter() - self.started)
     return self.status
+
+@patch
+def tally(self:Run,
+          ok:int, # items of the index with an output
+          failed:dict, # items without one, by reason
+          what:str='files', # what an item is
+         ) -> Tally:
+    "What the index holds for this run's source (`console.Tally`, read by `console.verdict`); its failures, grouped by reason, join the SUMMARY."
+    t = Tally(self.source.spelling, self.found, self.skipped, ok, {k: v for k, v in failed.items() if v}, what)
+    if t.failed: self.notes.append(t.failures())
+    return t
 
 _CLI_T0 = None   # perf_counter() value when this console-script process started (set by `console_started`); None in a library call
 
@@ -231,7 +225,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
         try: run = _setup(config, given, opts.guarded() if settings is None else settings, opts, defaults, temp_dirs, private, stop)
         except sqlite3.DatabaseError as e: raise _as_run_failure(e, db_path) from None
         with graceful_interrupts() as signalled:
-            run.timers.append(t_open.stop())
+            run.timers.append(t_open.stop()); run.say(f"Output: {output_dir} (index {db_path})")
             yield from _lifecycle(run, temp_dirs)
 
 def claim_output(output_dir, # the run's output folder
@@ -364,7 +358,8 @@ def scan(self:Run,
         if i % 40 == 0: self.say(f"  {i * SCAN_BATCH:,} files found so far...")
     _mark_dicom(db, known, src)
     db.execute('create index temp.scan_clash on scan(clash_key)')
-    t.add(self.n_found()).stop()
+    self.found, self.skipped = self.n_found(), dict(stats)
+    t.add(self.found).stop()
     return stats
 
 @patch

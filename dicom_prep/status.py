@@ -20,7 +20,7 @@ from .db import FAILED, connect_ro, export_csv, output_dir_of
 from .labels import label_progress
 from .paths import UnsafePath
 from .privacy import private_key, source_id
-from .cli import cli_args, cli_run
+from .cli import cli_args, cli_db, cli_run
 
 # %% auto #0
 __all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook', 'StatusFlags', 'main']
@@ -141,7 +141,7 @@ class StatusFlags(Options):
     db: Path = flag(Path('dicom_prep_out/dicom_prep.db'), 'input')  # The dicom_prep database
     errors: bool = flag(False, 'output')  # List every failed file with its reason
     csv: Path|None = flag(None, 'output')  # Export the files tracker (path, status, error, ...) to this CSV file
-    xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs openpyxl)
+    xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs the [xlsx] extra: pip install 'dicom_prep[xlsx]')
     runs: int = flag(5, 'output')  # How many recent runs to show
     salt: str|None = flag(None, 'privacy')  # The --salt a pseudonymised index was made with (--xlsx matches its files to their images with it)
 
@@ -158,5 +158,5 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Show what a dicom_prep database holds: counts, recent runs and errors."
     kw, _ = cli_args(StatusFlags, main.__doc__, "dicom_prep_status --db prepared/dicom_prep.db --errors --runs 3", argv, extra=None)
-    cli_run(lambda: _report(StatusFlags(**kw)), usage=(FileNotFoundError, sqlite3.DatabaseError))
+    cli_run(lambda: _report(StatusFlags(**kw | dict(db=cli_db(kw['db'])))), usage=(FileNotFoundError, sqlite3.DatabaseError))
 

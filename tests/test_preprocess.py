@@ -144,7 +144,7 @@ def test_second_run_adds_nothing_and_reencodes_nothing(corpus, first_run):
     assert r.returncode == 0, r.stderr
     assert _db(out).execute('select count(*) from images').fetchone()[0] == before
     assert {p: p.stat().st_mtime_ns for p in (out/'images').rglob('*.png')} == mtimes
-    assert 'Resuming:' in r.stdout and 'Processing: 0 items' in r.stdout and 'Traceback' not in r.stderr
+    assert 'Resuming:' in r.stdout and 'Processing:' not in r.stdout and 'Traceback' not in r.stderr   # an empty phase is hidden (issue 29)
 
 def test_summary_block(first_run):
     _, r = first_run
