@@ -27,6 +27,7 @@ from .labels import LABEL_RULES, image_labels, orphan_labels
 from .layouts import (MAX_SEGMENT, IndexValueError, dataset_json, image_items, pair_items, segment_names, segment_values, sweep,
                       volume_items, write_files, write_shards)
 from .cli import UsageError, cli_args, cli_db, cli_run
+from .resampled import COPY_OF, one_per_acquisition
 
 # %% auto #0
 __all__ = ['KEYS', 'FORMATS', 'VOLUME_FORMATS', 'FROM_DB', 'images_df', 'LabelError', 'LabelReport', 'label_columns',
@@ -195,7 +196,7 @@ def join_labels(df:pd.DataFrame, # images, from `images_df`
 def volumes_df(db, # the index
                fractions:dict|None=None, # split fractions [default: the preprocess run's, else 80/10/10]
               ) -> pd.DataFrame:
-    "Converted volumes with their absolute `path`, their label volume's `label_path` (None where none) and a patient-grouped `split`."
+    "Converted volumes with their absolute `path`, their label volume's `label_path` (None where none), a patient-grouped `split`, and `copy_of`: a `--resample both` copy's acquired volume, where converted."
     with _opened(db) as db: return _volumes(db, fractions)
 
 def _volumes(db, fractions) -> pd.DataFrame:
@@ -203,7 +204,7 @@ def _volumes(db, fractions) -> pd.DataFrame:
     try: fractions = fractions or parse_splits(str((get_meta(db, 'preprocess_settings') or {}).get('splits', '80/10/10')), exact=False)
     except ValueError as e: raise IndexValueError(f"meta preprocess_settings: {e}") from None
     df = pd.DataFrame(db.query("select id, study_id, patient_id, study_uid, series_uid, modality, output_name, output_path, "
-                               "n_timepoints, seg_path from volumes where verdict='ok' and status='ok' order by output_name"))
+                               f"n_timepoints, seg_path, ({COPY_OF}) as copy_of from volumes v where verdict='ok' and status='ok' order by output_name"))
     if df.empty: return df
     root = _root(db, 'nifti')
     df['path'] = _paths(root, df['id'], df['output_path'], 'volumes', 'output_path', 'nifti')
@@ -353,10 +354,10 @@ def _typed(db, df, fmt, rule) -> tuple[pd.DataFrame, LabelReport]:
 
 def _read(db, db_path, fmt, labels, on, label_col, salt, private, encoding, rule='latest', pick=(None, False)) -> tuple:
     "(the images or volumes to export (`pick`: modality and include_4d) with their labels, the label report, a pseudonymised index's key when labels need or can use it)."
-    df = volumes_df(db) if fmt in VOLUME_FORMATS else images_df(db)
+    df, copies = one_per_acquisition(volumes_df(db)) if fmt in VOLUME_FORMATS else (images_df(db), [])
     if df.empty: raise UsageError(f"nothing to export: {'no converted volumes' if fmt in VOLUME_FORMATS else 'no images'} in {db_path}")
     df, notes = pick_modality(df, fmt, *pick)
-    return *_labels_of(db, df, fmt, labels, on, label_col, salt, private, encoding, rule), notes
+    return *_labels_of(db, df, fmt, labels, on, label_col, salt, private, encoding, rule), copies + notes
 
 def _labels_of(db, df, fmt, labels, on, label_col, salt, private, encoding, rule) -> tuple:
     "(`df` with its labels, the label report, a pseudonymised index's key when labels need or can use it)."

@@ -30,7 +30,7 @@ from .cli import cli_args, cli_source, cli_run, cli_finish
 from .series import FileRecord, read_headers
 from .read import kinds_note
 from .volumes import PHILIPS_SCALINGS, SPACING_TOL, VOLUME_KINDS, group_volumes
-from .resampled import analyze_volumes, resample_mode
+from .resampled import analyze_volumes, copy_name, resample_mode
 from .niftiwrite import (DEFAULT_TEMPLATE, FREE_TEXT_FIELDS, PSEUDONYMOUS_TEMPLATE, Converted, VolumeTask, convert_volume,
                                    output_file, render_name, unique_name, volume_task, written_files)
 
@@ -142,18 +142,18 @@ def _analyse_series(db, key:str, taken:TakenNames, template, spacing_tol, philip
     if secret: records = [pseudonymous_record(r, secret) for r in records]
     old = {r['id']: r for r in db.query('select id, status, error, output_name, converted_sig from volumes where series_uid = ?', [key])}
     analysed = sorted((a for v in group_volumes(records) for a in analyze_volumes(v, spacing_tol, philips_scaling, resample)), key=lambda a: a[0]['split'])
-    rows, files = [], []
+    rows, files, named = [], [], {}
     for row, fs in analysed:
         prev = old.get(row['id'], {})
-        name = prev.get('output_name') or (unique_name(render_name(template, row), taken) if row['verdict'] == 'ok' else None)
-        rows.append({**row, 'output_name': name, **_state_after_analysis(row, prev)}); files += fs
+        name = prev.get('output_name') or (unique_name(copy_name(row, named, template) or render_name(template, row), taken) if row['verdict'] == 'ok' else None)
+        rows.append({**row, 'output_name': name, **_state_after_analysis(row, prev)}); files += fs; named[row['split']] = name
     return rows, files, *_gone_or_no_volume(db, sorted(set(old) - {r['id'] for r in rows}), records)
 
 def _gone_or_no_volume(db, ids:list, records:list) -> tuple[list, list]:
-    "(gone, not volumes) of the volume `ids` a series no longer makes: those made only of files of no `VOLUME_KINDS` (an older version took a SEG for a volume) are no volume."
-    others = {r.path for r in records if r.object_kind not in VOLUME_KINDS}
+    "(gone, not volumes) of the volume `ids` a series no longer makes: those whose files are all still here are no volume (a `--resample both` copy no longer asked for, a SEG an older version took for a volume)."
+    here = {r.path for r in records}
     made_of = lambda vid: {p for (p,) in db.execute('select path from volume_files where volume_id = ?', [vid])}
-    no_volume = [v for v in ids if others and (paths := made_of(v)) and paths <= others]
+    no_volume = [v for v in ids if (paths := made_of(v)) and paths <= here]
     return [v for v in ids if v not in no_volume], no_volume
 
 def _store(db, keys:list, rows:list, files:list, gone:list, not_volumes:list):

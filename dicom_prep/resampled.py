@@ -1,7 +1,8 @@
 """`--resample`'s modes: a tilted or irregular stack on an equidistant grid instead of the acquired one (`yes`), or beside it as dcm2niix's `_Tilt`/`_Eq` copy (`both`).
 
 `resample_mode` reads the flag; `analyze_volumes` analyses a candidate volume once, or with `both` twice: as acquired,
-and on the resampled grid as a copy (`resampled_copy`) with its own id and dcm2niix's name suffix.
+and on the resampled grid as a copy (`resampled_copy`) with its own id and dcm2niix's name suffix. An export takes one
+case per acquisition (`one_per_acquisition`).
 
 Docs: https://dicom-prep.github.io/dicom_prep/resampled.html.md"""
 
@@ -15,7 +16,8 @@ from .options import UsageError
 from .volumes import SPACING_TOL, Candidate, analyze_volume
 
 # %% auto #0
-__all__ = ['RESAMPLE_MODES', 'RESAMPLED_SUFFIX', 'resample_mode', 'resampled_copy', 'analyze_volumes']
+__all__ = ['RESAMPLE_MODES', 'RESAMPLED_SUFFIX', 'COPY_OF', 'resample_mode', 'resampled_copy', 'analyze_volumes',
+           'one_per_acquisition', 'copy_name']
 
 # %% ../nbs/09b_resampled.ipynb #e09ff0b7
 RESAMPLE_MODES = {'no': False, 'yes': True, 'both': 'both', False: False, True: True}   # a flag's value -> the mode recorded
@@ -48,3 +50,24 @@ def analyze_volumes(v:Candidate, # a candidate from `group_volumes`
     if resample != 'both': return [analyze_volume(v, spacing_tol, philips_scaling, bool(resample))]
     acquired, resampled = (analyze_volume(v, spacing_tol, philips_scaling, r) for r in (False, True))
     return [acquired, *([resampled_copy(*resampled)] if resampled[0]['resample'] else [])]
+
+# %% ../nbs/09b_resampled.ipynb #6522ff7f
+COPY_OF = ("select a.id from volumes a where a.series_uid = v.series_uid and a.verdict = 'ok' and a.status = 'ok' "
+           "and v.split = a.split || '|' || json_extract(v.resample, '$.kind')")   # SQL over `volumes v`: copy v's converted acquired volume
+
+def one_per_acquisition(df, # converted volumes, `id` and `copy_of` (`COPY_OF`) among their columns
+                       ) -> tuple:
+    "`(df, notes)`: `df` without the copies whose acquired volume it holds (one training case per acquisition), and a note on them."
+    if df.empty: return df, []
+    copy = df['copy_of'].isin(df['id'])
+    return df[~copy], [f"resampled copies left out (--resample both), their acquired volumes exported: {copy.sum():,}"] if copy.any() else []
+
+# %% ../nbs/09b_resampled.ipynb #599de3dd
+def copy_name(row:dict, # a `volumes` row about to be named
+              named:dict, # {split: output name} of its series' rows named so far
+              template:str, # the name template
+             ) -> str|None:
+    "A copy's name: its acquired volume's and dcm2niix's suffix; None for any other row, an unnamed acquired one, or a template with `{suffix}`."
+    kind = json.loads(row['resample'])['kind'] if row.get('resample') and '{suffix' not in template else None
+    acquired = named.get(row['split'].removesuffix(f'|{kind}')) if kind and row['split'].endswith(f'|{kind}') else None
+    return acquired + RESAMPLED_SUFFIX[kind] if acquired else None

@@ -96,9 +96,10 @@ def image_type(ds, # a dataset
     return words + [component] if component and component not in words else words
 
 def _uih_time(ds) -> str:
-    "The earliest slice time of a UIH grid, from its (0065,1051) items ('' for any other file)."
+    "The earliest well-formed (HHMMSS) slice time of a UIH grid, from its (0065,1051) items ('' for any other file)."
     items = (private_value(ds, 0x0065, UIH, 0x51) or []) if maker(ds) == 'UIH' else []
-    return min(filter(None, (text_value(it.get('AcquisitionTime')) for it in items)), key=float, default='')
+    times = (text_value(it.get('AcquisitionTime')) for it in items if hasattr(it, 'get'))
+    return min((t for t in times if len(t) >= 6 and t[:6].isdigit() and num_value(t) is not None), key=float, default='')
 
 def acquisition_time(ds, # a dataset
                      frame:int=0, # the frame (enhanced files date each frame)
