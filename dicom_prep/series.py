@@ -15,7 +15,7 @@ from .guards import frame_count
 from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
 from .tags import ScanMiss, keyword_tag, num_value, scan_header, tag_value, text_value, values_unvalidated
-from .vendor import (UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
+from .vendor import (PRIVATE_GROUPS, UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
                      uih_grid_count, vendor_diffusion, xa_value)
 
 # %% auto #0
@@ -298,7 +298,7 @@ HEADER_KEYWORDS = (   # every standard element `header_record` reads (with what 
     *(k for names in FRAME_KEYWORDS.values() for k in names))
 _HEADER_TAGS = frozenset(map(keyword_tag, HEADER_KEYWORDS))
 
-def _kept(tag:int) -> bool: "True for the elements `header_record` may read: `HEADER_KEYWORDS` and private ones."; return tag in _HEADER_TAGS or tag >> 16 & 1
+def _kept(tag:int) -> bool: "True for the elements `header_record` may read: `HEADER_KEYWORDS` and vendor's private groups."; return tag in _HEADER_TAGS or tag >> 16 in PRIVATE_GROUPS
 
 def read_header(path, # a file
                ):

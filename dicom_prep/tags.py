@@ -2,8 +2,9 @@
 
 `quick` gives a pydicom dataset a short path for keyword access with pydicom's own answers; `raw_value` reads plain
 text and numbers straight from an element's bytes; `tag_value` and `frame_group` find a frame's attribute in the
-functional groups; `num_value` and `text_value` parse any value without raising. Each is checked against pydicom
-on the files pydicom ships.
+functional groups; `num_value` and `text_value` parse any value without raising; `scan_header` reads chosen
+elements of an explicit VR little-endian header straight from its bytes. Each is checked against pydicom on the files
+pydicom ships.
 
 Docs: https://dicom-prep.github.io/dicom_prep/tags.html.md"""
 
@@ -13,13 +14,13 @@ Docs: https://dicom-prep.github.io/dicom_prep/tags.html.md"""
 from __future__ import annotations
 import math, os, re, struct
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 import pydicom
-from pydicom.charset import convert_encodings, default_encoding
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element, empty_value_for_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 import pydicom.hooks as pydicom_hooks
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
@@ -256,6 +257,7 @@ _HEAD, _LENGTH = struct.Struct('<HH2sH'), struct.Struct('<I')
 _ITEM_HEAD = struct.Struct('<HHI')
 _UNDEFINED, _ITEM, _ITEM_END, _SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXELS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})       # where pydicom's `stop_before_pixels` stops
+_raw = partial(tuple.__new__, RawDataElement)                     # a `RawDataElement` from all its fields, without its keyword defaults
 
 def _element(b:bytes, i:int) -> tuple:
     "(tag, VR, length, where its value starts) of the explicit VR little-endian element at `b[i]`; `ScanMiss` if not plainly one."
@@ -292,10 +294,12 @@ def _skip_item(b:bytes, i:int, n:int, depth:int) -> int:
 
 def _walk(b:bytes, i:int, keep, meta:bool) -> tuple[dict, int]:
     "The raw elements `keep(tag)` wants of the dataset (or, `meta`, the file meta group) from `b[i]`, as pydicom would read them; and where it ended."
-    out = {}
-    while i < len(b):
+    out, size, head, vrs = {}, len(b), _HEAD.unpack_from, _VRS
+    while i < size:
         if meta and b[i:i + 2] != b'\x02\x00': return out, i               # the file meta group ends
-        tag, vr, n, at = _element(b, i)
+        if i + 12 <= size and (vr := vrs.get((h := head(b, i))[2])) is not None and h[2] not in _LONG and h[0] != 0xFFFE:
+            tag, n, at = h[0] << 16 | h[1], h[3], i + 8                    # the common case, inline
+        else: tag, vr, n, at = _element(b, i)
         if not meta and tag in _PIXELS: return out, i
         if tag >> 16 in (0, 2) and not meta: raise ScanMiss(f"group {tag >> 16:04X} in the dataset")
         if meta and (n == _UNDEFINED or vr == VR_.SQ): raise ScanMiss(f"a sequence or undefined length in the file meta")
@@ -303,7 +307,7 @@ def _walk(b:bytes, i:int, keep, meta:bool) -> tuple[dict, int]:
             if vr != VR_.SQ or keep(tag): raise ScanMiss(f"undefined length element {BaseTag(tag)}")
             i = _skip_sequence(b, at, 0); continue
         if (i := at + n) > len(b): raise _Short(f"cut short in {BaseTag(tag)}")
-        if meta or keep(tag): out[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True)
+        if meta or keep(tag): out[t] = _raw((t := BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
     return out, i
 
 # %% ../nbs/02b_tags.ipynb #8c4ccfb1
@@ -315,11 +319,9 @@ def _explicit_le(ts:str) -> bool:
 def _dataset(path, preamble:bytes, meta:dict, raw:dict) -> QuickDataset:
     "The `QuickDataset` pydicom's `dcmread` makes of file meta `meta` and dataset elements `raw`."
     if not any(tag >> 16 > 2 and dictionary_has_tag(tag) for tag in raw): raise ScanMiss("no standard element kept")
-    ds, cs = Dataset(raw), raw.get(0x00080005)
-    ds.set_original_encoding(False, True, default_encoding if cs is None else convert_encodings(convert_raw_data_element(cs).value))
     fm = QuickFileMeta(meta); fm.set_original_encoding(False, True, default_encoding)
-    out = QuickDataset(os.fspath(path), ds, preamble, fm, False, True)
-    out.set_original_encoding(False, True, ds._character_set)
+    out = QuickDataset(os.fspath(path), raw, preamble, fm, False, True)
+    out.set_original_encoding(False, True, out._character_set)
     return out
 
 _DEFLATE = b'1.2.840.10008.1.2.1.99'   # `read_dicom` inflates a file whose file meta holds it anywhere

@@ -17,9 +17,9 @@ from pydicom.tag import Tag
 from .tags import element_value, num_value, text_value
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count', 'grid_count',
-           'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec', 'ge_protocol',
-           'slice_order', 'ge_polarity']
+__all__ = ['MAKERS', 'PRIVATE_GROUPS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count',
+           'grid_count', 'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec',
+           'ge_protocol', 'slice_order', 'ge_polarity']
 
 # %% ../nbs/02e_vendor.ipynb #18af2724
 MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
@@ -71,6 +71,8 @@ def _owners(ds, group:int) -> dict:
     if size != len(ds._dict) or any(ds._dict.get(t) is not c for t, c in found):
         found, owners = _scan_owners(ds, group); cache[group] = len(ds._dict), found, owners
     return owners
+
+PRIVATE_GROUPS = frozenset({0x0019, 0x0021, 0x0025, 0x0029, 0x0043, 0x0051, 0x0065, 0x2001, 0x2005})   # the groups read here
 
 def private_value(ds, # a dataset (or a sequence item)
                   group:int, # the private group, e.g. 0x0043

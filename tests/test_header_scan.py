@@ -12,6 +12,7 @@ import pytest
 from dicom_prep.read import read_dicom
 from dicom_prep.series import HEADER_KEYWORDS, header_record, read_headers
 from dicom_prep.sources import Found, sample_files
+from dicom_prep.vendor import PRIVATE_GROUPS
 from dicom_prep.tags import ScanMiss, keyword_tag, scan_header, values_unvalidated
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
@@ -21,8 +22,8 @@ ALLOWED_MISSES = ('undefined length element', 'no explicit VR element', 'no DICM
 
 
 def kept(tag) -> bool:
-    "The scanner's choice in `read_header`: `HEADER_KEYWORDS` and every private element."
-    return tag in {keyword_tag(k) for k in HEADER_KEYWORDS} or tag >> 16 & 1
+    "The scanner's choice in `read_header`: `HEADER_KEYWORDS` and the private groups vendor reads."
+    return tag in {keyword_tag(k) for k in HEADER_KEYWORDS} or tag >> 16 in PRIVATE_GROUPS
 
 
 @pytest.fixture(scope='module')
