@@ -14,13 +14,13 @@ import numpy as np
 from .guards import frame_count
 from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
-from .tags import num_value, tag_value, text_value
-from .vendor import (UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
+from .tags import ScanMiss, keyword_tag, num_value, scan_header, tag_value, text_value, values_unvalidated
+from .vendor import (PRIVATE_GROUPS, UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
                      uih_grid_count, vendor_diffusion, xa_value)
 
 # %% auto #0
-__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map', 'EpiFields',
-           'phase_axis', 'epi_fields', 'is_enhanced', 'header_record', 'read_headers']
+__all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'HEADER_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
+           'EpiFields', 'phase_axis', 'epi_fields', 'is_enhanced', 'header_record', 'read_header', 'read_headers']
 
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
@@ -287,11 +287,31 @@ def header_record(ds, # a dataset, read without its pixel data
                       frame_of_reference=text_value(get('FrameOfReferenceUID')),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 
+HEADER_KEYWORDS = (   # every standard element `header_record` reads (with what it calls): the header scanner keeps these
+    'SpecificCharacterSet', 'SOPClassUID', 'Modality', 'Manufacturer', 'NumberOfFrames', 'PerFrameFunctionalGroupsSequence',
+    'SharedFunctionalGroupsSequence', 'DetectorInformationSequence', 'SeriesInstanceUID', 'StudyInstanceUID', 'PatientID', 'SeriesNumber',
+    'SeriesDescription', 'ProtocolName', 'ImageType', 'Rows', 'Columns', 'SamplesPerPixel', 'BitsAllocated', 'BitsStored',
+    'PixelRepresentation', 'SliceThickness', 'RepetitionTime', 'InPlanePhaseEncodingDirection', 'FrameOfReferenceUID',
+    'ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'RescaleSlope', 'RescaleIntercept', 'DoseGridScaling',
+    'EchoNumbers', 'InstanceNumber', 'FrameAcquisitionDateTime', 'DiffusionBValue', 'DiffusionGradientDirectionSequence',
+    'DiffusionGradientOrientation', 'DiffusionDirectionality', 'ComplexImageComponent', 'SpacingBetweenSlices', 'GridFrameOffsetVector',
+    *(k for names in FRAME_KEYWORDS.values() for k in names))
+_HEADER_TAGS = frozenset(map(keyword_tag, HEADER_KEYWORDS))
+
+def _kept(tag:int) -> bool: "True for the elements `header_record` may read: `HEADER_KEYWORDS` and vendor's private groups."; return tag in _HEADER_TAGS or tag >> 16 in PRIVATE_GROUPS
+
+def read_header(path, # a file
+               ):
+    "The header of `path` for `header_record`: by `scan_header` where it can, else by pydicom as `read_dicom` reads it."
+    try: return scan_header(path, _kept)
+    except (ScanMiss, OSError): return read_dicom(path, headers_only=True)   # pydicom reads it, or says why not
+
 def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)
                 ) -> FileRecord:
     "The header record of `item`; a reading problem is returned as `error`, never raised."
     f = Found(*item) if isinstance(item, tuple) else item
     ident = dict(path=str(f.path), study_id=f.study_id, size=f.size, mtime_ns=f.mtime_ns)
-    try: return header_record(read_dicom(f.path, headers_only=True), **ident)
+    try:
+        with values_unvalidated(): return header_record(read_header(f.path), **ident)   # values are only described
     except DicomReadError as e: return FileRecord(**ident, error=e.reason)
     except Exception as e: return FileRecord(**ident, error=f"{type(e).__name__}: {e}")

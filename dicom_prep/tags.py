@@ -2,8 +2,9 @@
 
 `quick` gives a pydicom dataset a short path for keyword access with pydicom's own answers; `raw_value` reads plain
 text and numbers straight from an element's bytes; `tag_value` and `frame_group` find a frame's attribute in the
-functional groups; `num_value` and `text_value` parse any value without raising. Each is checked against pydicom
-on the files pydicom ships.
+functional groups; `num_value` and `text_value` parse any value without raising; `scan_header` reads chosen
+elements of an explicit VR little-endian header straight from its bytes. Each is checked against pydicom on the files
+pydicom ships.
 
 Docs: https://dicom-prep.github.io/dicom_prep/tags.html.md"""
 
@@ -11,24 +12,26 @@ Docs: https://dicom-prep.github.io/dicom_prep/tags.html.md"""
 
 # %% ../nbs/02b_tags.ipynb #e79b240a
 from __future__ import annotations
-import math, re
+import math, os, re, struct
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 import pydicom
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 import pydicom.hooks as pydicom_hooks
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.values import convert_value
-from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, VR as VR_
+from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR as VR_
 
 # %% auto #0
-__all__ = ['values_unvalidated', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick', 'raw_texts',
-           'text_numbers', 'raw_value', 'num_value', 'text_value', 'tag_value', 'frame_group', 'first_number',
-           'transfer_syntax']
+__all__ = ['HEAD_BYTES', 'values_unvalidated', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick',
+           'element_value', 'raw_texts', 'text_numbers', 'raw_value', 'num_value', 'text_value', 'tag_value',
+           'frame_group', 'first_number', 'transfer_syntax', 'ScanMiss', 'scan_header']
 
 # %% ../nbs/02b_tags.ipynb #74dac8ce
 @contextmanager
@@ -58,14 +61,17 @@ def _default_hooks() -> bool:
             and not h.raw_element_kwargs and not pydicom.config.data_element_callback)
 
 def _plain_vr(tag:BaseTag, raw:RawDataElement) -> str|None:
-    "The VR pydicom gives keyword element `raw` if it needs no other element to convert it; else None."
+    "The VR pydicom gives element `raw` if it needs no other element to convert it; else None."
     if raw.value is None or tag in _FULL_PATH_TAGS: return None
-    vr = raw.VR or dictionary_VR(tag)                    # implicit VR: the dictionary's, as pydicom's hook does (UN: full path)
+    try: vr = raw.VR or dictionary_VR(tag)               # implicit VR: the dictionary's, as pydicom's hook does (UN: full path)
+    except KeyError: return None                         # implicit private or unknown: pydicom's hook looks further
     return None if vr in _FULL_PATH_VRS else vr
+
+def _lenient() -> bool: "True unless pydicom raises on a value that breaks its VR."; return pydicom.config.settings.reading_validation_mode != pydicom.config.RAISE
 
 class QuickKeywords:
     "Quick keyword access (`ds.Rows`, `ds.get('Rows')`, `'Rows' in ds`) for a pydicom dataset class: the same values."
-    def _keyword_value(self, tag, default):
+    def _quick_value(self, tag, default):
         elem = self._dict.get(tag)
         if elem is None: return default
         return (self._convert(tag, elem) if isinstance(elem, RawDataElement) else elem).value
@@ -77,16 +83,25 @@ class QuickKeywords:
         try: value = convert_value(vr, raw, (self.original_character_set or self._character_set) if text else None)
         except Exception: return self[tag]               # pydicom's own path: its warning, its fallback or its error
         self._dict[tag] = elem = DataElement(tag, vr, value, raw.value_tell, raw.length == 0xFFFFFFFF, already_converted=True)
+        if tag.is_private and (owner := BaseTag(tag & 0xFFFF0000 | tag.element >> 8)) != tag and owner in self._dict:
+            elem.private_creator = self._creator(owner)   # as pydicom's `__setitem__` names a private element's creator
         return elem
+
+    def _creator(self, owner):
+        "The value pydicom gives private creator `owner`: plain ASCII read as it is (every character set agrees), else converted."
+        c = self._dict[owner]
+        b = c.value if type(c) is RawDataElement and (c.VR == VR_.LO or c.VR is None and owner.is_private_creator) else None
+        if isinstance(b, bytes) and b.isascii() and b'\\' not in b and b'\x1b' not in b and _lenient(): return b.decode().rstrip('\0 ')
+        return self._quick_value(owner, None)
 
     def __getattr__(self, name):
         if (tag := keyword_tag(name)) is None: return super().__getattr__(name)
-        if tag in self._dict: return self._keyword_value(tag, None)
+        if tag in self._dict: return self._quick_value(tag, None)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")   # as pydicom's, without its detour
 
     def get(self, key, default=None):
         if isinstance(key, str) and (tag := keyword_tag(key)) is not None:
-            try: return self._keyword_value(tag, default)
+            try: return self._quick_value(tag, default)
             except AttributeError: return default       # as pydicom's `get`, e.g. an ambiguous VR it cannot resolve
         return super().get(key, default)
 
@@ -102,6 +117,15 @@ def quick(ds):
     if type(ds) is FileDataset: ds.__class__ = QuickDataset
     if type(getattr(ds, 'file_meta', None)) is FileMetaDataset: ds.file_meta.__class__ = QuickFileMeta
     return ds
+
+# %% ../nbs/02b_tags.ipynb #503e73c4
+def element_value(ds, # a dataset (or a sequence item)
+                  tag:BaseTag, # the element's tag
+                  default=None, # the answer when it is absent
+                 ):
+    "The value pydicom gives element `tag` of `ds` (`default` when absent): by the short path when `ds` is `quick`."
+    if isinstance(ds, QuickKeywords): return ds._quick_value(tag, default)
+    return ds[tag].value if tag in ds else default
 
 # %% ../nbs/02b_tags.ipynb #b80b2853
 _SPLIT_TEXT_VRS = frozenset({VR_.AS, VR_.CS, VR_.DA, VR_.DS, VR_.DT, VR_.IS, VR_.LO, VR_.SH, VR_.TM, VR_.UI})
@@ -191,7 +215,7 @@ def tag_value(ds, # a dataset
     for place in _places(ds, frame):
         if (elem := place.get_item(tag)) is None: continue
         if fast and numeric_text and isinstance(elem.value, bytes): return elem.value.decode('ascii', 'replace').strip(' \x00').split('\\')
-        return place[tag].value
+        return element_value(place, tag)
     return None
 
 # %% ../nbs/02b_tags.ipynb #1957849b
@@ -222,3 +246,110 @@ def transfer_syntax(ds, # a dataset
                    ):
     "The Transfer Syntax UID of `ds`, or None."
     return getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
+
+# %% ../nbs/02b_tags.ipynb #a2c89e12
+class ScanMiss(Exception): "Bytes the header scanner does not read exactly as pydicom would: read the file with pydicom instead."
+class _Short(ScanMiss): "The bytes at hand end inside an element: more of the file may be needed."
+
+_VRS = {vr.value.encode(): vr.value for vr in VR_ if len(vr.value) == 2}   # the two-letter VRs pydicom reads explicitly
+_LONG = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+_HEAD, _LENGTH = struct.Struct('<HH2sH'), struct.Struct('<I')
+_ITEM_HEAD = struct.Struct('<HHI')
+_UNDEFINED, _ITEM, _ITEM_END, _SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXELS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})       # where pydicom's `stop_before_pixels` stops
+_raw = partial(tuple.__new__, RawDataElement)                     # a `RawDataElement` from all its fields, without its keyword defaults
+
+def _element(b:bytes, i:int) -> tuple:
+    "(tag, VR, length, where its value starts) of the explicit VR little-endian element at `b[i]`; `ScanMiss` if not plainly one."
+    if i + 8 > len(b): raise _Short(f"cut short at byte {i}")
+    group, elem, code, n = _HEAD.unpack_from(b, i)
+    if group == 0xFFFE or (vr := _VRS.get(code)) is None: raise ScanMiss(f"no explicit VR element at byte {i}")
+    if code not in _LONG: return group << 16 | elem, vr, n, i + 8
+    if i + 12 > len(b): raise _Short(f"cut short at byte {i}")
+    return group << 16 | elem, vr, _LENGTH.unpack_from(b, i + 8)[0], i + 12
+
+def _skip_sequence(b:bytes, i:int, depth:int) -> int:
+    "Where the undefined-length sequence whose first item starts at `b[i]` ends."
+    if depth > 32: raise ScanMiss("sequences nested too deep")
+    while True:
+        if i + 8 > len(b): raise _Short(f"cut short at byte {i}")
+        group, elem, n = _ITEM_HEAD.unpack_from(b, i); tag, i = group << 16 | elem, i + 8
+        if tag == _SEQ_END: return i
+        if tag != _ITEM: raise ScanMiss(f"no item at byte {i - 8}")
+        i = _skip_item(b, i, n, depth)
+
+def _skip_item(b:bytes, i:int, n:int, depth:int) -> int:
+    "Where the sequence item of length `n` (maybe undefined) whose elements start at `b[i]` ends, its elements walked."
+    end = None if n == _UNDEFINED else i + n
+    while True:
+        if end is None and i + 8 <= len(b) and _ITEM_HEAD.unpack_from(b, i)[:2] == (0xFFFE, 0xE00D): return i + 8
+        if end is not None and i >= end:
+            if i > end: raise ScanMiss(f"an item overruns its length at byte {i}")
+            return i
+        tag, vr, length, i = _element(b, i)
+        if length == _UNDEFINED:
+            if vr != VR_.SQ: raise ScanMiss(f"undefined length {vr} at byte {i}")
+            i = _skip_sequence(b, i, depth + 1)
+        elif (i := i + length) > len(b): raise _Short(f"cut short at byte {len(b)}")
+
+def _walk(b:bytes, i:int, keep, meta:bool) -> tuple[dict, int]:
+    "The raw elements `keep(tag)` wants of the dataset (or, `meta`, the file meta group) from `b[i]`, as pydicom would read them; and where it ended."
+    out, size, head, vrs = {}, len(b), _HEAD.unpack_from, _VRS
+    while i < size:
+        if meta and b[i:i + 2] != b'\x02\x00': return out, i               # the file meta group ends
+        if i + 12 <= size and (vr := vrs.get((h := head(b, i))[2])) is not None and h[2] not in _LONG and h[0] != 0xFFFE:
+            tag, n, at = h[0] << 16 | h[1], h[3], i + 8                    # the common case, inline
+        else: tag, vr, n, at = _element(b, i)
+        if not meta and tag in _PIXELS: return out, i
+        if tag >> 16 in (0, 2) and not meta: raise ScanMiss(f"group {tag >> 16:04X} in the dataset")
+        if meta and (n == _UNDEFINED or vr == VR_.SQ): raise ScanMiss(f"a sequence or undefined length in the file meta")
+        if n == _UNDEFINED:
+            if vr != VR_.SQ or keep(tag): raise ScanMiss(f"undefined length element {BaseTag(tag)}")
+            i = _skip_sequence(b, at, 0); continue
+        if (i := at + n) > len(b): raise _Short(f"cut short in {BaseTag(tag)}")
+        if meta or keep(tag): out[t] = _raw((t := BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
+    return out, i
+
+# %% ../nbs/02b_tags.ipynb #8c4ccfb1
+def _explicit_le(ts:str) -> bool:
+    "True if datasets of transfer syntax `ts` are explicit VR little endian and not deflated, as pydicom reads them."
+    uid = UID(ts)
+    return ts == ExplicitVRLittleEndian or (uid.is_transfer_syntax and not uid.is_implicit_VR and uid.is_little_endian and not uid.is_deflated)
+
+def _dataset(path, preamble:bytes, meta:dict, raw:dict) -> QuickDataset:
+    "The `QuickDataset` pydicom's `dcmread` makes of file meta `meta` and dataset elements `raw`."
+    if not any(tag >> 16 > 2 and dictionary_has_tag(tag) for tag in raw): raise ScanMiss("no standard element kept")
+    fm = QuickFileMeta(meta); fm.set_original_encoding(False, True, default_encoding)
+    out = QuickDataset(os.fspath(path), raw, preamble, fm, False, True)
+    out.set_original_encoding(False, True, out._character_set)
+    return out
+
+_DEFLATE = b'1.2.840.10008.1.2.1.99'   # `read_dicom` inflates a file whose file meta holds it anywhere
+
+def _scan(path, b:bytes, keep, whole:bool) -> QuickDataset:
+    "The header in bytes `b` (the `whole` file, or its start): `_Short` when they end before its pixel data."
+    if b[128:132] != b'DICM': raise ScanMiss("no DICM prefix")
+    try: meta, i = _walk(b, 132, None, True)
+    except _Short as e: raise ScanMiss(f"file meta: {e}") from None       # real ones hold a few hundred bytes
+    if _DEFLATE in b[132:i]: raise ScanMiss("deflated")
+    ts = meta.get(0x00020010)
+    ts = ts.value.decode('ascii', 'replace').rstrip('\0 ') if ts is not None and ts.value else ''
+    if '\\' in ts or not _explicit_le(ts): raise ScanMiss(f"transfer syntax {ts!r}")
+    raw, i = _walk(b, i, keep, False)
+    if i >= len(b) and not whole: raise _Short("no pixel data in the bytes at hand")
+    return _dataset(path, b[:128], meta, raw)
+
+HEAD_BYTES = 1 << 16   # the bytes first read for a header: more are read while it runs past them
+
+def scan_header(path, # the file
+                keep, # the elements to keep: a function of the tag (an int)
+               ) -> QuickDataset:
+    "The header of an explicit VR little-endian file as `read_dicom(path, headers_only=True)` reads it, holding only the elements `keep` wants; `ScanMiss` for anything else."
+    with open(path, 'rb') as f:
+        size, n = os.fstat(f.fileno()).st_size, HEAD_BYTES
+        while True:
+            f.seek(0); b = f.read(min(n, size))
+            try: return _scan(path, b, keep, len(b) >= size)
+            except _Short as e:
+                if len(b) >= size: raise ScanMiss(str(e)) from None
+                n *= 8

@@ -14,12 +14,12 @@ import gzip, math, re, warnings, zlib
 from functools import lru_cache
 import numpy as np
 from pydicom.tag import Tag
-from .tags import num_value, text_value
+from .tags import element_value, num_value, text_value
 
 # %% auto #0
-__all__ = ['MAKERS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count', 'grid_count',
-           'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec', 'ge_protocol',
-           'slice_order', 'ge_polarity']
+__all__ = ['MAKERS', 'PRIVATE_GROUPS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count',
+           'grid_count', 'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec',
+           'ge_protocol', 'slice_order', 'ge_polarity']
 
 # %% ../nbs/02e_vendor.ipynb #18af2724
 MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
@@ -53,21 +53,35 @@ def _creator_tags(group) -> tuple:
     "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
     return tuple(Tag(group, b) for b in range(0x10, 0x100))
 
+def _scan_owners(ds, group) -> tuple[tuple, dict]:
+    "(the creator elements of `group`, {creator: its first block}), looked for until 16 blocks in a row are free."
+    found, owners, free = [], {}, 0
+    for block, tag in enumerate(_creator_tags(group), 0x10):
+        if (c := ds.get_item(tag)) is None:
+            if (free := free + 1) >= 16: break
+            continue
+        free = 0; found.append((tag, c))
+        owners.setdefault((c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)).strip(' \x00'), block)
+    return tuple(found), owners
+
+def _owners(ds, group:int) -> dict:
+    "{creator: block} of private `group` in `ds`, kept on `ds` while it keeps its size and those creator elements."
+    cache = ds.__dict__.setdefault('_private_owners', {})
+    size, found, owners = cache.get(group, (-1, (), {}))
+    if size != len(ds._dict) or any(ds._dict.get(t) is not c for t, c in found):
+        found, owners = _scan_owners(ds, group); cache[group] = len(ds._dict), found, owners
+    return owners
+
+PRIVATE_GROUPS = frozenset({0x0019, 0x0021, 0x0025, 0x0029, 0x0043, 0x0051, 0x0065, 0x2001, 0x2005})   # the groups read here
+
 def private_value(ds, # a dataset (or a sequence item)
                   group:int, # the private group, e.g. 0x0043
                   creator:str, # its private creator, e.g. 'GEMS_PARM_01'
                   offset:int, # the element within the creator's block, e.g. 0x39 for (0043,xx39)
                  ):
     "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
-    free = 0
-    for block, tag in enumerate(_creator_tags(group), 0x10):
-        if (c := ds.get_item(tag)) is None:
-            if (free := free + 1) >= 16: return None
-            continue
-        free = 0
-        c = c.value.decode('latin-1') if isinstance(c.value, bytes) else str(c.value)
-        if c.strip(' \x00') == creator: return ds[tag].value if (tag := Tag(group, block << 8 | offset)) in ds else None
-    return None
+    if (block := _owners(ds, group).get(creator)) is None: return None
+    return element_value(ds, Tag(group, block << 8 | offset))
 
 # %% ../nbs/02e_vendor.ipynb #4b8b2e38
 def mosaic_count(ds, # a dataset
