@@ -15,8 +15,8 @@ from .guards import frame_count
 from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
 from .tags import ScanMiss, keyword_tag, num_value, scan_header, tag_value, text_value, values_unvalidated
-from .vendor import (PRIVATE_GROUPS, UIH, csa_image, ge_polarity, maker, mosaic_count, philips_item, private_value, slice_order, tile_size,
-                     uih_grid_count, vendor_diffusion, xa_value)
+from .vendor import (PRIVATE_READS, csa_image, ge_polarity, maker, mosaic_count, philips_item, slice_order, tile_size,
+                     uih_grid_count, vendor_diffusion, vendor_value, xa_value)
 
 # %% auto #0
 __all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'HEADER_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
@@ -121,7 +121,7 @@ def _tm_ms(t) -> float|None:
 
 def _uih_frames(ds, first:FrameRecord, n) -> list[FrameRecord]:
     "One record per slice of UIH grid `ds`: position and acquisition time from its (0065,1051) items."
-    items = list(private_value(ds, 0x0065, UIH, 0x51) or [])[:n]
+    items = list(vendor_value(ds, 'uih_slices') or [])[:n]
     pos = [num_value(it.get('ImagePositionPatient'), 3) for it in items] + [None] * (n - len(items))
     times = [_tm_ms(it.get('AcquisitionTime')) for it in items]
     times = [t - min(times) for t in times] if len(times) == n and None not in times else [None] * n
@@ -135,7 +135,7 @@ def _diffusion(ds, i, vendor, csa, pds) -> tuple:
     g = num_value(seq[0].get('DiffusionGradientOrientation') if seq else tag_value(ds, 'DiffusionGradientOrientation', i), 3)
     b, g = (b, g) if b is not None else vendor_diffusion(pds, vendor, csa)
     iso = text_value(tag_value(ds, 'DiffusionDirectionality', i)).upper() == 'ISOTROPIC' or (
-        vendor == 'Philips' and text_value(private_value(pds, 0x2001, 'Philips Imaging DD 001', 0x04)).upper() == 'I')
+        vendor == 'Philips' and text_value(vendor_value(pds, 'philips_diffusion_kind')).upper() == 'I')
     return b, (0., 0., 0.) if iso and b else g
 
 # %% ../nbs/08_series.ipynb #1c611851
@@ -149,7 +149,7 @@ def complex_component(ds, # a dataset
     "MAGNITUDE, PHASE, REAL or IMAGINARY as the header says it for frame `frame`; '' when it does not say."
     vendor = maker(ds) if vendor is None else vendor
     if (c := text_value(tag_value(ds, 'ComplexImageComponent', frame)).upper()): return COMPONENTS.get(c, '')
-    if vendor == 'GE' and (v := num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2F))) in (0, 1, 2, 3):
+    if vendor == 'GE' and (v := num_value(vendor_value(ds, 'ge_image_kind'))) in (0, 1, 2, 3):
         return ('MAGNITUDE', 'PHASE', 'REAL', 'IMAGINARY')[int(v)]
     words = [w for v in (tag_value(ds, 'ImageType') or [])[2:] for w in text_value(v).upper().split('_')]
     return next((COMPONENTS[w] for w in words if w in COMPONENTS), '')
@@ -185,9 +185,9 @@ class EpiFields:
 def _accel(ds, frame, vendor) -> float|None:
     "In-plane acceleration: (0018,9069), else Siemens' PAT mode text ('p2' is 2), else GE's ASSET factor (its reciprocal)."
     if (r := num_value(tag_value(ds, 'ParallelReductionFactorInPlane', frame))): return r
-    if vendor == 'Siemens' and (m := re.match(r'p(\d+)', text_value(private_value(ds, 0x0051, 'SIEMENS MR HEADER', 0x11)))):
+    if vendor == 'Siemens' and (m := re.match(r'p(\d+)', text_value(vendor_value(ds, 'siemens_pat_mode')))):
         return float(m.group(1))
-    asset = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x83)) if vendor == 'GE' else None
+    asset = num_value(vendor_value(ds, 'ge_asset')) if vendor == 'GE' else None
     return 1 / asset if asset else None
 
 def phase_axis(v, # an InPlanePhaseEncodingDirection value
@@ -201,14 +201,14 @@ def epi_fields(ds, # a dataset
     "The EPI facts of frame `frame` of `ds`: phase encoding, echo spacing, matrix, complex component."
     vendor, get = maker(ds), lambda kw: tag_value(ds, kw, frame)
     csa = csa_image(ds) if vendor == 'Siemens' else {}
-    xa = lambda offset: num_value(xa_value(ds, frame, offset)) if vendor == 'Siemens' and not csa else None   # Siemens XA: no CSA
-    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else xa(0x1C) if vendor == 'Siemens' else (ge_polarity(ds) if vendor == 'GE' else None)
+    xa = lambda name: num_value(xa_value(ds, frame, name)) if vendor == 'Siemens' and not csa else None   # Siemens XA: no CSA
+    pos = num_value(csa.get('PhaseEncodingDirectionPositive')) if csa else xa('xa_pe_positive') if vendor == 'Siemens' else (ge_polarity(ds) if vendor == 'GE' else None)
     acq = [int(x) for x in num_value(get('AcquisitionMatrix'), 4) or ()]
-    esp = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2C)) if vendor == 'GE' else None
-    asset = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x83)) if vendor == 'GE' else None
+    esp = num_value(vendor_value(ds, 'ge_echo_spacing')) if vendor == 'GE' else None
+    asset = num_value(vendor_value(ds, 'ge_asset')) if vendor == 'GE' else None
     return EpiFields(phase_axis=phase_axis(get('InPlanePhaseEncodingDirection')), phase_positive=None if pos is None else int(pos),
                      ge_polarity={1: 'Unflipped', 0: 'Flipped'}.get(pos, '') if vendor == 'GE' else '',
-                     bandwidth_pe=num_value(csa.get('BandwidthPerPixelPhaseEncode')) or xa(0x53),
+                     bandwidth_pe=num_value(csa.get('BandwidthPerPixelPhaseEncode')) or xa('xa_bandwidth_pe'),
                      echo_spacing=esp * 1e-6 * (asset or 1.) if esp else None, acq_matrix_pe=(acq[2] or acq[3]) if acq else None,
                      is_3d=text_value(get('MRAcquisitionType')).upper() == '3D', component=complex_component(ds, frame, vendor),
                      dwell_time=(num_value(csa.get('RealDwellTime')) or 0) * 1e-9 or None, accel_pe=_accel(ds, frame, vendor))
@@ -223,7 +223,7 @@ def _frame_record(ds, i, enhanced, vendor='', csa=None) -> FrameRecord:
     v = lambda keyword, n=0: num_value(tag_value(ds, keyword, i), n)
     pds = philips_item(ds, i, enhanced) if vendor == 'Philips' else ds
     b, g = _diffusion(ds, i, vendor, csa or {}, pds)
-    ss = num_value(private_value(pds, 0x2005, 'Philips MR Imaging DD 001', 0x0E)) if vendor == 'Philips' else None
+    ss = num_value(vendor_value(pds, 'philips_scale_slope')) if vendor == 'Philips' else None
     at = _tm_ms(text_value(tag_value(ds, 'FrameAcquisitionDateTime', i))[8:]) if enhanced and vendor == 'Siemens' else None   # XA
     return FrameRecord(frame=i, ipp=v('ImagePositionPatient', 3), iop=v('ImageOrientationPatient', 6), ps=v('PixelSpacing', 2),
                        slope=v('RescaleSlope') or (not enhanced and v('DoseGridScaling')) or 1., inter=v('RescaleIntercept') or 0.,
@@ -298,12 +298,12 @@ HEADER_KEYWORDS = (   # every standard element `header_record` reads (with what 
     *(k for names in FRAME_KEYWORDS.values() for k in names))
 _HEADER_TAGS = frozenset(map(keyword_tag, HEADER_KEYWORDS))
 
-def _kept(tag:int) -> bool: "True for the elements `header_record` may read: `HEADER_KEYWORDS` and vendor's private groups."; return tag in _HEADER_TAGS or tag >> 16 in PRIVATE_GROUPS
+def _kept(tag:int) -> bool: "True for the standard elements `header_record` may read: `HEADER_KEYWORDS`."; return tag in _HEADER_TAGS
 
 def read_header(path, # a file
                ):
     "The header of `path` for `header_record`: by `scan_header` where it can, else by pydicom as `read_dicom` reads it."
-    try: return scan_header(path, _kept)
+    try: return scan_header(path, _kept, PRIVATE_READS)   # of vendor's private groups, only the elements it reads
     except (ScanMiss, OSError): return read_dicom(path, headers_only=True)   # pydicom reads it, or says why not
 
 def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)

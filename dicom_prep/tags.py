@@ -292,9 +292,19 @@ def _skip_item(b:bytes, i:int, n:int, depth:int) -> int:
             i = _skip_sequence(b, i, depth + 1)
         elif (i := i + length) > len(b): raise _Short(f"cut short at byte {len(b)}")
 
-def _walk(b:bytes, i:int, keep, meta:bool) -> tuple[dict, int]:
-    "The raw elements `keep(tag)` wants of the dataset (or, `meta`, the file meta group) from `b[i]`, as pydicom would read them; and where it ended."
-    out, size, head, vrs = {}, len(b), _HEAD.unpack_from, _VRS
+def _private_kept(tag:int, b:bytes, at:int, n:int, creators:dict, owned:dict) -> bool:
+    "Whether to keep private `tag`: (gggg,0000–00FF) always, noting each creator's block; a block's element if its creator reads its offset."
+    if (elem := tag & 0xFFFF) <= 0xFF:
+        if elem >= 0x10 and n != _UNDEFINED:
+            if b'\x1b' in (name := b[at:at + n]): raise ScanMiss(f"a private creator with escape codes at byte {at}")
+            owned[tag >> 16 << 8 | elem] = creators.get(name.decode('latin-1').strip(' \x00'), ())
+        return True
+    if (offsets := owned.get(tag >> 8)) is None: raise ScanMiss(f"private element {BaseTag(tag)} before its creator")
+    return elem & 0xFF in offsets
+
+def _walk(b:bytes, i:int, keep, meta:bool, private:dict={}) -> tuple[dict, int]:
+    "The raw elements `keep(tag)` (or, in `private`'s groups, `_private_kept`) wants of the dataset (or, `meta`, the file meta group) from `b[i]`, as pydicom would read them; and where it ended."
+    out, size, head, vrs, owned = {}, len(b), _HEAD.unpack_from, _VRS, {}
     while i < size:
         if meta and b[i:i + 2] != b'\x02\x00': return out, i               # the file meta group ends
         if i + 12 <= size and (vr := vrs.get((h := head(b, i))[2])) is not None and h[2] not in _LONG and h[0] != 0xFFFE:
@@ -303,11 +313,12 @@ def _walk(b:bytes, i:int, keep, meta:bool) -> tuple[dict, int]:
         if not meta and tag in _PIXELS: return out, i
         if tag >> 16 in (0, 2) and not meta: raise ScanMiss(f"group {tag >> 16:04X} in the dataset")
         if meta and (n == _UNDEFINED or vr == VR_.SQ): raise ScanMiss(f"a sequence or undefined length in the file meta")
+        if n != _UNDEFINED and (i := at + n) > len(b): raise _Short(f"cut short in {BaseTag(tag)}")
+        want = meta or (keep(tag) if (g := tag >> 16) not in private else _private_kept(tag, b, at, n, private[g], owned))
         if n == _UNDEFINED:
-            if vr != VR_.SQ or keep(tag): raise ScanMiss(f"undefined length element {BaseTag(tag)}")
+            if vr != VR_.SQ or want: raise ScanMiss(f"undefined length element {BaseTag(tag)}")
             i = _skip_sequence(b, at, 0); continue
-        if (i := at + n) > len(b): raise _Short(f"cut short in {BaseTag(tag)}")
-        if meta or keep(tag): out[t] = _raw((t := BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
+        if want: out[t] = _raw((t := BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
     return out, i
 
 # %% ../nbs/02b_tags.ipynb #8c4ccfb1
@@ -326,7 +337,7 @@ def _dataset(path, preamble:bytes, meta:dict, raw:dict) -> QuickDataset:
 
 _DEFLATE = b'1.2.840.10008.1.2.1.99'   # `read_dicom` inflates a file whose file meta holds it anywhere
 
-def _scan(path, b:bytes, keep, whole:bool) -> QuickDataset:
+def _scan(path, b:bytes, keep, private:dict, whole:bool) -> QuickDataset:
     "The header in bytes `b` (the `whole` file, or its start): `_Short` when they end before its pixel data."
     if b[128:132] != b'DICM': raise ScanMiss("no DICM prefix")
     try: meta, i = _walk(b, 132, None, True)
@@ -335,7 +346,7 @@ def _scan(path, b:bytes, keep, whole:bool) -> QuickDataset:
     ts = meta.get(0x00020010)
     ts = ts.value.decode('ascii', 'replace').rstrip('\0 ') if ts is not None and ts.value else ''
     if '\\' in ts or not _explicit_le(ts): raise ScanMiss(f"transfer syntax {ts!r}")
-    raw, i = _walk(b, i, keep, False)
+    raw, i = _walk(b, i, keep, False, private)
     if i >= len(b) and not whole: raise _Short("no pixel data in the bytes at hand")
     return _dataset(path, b[:128], meta, raw)
 
@@ -343,13 +354,14 @@ HEAD_BYTES = 1 << 16   # the bytes first read for a header: more are read while 
 
 def scan_header(path, # the file
                 keep, # the elements to keep: a function of the tag (an int)
+                private:dict={}, # {group: {creator: element offsets}}: in these groups keep only the creator elements and the offsets listed
                ) -> QuickDataset:
     "The header of an explicit VR little-endian file as `read_dicom(path, headers_only=True)` reads it, holding only the elements `keep` wants; `ScanMiss` for anything else."
     with open(path, 'rb') as f:
         size, n = os.fstat(f.fileno()).st_size, HEAD_BYTES
         while True:
             f.seek(0); b = f.read(min(n, size))
-            try: return _scan(path, b, keep, len(b) >= size)
+            try: return _scan(path, b, keep, private, len(b) >= size)
             except _Short as e:
                 if len(b) >= size: raise ScanMiss(str(e)) from None
                 n *= 8

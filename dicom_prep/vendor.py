@@ -17,9 +17,9 @@ from pydicom.tag import Tag
 from .tags import element_value, num_value, text_value
 
 # %% auto #0
-__all__ = ['MAKERS', 'PRIVATE_GROUPS', 'UIH', 'XA_SDI', 'maker', 'csa_image', 'private_value', 'mosaic_count', 'uih_grid_count',
-           'grid_count', 'untile', 'tile_size', 'philips_item', 'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec',
-           'ge_protocol', 'slice_order', 'ge_polarity']
+__all__ = ['MAKERS', 'UIH', 'XA_SDI', 'PRIVATE_TAGS', 'PRIVATE_READS', 'PRIVATE_GROUPS', 'maker', 'csa_image', 'private_value',
+           'vendor_value', 'mosaic_count', 'uih_grid_count', 'grid_count', 'untile', 'tile_size', 'philips_item',
+           'vendor_diffusion', 'xa_value', 'ge_bvec', 'fsl_bvec', 'ge_protocol', 'slice_order', 'ge_polarity']
 
 # %% ../nbs/02e_vendor.ipynb #18af2724
 MAKERS = {'SIEMENS': 'Siemens', 'GE': 'GE', 'PHILIPS': 'Philips', 'UIH': 'UIH', 'UNITED IMAGING': 'UIH', 'TOSHIBA': 'Toshiba',
@@ -72,8 +72,6 @@ def _owners(ds, group:int) -> dict:
         found, owners = _scan_owners(ds, group); cache[group] = len(ds._dict), found, owners
     return owners
 
-PRIVATE_GROUPS = frozenset({0x0019, 0x0021, 0x0025, 0x0029, 0x0043, 0x0051, 0x0065, 0x2001, 0x2005})   # the groups read here
-
 def private_value(ds, # a dataset (or a sequence item)
                   group:int, # the private group, e.g. 0x0043
                   creator:str, # its private creator, e.g. 'GEMS_PARM_01'
@@ -83,6 +81,36 @@ def private_value(ds, # a dataset (or a sequence item)
     if (block := _owners(ds, group).get(creator)) is None: return None
     return element_value(ds, Tag(group, block << 8 | offset))
 
+UIH, XA_SDI = 'Image Private Header', 'SIEMENS MR SDI 02'   # the private creators of UIH's (0065,xx) and Siemens XA's (0021,11xx) elements
+_GE_PARM, _GE_ACQU, _PH_IMG, _PH_MR = 'GEMS_PARM_01', 'GEMS_ACQU_01', 'Philips Imaging DD 001', 'Philips MR Imaging DD 001'
+
+PRIVATE_TAGS = {   # every private element read here and in `series`, by name: (group, creator, element within its block)
+    'siemens_mosaic': (0x0019, 'SIEMENS MR HEADER', 0x0A), 'siemens_csa_image': (0x0029, 'SIEMENS CSA HEADER', 0x10),   # nibabel reads it
+    'siemens_pat_mode': (0x0051, 'SIEMENS MR HEADER', 0x11), 'xa_pe_positive': (0x0021, XA_SDI, 0x1C),
+    'xa_bandwidth_pe': (0x0021, XA_SDI, 0x53), 'xa_frame_items': (0x0021, XA_SDI, 0xFE),
+    'ge_b_value': (0x0043, _GE_PARM, 0x39), 'ge_user_data': (0x0043, _GE_PARM, 0x2A), 'ge_image_kind': (0x0043, _GE_PARM, 0x2F),
+    'ge_echo_spacing': (0x0043, _GE_PARM, 0x2C), 'ge_asset': (0x0043, _GE_PARM, 0x83), 'ge_protocol': (0x0025, 'GEMS_SERS_01', 0x1B),
+    'ge_gradient_x': (0x0019, _GE_ACQU, 0xBB), 'ge_gradient_y': (0x0019, _GE_ACQU, 0xBC), 'ge_gradient_z': (0x0019, _GE_ACQU, 0xBD),
+    'philips_b_value': (0x2001, _PH_IMG, 0x03), 'philips_diffusion_kind': (0x2001, _PH_IMG, 0x04), 'philips_scale_slope': (0x2005, _PH_MR, 0x0E),
+    'philips_gradient_x': (0x2005, _PH_MR, 0xB0), 'philips_gradient_y': (0x2005, _PH_MR, 0xB1), 'philips_gradient_z': (0x2005, _PH_MR, 0xB2),
+    'philips_frame_item': (0x2005, 'Philips MR Imaging DD 005', 0x0F),
+    'uih_b_value': (0x0065, UIH, 0x09), 'uih_gradient': (0x0065, UIH, 0x37), 'uih_grid': (0x0065, UIH, 0x50), 'uih_slices': (0x0065, UIH, 0x51)}
+
+def vendor_value(ds, # a dataset (or a sequence item)
+                 name:str, # a key of `PRIVATE_TAGS`, e.g. 'ge_b_value'
+                ):
+    "The value of private element `name` of `PRIVATE_TAGS` in `ds`, or None."
+    return private_value(ds, *PRIVATE_TAGS[name])
+
+def _by_creator(tags:dict) -> dict:
+    "{group: {creator: element offsets}} of named private elements {name: (group, creator, offset)}."
+    out = {}
+    for g, c, o in tags.values(): out.setdefault(g, {}).setdefault(c, set()).add(o)
+    return out
+
+PRIVATE_READS = _by_creator(PRIVATE_TAGS)   # all that the header scanner need keep of vendor's private groups
+PRIVATE_GROUPS = frozenset(PRIVATE_READS)
+
 # %% ../nbs/02e_vendor.ipynb #4b8b2e38
 def mosaic_count(ds, # a dataset
                  csa:dict|None=None, # its CSA image header, if already read
@@ -90,18 +118,16 @@ def mosaic_count(ds, # a dataset
     "How many slices the mosaic `ds` tiles; 0 when it is not a Siemens mosaic."
     csa = csa_image(ds) if csa is None else csa
     flagged = 'MOSAIC' in {text_value(v).upper() for v in (ds.get('ImageType') or [])}
-    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(private_value(ds, 0x0019, 'SIEMENS MR HEADER', 0x0A)))
+    n = num_value(csa.get('NumberOfImagesInMosaic')) or (flagged and num_value(vendor_value(ds, 'siemens_mosaic')))
     return int(n) if n and (flagged or 'NumberOfImagesInMosaic' in csa) else 0
 
-
-UIH = 'Image Private Header'   # the private creator of UIH's (0065,xx) elements
 
 def uih_grid_count(ds, # a dataset
                    vendor:str|None=None, # its `maker`, if known
                   ) -> int:
     "How many slices a UIH grid (VFRAME) file tiles; 0 when it is not one."
     if (maker(ds) if vendor is None else vendor) != 'UIH': return 0
-    n = num_value(private_value(ds, 0x0065, UIH, 0x50))
+    n = num_value(vendor_value(ds, 'uih_grid'))
     return int(n) if n and n > 1 else 0
 
 def grid_count(ds, # a dataset
@@ -136,7 +162,7 @@ def philips_item(ds, # a Philips dataset
                 ):
     "Where Philips keeps frame `i`'s private tags: the frame's private (2005,140F) item in an enhanced file, else the file."
     if enhanced and 'PerFrameFunctionalGroupsSequence' in ds and i < len(groups := ds.PerFrameFunctionalGroupsSequence):
-        seq = private_value(groups[i], 0x2005, 'Philips MR Imaging DD 005', 0x0F)
+        seq = vendor_value(groups[i], 'philips_frame_item')
         if seq: return seq[0]
     return ds
 
@@ -146,27 +172,25 @@ def vendor_diffusion(ds, # a dataset (for Philips, its `philips_item`)
                     ) -> tuple:
     "b-value and gradient from the vendor's private tags: Siemens CSA, GE, Philips."
     if csa: return num_value(csa.get('B_value')), num_value(csa.get('DiffusionGradientDirection'), 3)
-    if vendor == 'UIH': return num_value(private_value(ds, 0x0065, UIH, 0x09)), num_value(private_value(ds, 0x0065, UIH, 0x37), 3)
+    if vendor == 'UIH': return num_value(vendor_value(ds, 'uih_b_value')), num_value(vendor_value(ds, 'uih_gradient'), 3)
     if vendor == 'GE':
-        b = num_value(private_value(ds, 0x0043, 'GEMS_PARM_01', 0x39))
-        g = tuple(num_value(private_value(ds, 0x0019, 'GEMS_ACQU_01', e)) for e in (0xBB, 0xBC, 0xBD))
+        b = num_value(vendor_value(ds, 'ge_b_value'))
+        g = tuple(num_value(vendor_value(ds, f'ge_gradient_{a}')) for a in 'xyz')
         return (None if b is None else b % 1e9), (None if None in g else g)
     if vendor == 'Philips':
-        g = tuple(num_value(private_value(ds, 0x2005, 'Philips MR Imaging DD 001', e)) for e in (0xB0, 0xB1, 0xB2))
-        return num_value(private_value(ds, 0x2001, 'Philips Imaging DD 001', 0x03)), (None if None in g else g)
+        g = tuple(num_value(vendor_value(ds, f'philips_gradient_{a}')) for a in 'xyz')
+        return num_value(vendor_value(ds, 'philips_b_value')), (None if None in g else g)
     return None, None
 
 # %% ../nbs/02e_vendor.ipynb #cb1ab673
-XA_SDI = 'SIEMENS MR SDI 02'   # the private creator of Siemens XA's (0021,11xx) elements
-
 def xa_value(ds, # a Siemens XA dataset
              frame:int, # the frame
-             offset:int, # the element within the creator's block, e.g. 0x1C for (0021,111C)
+             name:str, # an XA key of `PRIVATE_TAGS`, e.g. 'xa_pe_positive' for (0021,111C)
             ):
     "A Siemens XA private (0021,11xx) element of frame `frame`: in the file, else in the frame's private (0021,11FE) item; None when absent."
     groups = ds.get('PerFrameFunctionalGroupsSequence') or []
-    items = (private_value(groups[frame], 0x0021, XA_SDI, 0xFE) or []) if frame < len(groups) else []
-    return next((v for d in (ds, *items) if (v := private_value(d, 0x0021, XA_SDI, offset)) is not None), None)
+    items = (vendor_value(groups[frame], 'xa_frame_items') or []) if frame < len(groups) else []
+    return next((v for d in (ds, *items) if (v := vendor_value(d, name)) is not None), None)
 
 # %% ../nbs/02e_vendor.ipynb #562202fc
 def ge_bvec(b:float, # b-value
@@ -196,7 +220,7 @@ def fsl_bvec(g, # a gradient direction, patient axes
 def ge_protocol(ds, # a GE dataset
                ) -> dict:
     "GE's protocol data block (0025,101B) as {KEY: value text}; empty when absent or unreadable."
-    b = private_value(ds, 0x0025, 'GEMS_SERS_01', 0x1B)
+    b = vendor_value(ds, 'ge_protocol')
     return dict(_protocol_fields(b)) if isinstance(b, bytes) and len(b) >= 8 else {}
 
 @lru_cache(maxsize=16)
@@ -216,7 +240,7 @@ def slice_order(ds, # a dataset
 def ge_polarity(ds, # a GE dataset
                ) -> int|None:
     "GE phase-encoding polarity from the user data (0043,102A): 1 unflipped, 0 flipped, None when not an EPI header."
-    b = private_value(ds, 0x0043, 'GEMS_PARM_01', 0x2A)
+    b = vendor_value(ds, 'ge_user_data')
     if not isinstance(b, bytes) or len(b) < 26: return None
     off = int.from_bytes(b[24:26], 'little')
     version = float(np.frombuffer(b, '<f4', 1, off)[0]) if len(b) >= off + 4 else 0.

@@ -2,17 +2,20 @@
 sample files, nibabel's, and ../shared/data (skipped when absent). Through the scanner, `header_record` must give the
 record it gives through pydicom's parse; a fuzz corpus of cut and flipped real files must never make the scanner
 raise anything but `ScanMiss`, nor return a record pydicom would not give."""
-import gzip, random, warnings
+import gzip, random, sys, warnings
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import pytest
+from pydicom import dcmread
 
 from dicom_prep.read import read_dicom
 from dicom_prep.series import HEADER_KEYWORDS, header_record, read_headers
 from dicom_prep.sources import Found, sample_files
-from dicom_prep.vendor import PRIVATE_GROUPS
+from dicom_prep.synth import synth_dicom
+from dicom_prep.vendor import PRIVATE_GROUPS, PRIVATE_READS
 from dicom_prep.tags import ScanMiss, keyword_tag, scan_header, values_unvalidated
 
 SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'
@@ -143,3 +146,25 @@ def test_fuzz_never_a_wrong_record(corpora, tmp_path):
             assert got == want or isinstance(want, str), f"{seed} mutant {j}: scanner and pydicom differ"
     print(f"{scanned + missed} mutants: {scanned} scanned, {missed} left to pydicom")
     assert scanned > 20 and missed > 20
+
+
+@pytest.fixture
+def vendor_reads(monkeypatch):
+    "The tests above, run with the scanner as `read_header` calls it: of vendor's private groups only what vendor reads."
+    monkeypatch.setattr(sys.modules[__name__], 'scan_header', partial(scan_header, private=PRIVATE_READS))
+
+
+def test_vendor_reads_records_equal_pydicom(corpora, vendor_reads): test_scanned_records_equal_pydicom(corpora)
+def test_vendor_reads_fuzz(corpora, tmp_path, vendor_reads): test_fuzz_never_a_wrong_record(corpora, tmp_path)
+
+
+def test_private_filter(tmp_path):
+    "Only the creators and the offsets asked for are kept; a block element whose creator has not come yet leaves the file to pydicom."
+    ds = dcmread(synth_dicom(tmp_path/'plain.dcm', Manufacturer='GE MEDICAL SYSTEMS'))
+    for name in ('OTHER', 'GEMS_PARM_01'): ds.private_block(0x0043, name, create=True).add_new(0x39, 'IS', '1')
+    ds.private_block(0x0043, 'GEMS_PARM_01').add_new(0x40, 'IS', '2')
+    ds.save_as(path := tmp_path/'ge.dcm')
+    got = scan_header(path, lambda tag: tag >> 16 == 0x0008, {0x0043: {'GEMS_PARM_01': {0x39}}})
+    assert sorted(f"{int(t):08X}" for t in got.keys() if t.group == 0x0043) == ['00430010', '00430011', '00431139']
+    (orphan := tmp_path/'orphan.dcm').write_bytes(path.read_bytes().replace(b'\x43\x00\x39\x11', b'\x43\x00\x39\x12'))   # block 12: no creator
+    with pytest.raises(ScanMiss, match='before its creator'): scan_header(orphan, lambda tag: True, {0x0043: {'GEMS_PARM_01': {0x39}}})
