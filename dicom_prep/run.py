@@ -158,9 +158,11 @@ def tally(self:Run,
           ok:int, # items of the index with an output
           failed:dict, # items without one, by reason
           what:str='files', # what an item is
+          held:dict|None=None, # items neither out nor failed, by what they are
+          held_is:str='no output', # what those are, in the line that says why nothing came out
          ) -> Tally:
     "What the index holds for this run's source (`console.Tally`, read by `console.verdict`); its failures, grouped by reason, join the SUMMARY."
-    t = Tally(self.source.spelling, self.found, self.skipped, ok, {k: v for k, v in failed.items() if v}, what)
+    t = Tally(self.source.spelling, self.found, self.skipped, ok, {k: v for k, v in failed.items() if v}, what, {k: v for k, v in (held or {}).items() if v}, held_is)
     if t.failed: self.notes.append(t.failures())
     return t
 
