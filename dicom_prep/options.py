@@ -304,5 +304,6 @@ def empty_split_warnings(fractions:dict[str, float], # split name -> fraction, f
     "One warning per split with a share of the data but no patient, saying where the patients went (none when there is no patient at all)."
     if not any(patients.values()): return []          # nothing to split: the run's verdict says why
     got = ', '.join(f"{k} {n:,}" for k, n in patients.items() if n) or 'none'
-    return [f"Split {k!r} ({f:.0%}) is empty: {sum(patients.values()):,} patients went to {got}; "
+    total = sum(patients.values())
+    return [f"Split {k!r} ({f:.0%}) is empty: {total:,} patient{'s' * (total != 1)} went to {got}; "
             f"splits are drawn per patient, so use fewer splits or more patients" for k, f in fractions.items() if f > 0 and not patients.get(k)]
