@@ -173,6 +173,7 @@ class RunOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dicom_dir is not None and not str(self.dicom_dir).strip(): raise UsageError("--dicom-dir is empty: give the DICOM folder ('.' for the current one)")   # an unset shell variable
         if self.n_workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {self.n_workers}")
         if self.batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if (self.keep or self.shift_dates) and not self.pseudonymize: raise UsageError("--keep and --shift-dates are options of --pseudonymize")

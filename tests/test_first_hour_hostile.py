@@ -64,3 +64,12 @@ def test_nifti_nothing_came_out_says_the_verdicts(tmp_path):
     [(why,)] = query(tmp_path/'out', "select distinct verdict from volumes")
     assert why != 'ok' and r.returncode == 2, r.stderr
     assert _last(r).endswith(f"nothing came out of the 2 DICOM files under {src}: no usable volume ({why} 2)"), r.stderr
+
+
+@pytest.mark.parametrize('script', ['dicom_prep_preprocess', 'dicom_prep_nifti'])
+def test_an_empty_dicom_dir_is_refused_not_the_current_folder(tmp_path, script):
+    "`--dicom-dir \"$DATA\"` with DATA unset: refused in one line, never a scan of the current folder (a home folder, its own output)."
+    synth_ct(tmp_path/'here.dcm', 16)
+    r = _cli(script, '--dicom-dir', '', '--output-dir', tmp_path/'out', cwd=tmp_path)
+    assert r.returncode == 2 and _last(r) == f"{script}: error: --dicom-dir is empty: give the DICOM folder ('.' for the current one)", r.stdout + r.stderr
+    assert not (tmp_path/'out').exists()
