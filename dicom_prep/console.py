@@ -134,7 +134,7 @@ def verdict(t:Tally, # what the run's index holds
            ) -> tuple[int, str|None]:
     "(exit code, the line that says why) of a finished run: 2 when nothing came out (0 with `min_ok` 0: the line is a warning), 1 when less than `min_ok` did, else (0, None)."
     if not t.found: return 2, f"no DICOM under {t.root}: {_skipped(t.skipped)}"
-    if not t.ok: return (0 if min_ok == 0 else 2), f"nothing came out of the {t.found:,} DICOM files under {t.root}{_nothing(t)}"
+    if not t.ok: return (0 if min_ok == 0 else 2), f"nothing came out of the {t.found:,} DICOM file{'s' * (t.found != 1)} under {t.root}{_nothing(t)}"
     share = t.ok / (t.ok + t.n_failed)
     if min_ok is not None and share < min_ok:
         return 1, f"only {t.ok:,} of {t.ok + t.n_failed:,} {t.what} came out ({share:.0%}, under --min-ok {min_ok:g}); {SEE_ALL}"
