@@ -86,7 +86,7 @@ def cli_args(cls:type[Options], # the options of the library call
 def _default(f:Flag) -> tuple[str, str]:
     "(default, meaning) of flag `f` as the options table shows them: a `[default: ...]` its help ends with is its default."
     if (m := re.search(r'\s*\[default: (.*)\]$', f.help)): return m[1], f.help[:m.start()]
-    if f.help.startswith('Required'): return 'required', f.help
+    if (m := re.match(r'Required( \(.*?\))?: ', f.help)): return f"required{m[1] or ''}", f.help[m.end():]   # said once, in the default column
     return ('off' if f.default is False else 'none' if f.default in ((), None) else f"`{f.default}`"), f.help
 
 def options_table(*classes:type[Options], # the option dataclasses, as `cli_parser` takes them
