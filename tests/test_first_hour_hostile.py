@@ -73,3 +73,17 @@ def test_an_empty_dicom_dir_is_refused_not_the_current_folder(tmp_path, script):
     r = _cli(script, '--dicom-dir', '', '--output-dir', tmp_path/'out', cwd=tmp_path)
     assert r.returncode == 2 and _last(r) == f"{script}: error: --dicom-dir is empty: give the DICOM folder ('.' for the current one)", r.stdout + r.stderr
     assert not (tmp_path/'out').exists()
+
+
+@pytest.mark.parametrize('script', ['dicom_prep_preprocess', 'dicom_prep_nifti'])
+@pytest.mark.parametrize('meta', [True, False])
+def test_a_pipeline_refuses_another_programs_database_as_its_db(tmp_path, script, meta):
+    "--db naming another program's SQLite database: refused in one line, the file neither written to (its tables) nor moved aside (a `meta` of its own)."
+    db = _foreign(tmp_path/'theirs.db') if meta else tmp_path/'theirs.db'
+    if not meta:
+        with closing(sqlite3.connect(db)) as c, c: c.execute('create table patients (id int, name text)')
+    before, src = db.read_bytes(), tmp_path/'src'
+    synth_ct(src/'s'/'a.dcm', 16)
+    r = _cli(script, '--dicom-dir', src, '--output-dir', tmp_path/'out', '--db', db, '--workers', '0')
+    assert r.returncode == 2 and _last(r) == f"{script}: error: not a dicom_prep database: {db} (another program's SQLite file: give another --db)", r.stdout + r.stderr
+    assert db.read_bytes() == before and not [p for p in tmp_path.iterdir() if p.name.startswith('theirs.db.')], list(tmp_path.iterdir())
