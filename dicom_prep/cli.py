@@ -25,7 +25,7 @@ __all__ = ['DB_NAME', 'ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 
 class ScriptFlags(Options):
     "The flags of every pipeline's console script that are no option of its library call."
     test: bool = flag(False, 'input')  # Run on the bundled sample data (no data of yours needed)
-    min_ok: float|None = flag(None, 'run control')  # Exit 1 when less than this share of the items came out, e.g. 0.9 [default: at least one]
+    min_ok: float|None = flag(None, 'run control')  # Exit 1 when less than this share of the items came out, e.g. 0.9; 0 accepts a run where every file failed [default: at least one]
 
     def __post_init__(self):
         if self.min_ok is not None and not 0 <= self.min_ok <= 1: raise UsageError(f"--min-ok is a share of the items (0 to 1), not {self.min_ok}")
@@ -86,7 +86,7 @@ def cli_args(cls:type[Options], # the options of the library call
 def _default(f:Flag) -> tuple[str, str]:
     "(default, meaning) of flag `f` as the options table shows them: a `[default: ...]` its help ends with is its default."
     if (m := re.search(r'\s*\[default: (.*)\]$', f.help)): return m[1], f.help[:m.start()]
-    if f.help.startswith('Required'): return 'required', f.help
+    if (m := re.match(r'Required( \(.*?\))?: ', f.help)): return f"required{m[1] or ''}", f.help[m.end():]   # said once, in the default column
     return ('off' if f.default is False else 'none' if f.default in ((), None) else f"`{f.default}`"), f.help
 
 def options_table(*classes:type[Options], # the option dataclasses, as `cli_parser` takes them
@@ -147,24 +147,25 @@ def cli_run(run:Callable, # the call the console script makes
 def cli_finish(r, # what the run returned (a `console.RunOutcome`)
                min_ok:float|None=None, # --min-ok: the share of items that must come out [default: at least one]
               ):
-    "Print a run's summary (not when it found no DICOM); exit 130 if it was interrupted, 2 if nothing came out, 1 if less than `min_ok` did."
+    "Print a run's summary (not when it found no DICOM); exit 130 if it was interrupted, 2 if nothing came out, 1 if less than `min_ok` did; a line that says why, even at exit 0 (`min_ok` 0)."
     from dicom_prep.console import verdict
     code, why = verdict(r.tally, min_ok) if r.tally else (0, None)
     if r.tally is None or r.tally.found: print(r.summary())
     if r.status == 'interrupted': sys.exit(130)
-    if why: cli_error(why, code)
+    if why and not code: print(f"{Path(sys.argv[0]).name}: warning: {why}", file=sys.stderr)
+    elif why: cli_error(why, code)
 
 
 # %% ../nbs/06a_cli.ipynb #9023aa4f
 DB_NAME = 'dicom_prep.db'   # a run's database in its output folder
 
 def _is_index(p:Path) -> bool:
-    "True if `p` is an SQLite file with dicom_prep's `meta` table (opened read-only: the check changes nothing)."
+    "True if `p` is an SQLite file whose `meta` table records dicom_prep's schema version (opened read-only: the check changes nothing); another tool's `meta` is not."
     import sqlite3
     from contextlib import closing
     try:
         with closing(sqlite3.connect(f"{p.absolute().as_uri()}?mode=ro", uri=True)) as c:
-            return bool(c.execute("select 1 from sqlite_master where name = 'meta'").fetchone())
+            return c.execute("select 1 from meta where key = 'schema_version'").fetchone() is not None
     except sqlite3.Error: return False
 
 def cli_db(path, # --db: a database file, or the output folder holding `dicom_prep.db`

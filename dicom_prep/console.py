@@ -92,15 +92,19 @@ class Tally:
     ok: int = 0                # items with an output: processed files, converted volumes
     failed: dict = field(default_factory=dict)   # items without one, by reason
     what: str = 'files'        # what an item is
+    held: dict = field(default_factory=dict)   # items neither out nor failed, by what they are (non-image objects, volume verdicts)
+    held_is: str = 'no output'                 # what the held items are, in the line: 'not images', 'no usable volume'
 
     @property
     def n_failed(self) -> int: return sum(self.failed.values())
 
     def reasons(self) -> str:
         "The failures, grouped by reason, most first."
-        return ', '.join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(self.failed.items(), key=lambda kv: -kv[1]))
+        return _counted(self.failed)
 
     def failures(self) -> str: return f"Failed: {self.reasons()}; {SEE_ALL}"   # the SUMMARY's line
+
+def _counted(d:dict) -> str: return ', '.join(f"{k.replace('_', ' ')} {v:,}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))   # most first
 
 _HINTS = dict(symlink_outside=('symlink points', 'symlinks point', 'outside it (add --follow-symlinks)'),
               not_dicom=('file is', 'files are', 'not DICOM'), hidden=('hidden file', 'hidden files', 'skipped'),
@@ -117,14 +121,20 @@ def _skipped(skipped:dict) -> str:
     return '; '.join(parts) or 'it holds no files'
 
 # %% ../nbs/05b_console.ipynb #7d4f3770
+def _nothing(t:Tally) -> str:
+    "Why nothing came out, after a colon: the failures by reason, and what the other items are."
+    parts = []
+    if t.failed: parts.append(f"{format(t.n_failed, ',') if t.held else 'all'} failed ({t.reasons()})")
+    if t.held: parts.append(f"{t.held_is} ({_counted(t.held)})")
+    if not parts: return " (the SUMMARY says what they hold)"
+    return ': ' + '; '.join(parts) + (f"; {SEE_ALL}" if t.failed else '')
+
 def verdict(t:Tally, # what the run's index holds
             min_ok:float|None=None, # the share of items that must come out [default: at least one]
            ) -> tuple[int, str|None]:
-    "(exit code, the line that says why) of a finished run: 2 when nothing came out, 1 when less than `min_ok` did, else (0, None)."
+    "(exit code, the line that says why) of a finished run: 2 when nothing came out (0 with `min_ok` 0: the line is a warning), 1 when less than `min_ok` did, else (0, None)."
     if not t.found: return 2, f"no DICOM under {t.root}: {_skipped(t.skipped)}"
-    if not t.ok:
-        why = f": all failed ({t.reasons()}); {SEE_ALL}" if t.failed else " (the SUMMARY says what they hold)"
-        return 2, f"nothing came out of the {t.found:,} DICOM files under {t.root}{why}"
+    if not t.ok: return (0 if min_ok == 0 else 2), f"nothing came out of the {t.found:,} DICOM file{'s' * (t.found != 1)} under {t.root}{_nothing(t)}"
     share = t.ok / (t.ok + t.n_failed)
     if min_ok is not None and share < min_ok:
         return 1, f"only {t.ok:,} of {t.ok + t.n_failed:,} {t.what} came out ({share:.0%}, under --min-ok {min_ok:g}); {SEE_ALL}"

@@ -426,7 +426,7 @@ def export(db_path, # the index written by dicom_prep_preprocess (and dicom_prep
 @dataclass(frozen=True)
 class ExportFlags(Options):
     "The flags of `dicom_prep_export`."
-    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index
+    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # The dicom_prep index, or the output folder holding it
     labels: str|None = flag(None, 'input')  # CSV file of labels, joined on --on; or db: the labels typed in dicom_prep_label (a file named db: ./db)
     label_rule: str|None = flag(None, 'input')  # With --labels db, one label per image: latest (the last annotator's, the default) or majority (most annotators', a tie to the latest)
     on: str|None = flag(None, 'input')  # The labels' key column: sop_uid, series_uid, study_uid, patient_id, filename or source_path

@@ -392,15 +392,17 @@ def _finish(run:Run, o:NiftiOptions, h:dict, verdicts:dict, counts:dict) -> Nift
     else: run.finish(counts.get('converted', 0) + counts.get('error', 0), sum(counts.get(k, 0) for k in ('converted', 'error', 'pending')), 'volumes', n_files=h['read'])
     if o.csv_path: run.notes.append(f"Analysis table: {export_csv(run.db_path, o.csv_path, table='volumes'):,} volumes written to {o.csv_path}")
     kind, kinds = "json_extract(record, '$.object_kind')", ', '.join(repr(k) for k in VOLUME_KINDS)
-    run.notes += kinds_note(run.db.execute(f"select {kind}, count(*) from nifti_headers where {kind} not in ({kinds}) group by 1").fetchall(), 'volumes')
-    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts, tally=_tally(run, o))
+    others = run.db.execute(f"select {kind}, count(*) from nifti_headers where {kind} not in ({kinds}) group by 1").fetchall()
+    run.notes += kinds_note(others, 'volumes')
+    return NiftiResult(run.status, run.run_id, run.output_dir, run.db_path, run.timers, run.notes, verdicts, counts, tally=_tally(run, o, others))
 
-def _tally(run:Run, o:NiftiOptions):
-    "The index's volumes for `console.verdict`: those converted (usable, with --analysis-only) came out; failed: conversions and unreadable files."
+def _tally(run:Run, o:NiftiOptions, others:list):
+    "The index's volumes for `console.verdict`: those converted (usable, with --analysis-only) came out; failed: conversions and unreadable files; held: the other verdicts and the non-image objects (`others`)."
     q = lambda sql: run.db.execute(sql).fetchone()[0]
     ok = q("select count(*) from volumes where verdict = 'ok'" + ('' if o.analysis_only else " and status = 'ok'"))
+    held = dict(run.db.execute("select verdict, count(*) from volumes where verdict not in ('ok', 'gone') group by 1").fetchall() + others)
     return run.tally(ok, {'conversion error': q("select count(*) from volumes where verdict = 'ok' and status = 'error'"),
-                          'unreadable file': q('select count(*) from nifti_headers where error is not null')}, 'volumes')
+                          'unreadable file': q('select count(*) from nifti_headers where error is not null')}, 'volumes', held, 'no usable volume')
 
 @delegates(NiftiOptions)
 def dicom_to_nifti(dicom_dir=None, # folder of DICOM files (searched recursively)

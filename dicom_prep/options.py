@@ -173,6 +173,7 @@ class RunOptions(Options):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dicom_dir is not None and not str(self.dicom_dir).strip(): raise UsageError("--dicom-dir is empty: give the DICOM folder ('.' for the current one)")   # an unset shell variable
         if self.n_workers < 0: raise UsageError(f"--workers must be 0 (serial) or more, not {self.n_workers}")
         if self.batch_size < 1: raise UsageError(f"--batch-size must be at least 1, not {self.batch_size}")
         if (self.keep or self.shift_dates) and not self.pseudonymize: raise UsageError("--keep and --shift-dates are options of --pseudonymize")
@@ -304,5 +305,6 @@ def empty_split_warnings(fractions:dict[str, float], # split name -> fraction, f
     "One warning per split with a share of the data but no patient, saying where the patients went (none when there is no patient at all)."
     if not any(patients.values()): return []          # nothing to split: the run's verdict says why
     got = ', '.join(f"{k} {n:,}" for k, n in patients.items() if n) or 'none'
-    return [f"Split {k!r} ({f:.0%}) is empty: {sum(patients.values()):,} patients went to {got}; "
+    total = sum(patients.values())
+    return [f"Split {k!r} ({f:.0%}) is empty: {total:,} patient{'s' * (total != 1)} went to {got}; "
             f"splits are drawn per patient, so use fewer splits or more patients" for k, f in fractions.items() if f > 0 and not patients.get(k)]

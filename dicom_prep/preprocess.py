@@ -394,8 +394,8 @@ def _finish(run, plan:Plan, n:int) -> RunResult:
     counts = dict(run.counts) | ({'unchanged': plan.done} if plan.done else {})
     run.counts.update(skipped=plan.done, failed_kept=plan.failed_kept)
     run.finish(n, plan.todo)
-    by = dict(run.db.execute('select status, count(*) from files group by status').fetchall())
-    tally = run.tally(by.get('ok', 0), {k: n for k, n in by.items() if k in FAILED})
+    by = dict(run.db.execute(f"select case status when 'not_image' then coalesce(kind, 'unknown') else status end, count(*) from files f where not {run.vanished('f')} group by 1").fetchall())
+    tally = run.tally(by.pop('ok', 0), {k: by.pop(k, 0) for k in FAILED}, held=by, held_is='not images')   # files gone from the source left out; held: non-images by kind, no_pixels
     n_images = run.db.execute('select count(*) from images').fetchone()[0]
     run.notes += kinds_note(run.db.execute("select kind, count(*) from files where status = 'not_image' group by kind").fetchall())
     t.stop()

@@ -158,9 +158,11 @@ def tally(self:Run,
           ok:int, # items of the index with an output
           failed:dict, # items without one, by reason
           what:str='files', # what an item is
+          held:dict|None=None, # items neither out nor failed, by what they are
+          held_is:str='no output', # what those are, in the line that says why nothing came out
          ) -> Tally:
     "What the index holds for this run's source (`console.Tally`, read by `console.verdict`); its failures, grouped by reason, join the SUMMARY."
-    t = Tally(self.source.spelling, self.found, self.skipped, ok, {k: v for k, v in failed.items() if v}, what)
+    t = Tally(self.source.spelling, self.found, self.skipped, ok, {k: v for k, v in failed.items() if v}, what, {k: v for k, v in (held or {}).items() if v}, held_is)
     if t.failed: self.notes.append(t.failures())
     return t
 
@@ -197,6 +199,14 @@ def _ended(run:Run, exc:BaseException|None) -> str:
     if exc is None: return run.status if run.status != 'running' else 'failed'
     return 'interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed'
 
+def _not_an_index(p:Path) -> str|None:
+    "Why `p` cannot be a run's database: a folder, or another program's SQLite database (tables, no dicom_prep schema version), never written to nor moved aside."
+    if p.is_dir(): return f"--db is a folder, not a database file: {p}"
+    try:
+        with closing(sqlite3.connect(f"{p.absolute().as_uri()}?mode=ro", uri=True)) as c: ours = not c.execute("select 1 from sqlite_master where type = 'table'").fetchone() or c.execute("select 1 from meta where key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as e: ours = 'no such' not in str(e)      # no `meta`, or not ours; a damaged or missing file is `open_db`'s to handle
+    return None if ours else f"not a dicom_prep database: {p} (another program's SQLite file: give another --db)"
+
 @contextmanager
 def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
              opts:RunOptions, # the folders, workers, what to redo, privacy (`options.RunOptions`)
@@ -213,7 +223,7 @@ def open_run(kind:str, # pipeline name: 'preprocess', 'nifti', ...
     check_output(output_dir)
     (source := open_source(opts)).check()       # a source that cannot be listed stops the run before it records anything
     forget_folders()                     # output folders are checked again: nothing an earlier run of this process kept is trusted
-    if db_path.is_dir(): raise UsageError(f"--db is a folder, not a database file: {db_path}")
+    if (why := _not_an_index(db_path)): raise UsageError(why)
     if opts.scheduler: require_dask()
     config = RunConfig(kind, db_path, source.dir, output_dir, opts.n_workers, opts.scheduler, opts.quiet, _memory(opts.worker_memory, opts.n_workers),
                        source=source)

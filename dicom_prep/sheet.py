@@ -397,7 +397,7 @@ def sheets_after(r, # a run's outcome (`run.RunOutcome`): its database, output f
 @dataclass(frozen=True)
 class SheetFlags(Options):
     "The flags of `dicom_prep_sheet`."
-    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # SQLite index written by dicom_prep_preprocess
+    db: str = flag('dicom_prep_out/dicom_prep.db', 'input')  # SQLite index written by dicom_prep_preprocess, or the output folder holding it
     split: str|None = flag(None, 'input')  # only images of this split (train/valid/test; val is valid)
     modality: str|None = flag(None, 'input')  # only images of this modality (CT, MR, ...; any case)
     study: str|None = flag(None, 'input')  # only images of this study id or StudyInstanceUID

@@ -138,7 +138,7 @@ def tracker_workbook(db_path, # the dicom_prep database
 @dataclass(frozen=True)
 class StatusFlags(Options):
     "The flags of `dicom_prep_status`."
-    db: Path = flag(Path('dicom_prep_out/dicom_prep.db'), 'input')  # The dicom_prep database
+    db: Path = flag(Path('dicom_prep_out/dicom_prep.db'), 'input')  # The dicom_prep database, or the output folder holding it
     errors: bool = flag(False, 'output')  # List every failed file with its reason
     csv: Path|None = flag(None, 'output')  # Export the files tracker (path, status, error, ...) to this CSV file
     xlsx: Path|None = flag(None, 'output')  # Write a tracker workbook: a sheet per pipeline and a Summary (needs the [xlsx] extra: pip install 'dicom_prep[xlsx]')
