@@ -17,8 +17,8 @@ from .options import GROUPS, Flag, Options, UsageError, flag
 
 
 # %% auto #0
-__all__ = ['DB_NAME', 'ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run',
-           'cli_finish', 'cli_db', 'follow_up']
+__all__ = ['ScriptFlags', 'cli_parser', 'cli_args', 'options_table', 'cli_error', 'cli_source', 'cli_run', 'cli_finish',
+           'follow_up']
 
 # %% ../nbs/06a_cli.ipynb #e0dd2cb1
 @dataclass(frozen=True)
@@ -155,27 +155,6 @@ def cli_finish(r, # what the run returned (a `console.RunOutcome`)
     if why and not code: print(f"{Path(sys.argv[0]).name}: warning: {why}", file=sys.stderr)
     elif why: cli_error(why, code)
 
-
-# %% ../nbs/06a_cli.ipynb #9023aa4f
-DB_NAME = 'dicom_prep.db'   # a run's database in its output folder
-
-def _is_index(p:Path) -> bool:
-    "True if `p` is an SQLite file whose `meta` table records dicom_prep's schema version (opened read-only: the check changes nothing); another tool's `meta` is not."
-    import sqlite3
-    from contextlib import closing
-    try:
-        with closing(sqlite3.connect(f"{p.absolute().as_uri()}?mode=ro", uri=True)) as c:
-            return c.execute("select 1 from meta where key = 'schema_version'").fetchone() is not None
-    except sqlite3.Error: return False
-
-def cli_db(path, # --db: a database file, or the output folder holding `dicom_prep.db`
-          ) -> Path:
-    "The database a reading console script opens: `path`, or `path/dicom_prep.db` for a folder; `UsageError` when there is none or it is no dicom_prep database."
-    p = Path(path)
-    if p.is_dir(): p = p/DB_NAME
-    if not p.is_file(): raise UsageError(f"No dicom_prep database at {p}")
-    if not _is_index(p): raise UsageError(f"not a dicom_prep database: {p}")
-    return p
 
 # %% ../nbs/06a_cli.ipynb #8d85fc09
 def follow_up(name:str, # its name in the entry-point group `dicom_prep.follow_ups`

@@ -422,15 +422,15 @@ def connect_ro(db_path, # an existing database file
     return conn
 
 def index_file(db, # `--db`: an index, or the folder holding it (FOLDER/dicom_prep.db)
-               kind:str='preprocess', # the pipeline whose outputs it must index
+               kind:str|None='preprocess', # the pipeline whose outputs it must index; None: any dicom_prep database
               ) -> Path:
-    "The index file `db` names, read without writing; `UsageError` unless it is a dicom_prep index with `kind`'s output folder."
-    path = Path(db)/'dicom_prep.db' if Path(db).is_dir() else Path(db)
-    if not path.is_file(): raise UsageError(f"no dicom_prep index at {path}: run dicom_prep_{kind} first, or give --db")
+    "The index file `db` names, read without writing; `UsageError` unless it is a dicom_prep database (with `kind`'s output folder)."
+    path, run = Path(db)/'dicom_prep.db' if Path(db).is_dir() else Path(db), f"a dicom_prep_{kind} run" if kind else "a run"
+    if not path.is_file(): raise UsageError(f"No dicom_prep database at {path}: give the --db {run} wrote")
     try:
-        with closing(connect_ro(path)) as c: ok = get_meta(c, 'schema_version') is not None and get_meta(c, f'{kind}_output_dir') is not None
+        with closing(connect_ro(path)) as c: ok = get_meta(c, 'schema_version') is not None and (not kind or get_meta(c, f'{kind}_output_dir') is not None)
     except sqlite3.DatabaseError: ok = False
-    if not ok: raise UsageError(f"{path} is not a dicom_prep index of a {kind} run: give the --db that dicom_prep_{kind} wrote")
+    if not ok: raise UsageError(f"not a dicom_prep database: {path}" + (f" (no index of {run})" if kind else ''))
     return path
 
 def export_csv(db_path, # the database file

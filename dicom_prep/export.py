@@ -21,12 +21,12 @@ from .options import Options, flag
 from .core import atomic_path, forget_folders, stable_hash
 from .paths import db_file, folder_owner, index_path, inside, mark_owner, owns
 from .privacy import PHI_KEYS, PrivateStateError, attach_private, is_pseudonymised, pseudonym
-from .db import DbLock, database_class, open_index, checkpoint, get_meta, now, open_db, output_dir_of
+from .db import DbLock, database_class, open_index, checkpoint, get_meta, index_file, now, open_db, output_dir_of
 from .options import assign_split, check_split_name, parse_splits
 from .labels import LABEL_RULES, image_labels, orphan_labels
 from .layouts import (MAX_SEGMENT, IndexValueError, dataset_json, image_items, pair_items, segment_names, segment_values, sweep,
                       volume_items, write_files, write_shards)
-from .cli import UsageError, cli_args, cli_db, cli_run
+from .cli import UsageError, cli_args, cli_run
 from .resampled import COPY_OF, one_per_acquisition
 
 # %% auto #0
@@ -444,7 +444,7 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Export the index for training: manifests, image folders, WebDataset shards, image/mask pairs, nnU-Net/MONAI datasets."
     kw, _ = cli_args(ExportFlags, main.__doc__, "dicom_prep_export --db prepared/dicom_prep.db --format webdataset --labels labels.csv --on sop_uid", argv, extra=None)
-    o = ExportFlags(**kw | dict(db=cli_run(lambda: cli_db(kw['db']))))
+    o = ExportFlags(**kw | dict(db=cli_run(lambda: index_file(kw['db'], None))))
     r = cli_run(lambda: export(o.db, o.out, o.format, o.labels, o.on, o.label_column, o.shard_size, o.salt, o.private_state, o.labels_encoding, o.label_rule, o.modality, o.include_4d))
     print(r.summary())
 

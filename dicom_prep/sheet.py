@@ -23,9 +23,9 @@ from fastcore.meta import delegates
 from PIL import Image, ImageDraw, ImageFont
 
 from .core import atomic_path, remove_output, safe_component, stable_hash
-from .db import FINAL_OK, open_index, output_dir_of
+from .db import FINAL_OK, index_file, open_index, output_dir_of
 from .paths import db_file, inside
-from .cli import UsageError, cli_args, cli_db, cli_run
+from .cli import UsageError, cli_args, cli_run
 
 # %% auto #0
 __all__ = ['SAMPLE_UNITS', 'GAP', 'CAPTION_PX', 'HEADER_PX', 'SPLIT_NAMES', 'EmptySelection', 'output_dir', 'sample_key',
@@ -426,5 +426,5 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Draw a contact sheet: a captioned grid of a reproducible sample of the prepared images."
     kw, _ = cli_args(SheetFlags, main.__doc__, "dicom_prep_sheet --db prepared/dicom_prep.db --modality CT --n 32 --out ct.png", argv, extra=None)
-    for line in cli_run(lambda: _draw(SheetFlags(**kw | dict(db=cli_db(kw['db'])))), usage=(FileNotFoundError,), failed=(EmptySelection,)): print(line)
+    for line in cli_run(lambda: _draw(SheetFlags(**kw | dict(db=index_file(kw['db'], None)))), usage=(FileNotFoundError,), failed=(EmptySelection,)): print(line)
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from dataclasses import dataclass
 from .options import Options, flag
 from .core import atomic_path
-from .db import FAILED, connect_ro, export_csv, output_dir_of
+from .db import FAILED, connect_ro, export_csv, index_file, output_dir_of
 from .labels import label_progress
 from .paths import UnsafePath
 from .privacy import private_key, source_id
-from .cli import cli_args, cli_db, cli_run
+from .cli import cli_args, cli_run
 
 # %% auto #0
 __all__ = ['files_reachable', 'status_report', 'failed_files', 'tracker_workbook', 'StatusFlags', 'main']
@@ -158,5 +158,5 @@ def main(argv:list|None=None, # the arguments [default: `sys.argv[1:]`]
         ):
     "Show what a dicom_prep database holds: counts, recent runs and errors."
     kw, _ = cli_args(StatusFlags, main.__doc__, "dicom_prep_status --db prepared/dicom_prep.db --errors --runs 3", argv, extra=None)
-    cli_run(lambda: _report(StatusFlags(**kw | dict(db=cli_db(kw['db'])))), usage=(FileNotFoundError, sqlite3.DatabaseError))
+    cli_run(lambda: _report(StatusFlags(**kw | dict(db=index_file(kw['db'], None)))), usage=(FileNotFoundError, sqlite3.DatabaseError))
 
