@@ -302,7 +302,7 @@ def _private_kept(tag:int, b:bytes, at:int, n:int, creators:dict, owned:dict) ->
     if (offsets := owned.get(tag >> 8)) is None: raise ScanMiss(f"private element {BaseTag(tag)} before its creator")
     return elem & 0xFF in offsets
 
-def _walk(b:bytes, i:int, keep, meta:bool, private:dict={}) -> tuple[dict, int]:
+def _walk(b:bytes, i:int, keep, meta:bool, private:dict|None=None) -> tuple[dict, int]:
     "The raw elements `keep(tag)` (or, in `private`'s groups, `_private_kept`) wants of the dataset (or, `meta`, the file meta group) from `b[i]`, as pydicom would read them; and where it ended."
     out, size, head, vrs, owned = {}, len(b), _HEAD.unpack_from, _VRS, {}
     while i < size:
@@ -312,7 +312,7 @@ def _walk(b:bytes, i:int, keep, meta:bool, private:dict={}) -> tuple[dict, int]:
         else: tag, vr, n, at = _element(b, i)
         if not meta and tag in _PIXELS: return out, i
         if tag >> 16 in (0, 2) and not meta: raise ScanMiss(f"group {tag >> 16:04X} in the dataset")
-        if meta and (n == _UNDEFINED or vr == VR_.SQ): raise ScanMiss(f"a sequence or undefined length in the file meta")
+        if meta and (n == _UNDEFINED or vr == VR_.SQ): raise ScanMiss("a sequence or undefined length in the file meta")
         if n != _UNDEFINED and (i := at + n) > len(b): raise _Short(f"cut short in {BaseTag(tag)}")
         want = meta or (keep(tag) if (g := tag >> 16) not in private else _private_kept(tag, b, at, n, private[g], owned))
         if n == _UNDEFINED:
@@ -354,14 +354,14 @@ HEAD_BYTES = 1 << 16   # the bytes first read for a header: more are read while 
 
 def scan_header(path, # the file
                 keep, # the elements to keep: a function of the tag (an int)
-                private:dict={}, # {group: {creator: element offsets}}: in these groups keep only the creator elements and the offsets listed
+                private:dict|None=None, # {group: {creator: element offsets}}: in these groups keep only the creator elements and the offsets listed
                ) -> QuickDataset:
     "The header of an explicit VR little-endian file as `read_dicom(path, headers_only=True)` reads it, holding only the elements `keep` wants; `ScanMiss` for anything else."
     with open(path, 'rb') as f:
         size, n = os.fstat(f.fileno()).st_size, HEAD_BYTES
         while True:
             f.seek(0); b = f.read(min(n, size))
-            try: return _scan(path, b, keep, private, len(b) >= size)
+            try: return _scan(path, b, keep, private or {}, len(b) >= size)
             except _Short as e:
                 if len(b) >= size: raise ScanMiss(str(e)) from None
                 n *= 8

@@ -97,7 +97,7 @@ def test_kept_tags_cover_what_header_record_reads(corpora):
         try: ds = read_dicom(path, headers_only=True)
         except Exception: continue
         ds._dict = Recording(ds._dict)
-        if isinstance(record(lambda p: ds, path), dict): files += 1
+        if isinstance(record(lambda p, ds=ds: ds, path), dict): files += 1
         for tag in ds._dict.asked:
             if not kept(int(tag)): missing.setdefault(f"{int(tag):08X}", path)
     assert files > 500 and not missing, f"looked up but not kept by the scanner: {missing}"

@@ -150,7 +150,7 @@ def uih_dti(folder, duration_ms=21.):
     for t, p in enumerate(paths):
         ds = pydicom.dcmread(p)
         ds.AcquisitionDate, ds.AcquisitionDuration, ds.ScanningSequence = '20240101', duration_ms, 'EP'
-        for it, s in zip(ds[0x0065, 0x1051].value, (4, 2, 3, 1, 0)): it.AcquisitionTime = f'1352{57 + s:02d}.{t:06d}'
+        for it, s in zip(ds[0x0065, 0x1051].value, (4, 2, 3, 1, 0), strict=True): it.AcquisitionTime = f'1352{57 + s:02d}.{t:06d}'
         ds.save_as(p)
 
 
