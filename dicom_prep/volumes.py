@@ -147,14 +147,14 @@ def _series_candidates(uid, members) -> list[Candidate]:
     members = [Member(m.file, m.frame.moved(echo=None)) if len(tes[m.frame.echo]) > 1 else m for m in members]
     labels = _orientation_labels([m.frame.iop for m in members])
     tri_plane, echo_index, stacks = len(set(labels) - {'none'}) >= 3, _echo_indices(members), defaultdict(list)
-    for m, o in zip(members, labels):
+    for m, o in zip(members, labels, strict=True):
         stacks[f"{m.file.rows}x{m.file.cols}|o={o}|e={_echo(m.frame)}" + (f"|k={m.frame.kind}" if m.frame.kind else '')].append(m)
     vols = []
     for key, stack in stacks.items():
         for label, t in split_time([m.frame for m in stack]):
             split, f0 = f"{key}|t={label}", stack[0].frame
             vols += split_adc(Candidate(stable_hash(f"{uid}|{split}", 16), uid, split, tri_plane, max(t) + 1,
-                                  [Member(m.file, m.frame, ti) for m, ti in zip(stack, t) if ti >= 0], echo_index[f0.kind, _echo(f0)], f0.kind))
+                                  [Member(m.file, m.frame, ti) for m, ti in zip(stack, t, strict=True) if ti >= 0], echo_index[f0.kind, _echo(f0)], f0.kind))
     return vols
 
 VOLUME_KINDS = ('image', 'rtdose')   # object kinds that become volumes: images, and dose grids (dcm2niix converts them too)
