@@ -412,4 +412,4 @@ def import_without(name:str, # the module to import, e.g. 'sqlite_utils'
     finally:
         for m in held: del sys.modules[m]
 
-if console_script(): import_without('pydicom', 'requests')   # a console script never downloads: pydicom's downloader stays unloaded
+if console_script(): import_without('pydicom', 'requests', 'tqdm')   # a console script never downloads: pydicom's downloader and its progress bar stay unloaded

@@ -224,10 +224,10 @@ def conversion_tasks(run:Run, # the open run, after `plan_conversions`
                      deidentify:Deidentify|None=None, # a pseudonymised index's options: what its sidecars may hold
                     ):
     "Yield the `VolumeTask` of each volume in `temp.convert`, reading its row and frames (paths resolved under the source root) when it is its turn."
-    version = dicom_prep.__version__
+    version, folders = dicom_prep.__version__, {}   # folders: each resolved once for the whole pass
     for (vid,) in run.pages('convert', 'id'):
         [v], files = run.db.query('select * from volumes where id = ?', [vid]), list(run.db.query('select * from volume_files where volume_id = ?', [vid]))
-        files = [dict(f, path=str(inside(run.dicom_dir, f['path'], f"volume_files row {vid!r}: path", follow_symlinks))) for f in files]
+        files = [dict(f, path=str(inside(run.dicom_dir, f['path'], f"volume_files row {vid!r}: path", follow_symlinks, folders))) for f in files]
         yield volume_task(v, files, output_file(run.output_dir, v['output_name']), sidecar, version, run.output_dir, deidentify)
 
 

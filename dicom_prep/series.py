@@ -10,11 +10,12 @@ Docs: https://dicom-prep.github.io/dicom_prep/series.html.md"""
 from __future__ import annotations
 import json, math, os, re
 from dataclasses import dataclass, field, fields
+from functools import partial
 import numpy as np
 from .guards import frame_count
 from .read import DicomReadError, object_kind, read_dicom
 from .sources import Found
-from .tags import ScanMiss, keyword_tag, num_value, scan_header, tag_value, text_value, values_unvalidated
+from .tags import ScanMiss, keyword_tag, num_value, scan_header, tag_text, tag_value, text_value, values_unvalidated
 from .vendor import (PRIVATE_READS, csa_image, ge_polarity, maker, mosaic_count, philips_item, slice_order, tile_size,
                      uih_grid_count, vendor_diffusion, vendor_value, xa_value)
 
@@ -268,23 +269,23 @@ def header_record(ds, # a dataset, read without its pixel data
                   **ident, # path, study_id, size, mtime_ns of its file
                  ) -> FileRecord:
     "What series analysis needs from one dataset, with a record per frame (per tile of a Siemens mosaic)."
-    n, enhanced, get, vendor = frame_count(ds), is_enhanced(ds), lambda keyword: tag_value(ds, keyword), maker(ds)
+    n, enhanced, get, text, vendor = frame_count(ds), is_enhanced(ds), partial(tag_value, ds), partial(tag_text, ds), maker(ds)
     csa = csa_image(ds) if vendor == 'Siemens' else {}
     mosaic = mosaic_count(ds, csa) if csa or vendor == 'Siemens' else uih_grid_count(ds, vendor)
     rows, cols = int(get('Rows') or 0), int(get('Columns') or 0)
     has_pixels = bool(rows and cols) and not _pixels_cut(ds, n, rows * cols)
     if mosaic: rows, cols = tile_size(rows, cols, mosaic, vendor)
-    return FileRecord(**ident, series_uid=text_value(get('SeriesInstanceUID')), study_uid=text_value(get('StudyInstanceUID')),
-                      patient_id=text_value(get('PatientID')), modality=text_value(get('Modality')),
-                      series_number=num_value(get('SeriesNumber')), series_description=text_value(get('SeriesDescription')),
-                      protocol_name=text_value(get('ProtocolName')), image_type=[text_value(v) for v in (get('ImageType') or [])],
+    return FileRecord(**ident, series_uid=text('SeriesInstanceUID'), study_uid=text('StudyInstanceUID'),
+                      patient_id=text('PatientID'), modality=text('Modality'),
+                      series_number=num_value(get('SeriesNumber')), series_description=text('SeriesDescription'),
+                      protocol_name=text('ProtocolName'), image_type=[text_value(v) for v in (get('ImageType') or [])],
                       rows=rows, cols=cols, samples=int(get('SamplesPerPixel') or 1), bits=int(get('BitsAllocated') or 0),
                       bits_stored=int(get('BitsStored') or 0), signed=int(get('PixelRepresentation') or 0),
                       ts=text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), has_pixels=has_pixels,
                       enhanced=enhanced, n_frames=n, thickness=num_value(get('SliceThickness')),
                       tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=slice_order(ds, vendor),
-                      phase_dir=phase_axis(get('InPlanePhaseEncodingDirection')), object_kind=object_kind(ds),
-                      frame_of_reference=text_value(get('FrameOfReferenceUID')),
+                      phase_dir=phase_axis(text('InPlanePhaseEncodingDirection')), object_kind=object_kind(ds),
+                      frame_of_reference=text('FrameOfReferenceUID'),
                       frames=_frames(ds, n, enhanced, vendor, csa, mosaic))
 
 HEADER_KEYWORDS = (   # every standard element `header_record` reads (with what it calls): the header scanner keeps these
@@ -296,14 +297,12 @@ HEADER_KEYWORDS = (   # every standard element `header_record` reads (with what 
     'EchoNumbers', 'InstanceNumber', 'FrameAcquisitionDateTime', 'DiffusionBValue', 'DiffusionGradientDirectionSequence',
     'DiffusionGradientOrientation', 'DiffusionDirectionality', 'ComplexImageComponent', 'SpacingBetweenSlices', 'GridFrameOffsetVector',
     *(k for names in FRAME_KEYWORDS.values() for k in names))
-_HEADER_TAGS = frozenset(map(keyword_tag, HEADER_KEYWORDS))
-
-def _kept(tag:int) -> bool: "True for the standard elements `header_record` may read: `HEADER_KEYWORDS`."; return tag in _HEADER_TAGS
+_HEADER_TAGS = frozenset(int(keyword_tag(k)) for k in HEADER_KEYWORDS)   # plain ints: a set of `BaseTag`s compares through Python
 
 def read_header(path, # a file
                ):
     "The header of `path` for `header_record`: by `scan_header` where it can, else by pydicom as `read_dicom` reads it."
-    try: return scan_header(path, _kept, PRIVATE_READS)   # of vendor's private groups, only the elements it reads
+    try: return scan_header(path, _HEADER_TAGS.__contains__, PRIVATE_READS)   # of vendor's private groups, only the elements it reads
     except (ScanMiss, OSError): return read_dicom(path, headers_only=True)   # pydicom reads it, or says why not
 
 def read_headers(item:Found|tuple, # the file: a `Found`, or `(path, study, size, mtime_ns)` (an `Entry` of a source)

@@ -29,9 +29,9 @@ from pydicom.values import convert_value
 from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR as VR_
 
 # %% auto #0
-__all__ = ['HEAD_BYTES', 'values_unvalidated', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta', 'quick',
-           'element_value', 'raw_texts', 'text_numbers', 'raw_value', 'num_value', 'text_value', 'tag_value',
-           'frame_group', 'first_number', 'transfer_syntax', 'ScanMiss', 'scan_header']
+__all__ = ['HEAD_BYTES', 'values_unvalidated', 'one_tag', 'keyword_tag', 'QuickKeywords', 'QuickDataset', 'QuickFileMeta',
+           'quick', 'element_value', 'raw_texts', 'text_numbers', 'raw_value', 'num_value', 'text_value', 'tag_value',
+           'tag_text', 'frame_group', 'first_number', 'transfer_syntax', 'ScanMiss', 'scan_header']
 
 # %% ../nbs/02b_tags.ipynb #74dac8ce
 @contextmanager
@@ -43,12 +43,20 @@ def values_unvalidated():
     finally: settings.reading_validation_mode = old
 
 # %% ../nbs/02b_tags.ipynb #dda32be0
+_ONE_TAG = {}   # tag number → its one `BaseTag`
+
+def one_tag(t:int, # a tag number, e.g. 0x00280010
+           ) -> BaseTag:
+    "The one `BaseTag` of tag number `t`: dict keys made by it match by identity, without pydicom's Python-level `BaseTag.__eq__`."
+    if (tag := _ONE_TAG.get(t)) is None: tag = _ONE_TAG[t] = BaseTag(t)
+    return tag
+
 @lru_cache(maxsize=None)
 def keyword_tag(name:str, # a DICOM keyword, e.g. 'Rows'
                ) -> BaseTag|None:
     "The tag of DICOM keyword `name` (looked up once), or None for any other name."
     tag = tag_for_keyword(name)
-    return None if tag is None else BaseTag(tag)
+    return None if tag is None else one_tag(tag)
 
 _FULL_PATH_VRS = {VR_.SQ, VR_.UN} | AMBIGUOUS_VR      # elements pydicom's `__getitem__` must convert itself
 _FULL_PATH_TAGS = frozenset(map(keyword_tag, ('SpecificCharacterSet', 'LUTDescriptor', 'RedPaletteColorLookupTableDescriptor',
@@ -185,7 +193,7 @@ def text_value(v, # a DICOM value
 @lru_cache(maxsize=None)
 def _tag_info(keyword) -> tuple:
     "(tag, is a decimal/integer string) of a keyword."
-    return Tag(keyword), dictionary_VR(keyword) in ('DS', 'IS')
+    return keyword_tag(keyword) or Tag(keyword), dictionary_VR(keyword) in ('DS', 'IS')
 
 def _group_items(groups):
     "First item of every sequence in one functional-groups item (the groups it holds)."
@@ -194,11 +202,16 @@ def _group_items(groups):
         seq = elem.value if isinstance(elem.value, Sequence) else groups[elem.tag].value
         if isinstance(seq, Sequence) and seq: yield seq[0]
 
-_PER_FRAME, _SHARED, _DETECTOR = (Tag(k) for k in ('PerFrameFunctionalGroupsSequence', 'SharedFunctionalGroupsSequence',
+_PER_FRAME, _SHARED, _DETECTOR = (keyword_tag(k) for k in ('PerFrameFunctionalGroupsSequence', 'SharedFunctionalGroupsSequence',
                                                      'DetectorInformationSequence'))
 
 def _places(ds, frame):
-    "Where an attribute of frame `frame` may be, in lookup order."
+    "Where an attribute of frame `frame` may be, in lookup order: a classic file's top level alone, without a generator."
+    d = ds._dict
+    return _nested_places(ds, frame) if _PER_FRAME in d or _SHARED in d or _DETECTOR in d else (ds,)
+
+def _nested_places(ds, frame):
+    "Where an attribute of frame `frame` of a file with functional groups or a detector sequence may be, in lookup order."
     for tag, i in ((_PER_FRAME, frame), (_SHARED, 0)):
         if tag in ds and (groups := ds[tag].value) and i < len(groups): yield from _group_items(groups[i])
     yield ds
@@ -212,11 +225,22 @@ def tag_value(ds, # a dataset
              ):
     "Value of `keyword` in frame `frame`'s functional groups, else the shared ones, else the top level, else the detector's; or None."
     tag, numeric_text = _tag_info(keyword)
-    for place in _places(ds, frame):
-        if (elem := place.get_item(tag)) is None: continue
-        if fast and numeric_text and isinstance(elem.value, bytes): return elem.value.decode('ascii', 'replace').strip(' \x00').split('\\')
-        return element_value(place, tag)
-    return None
+    if (place := _place_of(ds, tag, frame)) is None: return None
+    if fast and numeric_text and isinstance(v := place._dict[tag].value, bytes): return v.decode('ascii', 'replace').strip(' \x00').split('\\')
+    return element_value(place, tag)
+
+def _place_of(ds, tag, frame):
+    "The first of `_places(ds, frame)` that holds `tag`, or None."
+    return next((place for place in _places(ds, frame) if tag in place._dict), None)
+
+def tag_text(ds, # a dataset
+             keyword:str, # a text keyword, e.g. 'SeriesInstanceUID'
+             frame:int=0, # the frame whose per-frame functional groups are searched
+            ) -> str:
+    "`text_value(tag_value(ds, keyword, frame))`, read from the element's raw bytes when they hold one plain ASCII value."
+    if (place := _place_of(ds, tag := _tag_info(keyword)[0], frame)) is None: return ''
+    if (got := raw_texts(place, keyword)) and len(got[1]) == 1: return got[1][0].strip()
+    return text_value(element_value(place, tag))
 
 # %% ../nbs/02b_tags.ipynb #1957849b
 def frame_group(ds, # a dataset
@@ -318,7 +342,7 @@ def _walk(b:bytes, i:int, keep, meta:bool, private:dict|None=None) -> tuple[dict
         if n == _UNDEFINED:
             if vr != VR_.SQ or want: raise ScanMiss(f"undefined length element {BaseTag(tag)}")
             i = _skip_sequence(b, at, 0); continue
-        if want: out[t] = _raw((t := BaseTag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
+        if want: out[t] = _raw((t := one_tag(tag), vr, n, b[at:i] if n else empty_value_for_VR(vr, raw=True), at, False, True, True, False))
     return out, i
 
 # %% ../nbs/02b_tags.ipynb #8c4ccfb1

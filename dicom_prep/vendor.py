@@ -13,8 +13,7 @@ from __future__ import annotations
 import gzip, math, re, warnings, zlib
 from functools import lru_cache
 import numpy as np
-from pydicom.tag import Tag
-from .tags import element_value, num_value, text_value
+from .tags import element_value, num_value, one_tag, text_value
 
 # %% auto #0
 __all__ = ['MAKERS', 'UIH', 'XA_SDI', 'PRIVATE_TAGS', 'PRIVATE_READS', 'PRIVATE_GROUPS', 'maker', 'csa_image', 'private_value',
@@ -51,7 +50,7 @@ def csa_image(ds, # a dataset
 @lru_cache(maxsize=None)
 def _creator_tags(group) -> tuple:
     "The tags (gggg,0010)–(gggg,00FF) where private creators of `group` may be."
-    return tuple(Tag(group, b) for b in range(0x10, 0x100))
+    return tuple(one_tag(group << 16 | b) for b in range(0x10, 0x100))
 
 def _scan_owners(ds, group) -> tuple[tuple, dict]:
     "(the creator elements of `group`, {creator: its first block}), looked for until 16 blocks in a row are free."
@@ -79,7 +78,7 @@ def private_value(ds, # a dataset (or a sequence item)
                  ):
     "The value of a private element found by its creator, or None (creators are looked for until 16 blocks in a row are free)."
     if (block := _owners(ds, group).get(creator)) is None: return None
-    return element_value(ds, Tag(group, block << 8 | offset))
+    return element_value(ds, one_tag(group << 16 | block << 8 | offset))
 
 UIH, XA_SDI = 'Image Private Header', 'SIEMENS MR SDI 02'   # the private creators of UIH's (0065,xx) and Siemens XA's (0021,11xx) elements
 _GE_PARM, _GE_ACQU, _PH_IMG, _PH_MR = 'GEMS_PARM_01', 'GEMS_ACQU_01', 'Philips Imaging DD 001', 'Philips MR Imaging DD 001'
