@@ -19,7 +19,7 @@ from .paths import inside
 from .read import DicomReadError
 from .annotations import AnnotationError
 from .maskstage import ANNOTATION_KINDS, MaskResult, MaskTargets, MaskTask, TargetInputs, paint_task, source_planes
-from .niftiwrite import SEG_SUFFIX, gzip_bytes, nifti_image
+from .niftiwrite import SEG_SUFFIX, nifti_image, write_nii_gz
 
 # %% auto #0
 __all__ = ['VOLUME_TARGETS', 'VolumeRef', 'volume_inputs', 'seg_file', 'paint_volume', 'write_volume_masks']
@@ -77,7 +77,7 @@ def paint_volume(task:MaskTask, # a volume's task (its payload: a `VolumeRef`)
     out = Path(task.output_dir)
     dest = inside(out, seg_file(ref.out), f"volumes row {ref.id!r}: output_path", within='nifti')
     img = nifti_image(np.ascontiguousarray(stack[:, ::-1].transpose(2, 1, 0)), np.array(ref.affine))    # as `convert_volume` lays out its voxels
-    with atomic_path(dest, out) as tmp: tmp.write_bytes(gzip_bytes(img.to_bytes()))
+    with atomic_path(dest, out) as tmp: write_nii_gz(tmp, img)
     return MaskResult(task.target, 'ok', None, rows, {ref.id: str(dest.relative_to(out))})
 
 def write_volume_masks(db, # the run's database

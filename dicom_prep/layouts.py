@@ -223,11 +223,11 @@ def write_label(i:Item, # a label file to rewrite (`i.remap`)
         with atomic_path(dest, out_dir) as tmp: Image.fromarray(a).save(tmp, format='PNG')
         return
     import nibabel as nib
-    from dicom_prep.niftiwrite import gzip_bytes
+    from dicom_prep.niftiwrite import write_nii_gz
     img = nib.load(i.path)
     a = remap_labels(np.asanyarray(img.dataobj), i.remap, str(i.path))
     header = img.header.copy(); header.set_data_dtype(a.dtype)
-    with atomic_path(dest, out_dir) as tmp: tmp.write_bytes(gzip_bytes(nib.Nifti1Image(a, img.affine, header).to_bytes()))
+    with atomic_path(dest, out_dir) as tmp: write_nii_gz(tmp, nib.Nifti1Image(a, img.affine, header))
 
 # %% ../nbs/12a_layouts.ipynb #d751e9b1
 def pair_items(df:pd.DataFrame, # images with a mask, its absolute path in `mask`

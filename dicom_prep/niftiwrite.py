@@ -9,8 +9,7 @@ Docs: https://dicom-prep.github.io/dicom_prep/niftiwrite.html.md"""
 
 # %% ../nbs/10_niftiwrite.ipynb #796c368a
 from __future__ import annotations
-import json, math, os, struct, zlib
-from concurrent.futures import ThreadPoolExecutor
+import json, math, os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,10 +24,10 @@ from .series import phase_axis
 if TYPE_CHECKING: import nibabel as nib   # imported where an image is made: a run that writes nothing never loads it
 
 # %% auto #0
-__all__ = ['SLICE_CODES', 'GZIP_CHUNK', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS',
-           'NAME_FIELDS', 'rescaled', 'nifti_image', 'slice_code', 'gzip_bytes', 'uncompressed_frames', 'SourceFrame',
-           'Grid', 'VolumeTask', 'volume_task', 'written_files', 'resample_stack', 'Converted', 'convert_volume',
-           'name_fields', 'render_name', 'unique_name', 'output_file']
+__all__ = ['SLICE_CODES', 'SEG_SUFFIX', 'DEFAULT_TEMPLATE', 'PSEUDONYMOUS_TEMPLATE', 'FREE_TEXT_FIELDS', 'NAME_FIELDS',
+           'rescaled', 'nifti_image', 'slice_code', 'write_nii_gz', 'uncompressed_frames', 'SourceFrame', 'Grid',
+           'VolumeTask', 'volume_task', 'written_files', 'resample_stack', 'Converted', 'convert_volume', 'name_fields',
+           'render_name', 'unique_name', 'output_file']
 
 # %% ../nbs/10_niftiwrite.ipynb #ad628ebd
 def _compact(raw) -> np.ndarray:
@@ -80,22 +79,13 @@ def slice_code(times, # each slice's acquisition time, in the written order
     return next((c + 1 for c, p in enumerate(codes) if order == p), 0)
 
 # %% ../nbs/10_niftiwrite.ipynb #8623da21
-GZIP_CHUNK = 1 << 22   # bytes; smaller data are compressed in one piece
-
-def gzip_bytes(data, # the bytes to compress
-               level:int=1, # zlib level (nibabel's default)
-               threads:int|None=None, # parallel threads [default: up to 4, one per CPU]
-               strategy:int=zlib.Z_RLE, # zlib strategy: run-length matches only (zlib.Z_DEFAULT_STRATEGY: full LZ77 search)
-              ) -> bytes:
-    "`data` as one gzip member whose deflate blocks were compressed by parallel threads."
-    view, n = memoryview(data), threads or min(4, os.cpu_count() or 1)
-    step = max(GZIP_CHUNK, -(-len(view) // n))
-    chunks = [view[i:i + step] for i in range(0, len(view), step)] or [view]
-    def deflate(k):
-        c = zlib.compressobj(level, zlib.DEFLATED, -15, 8, strategy)
-        return c.compress(chunks[k]) + c.flush(zlib.Z_FINISH if k == len(chunks) - 1 else zlib.Z_SYNC_FLUSH)
-    with ThreadPoolExecutor(min(n, len(chunks))) as ex: body = b''.join(ex.map(deflate, range(len(chunks))))
-    return b'\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff' + body + struct.pack('<II', zlib.crc32(view), len(view) & 0xffffffff)
+def write_nii_gz(path, # the .nii.gz to write (under `core.atomic_path`, its temporary)
+                 img, # a nibabel image
+                 threads:int|None=None, # compressing threads [default: up to 4, one per CPU]
+                ):
+    "Write `img` to `path` gzipped: one gzip member whose blocks ISA-L deflated at level 1 in parallel threads."
+    from isal import igzip_threaded
+    with igzip_threaded.open(os.fspath(path), 'wb', compresslevel=1, threads=threads or min(4, os.cpu_count() or 1)) as f: f.write(img.to_bytes())
 
 # %% ../nbs/10_niftiwrite.ipynb #fa27f94b
 _UNCOMPRESSED = {'1.2.840.10008.1.2': ('<', 8), '1.2.840.10008.1.2.1': ('<', 12), '1.2.840.10008.1.2.2': ('>', 12)}
@@ -317,7 +307,7 @@ def convert_volume(task:VolumeTask, # the volume to write
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)
         img = nifti_image(data, np.array(task.affine), slope, inter, task.tr, *_order(task, ds))
-        with atomic_path(out, task.root) as tmp: tmp.write_bytes(gzip_bytes(img.to_bytes()))
+        with atomic_path(out, task.root) as tmp: write_nii_gz(tmp, img)
         side = _write_sidecar(task, out, ds) if task.sidecar else None
         if not side: remove_output(_beside(out, '.json'), task.root)   # one left by an earlier conversion would describe other data
         _write_diffusion(task, out)
