@@ -254,11 +254,13 @@ _NATIVE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2')
 
 
 
-def _pixels_cut(ds, n, pixels) -> bool:
-    "True when an uncompressed file is too small to hold its pixel data (a header-only file): nothing to convert."
-    ts, bits = text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), int(tag_value(ds, 'BitsAllocated') or 0)
-    if ts not in _NATIVE or not isinstance(getattr(ds, 'filename', None), str) or not os.path.isfile(ds.filename): return False
-    return os.path.getsize(ds.filename) < n * pixels * int(tag_value(ds, 'SamplesPerPixel') or 1) * bits // 8
+def _pixels_cut(ds, nbytes:int, ts:str, size:int|None=None) -> bool:
+    "True when an uncompressed file (of `size` bytes; None: looked up) is too small for its `nbytes` of pixel data (a header-only file)."
+    if ts not in _NATIVE: return False
+    if size is None:
+        if not isinstance(f := getattr(ds, 'filename', None), str) or not os.path.isfile(f): return False
+        size = os.path.getsize(f)
+    return size < nbytes
 
 def is_enhanced(ds, # a dataset
                ) -> bool:
@@ -272,16 +274,17 @@ def header_record(ds, # a dataset, read without its pixel data
     n, enhanced, get, text, vendor = frame_count(ds), is_enhanced(ds), partial(tag_value, ds), partial(tag_text, ds), maker(ds)
     csa = csa_image(ds) if vendor == 'Siemens' else {}
     mosaic = mosaic_count(ds, csa) if csa or vendor == 'Siemens' else uih_grid_count(ds, vendor)
-    rows, cols = int(get('Rows') or 0), int(get('Columns') or 0)
-    has_pixels = bool(rows and cols) and not _pixels_cut(ds, n, rows * cols)
+    rows, cols, samples, bits = int(get('Rows') or 0), int(get('Columns') or 0), int(get('SamplesPerPixel') or 1), int(get('BitsAllocated') or 0)
+    ts = text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None))
+    has_pixels = bool(rows and cols) and not _pixels_cut(ds, n * rows * cols * samples * bits // 8, ts, ident.get('size') or None)   # size 0: unknown
     if mosaic: rows, cols = tile_size(rows, cols, mosaic, vendor)
     return FileRecord(**ident, series_uid=text('SeriesInstanceUID'), study_uid=text('StudyInstanceUID'),
                       patient_id=text('PatientID'), modality=text('Modality'),
                       series_number=num_value(get('SeriesNumber')), series_description=text('SeriesDescription'),
                       protocol_name=text('ProtocolName'), image_type=[text_value(v) for v in (get('ImageType') or [])],
-                      rows=rows, cols=cols, samples=int(get('SamplesPerPixel') or 1), bits=int(get('BitsAllocated') or 0),
+                      rows=rows, cols=cols, samples=samples, bits=bits,
                       bits_stored=int(get('BitsStored') or 0), signed=int(get('PixelRepresentation') or 0),
-                      ts=text_value(getattr(ds.get('file_meta'), 'TransferSyntaxUID', None)), has_pixels=has_pixels,
+                      ts=ts, has_pixels=has_pixels,
                       enhanced=enhanced, n_frames=n, thickness=num_value(get('SliceThickness')),
                       tr=num_value(get('RepetitionTime')), manufacturer=vendor, mosaic=mosaic, slice_order=slice_order(ds, vendor),
                       phase_dir=phase_axis(text('InPlanePhaseEncodingDirection')), object_kind=object_kind(ds),

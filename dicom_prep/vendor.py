@@ -56,7 +56,7 @@ def _scan_owners(ds, group) -> tuple[tuple, dict]:
     "(the creator elements of `group`, {creator: its first block}), looked for until 16 blocks in a row are free."
     found, owners, free = [], {}, 0
     for block, tag in enumerate(_creator_tags(group), 0x10):
-        if (c := ds.get_item(tag)) is None:
+        if (c := ds._dict.get(tag)) is None:
             if (free := free + 1) >= 16: break
             continue
         free = 0; found.append((tag, c))
