@@ -4,7 +4,8 @@ Three folders: dcm_qa_nih (608 files in ../shared: GE EPI and Siemens mosaics; s
 DWI series (--volumes × --slices single-frame 112² files, 51 × 54 = 2,754 by default) and a 5-file folder (5 enhanced
 multi-frame MR files of 24 frames of 64²); the last two are written once under bench/_work. Each round runs, in turns and
 each into a fresh output folder: `dicom_prep_nifti --sidecar` with 1 and 2 workers, `dcm2niix -z y -b y`, and
-`dcm2niix -z y -1 -b y` (gzip level 1: the effort dicom_prep spends). A ratio is dicom_prep's wall time over dcm2niix's in
+`dcm2niix -z y -1 -b y` (gzip level 1: the effort dicom_prep spends), both launched from the same bin folder (pip's
+console scripts, never a shim found in PATH); and, as the floor, a Python that only imports pydicom. A ratio is dicom_prep's wall time over dcm2niix's in
 the same round (interleaved pairs, so the shared machine's drift hits both); the median over --rounds is printed against
 the issue's targets for 1 worker and `-z y`: dcm_qa_nih ≤ 1.5×, Philips ≤ 1.0×, the 5-file folder ≤ 3×.
 
@@ -20,6 +21,7 @@ from dicom_prep.synth import item, synth_enhanced, synth_series
 WORK = Path(__file__).resolve().parent/'_work'
 QA = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'dcm_qa_nih'/'In'
 TARGETS = {'dcm_qa_nih': 1.5, 'Philips': 1.0, '5 files': 3.0}   # dicom_prep 1 worker / dcm2niix -z y
+FLOOR = "import sys; sys.modules.update(requests=None, tqdm=None); import pydicom"   # the least a console script reading DICOM with pydicom pays (ours hold these two out too)
 ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONDONTWRITEBYTECODE'}   # as installed: our modules load from bytecode
 
 
@@ -51,10 +53,12 @@ def five_enhanced(dest:Path):
 def commands(script:str, baseline:str|None) -> dict:
     "name → argument list before `(src, out)` are placed: dicom_prep with 1 and 2 workers (and the baseline's), dcm2niix twice."
     ours = lambda s, w: [s, '--sidecar', '--workers', str(w), '--dicom-dir', '{src}', '--output-dir', '{out}']
-    cmds = {'dicom_prep 1 worker': ours(script, 1), 'dicom_prep 2 workers': ours(script, 2)}
+    cmds = {'dicom_prep 1 worker': ours(script, 1), 'dicom_prep 2 workers': ours(script, 2),
+            'import pydicom': [sys.executable, '-c', FLOOR]}
     if baseline: cmds |= {'baseline 1 worker': ours(baseline, 1), 'baseline 2 workers': ours(baseline, 2)}
-    return cmds | {'dcm2niix -z y': ['dcm2niix', '-z', 'y', '-b', 'y', '-o', '{out}', '{src}'],
-                   'dcm2niix -z y -1': ['dcm2niix', '-z', 'y', '-1', '-b', 'y', '-o', '{out}', '{src}']}
+    d2n = str(Path(script).with_name('dcm2niix')) if Path(script).with_name('dcm2niix').exists() else 'dcm2niix'   # launched as ours is
+    return cmds | {'dcm2niix -z y': [d2n, '-z', 'y', '-b', 'y', '-o', '{out}', '{src}'],
+                   'dcm2niix -z y -1': [d2n, '-z', 'y', '-1', '-b', 'y', '-o', '{out}', '{src}']}
 
 
 def timed(cmd:list, src:Path, out:Path) -> tuple[float, int]:
