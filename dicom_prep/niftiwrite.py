@@ -258,12 +258,14 @@ def resample_stack(slices:np.ndarray, # source slices (n, rows, cols), sorted al
                    grid:Grid, # the grid
                    fill:float=0., # the value of voxels outside the source slab
                   ) -> np.ndarray:
-    "The slices interpolated onto `grid`: (grid.slices, grid.rows, grid.cols), float."
-    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets)])
-    p, pos = grid.first + grid.step * np.arange(grid.slices), np.asarray(positions, float)
-    i = np.clip(np.searchsorted(pos, p + 1e-6, side='right') - 1, 0, len(pos) - 2)
-    w = np.clip((p - pos[i]) / (pos[i + 1] - pos[i]), 0, 1)[:, None, None]
-    return placed[i] * (1 - w) + placed[i + 1] * w
+    "The slices interpolated onto `grid` as dcm2niix's `_Eq` does it, in single precision from the first slice: (grid.slices, grid.rows, grid.cols), float32."
+    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets)]).astype(np.float32)
+    pos = (np.asarray(positions, float) - positions[0]).astype(np.float32)            # each slice's distance from the first
+    p = np.arange(grid.slices, dtype=np.float32) * np.float32(grid.step) + np.float32(grid.first - positions[0])
+    hi = np.minimum(np.searchsorted(pos, p), len(pos) - 1); lo = np.maximum(hi - 1, 0)   # the first slice at or past p, and the one before
+    span, upper = pos[hi] - pos[lo], (pos[hi] == pos[lo]) | (p > pos[hi])              # at or past the last slice: that slice
+    w = np.where(upper, np.float32(1), (p - pos[lo]) / np.where(upper, np.float32(1), span))[:, None, None]
+    return placed[lo] * (np.float32(1) - w) + placed[hi] * w
 
 def _padding(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> float:
     "What voxels outside the source slab hold, as dcm2niix fills them: the series' PixelPaddingValue (in `ds`), else the darkest voxel."
@@ -277,7 +279,8 @@ def _resampled(data:np.ndarray, task:VolumeTask, stored:bool, ds) -> np.ndarray:
                                    [(s.row_offset, s.col_offset) for s in task.frames[t * n:(t + 1) * n]], task.grid, fill)
                     for t in range(data.shape[0])])
     if not np.issubdtype(data.dtype, np.integer): return out.astype(data.dtype)
-    return np.rint(out).clip(np.iinfo(data.dtype).min, np.iinfo(data.dtype).max).astype(data.dtype)
+    out = out.astype(float); out = np.copysign(np.floor(np.abs(out) + 0.5), out)   # halves away from zero, as C's round()
+    return out.clip(np.iinfo(data.dtype).min, np.iinfo(data.dtype).max).astype(data.dtype)
 
 # %% ../nbs/10_niftiwrite.ipynb #cc23c374
 @dataclass

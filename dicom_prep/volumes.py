@@ -301,12 +301,13 @@ def resample_grid(g:Geometry, # the stack's geometry
     d, rel = np.asarray(ipp) @ normal, np.asarray(ipp) - ipp[0]
     steps = np.diff(d)[np.diff(d) >= POS_TOL]
     step = float(steps.min()) if irregular else (d[-1] - d[0]) / (len(d) - 1)
+    if (n := int(round((d[-1] - d[0]) / step)) + 1) > 2 * len(d): n, step = 2 * len(d), float(np.float32(d[-1] - d[0]) / np.float32(2 * len(d) - 1))   # dcm2niix's cap, in its single precision
     off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1)          # in-plane offsets (rows, columns) from the first slice
     lo, hi = off.min(0), off.max(0)
     origin = ipp[0] + lo[0] * ps[0] * col + lo[1] * ps[1] * row
     lps = np.eye(4); lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * ps[1], col * ps[0], normal * step, origin
     grid = dict(kind='+'.join(k for k, on in (('tilt', tilted), ('spacing', irregular)) if on), rows=rows + int(np.ceil(hi[0] - lo[0] - 1e-6)),
-                cols=cols + int(np.ceil(hi[1] - lo[1] - 1e-6)), slices=int(round((d[-1] - d[0]) / step)) + 1, first=float(d[0]), step=float(step),
+                cols=cols + int(np.ceil(hi[1] - lo[1] - 1e-6)), slices=n, first=float(d[0]), step=float(step),
                 origin=[float(x) for x in origin])
     return grid, LPS_TO_RAS @ lps
 

@@ -90,9 +90,11 @@ def test_resample_fills_outside_the_slab_as_dcm2niix(intercept, pad, tmp_path):
     assert (a[:, :uncovered, 0] == fill).all() and (b[:, :uncovered, 0] == fill).all()
 
 
+@needs_dcm2niix
 def test_spacing_change_verdict_names_it_and_resample_converts_it(tmp_path):
     """A GE-like series, 4.22 mm apart, one 1.14 mm step, then 7.38 mm apart: nothing is missing, the spacing changes,
-    and the verdict says where; --resample (the way out it names) writes it."""
+    and the verdict says where; --resample (the way out it names) writes it as dcm2niix's `_Eq_` copy: 58 slices, twice
+    the 29 it has, 2.74 mm apart (not 138 at the 1.14 mm step), the same voxels and affine."""
     zs = [4.22 * k for k in range(15)] + [4.22 * 14 + 1.14 + 7.38 * k for k in range(14)]
     synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in zs])
     r, mine = ours(tmp_path/'src', tmp_path/'plain')
@@ -100,7 +102,11 @@ def test_spacing_change_verdict_names_it_and_resample_converts_it(tmp_path):
     [reason] = [v['reason'] for v in open_db(tmp_path/'plain'/'dicom_prep.db')['volumes'].rows]
     assert reason == 'spacing changes from 4.22 to 7.38 mm at slice 15 (--resample writes it on an equidistant grid)'
     r, [vol] = ours(tmp_path/'src', tmp_path/'resampled', resample=True)
-    assert r.verdicts == {'ok': 1} and nib.load(vol).header.get_zooms()[2] == pytest.approx(1.14, abs=1e-4)
+    a, theirs = nib.load(vol), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
+    assert r.verdicts == {'ok': 1} and a.shape == theirs.shape == (4, 6, 58)
+    assert a.header.get_zooms()[2] == pytest.approx(theirs.header.get_zooms()[2], abs=1e-4) == pytest.approx(156.16 / 57, abs=1e-4)
+    assert np.array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj))
+    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-4)
 
 
 def siemens_xa(path, frame_times=(500, 1500, 0, 1000), pe_positive=1, bandwidth_pe=27.778):
