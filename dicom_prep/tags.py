@@ -178,11 +178,17 @@ def num_value(v, # a DICOM value: number, text, raw text parts or a multi-value
               n:int=0, # 0: one number (the first of a multi-value); else the length of the vector wanted
              ):
     "A finite float (or with `n` a tuple of `n` finite floats) from a DICOM value; None when absent or malformed."
-    if not n and isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
-    try: t = tuple(float(x) for x in (v if n else [v]))
+    if n: return _numbers(v, n)
+    if isinstance(v, (list, tuple, MultiValue)): v = v[0] if len(v) else None
+    try: x = float(v)
     except (TypeError, ValueError): return None
-    if len(t) != max(n, 1) or not all(map(math.isfinite, t)): return None
-    return t if n else t[0]
+    return x if math.isfinite(x) else None
+
+def _numbers(v, n:int) -> tuple|None:
+    "A tuple of `n` finite floats from multi-value `v`, or None."
+    try: t = tuple(float(x) for x in v)
+    except (TypeError, ValueError): return None
+    return t if len(t) == n and all(map(math.isfinite, t)) else None
 
 def text_value(v, # a DICOM value
               ) -> str:
@@ -231,7 +237,8 @@ def tag_value(ds, # a dataset
 
 def _place_of(ds, tag, frame):
     "The first of `_places(ds, frame)` that holds `tag`, or None."
-    return next((place for place in _places(ds, frame) if tag in place._dict), None)
+    if type(places := _places(ds, frame)) is tuple: return ds if tag in ds._dict else None   # a classic file: no generator
+    return next((place for place in places if tag in place._dict), None)
 
 def tag_text(ds, # a dataset
              keyword:str, # a text keyword, e.g. 'SeriesInstanceUID'
