@@ -81,16 +81,28 @@ def _same_instance(got:Path, original:Path, byte_identical:bool):
     assert [e for e in a if e.tag != padding] == [e for e in b if e.tag != padding]
 
 
+REACTOR_RACE = 'service message'   # pynetdicom's "Received unexpected C-FIND service message": its association thread took the answer
+
+
+def _fetch_once_more_after_the_reactor_race(src, path:str, dest, caplog) -> bool:
+    """`src.fetch(path, dest)`; tried once more only when it timed out because pynetdicom's association thread took the
+    answer meant for the request (an upstream race under load, pydicom/pynetdicom#875); True when it was."""
+    try: src.fetch(path, dest); return False
+    except TimeoutError:
+        if not any(REACTOR_RACE in r.getMessage() for r in caplog.records): raise
+        src.fetch(path, dest); return True
+
+
 @pytest.mark.parametrize('kind', SOURCES)
-def test_fetch_gives_the_stored_instance_and_counts_requests(orthanc, kind, tmp_path):
-    with SOURCES[kind](orthanc) as src:                            # closing it ends the connections its threads left open
+def test_fetch_gives_the_stored_instance_and_counts_requests(orthanc, kind, tmp_path, caplog):
+    with SOURCES[kind](orthanc, timeout=10) as src:                # closing it ends the connections its threads left open
         entries = list(src.entries())
         listed = src.requests
         assert listed >= 1 + 2 * len({e.study for e in entries})    # studies, then per study its series and their instances
         with ThreadPoolExecutor(3) as pool:      # fetch is called from several threads at once (fewer than the test Orthanc's DICOM threads: no retry here)
-            list(pool.map(lambda e: src.fetch(e.path, tmp_path/Path(e.path).name), entries))
+            again = any([*pool.map(lambda e: _fetch_once_more_after_the_reactor_race(src, e.path, tmp_path/Path(e.path).name, caplog), entries)])
     per_fetch = 1 if kind == 'dicomweb' else 2                    # DIMSE: a C-FIND for the SOP class, then the C-GET
-    assert src.requests == listed + per_fetch * len(entries)
+    assert src.requests == listed + per_fetch * len(entries) or again and src.requests > listed + per_fetch * len(entries)
     for e in entries: _same_instance(tmp_path/Path(e.path).name, orthanc.originals[e.path], byte_identical=kind == 'dicomweb')
 
 
