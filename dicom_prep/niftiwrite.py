@@ -225,12 +225,16 @@ def written_files(out, # a volume's .nii.gz
 
 def _first_frame(task:VolumeTask) -> int: return 0 if task.frames[0].mosaic else task.frames[0].frame   # in its file's header
 
-def _write_sidecar(task:VolumeTask, out:Path, ds) -> Path:
-    "Write the JSON sidecar of `task` (`ds`: its first file's header) next to `out`; its path."
+def _sidecar_text(task:VolumeTask, ds) -> str:
+    "The JSON sidecar of `task` (`ds`: its first file's header)."
+    return json.dumps(sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing,
+                              task.deidentify, task.echoes), indent=2)
+
+def _write_sidecar(task:VolumeTask, out:Path, text:str|None) -> Path|None:
+    "Write sidecar `text` next to `out` (its path), or remove one an earlier conversion left (it would describe other data)."
     side = _beside(out, '.json')
-    meta = sidecar(ds, task.orientation, task.version, _first_frame(task), (task.rows, task.cols), task.slice_timing, task.deidentify,
-                   task.echoes)
-    with atomic_path(side, task.root) as tmp: tmp.write_text(json.dumps(meta, indent=2))
+    if text is None: remove_output(side, task.root); return None
+    with atomic_path(side, task.root) as tmp: tmp.write_text(text)
     return side
 
 def _write_diffusion(task:VolumeTask, out:Path):
@@ -306,13 +310,13 @@ def convert_volume(task:VolumeTask, # the volume to write
         data, slope, inter = rescaled(raw, [s.slope for s in task.frames], [s.inter for s in task.frames])
         data = data.reshape(task.n_timepoints, -1, *data.shape[1:])
         if task.grid: data = _resampled(data, task, (slope, inter) != (1., 0.), ds)
+        text = _sidecar_text(task, ds) if task.sidecar else None        # before the image: a header it cannot describe leaves no file
         data = data[:, :, ::-1].transpose(3, 2, 1, 0)                 # rows bottom-up
         if data.shape[3] == 1: data = data[..., 0]
         out = Path(task.out)
         img = nifti_image(data, np.array(task.affine), slope, inter, task.tr, *_order(task, ds))
         with atomic_path(out, task.root) as tmp: write_nii_gz(tmp, img)
-        side = _write_sidecar(task, out, ds) if task.sidecar else None
-        if not side: remove_output(_beside(out, '.json'), task.root)   # one left by an earlier conversion would describe other data
+        side = _write_sidecar(task, out, text)
         _write_diffusion(task, out)
         return Converted('ok', None, list(data.shape), str(data.dtype), str(side) if side else None)
     except Exception as e: return Converted('error', f"{type(e).__name__}: {e}")
