@@ -299,9 +299,9 @@ def resample_grid(g:Geometry, # the stack's geometry
     if not (tilted or irregular): return None
     o = np.asarray(g.orientation, float); row, col, normal = o[:3], o[3:], _normal(o)
     d, rel = np.asarray(ipp) @ normal, np.asarray(ipp) - ipp[0]
-    steps = np.diff(d)[np.diff(d) >= POS_TOL]
-    step = float(steps.min()) if irregular else (d[-1] - d[0]) / (len(d) - 1)
-    if (n := int(round((d[-1] - d[0]) / step)) + 1) > 2 * len(d): n, step = 2 * len(d), float(np.float32(d[-1] - d[0]) / np.float32(2 * len(d) - 1))   # dcm2niix's cap, in its single precision
+    mm, n, step = (d - d[0]).astype(np.float32), len(d), (d[-1] - d[0]) / (len(d) - 1)
+    if irregular:   # dcm2niix's `_Eq`, in its single precision: the span over the smallest step rounded up, at most twice the slices, the step stretched to end on the last one
+        n = min(math.ceil(mm[-1] / np.diff(mm)[np.diff(mm) >= POS_TOL].min()) + 1, 2 * len(d)); step = float(mm[-1] / np.float32(n - 1))
     off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1)          # in-plane offsets (rows, columns) from the first slice
     lo, hi = off.min(0), off.max(0)
     origin = ipp[0] + lo[0] * ps[0] * col + lo[1] * ps[1] * row

@@ -6,7 +6,8 @@ import pydicom
 import pytest
 
 from dicom_prep.synth import synth_series
-from test_nifti import ours
+from test_nifti import needs_dcm2niix, ours
+from test_nifti_vendors import d2n_extra
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -32,3 +33,34 @@ def test_resample_keeps_32_bit_integers_exact(tmp_path):
     assert r.verdicts == {'ok': 1} and a.dtype == np.int32 and a.shape == (4, 6, 8)
     for k, z in enumerate(zs):                                       # grid plane z / 2.5 is source slice k
         np.testing.assert_array_equal(a[:, :, round(z / 2.5)], big(k)[::-1].T, err_msg=f'slice {k}')
+
+
+def test_resample_grid_ends_on_the_last_slice(tmp_path):
+    """Slices at 0, 1 and 2.5 mm: the `_Eq` grid spans them all, first slice to last, as dcm2niix's does (4 planes 0.833 mm
+    apart), its last plane holding the last slice's voxels.
+    (Before: 3 planes at the 1 mm step, 0 to 2 mm: Python's round(2.5) is 2, and the step was never stretched, so the
+    last slice was cut off the volume.)"""
+    ramp = lambda k: np.arange(24).reshape(6, 4) * 7 + 100 * k
+    synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in (0, 1, 2.5)], pixels=ramp)
+    r, [vol] = ours(tmp_path/'src', tmp_path/'out', resample=True)
+    img = nib.load(vol); a = np.asarray(img.dataobj)
+    last = img.affine @ [0, 0, a.shape[2] - 1, 1]
+    assert r.verdicts == {'ok': 1} and a.shape[2] == 4 and last[2] == pytest.approx(2.5, abs=1e-4)
+    np.testing.assert_array_equal(a[:, :, -1], ramp(2)[::-1].T)
+
+
+@needs_dcm2niix
+@pytest.mark.parametrize('zs', [(0, 1, 2.5), (0, 1, 2, 3.5), (0, 2, 4, 6, 13), (0, 1, 2.4), (0, 3, 6, 7.3, 10.3)])
+def test_resample_equals_dcm2niix_when_the_span_is_no_multiple_of_the_step(zs, tmp_path):
+    """Irregular stacks whose span is not a whole number of their smallest step: the same shape, zooms, affine and voxels
+    as dcm2niix's `_Eq_` copy (it rounds the count halves up, then stretches the step to end on the last slice).
+    (Before: Python's banker's rounding of the count and the smallest step kept as is: 3 planes for dcm2niix's 4, 1 mm
+    for its 0.833, voxels 2 apart.)"""
+    ramp = lambda k: (np.arange(24).reshape(6, 4) - 12) * 3 + 7 * k
+    synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in zs], pixels=ramp)
+    r, [vol] = ours(tmp_path/'src', tmp_path/'out', resample=True)
+    a, theirs = nib.load(vol), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
+    assert a.shape == theirs.shape
+    np.testing.assert_allclose(a.header.get_zooms(), theirs.header.get_zooms(), atol=1e-4)
+    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj))
