@@ -1,6 +1,6 @@
 """Stop 36's changes (isal gzip, header speedups, dcm2niix's `_Eq` grid for `--resample`) as a hostile user drives them,
 on real and synthesised data. Each test failed on main at 7eb448f; its docstring says what it found."""
-import importlib.util, shutil, sysconfig
+import importlib.util, re, shutil, subprocess, sys, sysconfig, tomllib
 from pathlib import Path
 
 import nibabel as nib
@@ -81,3 +81,53 @@ def test_bench_times_dcm2niix_itself():
     for name in ('dcm2niix -z y', 'dcm2niix -z y -1'):
         exe = shutil.which(cmds[name][0])
         assert exe and not Path(exe).read_bytes().startswith(b'#!'), f"{name}: {exe} is a script that launches dcm2niix"
+
+
+FULL_DISK_WRITE = """
+import sys, numpy as np
+from dicom_prep.core import atomic_path
+from dicom_prep.niftiwrite import nifti_image, write_nii_gz
+img = nifti_image(np.random.default_rng(0).integers(0, 3000, (256, 256, 40), np.int16), np.eye(4))
+try:
+    with atomic_path(sys.argv[1], None) as tmp: write_nii_gz(tmp, img)
+except OSError as e: print(type(e).__name__, e.errno, str(e))
+"""
+
+def full_disk_write(dest) -> subprocess.CompletedProcess:
+    "Write a 5 MB volume to `dest` on a full disk in a child process, given 60 s (a hung writer is killed)."
+    return subprocess.run([sys.executable, '-c', FULL_DISK_WRITE, str(dest)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A 300 KB tmpfs (skip where mounting is not allowed); unmounted afterwards."
+    mnt = tmp_path/'small'; mnt.mkdir()
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(mnt)], capture_output=True)
+    if r.returncode: pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(['umount', '-l', str(mnt)])
+
+
+def test_write_nii_gz_on_a_full_disk_fails_cleanly(small_disk):
+    """A .nii.gz that does not fit: ENOSPC raised from isal's writer threads, naming the file, nothing left behind, no hang."""
+    r = full_disk_write(small_disk/'v.nii.gz')
+    assert r.stdout.startswith('OSError 28 ') and str(small_disk/'v.nii.gz') in r.stdout, r.stdout + r.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+def test_the_full_disk_error_names_the_file_and_nothing_else(small_disk):
+    """The message a full disk gives (the volume's error, the run's warning) ends with the file's name.
+    (Before: `[Errno 28] No space left on device: '.../v.nii.gz' -> None`: core._name_error sets `filename2 = None`, which
+    OSError prints. NOT FIXED: the fix is in nbs/00_core.ipynb, e.g. rebuild the error as `type(e)(e.errno, e.strerror, dest)`.)"""
+    r = full_disk_write(small_disk/'v.nii.gz')
+    assert r.stdout.strip().endswith(f"'{small_disk/'v.nii.gz'}'"), r.stdout
+
+
+def test_isal_floor_is_a_version_whose_threaded_writer_raises_on_a_full_disk():
+    """pyproject's isal floor admits only versions whose `igzip_threaded` writer raises when the disk fills: 1.6.1, 1.7.0,
+    1.7.2 and 1.8.0 (each installed and tried on a 2 MB tmpfs) lose the ENOSPC in their writer thread and hang for ever,
+    so a conversion worker, then the run, never ends, its partial temporary left behind; 1.9.0 and 1.9.1 raise.
+    NOT FIXED (pyproject.toml: `isal>=1.9`)."""
+    deps = tomllib.loads((Path(__file__).resolve().parents[1]/'pyproject.toml').read_text())['project']['dependencies']
+    [floor] = [m.group(1) for d in deps if (m := re.fullmatch(r'isal\s*>=\s*([\d.]+)', d.strip()))]
+    assert tuple(map(int, floor.split('.'))) >= (1, 9), f"isal>={floor} admits versions that hang on a full disk"
