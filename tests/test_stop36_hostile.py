@@ -11,6 +11,7 @@ import pytest
 from dicom_prep.synth import synth_series
 from test_nifti import needs_dcm2niix, ours
 from test_nifti_vendors import d2n_extra
+from test_run import tmpfs  # noqa: F401  (the fixture `small_disk` asks for)
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -99,13 +100,9 @@ def full_disk_write(dest) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    "A 300 KB tmpfs (skip where mounting is not allowed); unmounted afterwards."
-    mnt = tmp_path/'small'; mnt.mkdir()
-    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=300k', 'tmpfs', str(mnt)], capture_output=True)
-    if r.returncode: pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(['umount', '-l', str(mnt)])
+def small_disk(request):
+    "test_run's 300 KB tmpfs."
+    return request.getfixturevalue('tmpfs')
 
 
 def test_write_nii_gz_on_a_full_disk_fails_cleanly(small_disk):
