@@ -302,7 +302,7 @@ def resample_grid(g:Geometry, # the stack's geometry
     mm, n, step = (d - d[0]).astype(np.float32), len(d), (d[-1] - d[0]) / (len(d) - 1)
     if irregular:   # dcm2niix's `_Eq`, in its single precision: the span over the smallest step rounded up, at most twice the slices, the step stretched to end on the last one
         n = min(math.ceil(mm[-1] / np.diff(mm)[np.diff(mm) >= POS_TOL].min()) + 1, 2 * len(d)); step = float(mm[-1] / np.float32(n - 1))
-    off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1)          # in-plane offsets (rows, columns) from the first slice
+    off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1) * tilted   # in-plane offsets (rows, columns) from the first slice; untilted: none, as dcm2niix
     lo, hi = off.min(0), off.max(0)
     origin = ipp[0] + lo[0] * ps[0] * col + lo[1] * ps[1] * row
     lps = np.eye(4); lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * ps[1], col * ps[0], normal * step, origin
@@ -317,7 +317,7 @@ def grid_offsets(grid:dict, # a grid from `resample_grid`
                  orientation, # the stack's direction cosines
                 ) -> tuple[float, float]:
     "(row, column) offset in pixels of a frame's corner on `grid`."
-    o = np.asarray(orientation, float); rel = np.asarray(ipp) - grid['origin']
+    o, rel = np.asarray(orientation, float), (np.asarray(ipp) - grid['origin']) * ('tilt' in grid['kind'])   # untilted: the grid's corner, not rounding noise
     return float(rel @ o[3:] / ps[0]), float(rel @ o[:3] / ps[1])
 
 # %% ../nbs/09_volumes.ipynb #a862c4f6
