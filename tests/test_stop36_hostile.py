@@ -53,6 +53,16 @@ def test_resample_grid_ends_on_the_last_slice(tmp_path):
     np.testing.assert_array_equal(a[:, :, -1], ramp(2)[::-1].T)
 
 
+def assert_as_dcm2niix(tmp_path):
+    "Our --resample volume of tmp_path/src is dcm2niix's `_Eq_` copy: shape, zooms, affine (1e-3 mm) and voxels."
+    r, [vol] = ours(tmp_path/'src', tmp_path/'out', resample=True)
+    a, theirs = nib.load(vol), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
+    assert r.verdicts == {'ok': 1} and a.shape == theirs.shape
+    np.testing.assert_allclose(a.header.get_zooms(), theirs.header.get_zooms(), atol=1e-4)
+    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj))
+
+
 @needs_dcm2niix
 @pytest.mark.parametrize('zs', [(0, 1, 2.5), (0, 1, 2, 3.5), (0, 2, 4, 6, 13), (0, 1, 2.4), (0, 3, 6, 7.3, 10.3)])
 def test_resample_equals_dcm2niix_when_the_span_is_no_multiple_of_the_step(zs, tmp_path):
@@ -62,12 +72,7 @@ def test_resample_equals_dcm2niix_when_the_span_is_no_multiple_of_the_step(zs, t
     for its 0.833, voxels 2 apart.)"""
     ramp = lambda k: (np.arange(24).reshape(6, 4) - 12) * 3 + 7 * k
     synth_series(tmp_path/'src', rows=6, cols=4, positions=[(0, 0, z) for z in zs], pixels=ramp)
-    r, [vol] = ours(tmp_path/'src', tmp_path/'out', resample=True)
-    a, theirs = nib.load(vol), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
-    assert a.shape == theirs.shape
-    np.testing.assert_allclose(a.header.get_zooms(), theirs.header.get_zooms(), atol=1e-4)
-    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-4)
-    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj))
+    assert_as_dcm2niix(tmp_path)
 
 
 @needs_dcm2niix
@@ -155,12 +160,7 @@ def test_resample_of_an_oblique_stack_adds_no_rows_for_rounded_positions(tmp_pat
 def test_resample_of_an_oblique_stack_equals_dcm2niix(tmp_path):
     "The oblique stack above against dcm2niix's `_Eq_` copy: shape, zooms, affine and voxels."
     oblique_gap(tmp_path/'src', lambda k: (np.arange(24).reshape(6, 4) - 12) * 3 + 7 * k)
-    r, [vol] = ours(tmp_path/'src', tmp_path/'out', resample=True)
-    a, theirs = nib.load(vol), d2n_extra(tmp_path/'src', tmp_path/'d2n', 'Eq')
-    assert a.shape == theirs.shape
-    np.testing.assert_allclose(a.header.get_zooms(), theirs.header.get_zooms(), atol=1e-4)
-    np.testing.assert_allclose(a.affine, theirs.affine, atol=1e-3)
-    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(theirs.dataobj))
+    assert_as_dcm2niix(tmp_path)
 
 
 @needs_dcm2niix
