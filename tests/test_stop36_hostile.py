@@ -165,11 +165,10 @@ def test_resample_of_an_oblique_stack_equals_dcm2niix(tmp_path):
 
 @needs_dcm2niix
 def test_resample_ties_round_as_dcm2niix_on_scanner_coordinates(tmp_path):
-    """An oblique stack far from the isocentre with one slice missing (steps of 1.907 mm): the plane dcm2niix interpolates
-    halfway between two slices rounds every .5 voxel as dcm2niix does. dcm2niix measures a slice's distance from the first
-    as the Euclidean distance between single-precision ImagePositionPatient values; we take float64 dot products with the
-    normal, so the float noise that decides a tie differs: 24 of 192 voxels 1 apart. NOT FIXED (volume_files.position and
-    resample_grid would measure as dcm2niix does; an emulation doing so matched its `_Eq_` on 5 of 5 random oblique stacks)."""
+    """An oblique stack far from the isocentre with one slice missing (steps of 1.907 mm): the plane interpolated halfway
+    between two slices rounds every .5 voxel as dcm2niix does, which measures a slice's distance from the lowest as the
+    Euclidean distance between single-precision ImagePositionPatient values (`series.stack_positions`).
+    (Before: float64 dot products with the normal; the float noise deciding a tie differed: 24 of 192 voxels 1 apart.)"""
     from dicom_prep.synth import oblique_orientation
     ramp = lambda k: (np.arange(24).reshape(6, 4) - 12) * 3 + 7 * k
     iop = oblique_orientation(0.31, -0.27); normal = np.cross(iop[:3], iop[3:]); origin = np.array([-187.31, 64.09, 251.77])
