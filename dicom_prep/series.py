@@ -21,7 +21,8 @@ from .vendor import (PRIVATE_READS, csa_image, ge_polarity, maker, mosaic_count,
 
 # %% auto #0
 __all__ = ['COMPONENTS', 'FRAME_KEYWORDS', 'HEADER_KEYWORDS', 'FrameRecord', 'FileRecord', 'complex_component', 'is_b0_map',
-           'EpiFields', 'phase_axis', 'epi_fields', 'is_enhanced', 'header_record', 'read_header', 'read_headers']
+           'EpiFields', 'phase_axis', 'epi_fields', 'stack_positions', 'is_enhanced', 'header_record', 'read_header',
+           'read_headers']
 
 # %% ../nbs/08_series.ipynb #26f107ae
 @dataclass
@@ -213,6 +214,17 @@ def epi_fields(ds, # a dataset
                      echo_spacing=esp * 1e-6 * (asset or 1.) if esp else None, acq_matrix_pe=(acq[2] or acq[3]) if acq else None,
                      is_3d=text_value(get('MRAcquisitionType')).upper() == '3D', component=complex_component(ds, frame, vendor),
                      dwell_time=(num_value(csa.get('RealDwellTime')) or 0) * 1e-9 or None, accel_pe=_accel(ds, frame, vendor))
+
+# %% ../nbs/08_series.ipynb #c3a55f84
+def stack_positions(ipp, # the slices' ImagePositionPatient (n, 3)
+                    normal, # the stack's unit normal
+                    as_dcm2niix:bool=False, # from the lowest slice as dcm2niix's `_Eq` measures: Euclidean, between single-precision positions
+                   ) -> np.ndarray:
+    "Each slice's position along `normal` (mm)."
+    d = np.asarray(ipp, float) @ np.asarray(normal, float)
+    if not as_dcm2niix or not len(d): return d
+    p, lo = np.asarray(ipp, np.float32), int(np.argmin(d))
+    return d[lo] + np.sqrt(((p - p[lo]) ** 2).sum(-1, dtype=np.float32)).astype(float)
 
 # %% ../nbs/08_series.ipynb #49fa4973
 FRAME_KEYWORDS = {  # FrameRecord field: (keyword in a classic file, keyword in an enhanced file)

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from .core import stable_hash
 from .db import now
-from .series import FileRecord, FrameRecord
+from .series import FileRecord, FrameRecord, stack_positions
 from .vendor import fsl_bvec, ge_bvec
 
 # %% auto #0
@@ -298,11 +298,10 @@ def resample_grid(g:Geometry, # the stack's geometry
     tilted, irregular = g.gantry_tilt > TILT_TOL, _irregular(g, spacing_tol)
     if not (tilted or irregular): return None
     o = np.asarray(g.orientation, float); row, col, normal = o[:3], o[3:], _normal(o)
-    d, rel = np.asarray(ipp) @ normal, np.asarray(ipp) - ipp[0]
-    steps = np.diff(d)[np.diff(d) >= POS_TOL]
-    step = float(steps.min()) if irregular else (d[-1] - d[0]) / (len(d) - 1)
-    if (n := int(round((d[-1] - d[0]) / step)) + 1) > 2 * len(d): n, step = 2 * len(d), float(np.float32(d[-1] - d[0]) / np.float32(2 * len(d) - 1))   # dcm2niix's cap, in its single precision
-    off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1)          # in-plane offsets (rows, columns) from the first slice
+    d, rel = stack_positions(ipp, normal, as_dcm2niix=not tilted), np.asarray(ipp) - ipp[0]
+    mm, n, step = (d - d[0]).astype(np.float32), len(d), (d[-1] - d[0]) / (len(d) - 1)
+    if irregular: n = min(math.ceil(mm[-1] / np.diff(mm)[np.diff(mm) >= POS_TOL].min()) + 1, 2 * len(d)); step = float(mm[-1] / np.float32(n - 1))   # dcm2niix's `_Eq` in single precision: the smallest step's count rounded up, at most 2n, stretched to the last slice
+    off = np.stack([rel @ col / ps[0], rel @ row / ps[1]], 1) * tilted   # in-plane offsets (rows, columns) from the first slice; untilted: none, as dcm2niix
     lo, hi = off.min(0), off.max(0)
     origin = ipp[0] + lo[0] * ps[0] * col + lo[1] * ps[1] * row
     lps = np.eye(4); lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * ps[1], col * ps[0], normal * step, origin
@@ -317,7 +316,7 @@ def grid_offsets(grid:dict, # a grid from `resample_grid`
                  orientation, # the stack's direction cosines
                 ) -> tuple[float, float]:
     "(row, column) offset in pixels of a frame's corner on `grid`."
-    o = np.asarray(orientation, float); rel = np.asarray(ipp) - grid['origin']
+    o, rel = np.asarray(orientation, float), (np.asarray(ipp) - grid['origin']) * ('tilt' in grid['kind'])   # untilted: the grid's corner, not rounding noise
     return float(rel @ o[3:] / ps[0]), float(rel @ o[:3] / ps[1])
 
 # %% ../nbs/09_volumes.ipynb #a862c4f6
@@ -400,13 +399,14 @@ def _file_rows(v:Candidate, g:Geometry|None, philips_scaling:str, grid:dict|None
     "The `volume_files` rows of `v`: each frame with its place in the grid (and on a resampled grid), rescale and file facts."
     normal = _normal(g.orientation) if g else None
     k = _position_index([np.dot(m.frame.ipp, normal) for m in v.members]) if g else range(len(v.members))
+    along = stack_positions([m.frame.ipp for m in v.members], normal, bool(grid) and 'tilt' not in grid['kind']) if g else [None] * len(v.members)
     rescale = [frame_rescale(m.frame, philips_scaling) for m in v.members]
     off = [grid_offsets(grid, m.frame.ipp, m.frame.ps, g.orientation) if grid else (None, None) for m in v.members]
     return [dict(volume_id=v.id, path=m.file.path, frame=m.frame.frame, slice_index=int(ki), time_index=m.t,
-                 position=float(np.dot(m.frame.ipp, normal)) if g else None, slope=s, intercept=i,
+                 position=None if p is None else float(p), slope=s, intercept=i,
                  size=m.file.size, mtime_ns=m.file.mtime_ns, transfer_syntax=m.file.ts, n_frames=m.file.n_frames,
                  bits_allocated=m.file.bits, bits_stored=m.file.bits_stored, signed=m.file.signed, mosaic=m.file.mosaic,
-                 row_offset=dr, col_offset=dc) for m, ki, (s, i), (dr, dc) in zip(v.members, k, rescale, off, strict=True)]
+                 row_offset=dr, col_offset=dc) for m, ki, p, (s, i), (dr, dc) in zip(v.members, k, along, rescale, off, strict=True)]
 
 _GEOMETRY_COLUMNS = ('n_slices', 'spacing_x', 'spacing_y', 'slice_spacing', 'slice_spacing_max_dev', 'n_missing', 'n_duplicates', 'gantry_tilt')
 
