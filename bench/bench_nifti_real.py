@@ -4,8 +4,9 @@ Three folders: dcm_qa_nih (608 files in ../shared: GE EPI and Siemens mosaics; s
 DWI series (--volumes × --slices single-frame 112² files, 51 × 54 = 2,754 by default) and a 5-file folder (5 enhanced
 multi-frame MR files of 24 frames of 64²); the last two are written once under bench/_work. Each round runs, in turns and
 each into a fresh output folder: `dicom_prep_nifti --sidecar` with 1 and 2 workers, `dcm2niix -z y -b y`, and
-`dcm2niix -z y -1 -b y` (gzip level 1: the effort dicom_prep spends), both launched from the same bin folder (pip's
-console scripts, never a shim found in PATH); and, as the floor, a Python that only imports pydicom. A ratio is dicom_prep's wall time over dcm2niix's in
+`dcm2niix -z y -1 -b y` (gzip level 1: the effort dicom_prep spends), dcm2niix being the program itself (not pip's console
+script, a Python that starts it, nor a shim found in PATH); and, as the floor, a Python that only imports pydicom. A ratio is
+dicom_prep's wall time over dcm2niix's in
 the same round (interleaved pairs, so the shared machine's drift hits both); the median over --rounds is printed against
 the issue's targets for 1 worker and `-z y`: dcm_qa_nih ≤ 1.5×, Philips ≤ 1.0×, the 5-file folder ≤ 3×.
 
@@ -50,13 +51,19 @@ def five_enhanced(dest:Path):
     for i in range(5): synth_enhanced(dest/f'enh{i}.dcm', n=24, rows=64, cols=64, seed=i, SeriesNumber=i + 1)
 
 
+def dcm2niix_program() -> str:
+    "dcm2niix itself: the binary pip's `dcm2niix` package ships (its console script is a Python that starts it), else the one in PATH."
+    try: import dcm2niix; return str(dcm2niix.bin)
+    except (ImportError, AttributeError): return shutil.which('dcm2niix') or 'dcm2niix'
+
+
 def commands(script:str, baseline:str|None) -> dict:
     "name → argument list before `(src, out)` are placed: dicom_prep with 1 and 2 workers (and the baseline's), dcm2niix twice."
     ours = lambda s, w: [s, '--sidecar', '--workers', str(w), '--dicom-dir', '{src}', '--output-dir', '{out}']
     cmds = {'dicom_prep 1 worker': ours(script, 1), 'dicom_prep 2 workers': ours(script, 2),
             'import pydicom': [sys.executable, '-c', FLOOR]}
     if baseline: cmds |= {'baseline 1 worker': ours(baseline, 1), 'baseline 2 workers': ours(baseline, 2)}
-    d2n = str(Path(script).with_name('dcm2niix')) if Path(script).with_name('dcm2niix').exists() else 'dcm2niix'   # launched as ours is
+    d2n = dcm2niix_program()
     return cmds | {'dcm2niix -z y': [d2n, '-z', 'y', '-b', 'y', '-o', '{out}', '{src}'],
                    'dcm2niix -z y -1': [d2n, '-z', 'y', '-1', '-b', 'y', '-o', '{out}', '{src}']}
 
@@ -104,7 +111,7 @@ def main():
     cmds, folders = commands(script, a.baseline), {k: v for k, v in folders.items() if k in a.folders.split(',')}
     for label, src in folders.items(): report(label, *rounds(src, cmds, a.rounds))
     print(f"\n{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), Python {platform.python_version()}, "
-          f"{subprocess.run(['dcm2niix', '-v'], capture_output=True, text=True).stdout.split(chr(10))[0]}")
+          f"{subprocess.run([dcm2niix_program(), '-v'], capture_output=True, text=True).stdout.split(chr(10))[0]}")
 
 
 if __name__ == '__main__': main()

@@ -261,7 +261,7 @@ def _ours(name) -> bool: return os.sep not in str(name) or str(name).startswith(
 def _name_error(e:BaseException, dest:str, always:bool=False):
     "Make a system's `OSError` name `dest` where it named one of our names (`_ours`: a temporary, a descriptor's path) or none."
     if not isinstance(e, OSError) or isinstance(e, UnsafeOutput) or e.errno is None: return
-    if always or e.filename is None or _ours(e.filename): e.filename, e.filename2 = dest, None
+    if always or e.filename is None or _ours(e.filename): e.filename = dest; del e.filename2   # unset, not None: Python would print '-> None'
     elif e.filename2 is not None and _ours(e.filename2): e.filename2 = dest
 
 def _in_folder(dest:str, root, op, create:bool=True):

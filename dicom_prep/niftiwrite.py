@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 import numpy as np
 from .core import TOP_STUDY, atomic_path, readable_component, remove_output, safe_component
+from .options import usable_cpus
 from .read import read_dicom
 from .tags import num_value, tag_value
 from .privacy import Deidentify
@@ -81,11 +82,11 @@ def slice_code(times, # each slice's acquisition time, in the written order
 # %% ../nbs/10_niftiwrite.ipynb #8623da21
 def write_nii_gz(path, # the .nii.gz to write (under `core.atomic_path`, its temporary)
                  img, # a nibabel image
-                 threads:int|None=None, # compressing threads [default: up to 4, one per CPU]
+                 threads:int|None=None, # compressing threads [default: up to 4, one per CPU this process may use]
                 ):
     "Write `img` to `path` gzipped: one gzip member whose blocks ISA-L deflated at level 1 in parallel threads."
     from isal import igzip_threaded
-    with igzip_threaded.open(os.fspath(path), 'wb', compresslevel=1, threads=threads or min(4, os.cpu_count() or 1)) as f: f.write(img.to_bytes())
+    with igzip_threaded.open(os.fspath(path), 'wb', compresslevel=1, threads=threads or min(4, usable_cpus())) as f: f.write(img.to_bytes())
 
 # %% ../nbs/10_niftiwrite.ipynb #fa27f94b
 _UNCOMPRESSED = {'1.2.840.10008.1.2': ('<', 8), '1.2.840.10008.1.2.1': ('<', 12), '1.2.840.10008.1.2.2': ('>', 12)}

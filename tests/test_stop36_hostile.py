@@ -80,9 +80,10 @@ def test_bench_times_dcm2niix_itself():
     """bench_nifti_real's dcm2niix is the program, not a script that starts it: pip's `dcm2niix` console script is a
     Python that runs the binary (0.078 s against the binary's 0.034 s on the 5-file folder, the shim found in PATH 0.136 s),
     so every ratio against it flattered dicom_prep. In a worktree's venv (--system-site-packages) the bin folder has no
-    dcm2niix at all and the bench fell back to pyenv's shim again. NOT FIXED (bench/ is the benchmark owner's)."""
+    dcm2niix at all and the bench fell back to pyenv's shim again."""
     spec = importlib.util.spec_from_file_location('bench_nifti_real', Path(__file__).resolve().parents[1]/'bench'/'bench_nifti_real.py')
     bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+    if shutil.which(bench.dcm2niix_program()) is None: pytest.skip('dcm2niix not installed (pip install dcm2niix)')
     cmds = bench.commands(str(Path(sysconfig.get_path('scripts'))/'dicom_prep_nifti'), None)
     for name in ('dcm2niix -z y', 'dcm2niix -z y -1'):
         exe = shutil.which(cmds[name][0])
@@ -120,7 +121,7 @@ def test_write_nii_gz_on_a_full_disk_fails_cleanly(small_disk):
 def test_the_full_disk_error_names_the_file_and_nothing_else(small_disk):
     """The message a full disk gives (the volume's error, the run's warning) ends with the file's name.
     (Before: `[Errno 28] No space left on device: '.../v.nii.gz' -> None`: core._name_error sets `filename2 = None`, which
-    OSError prints. NOT FIXED: the fix is in nbs/00_core.ipynb, e.g. rebuild the error as `type(e)(e.errno, e.strerror, dest)`.)"""
+    OSError prints unless the attribute is unset.)"""
     r = full_disk_write(small_disk/'v.nii.gz')
     assert r.stdout.strip().endswith(f"'{small_disk/'v.nii.gz'}'"), r.stdout
 
@@ -128,12 +129,10 @@ def test_the_full_disk_error_names_the_file_and_nothing_else(small_disk):
 def test_isal_floor_is_a_version_whose_threaded_writer_raises_on_a_full_disk():
     """pyproject's isal floor admits only versions whose `igzip_threaded` writer raises when the disk fills: 1.6.1, 1.7.0,
     1.7.2 and 1.8.0 (each installed and tried on a 2 MB tmpfs) lose the ENOSPC in their writer thread and hang for ever,
-    so a conversion worker, then the run, never ends, its partial temporary left behind; 1.9.0 and 1.9.1 raise.
-    NOT FIXED (pyproject.toml: `isal>=1.9`)."""
+    so a conversion worker, then the run, never ends, its partial temporary left behind; 1.9.0 and 1.9.1 raise."""
     deps = tomllib.loads((Path(__file__).resolve().parents[1]/'pyproject.toml').read_text())['project']['dependencies']
     [floor] = [m.group(1) for d in deps if (m := re.fullmatch(r'isal\s*>=\s*([\d.]+)', d.strip()))]
     assert tuple(map(int, floor.split('.'))) >= (1, 9), f"isal>={floor} admits versions that hang on a full disk"
-
 
 
 def oblique_gap(src, ramp):
