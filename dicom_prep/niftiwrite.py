@@ -265,7 +265,7 @@ def resample_stack(slices:np.ndarray, # source slices (n, rows, cols), sorted al
                   ) -> np.ndarray:
     "The slices interpolated onto `grid` as dcm2niix's `_Eq` does it, in single precision from the first slice: (grid.slices, grid.rows, grid.cols), float32 (float64 for 32- and 64-bit integers, which float32 would round)."
     wide = slices.dtype.kind in 'iu' and slices.dtype.itemsize > 2
-    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets)]).astype(np.float64 if wide else np.float32)
+    placed = np.stack([_place(s, dr, dc, grid.rows, grid.cols, fill) for s, (dr, dc) in zip(slices, offsets, strict=True)]).astype(np.float64 if wide else np.float32)
     pos = (np.asarray(positions, float) - positions[0]).astype(np.float32)            # each slice's distance from the first
     p = np.arange(grid.slices, dtype=np.float32) * np.float32(grid.step) + np.float32(grid.first - positions[0])
     hi = np.minimum(np.searchsorted(pos, p), len(pos) - 1); lo = np.maximum(hi - 1, 0)   # the first slice at or past p, and the one before
