@@ -334,7 +334,7 @@ def _uih_private(ds, positions, times, bval, bvec):
     blk = ds.private_block(0x0065, 'Image Private Header', create=True)
     blk.add_new(0x50, 'DS', str(len(positions)))
     blk.add_new(0x51, 'SQ', Sequence([item(ImagePositionPatient=[f'{v:.5f}' for v in p], AcquisitionTime=t)
-                                     for p, t in zip(positions, times)]))
+                                     for p, t in zip(positions, times, strict=True)]))
     if bval is not None: blk.add_new(0x09, 'FD', float(bval)); blk.add_new(0x37, 'FD', [float(v) for v in bvec])
 
 def synth_uih(folder, # folder to write the volumes into
